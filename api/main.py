@@ -1,0 +1,65 @@
+"""The FastAPI app: `uvicorn api.main:app`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import APIRouter, FastAPI
+
+from api.errors import install_error_handlers
+from api.middleware import MetricsMiddleware, RequestIdMiddleware
+from api.routes import auth, health, queries
+from api.routes.health import QueueStats
+from shared.config import Settings, get_settings
+from shared.db import make_engine, make_sessionmaker
+from shared.logging import configure_logging
+from shared.metrics import register_queue_collector, unregister_collector
+from shared.queue import Publisher
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; engines and clients are made in the lifespan, once per process."""
+    settings = settings or get_settings()
+    configure_logging("aiq-api", settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings, "aiq-api")
+        app.state.engine = engine
+        app.state.sessionmaker = make_sessionmaker(engine)
+        app.state.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        app.state.publisher = Publisher(settings)
+        stats = app.state.queue_stats = QueueStats()
+        collector = register_queue_collector(
+            lambda: stats.depth, lambda: stats.oldest_pending_age, lambda: stats.counts, queue=settings.queue_name
+        )
+        try:
+            yield
+        finally:
+            unregister_collector(collector)
+            app.state.publisher.close()
+            await app.state.redis.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="AIQ",
+        version="0.1.0",
+        description="Queue-backed AI queries: submit, get an id at once, poll for the answer.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    v1 = APIRouter(prefix="/api/v1")
+    v1.include_router(auth.router)
+    v1.include_router(queries.router)
+    app.include_router(v1)
+    app.include_router(health.router)
+    # Outermost last: the request id must be set before metrics and handlers run.
+    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,134 @@
+"""Settings: one object, read from the environment and `.env`."""
+
+from __future__ import annotations
+
+import warnings
+from enum import StrEnum
+from functools import lru_cache
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Values that ship in examples and must never sign production tokens.
+KNOWN_DEFAULT_SECRETS = frozenset({"", "change-me", "changeme", "secret", "dev", "development"})
+MIN_JWT_SECRET_BYTES = 32
+DEVELOPMENT_JWT_SECRET = "aiq-insecure-development-key-never-use-in-production"
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    """Every knob of API, worker and sweeper; names match the environment variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    environment: Environment = Environment.DEVELOPMENT
+    log_level: str = "INFO"
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/aiq"
+    db_pool_size: int = Field(default=20, ge=1)
+    db_max_overflow: int = Field(default=20, ge=0)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue_name: str = "aiq.queries"
+    publish_timeout_seconds: float = Field(default=1.0, gt=0)
+
+    openai_api_key: SecretStr = SecretStr("")
+    openai_base_url: str | None = None
+    llm_timeout_seconds: float = Field(default=60.0, gt=0)
+    allowed_models: Annotated[list[str], NoDecode] = ["gpt-4o-mini"]
+    default_model: str = "gpt-4o-mini"
+    max_query_chars: int = Field(default=32_000, ge=1)
+    max_output_tokens: int = Field(default=16_384, ge=1)
+    max_metadata_bytes: int = Field(default=4_096, ge=2)
+
+    max_attempts: int = Field(default=5, ge=1)
+    retry_base_seconds: float = Field(default=1.0, ge=0)
+    retry_max_seconds: float = Field(default=60.0, ge=0)
+    lease_seconds: float | None = Field(default=None, gt=0)
+
+    worker_concurrency: int = Field(default=1000, ge=1)
+    worker_metrics_port: int = 9540
+
+    jwt_secret_key: SecretStr = SecretStr("")
+    jwt_algorithm: str = "HS256"
+    jwt_issuer: str = "aiq"
+    jwt_audience: str = "aiq-api"
+    access_token_ttl_seconds: int = Field(default=900, ge=30)
+    refresh_token_ttl_seconds: int = Field(default=14 * 24 * 3600, ge=60)
+    bcrypt_rounds: int = Field(default=12, ge=4, le=31)
+
+    @field_validator("allowed_models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @field_validator("jwt_algorithm")
+    @classmethod
+    def _pin_hmac(cls, value: str) -> str:
+        # A shared-secret service has no business accepting asymmetric or "none" algorithms.
+        if value not in {"HS256", "HS384", "HS512"}:
+            raise ValueError("JWT_ALGORITHM must be HS256, HS384 or HS512")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.allowed_models:
+            raise ValueError("ALLOWED_MODELS must name at least one model")
+        if self.default_model not in self.allowed_models:
+            raise ValueError("DEFAULT_MODEL must be one of ALLOWED_MODELS")
+        secret = self.jwt_secret_key.get_secret_value()
+        weak = secret.lower() in KNOWN_DEFAULT_SECRETS or len(secret.encode()) < MIN_JWT_SECRET_BYTES
+        if weak and self.environment is not Environment.DEVELOPMENT:
+            raise ValueError(
+                "JWT_SECRET_KEY is missing, a known default or shorter than 32 bytes; "
+                "set a random value (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
+            )
+        if weak:
+            # Development only. A fixed key (not a random one) so that several API processes agree.
+            warnings.warn("JWT_SECRET_KEY is weak or unset: using the INSECURE development key", stacklevel=2)
+            self.jwt_secret_key = SecretStr(DEVELOPMENT_JWT_SECRET)
+        return self
+
+    @property
+    def effective_lease_seconds(self) -> float:
+        """How long a claim is owned before the sweeper may take it back."""
+        return self.lease_seconds or self.llm_timeout_seconds + 30
+
+    @property
+    def sync_database_url(self) -> str:
+        """SQLAlchemy URL for psycopg2 (migrations, tools)."""
+        return _with_driver(self.database_url, "postgresql+psycopg2")
+
+    @property
+    def async_database_url(self) -> str:
+        """SQLAlchemy URL for asyncpg (API and worker)."""
+        return _with_driver(self.database_url, "postgresql+asyncpg")
+
+    @property
+    def broker_url(self) -> str:
+        """Kombu spells a unix-socket Redis differently from redis-py."""
+        if self.redis_url.startswith("unix://"):
+            return "redis+socket://" + self.redis_url.removeprefix("unix://")
+        return self.redis_url
+
+
+def _with_driver(url: str, driver: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or urlsplit(url).scheme.split("+")[0] not in {"postgresql", "postgres"}:
+        raise ValueError("DATABASE_URL must be a postgresql:// URL")
+    del scheme
+    return f"{driver}://{rest}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,166 @@
+"""The upstream LLM through the official `openai` SDK, and what its errors mean for a query."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import openai
+from openai import AsyncOpenAI
+
+from shared.config import Settings
+
+
+def make_client(settings: Settings) -> AsyncOpenAI:
+    """One client per worker process: SDK retries off, because the queue owns retries."""
+    return AsyncOpenAI(
+        api_key=settings.openai_api_key.get_secret_value() or "unset",
+        base_url=settings.openai_base_url or None,
+        max_retries=0,
+        timeout=settings.llm_timeout_seconds,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    latency_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailure:
+    """A classified upstream error. `message` is ours, never the upstream text (it can echo keys)."""
+
+    kind: str
+    code: str
+    message: str
+    transient: bool
+    retry_after: float | None = None
+
+
+async def complete(
+    client: AsyncOpenAI,
+    *,
+    model: str,
+    prompt: str,
+    system: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    headers: dict[str, str],
+) -> Completion:
+    """One chat completion; raises the SDK's exceptions for `classify` to read."""
+    messages: list[dict[str, str]] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": prompt})
+    optional: dict[str, float | int] = {}
+    if temperature is not None:
+        optional["temperature"] = temperature
+    if max_tokens is not None:
+        optional["max_tokens"] = max_tokens
+    started = time.perf_counter()
+    result = await client.chat.completions.create(
+        model=model,
+        messages=messages,  # type: ignore[arg-type]
+        extra_headers=headers,
+        **optional,  # type: ignore[arg-type]
+    )
+    latency_ms = round((time.perf_counter() - started) * 1000)
+    text = result.choices[0].message.content or "" if result.choices else ""
+    usage = result.usage
+    return Completion(
+        text=text,
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None,
+        total_tokens=usage.total_tokens if usage else None,
+        latency_ms=latency_ms,
+    )
+
+
+def retry_after_seconds(headers: object) -> float | None:
+    """Read `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
+    get = getattr(headers, "get", None)
+    if get is None:
+        return None
+    millis = get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def classify(exc: BaseException) -> UpstreamFailure:
+    """Map an SDK exception to transient (retry) or permanent (fail now)."""
+    if isinstance(exc, openai.APITimeoutError):
+        return UpstreamFailure("timeout", "upstream_timeout", "The model did not answer in time", True)
+    if isinstance(exc, openai.APIConnectionError):
+        return UpstreamFailure("connection", "upstream_unreachable", "Could not reach the model provider", True)
+    if isinstance(exc, openai.RateLimitError):
+        if exc.code == "insufficient_quota" or _error_type(exc) == "insufficient_quota":
+            return UpstreamFailure("quota", "upstream_quota_exceeded", "The model provider's quota is exhausted", False)
+        return UpstreamFailure(
+            "rate_limit",
+            "upstream_rate_limited",
+            "The model provider is rate limiting requests",
+            True,
+            retry_after_seconds(exc.response.headers),
+        )
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        return UpstreamFailure(
+            "auth", "upstream_auth_failed", "The model provider rejected the service's credentials", False
+        )
+    if isinstance(exc, openai.NotFoundError):
+        return UpstreamFailure("not_found", "model_not_found", "The model provider does not know this model", False)
+    if isinstance(exc, openai.BadRequestError | openai.UnprocessableEntityError):
+        return UpstreamFailure("bad_request", "upstream_bad_request", "The model provider rejected the request", False)
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        transient = status >= 500 or status in (408, 409)
+        return UpstreamFailure(
+            "server_error" if status >= 500 else "other",
+            "upstream_error",
+            f"The model provider answered HTTP {status}",
+            transient,
+            retry_after_seconds(exc.response.headers),
+        )
+    if isinstance(exc, openai.APIResponseValidationError):
+        return UpstreamFailure("other", "upstream_invalid_response", "The model provider sent an invalid response", True)
+    return UpstreamFailure("other", "internal_error", "Unexpected error while calling the model", True)
+
+
+def _error_type(exc: openai.APIStatusError) -> str | None:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            value = inner.get("type")
+            return value if isinstance(value, str) else None
+    return None
+
+
+def backoff_seconds(settings: Settings, attempt: int, retry_after: float | None, rng: random.Random | None = None) -> float:
+    """Exponential backoff with equal jitter, never sooner than the upstream asked."""
+    ceiling = min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** max(0, attempt - 1))
+    delay = ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, settings.retry_max_seconds * 10))
+    return delay

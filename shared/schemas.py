@@ -1,0 +1,95 @@
+"""Request and response bodies of the public API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, JsonValue
+
+from shared.models import QueryStatus
+
+
+class StrictBody(BaseModel):
+    # Unknown fields are a client bug worth reporting, not something to drop silently.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Credentials(StrictBody):
+    email: EmailStr
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class Registration(StrictBody):
+    email: EmailStr
+    password: str = Field(min_length=8, max_length=1024, description="8+ characters, at most 72 bytes in UTF-8")
+
+
+class RefreshRequest(StrictBody):
+    refresh_token: str = Field(min_length=1, max_length=4096)
+
+
+class UserOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    email: str
+    created_at: datetime
+
+
+class TokenPair(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: int
+    refresh_token: str
+
+
+class QueryCreate(StrictBody):
+    query: str = Field(min_length=1, description="The user prompt; bounded by MAX_QUERY_CHARS")
+    model: str | None = Field(default=None, max_length=200, description="Defaults to DEFAULT_MODEL")
+    system: str | None = Field(default=None, description="Optional system prompt; bounded by MAX_QUERY_CHARS")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    metadata: dict[str, JsonValue] | None = Field(default=None, description="Opaque client data, echoed back")
+
+
+class QueryAccepted(BaseModel):
+    query_id: uuid.UUID
+    status: QueryStatus
+    model: str
+    created_at: datetime
+
+
+class Usage(BaseModel):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+class QueryError(BaseModel):
+    code: str
+    message: str
+
+
+class QueryOut(BaseModel):
+    query_id: uuid.UUID
+    status: QueryStatus
+    query: str
+    system: str | None
+    model: str
+    temperature: float | None
+    max_tokens: int | None
+    metadata: dict[str, Any] | None
+    response: str | None
+    error: QueryError | None
+    usage: Usage
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class QueryPage(BaseModel):
+    items: list[QueryOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page")

@@ -1,0 +1,94 @@
+"""Password hashing (bcrypt) and JSON Web Tokens (PyJWT), per RFC 8725."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import bcrypt
+import jwt
+
+from shared.config import Settings
+from shared.errors import Unauthorized
+
+# bcrypt only reads the first 72 bytes; longer passwords are rejected, never truncated.
+BCRYPT_MAX_BYTES = 72
+TokenKind = Literal["access", "refresh"]
+# Explicit typing (RFC 8725 §3.11) keeps one kind of token from standing in for the other.
+_TOKEN_TYP: dict[TokenKind, str] = {"access": "at+jwt", "refresh": "refresh+jwt"}
+_REQUIRED_CLAIMS = ["exp", "iat", "sub", "aud", "iss", "jti"]
+
+
+def password_fits(password: str) -> bool:
+    """Whether bcrypt can hash this password without silently dropping bytes."""
+    return len(password.encode("utf-8")) <= BCRYPT_MAX_BYTES
+
+
+def hash_password(password: str, rounds: int) -> str:
+    """bcrypt hash; callers must have checked `password_fits`."""
+    return bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(rounds)).decode("ascii")
+
+
+def verify_password(password: str, password_hash: str) -> bool:
+    """Constant-time check; a password bcrypt cannot take is simply wrong."""
+    if not password_fits(password):
+        return False
+    return bcrypt.checkpw(password.encode("utf-8"), password_hash.encode("ascii"))
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaims:
+    user_id: uuid.UUID
+    jti: uuid.UUID
+    expires_at: datetime
+
+
+def issue_token(settings: Settings, user_id: uuid.UUID, kind: TokenKind) -> tuple[str, TokenClaims]:
+    """Sign a token of the given kind; returns it with the claims worth storing."""
+    now = datetime.now(UTC)
+    ttl = settings.access_token_ttl_seconds if kind == "access" else settings.refresh_token_ttl_seconds
+    claims = TokenClaims(user_id=user_id, jti=uuid.uuid4(), expires_at=now + timedelta(seconds=ttl))
+    payload = {
+        "sub": str(user_id),
+        "iss": settings.jwt_issuer,
+        "aud": settings.jwt_audience,
+        "iat": now,
+        "nbf": now,
+        "exp": claims.expires_at,
+        "jti": str(claims.jti),
+    }
+    token = jwt.encode(
+        payload,
+        settings.jwt_secret_key.get_secret_value(),
+        algorithm=settings.jwt_algorithm,
+        headers={"typ": _TOKEN_TYP[kind]},
+    )
+    return token, claims
+
+
+def decode_token(settings: Settings, token: str, kind: TokenKind) -> TokenClaims:
+    """Verify signature, algorithm, type, issuer, audience and times; any doubt is a 401."""
+    try:
+        header = jwt.get_unverified_header(token)
+        if header.get("typ") != _TOKEN_TYP[kind]:
+            raise Unauthorized("Invalid token", code="invalid_token")
+        payload = jwt.decode(
+            token,
+            settings.jwt_secret_key.get_secret_value(),
+            algorithms=[settings.jwt_algorithm],
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            options={"require": _REQUIRED_CLAIMS, "strict_aud": True},
+            leeway=5,
+        )
+        return TokenClaims(
+            user_id=uuid.UUID(payload["sub"]),
+            jti=uuid.UUID(payload["jti"]),
+            expires_at=datetime.fromtimestamp(payload["exp"], UTC),
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise Unauthorized("Token expired", code="token_expired") from exc
+    except (jwt.InvalidTokenError, ValueError, TypeError, KeyError) as exc:
+        raise Unauthorized("Invalid token", code="invalid_token") from exc

@@ -1,0 +1,168 @@
+"""Registration, login, tokens: every way in is checked strictly and fails with one JSON shape."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import httpx
+import jwt
+
+from tests.conftest import TEST_PASSWORD, Stack, count_rows, register_and_login
+
+
+def _unauthorized(r: httpx.Response) -> dict[str, Any]:
+    assert r.status_code == 401, r.text
+    assert r.headers["www-authenticate"] == "Bearer"
+    body: dict[str, Any] = r.json()["error"]
+    assert body["code"] and body["message"]
+    return body
+
+
+def test_register_returns_user_without_password(client: httpx.Client) -> None:
+    email = f"New-{uuid.uuid4().hex[:8]}@Example.com"
+    r = client.post("/api/v1/auth/register", json={"email": email, "password": TEST_PASSWORD})
+    assert r.status_code == 201
+    body = r.json()
+    assert body["email"] == email.lower()
+    assert set(body) == {"id", "email", "created_at"}
+
+
+def test_register_taken_email_is_409_case_insensitively(client: httpx.Client, user: dict[str, Any]) -> None:
+    r = client.post("/api/v1/auth/register", json={"email": user["email"].upper(), "password": TEST_PASSWORD})
+    assert r.status_code == 409
+    assert r.json()["error"]["code"] == "email_taken"
+
+
+def test_register_rejects_invalid_input(client: httpx.Client) -> None:
+    for body in (
+        {"email": "not-an-email", "password": TEST_PASSWORD},
+        {"email": "a@example.com", "password": "short"},
+        {"email": "a@example.com"},
+        {"email": "a@example.com", "password": TEST_PASSWORD, "admin": True},
+    ):
+        r = client.post("/api/v1/auth/register", json=body)
+        assert r.status_code == 422, body
+        assert r.json()["error"]["code"] == "validation_error"
+
+
+def test_password_over_72_bytes_is_rejected_not_truncated(client: httpx.Client, db: Any) -> None:
+    email = f"long-{uuid.uuid4().hex[:8]}@example.com"
+    # 40 two-byte characters: 40 characters but 80 bytes.
+    r = client.post("/api/v1/auth/register", json={"email": email, "password": "é" * 40})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "password_too_long"
+    assert count_rows(db, "SELECT count(*) FROM users WHERE email = :e", e=email) == 0
+
+
+def test_password_of_exactly_72_bytes_works(client: httpx.Client) -> None:
+    info = register_and_login(client, password="p" * 72)
+    assert info["tokens"]["access_token"]
+
+
+def test_login_with_overlong_password_is_plain_401(client: httpx.Client, user: dict[str, Any]) -> None:
+    # Same 72-byte prefix as a valid password would match under silent truncation; it must not.
+    r = client.post("/api/v1/auth/login", json={"email": user["email"], "password": TEST_PASSWORD + "x" * 100})
+    assert _unauthorized(r)["code"] == "invalid_credentials"
+
+
+def test_wrong_password_and_unknown_user_get_the_same_401(client: httpx.Client, user: dict[str, Any]) -> None:
+    wrong = client.post("/api/v1/auth/login", json={"email": user["email"], "password": "wrong password!"})
+    unknown = client.post("/api/v1/auth/login", json={"email": "nobody-x@example.com", "password": "whatever123"})
+    assert _unauthorized(wrong) == _unauthorized(unknown)
+
+
+def test_login_accepts_oauth2_form_and_json(client: httpx.Client, user: dict[str, Any]) -> None:
+    form = client.post("/api/v1/auth/login", data={"username": user["email"], "password": TEST_PASSWORD})
+    assert form.status_code == 200
+    body = form.json()
+    assert body["token_type"] == "bearer"
+    assert body["expires_in"] > 0
+    assert body["refresh_token"]
+    bad = client.post("/api/v1/auth/login", content=b"{nope", headers={"content-type": "application/json"})
+    assert bad.status_code == 422
+
+
+def test_me_needs_a_token(client: httpx.Client, user: dict[str, Any]) -> None:
+    assert client.get("/api/v1/users/me", headers=user["headers"]).json()["email"] == user["email"]
+    assert _unauthorized(client.get("/api/v1/users/me"))["code"] == "not_authenticated"
+
+
+def _forge(stack: Stack, user_id: str, *, key: str | None = None, drop: str | None = None, **overrides: Any) -> str:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": user_id,
+        "iss": stack.settings.jwt_issuer,
+        "aud": stack.settings.jwt_audience,
+        "iat": now,
+        "exp": now + 300,
+        "jti": str(uuid.uuid4()),
+    }
+    claims.update(overrides)
+    if drop:
+        claims.pop(drop)
+    secret = key or stack.settings.jwt_secret_key.get_secret_value()
+    return jwt.encode(claims, secret, algorithm="HS256", headers={"typ": "at+jwt"})
+
+
+def test_a_correctly_forged_token_is_accepted_so_the_rejections_below_mean_something(
+    client: httpx.Client, stack: Stack, user: dict[str, Any]
+) -> None:
+    token = _forge(stack, user["user_id"])
+    assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_bad_tokens_are_rejected(client: httpx.Client, stack: Stack, user: dict[str, Any]) -> None:
+    uid = user["user_id"]
+    access = user["tokens"]["access_token"]
+    head, payload, sig = access.split(".")
+    none_token = jwt.encode({"sub": uid, "exp": int(time.time()) + 60}, key=None, algorithm="none")  # type: ignore[arg-type]
+    cases = {
+        "tampered": f"{head}.{payload}.{sig[:-4]}AAAA",
+        "alg none": none_token,
+        "expired": _forge(stack, uid, exp=int(time.time()) - 60, iat=int(time.time()) - 600),
+        "no exp": _forge(stack, uid, drop="exp"),
+        "no sub": _forge(stack, uid, drop="sub"),
+        "no iat": _forge(stack, uid, drop="iat"),
+        "wrong audience": _forge(stack, uid, aud="someone-else"),
+        "wrong issuer": _forge(stack, uid, iss="evil"),
+        "wrong key": _forge(stack, uid, key="x" * 48),
+        "refresh used as access": user["tokens"]["refresh_token"],
+        "garbage": "not.a.jwt",
+    }
+    for name, token in cases.items():
+        r = client.get("/api/v1/query", headers={"Authorization": f"Bearer {token}"})
+        body = _unauthorized(r)
+        assert body["code"] in {"invalid_token", "token_expired"}, name
+    assert _unauthorized(client.get("/api/v1/query", headers={"Authorization": "Basic abc"}))["code"] == "not_authenticated"
+
+
+def test_access_token_cannot_be_used_as_refresh_token(client: httpx.Client, user: dict[str, Any]) -> None:
+    r = client.post("/api/v1/auth/refresh", json={"refresh_token": user["tokens"]["access_token"]})
+    _unauthorized(r)
+
+
+def test_refresh_rotates_and_detects_reuse(client: httpx.Client, user: dict[str, Any]) -> None:
+    first = user["tokens"]["refresh_token"]
+    r = client.post("/api/v1/auth/refresh", json={"refresh_token": first})
+    assert r.status_code == 200
+    second = r.json()["refresh_token"]
+    assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {r.json()['access_token']}"}).status_code == 200
+    # Replaying the spent token is treated as theft: it fails and takes the newer one down with it.
+    _unauthorized(client.post("/api/v1/auth/refresh", json={"refresh_token": first}))
+    _unauthorized(client.post("/api/v1/auth/refresh", json={"refresh_token": second}))
+
+
+def test_logout_revokes_the_refresh_token(client: httpx.Client, user: dict[str, Any]) -> None:
+    refresh = user["tokens"]["refresh_token"]
+    r = client.post("/api/v1/auth/logout", json={"refresh_token": refresh}, headers=user["headers"])
+    assert r.status_code == 204
+    _unauthorized(client.post("/api/v1/auth/refresh", json={"refresh_token": refresh}))
+
+
+def test_logout_cannot_revoke_another_users_token(client: httpx.Client, user: dict[str, Any]) -> None:
+    other = register_and_login(client)
+    r = client.post("/api/v1/auth/logout", json={"refresh_token": other["tokens"]["refresh_token"]}, headers=user["headers"])
+    _unauthorized(r)
+    assert client.post("/api/v1/auth/refresh", json={"refresh_token": other["tokens"]["refresh_token"]}).status_code == 200

@@ -1,0 +1,137 @@
+"""Submitting, reading and listing queries through the real API."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+from sqlalchemy.engine import Engine
+
+from tests.conftest import count_rows, register_and_login
+
+
+def _submit(client: httpx.Client, headers: dict[str, str], **body: Any) -> httpx.Response:
+    return client.post("/api/v1/query", json={"query": "What is AIQ?", **body}, headers=headers)
+
+
+def test_submit_returns_202_with_location(client: httpx.Client, user: dict[str, Any]) -> None:
+    r = _submit(client, user["headers"], metadata={"ticket": 7})
+    assert r.status_code == 202
+    body = r.json()
+    assert body["status"] == "pending"
+    assert body["model"] == "sim-small"
+    assert r.headers["location"] == f"/api/v1/query/{body['query_id']}"
+    got = client.get(r.headers["location"], headers=user["headers"]).json()
+    assert got["query"] == "What is AIQ?"
+    assert got["metadata"] == {"ticket": 7}
+    assert set(got["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+
+
+def test_submit_requires_a_token(client: httpx.Client) -> None:
+    r = client.post("/api/v1/query", json={"query": "hi"})
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_invalid_submissions_are_422_and_store_nothing(client: httpx.Client, user: dict[str, Any], db: Engine) -> None:
+    cases: dict[str, tuple[Any, str]] = {
+        "empty": ({"query": ""}, "validation_error"),
+        "blank": ({"query": "   \n"}, "query_blank"),
+        "too long": ({"query": "x" * 2001}, "query_too_long"),
+        "system too long": ({"query": "hi", "system": "s" * 2001}, "system_too_long"),
+        "model not allowed": ({"query": "hi", "model": "gpt-5-ultra"}, "model_not_allowed"),
+        "temperature high": ({"query": "hi", "temperature": 2.5}, "validation_error"),
+        "temperature negative": ({"query": "hi", "temperature": -0.1}, "validation_error"),
+        "max_tokens zero": ({"query": "hi", "max_tokens": 0}, "validation_error"),
+        "max_tokens huge": ({"query": "hi", "max_tokens": 10**6}, "max_tokens_too_large"),
+        "unknown field": ({"query": "hi", "priority": "high"}, "validation_error"),
+        "wrong type": ({"query": 42}, "validation_error"),
+        "missing query": ({"model": "sim-small"}, "validation_error"),
+        "metadata not object": ({"query": "hi", "metadata": [1, 2]}, "validation_error"),
+        "metadata too big": ({"query": "hi", "metadata": {"k": "v" * 5000}}, "metadata_too_large"),
+        "not an object": ([1, 2, 3], "validation_error"),
+    }
+    before = count_rows(db, "SELECT count(*) FROM queries WHERE user_id = :u", u=user["user_id"])
+    for name, (body, code) in cases.items():
+        r = client.post("/api/v1/query", json=body, headers=user["headers"])
+        assert r.status_code == 422, (name, r.text)
+        error = r.json()["error"]
+        assert error["code"] == code, (name, error)
+        assert error["message"]
+    for raw in (b"{not json", b"", b'{"query": "hi",}'):
+        r = client.post("/api/v1/query", content=raw, headers={**user["headers"], "content-type": "application/json"})
+        assert r.status_code == 422, raw
+        assert r.json()["error"]["code"] in {"malformed_json", "validation_error"}
+    assert count_rows(db, "SELECT count(*) FROM queries WHERE user_id = :u", u=user["user_id"]) == before
+
+
+def test_validation_errors_do_not_echo_the_input(client: httpx.Client, user: dict[str, Any]) -> None:
+    secret = f"top-secret-{uuid.uuid4().hex}"
+    r = client.post("/api/v1/query", json={"query": secret, "temperature": "hot"}, headers=user["headers"])
+    assert r.status_code == 422
+    assert secret not in r.text
+
+
+def test_max_query_chars_boundary_is_accepted(client: httpx.Client, user: dict[str, Any]) -> None:
+    assert _submit(client, user["headers"], query="y" * 2000).status_code == 202
+
+
+def test_another_users_query_is_indistinguishable_from_a_missing_one(client: httpx.Client, user: dict[str, Any]) -> None:
+    query_id = _submit(client, user["headers"]).json()["query_id"]
+    intruder = register_and_login(client)
+    theirs = client.get(f"/api/v1/query/{query_id}", headers=intruder["headers"])
+    missing = client.get(f"/api/v1/query/{uuid.uuid4()}", headers=intruder["headers"])
+    assert theirs.status_code == missing.status_code == 404
+    assert theirs.json() == missing.json()
+    assert client.get("/api/v1/query", headers=intruder["headers"]).json()["items"] == []
+
+
+def test_malformed_query_id_is_422(client: httpx.Client, user: dict[str, Any]) -> None:
+    r = client.get("/api/v1/query/not-a-uuid", headers=user["headers"])
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "validation_error"
+
+
+def test_list_is_newest_first_with_cursor_pagination(client: httpx.Client, user: dict[str, Any]) -> None:
+    ids = [_submit(client, user["headers"], query=f"q{i}").json()["query_id"] for i in range(5)]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2}
+        if cursor:
+            params["cursor"] = cursor
+        page = client.get("/api/v1/query", params=params, headers=user["headers"]).json()
+        seen += [item["query_id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(ids))
+
+
+def test_list_filters_by_status_and_validates_parameters(client: httpx.Client, user: dict[str, Any]) -> None:
+    _submit(client, user["headers"])
+    failed = client.get("/api/v1/query", params={"status": "failed"}, headers=user["headers"]).json()
+    assert all(item["status"] == "failed" for item in failed["items"])
+    for params in ({"status": "exploded"}, {"limit": 0}, {"limit": 101}, {"cursor": "garbage!!"}):
+        r = client.get("/api/v1/query", params=params, headers=user["headers"])
+        assert r.status_code == 422, params
+        assert r.json()["error"]["code"] in {"validation_error", "invalid_cursor"}
+
+
+def test_unknown_route_and_method_are_json(client: httpx.Client, user: dict[str, Any]) -> None:
+    r = client.get("/api/v1/nope", headers=user["headers"])
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "not_found"
+    r = client.delete("/api/v1/query", headers=user["headers"])
+    assert r.status_code == 405
+    assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_operations_endpoints(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+    assert client.get("/openapi.json").json()["paths"]["/api/v1/query"]
+    assert client.get("/docs").status_code == 200
+    assert "aiq_" in client.get("/metrics").text

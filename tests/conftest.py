@@ -1,0 +1,235 @@
+"""Real services for the whole run: PostgreSQL, Redis, the simulator, the API and a Celery worker.
+
+PostgreSQL and Redis come from TEST_DATABASE_URL / TEST_REDIS_URL (CI sets them to the machine's servers)
+or are started embedded. Each run gets a throwaway database built by `alembic upgrade head` and its own
+queue name, so runs never see each other's rows or messages.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
+from shared.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_PASSWORD = "correct horse battery staple"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def tmp_root() -> Iterator[Path]:
+    # Short on purpose: unix socket paths of the embedded servers are limited to ~100 characters.
+    with tempfile.TemporaryDirectory(prefix="aiqt-", dir="/tmp") as d:
+        yield Path(d)
+
+
+@pytest.fixture(scope="session")
+def server_urls(tmp_root: Path) -> dict[str, str]:
+    """URLs of a PostgreSQL server (its maintenance database) and a Redis server."""
+    from shared import embedded
+
+    db = os.environ.get("TEST_DATABASE_URL") or embedded.start_postgres(tmp_root / "svc")
+    redis = os.environ.get("TEST_REDIS_URL") or embedded.start_redis(tmp_root / "svc")
+    return {"database": db, "redis": redis}
+
+
+@pytest.fixture(scope="session")
+def database_url(server_urls: dict[str, str]) -> Iterator[str]:
+    """A throwaway database migrated to head; dropped at the end of the run."""
+    from shared import embedded
+
+    name = f"aiq_test_{uuid.uuid4().hex[:12]}"
+    url = embedded.create_database(server_urls["database"], name)
+    migrate(url)
+    yield url
+    embedded.drop_database(server_urls["database"], name)
+
+
+def alembic_config(database_url: str) -> Config:
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.attributes["database_url"] = Settings(database_url=database_url).sync_database_url
+    cfg.attributes["configure_logger"] = False
+    return cfg
+
+
+def migrate(database_url: str) -> None:
+    command.upgrade(alembic_config(database_url), "head")
+
+
+@pytest.fixture(scope="session")
+def simulator(tmp_root: Path) -> Iterator[str]:
+    """The project's OpenAI-compatible simulator as a real HTTP server; yields its base URL."""
+    port = free_port()
+    log = (tmp_root / "simulator.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.simulator", "--port", str(port), "--latency-ms", "50", "--api-key", "sk-test-sim-key-0123456789"],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{base}/healthz", proc=proc)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@dataclass
+class Stack:
+    """What the tests talk to, and where the processes log."""
+
+    settings: Settings
+    env: dict[str, str]
+    api_url: str
+    simulator_url: str
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    def read_logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.logs.values() if p.exists())
+
+
+def stack_settings(database_url: str, redis_url: str, simulator_url: str) -> dict[str, str]:
+    return {
+        "ENVIRONMENT": "test",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "QUEUE_NAME": f"aiq.test.{uuid.uuid4().hex[:8]}",
+        "JWT_SECRET_KEY": secrets.token_urlsafe(48),
+        "OPENAI_API_KEY": "sk-test-sim-key-0123456789",
+        "OPENAI_BASE_URL": f"{simulator_url}/v1",
+        "ALLOWED_MODELS": "sim-small,sim-large",
+        "DEFAULT_MODEL": "sim-small",
+        "MAX_QUERY_CHARS": "2000",
+        "MAX_OUTPUT_TOKENS": "4096",
+        "MAX_ATTEMPTS": "3",
+        "RETRY_BASE_SECONDS": "0.2",
+        "RETRY_MAX_SECONDS": "1",
+        "LLM_TIMEOUT_SECONDS": "3",
+        "BCRYPT_ROUNDS": "4",
+        "WORKER_CONCURRENCY": "50",
+        "WORKER_METRICS_PORT": str(free_port()),
+        "LOG_LEVEL": "INFO",
+    }
+
+
+@pytest.fixture(scope="session")
+def stack(database_url: str, server_urls: dict[str, str], simulator: str, tmp_root: Path) -> Iterator[Stack]:
+    """uvicorn and a Celery worker as real processes, configured only through the environment."""
+    values = stack_settings(database_url, server_urls["redis"], simulator)
+    env = {**os.environ, **values}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    port = free_port()
+    logs = {"api": tmp_root / "api.log", "worker": tmp_root / "worker.log"}
+    api = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=logs["api"].open("wb"), stderr=subprocess.STDOUT,
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--hostname", f"test-{port}@%h"],
+        cwd=ROOT, env=env, stdout=logs["worker"].open("wb"), stderr=subprocess.STDOUT,
+    )
+    api_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{api_url}/readyz", proc=api)
+        wait_for_http(f"http://127.0.0.1:{values['WORKER_METRICS_PORT']}/healthz", timeout=60, proc=worker)
+        settings = Settings(**{k.lower(): v for k, v in values.items()})  # type: ignore[arg-type]
+        yield Stack(settings=settings, env=env, api_url=api_url, simulator_url=simulator, logs=logs)
+    finally:
+        for proc in (api, worker):
+            proc.terminate()
+        for proc in (api, worker):
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.api_url, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def db(database_url: str) -> Iterator[Engine]:
+    """A plain sync engine for looking at rows the way an operator would."""
+    engine = create_engine(Settings(database_url=database_url).sync_database_url)
+    yield engine
+    engine.dispose()
+
+
+def register_and_login(client: httpx.Client, password: str = TEST_PASSWORD) -> dict[str, Any]:
+    """A fresh user; returns its email, tokens and ready-made auth headers."""
+    email = f"user-{uuid.uuid4().hex[:10]}@example.com"
+    r = client.post("/api/v1/auth/register", json={"email": email, "password": password})
+    assert r.status_code == 201, r.text
+    r = client.post("/api/v1/auth/login", json={"email": email, "password": password})
+    assert r.status_code == 200, r.text
+    tokens = r.json()
+    headers = _bearer(tokens["access_token"])
+    user_id = client.get("/api/v1/users/me", headers=headers).json()["id"]
+    return {"email": email, "user_id": user_id, "tokens": tokens, "headers": headers}
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def user(client: httpx.Client) -> dict[str, Any]:
+    return register_and_login(client)
+
+
+def wait_terminal(client: httpx.Client, headers: dict[str, str], query_id: str, timeout: float = 30) -> dict[str, Any]:
+    """Poll like a client until the query reaches a terminal state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body: dict[str, Any] = client.get(f"/api/v1/query/{query_id}", headers=headers).json()
+        if body["status"] in ("completed", "failed", "cancelled"):
+            return body
+        time.sleep(0.1)
+    raise TimeoutError(f"query {query_id} not terminal after {timeout}s: {body}")
+
+
+def count_rows(db: Engine, sql: str, **params: Any) -> int:
+    with db.connect() as conn:
+        return int(conn.execute(text(sql), params).scalar_one())

@@ -1,0 +1,72 @@
+"""The Celery app: `celery -A worker.celery_app worker` starts a correctly configured worker."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown
+
+from shared.config import get_settings
+from shared.logging import configure_logging, query_id_var
+from shared.metrics import start_worker_metrics_server
+from shared.queue import PROCESS_TASK, make_celery
+from worker import processing
+from worker.runtime import get_runtime, shutdown_runtime
+
+settings = get_settings()
+app = make_celery(settings)
+log = logging.getLogger("worker")
+
+# ETA messages live in worker memory and come back after the visibility timeout: keep them well inside it.
+MAX_ETA_SECONDS = app.conf.broker_transport_options["visibility_timeout"] / 2
+
+
+@setup_logging.connect
+def _logging(**_: Any) -> None:
+    # Connecting this signal stops Celery from installing its own plain-text handlers.
+    configure_logging("aiq-worker", settings.log_level)
+
+
+@worker_process_init.connect
+def _start_child(**_: Any) -> None:
+    get_runtime(settings)
+
+
+@worker_ready.connect
+def _start(**_: Any) -> None:
+    runtime = get_runtime(settings)
+    # Liveness means the loop that runs every call still answers, not merely that the process exists.
+    start_worker_metrics_server(
+        settings.worker_metrics_port, health_fn=lambda: runtime.run(_alive(), timeout=5)
+    )
+
+
+async def _alive() -> bool:
+    return True
+
+
+@worker_shutdown.connect
+def _stop(**_: Any) -> None:
+    shutdown_runtime()
+
+
+@app.task(name=PROCESS_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def process_query(query_id: str) -> None:
+    """Process one delivery of a query id; the row decides whether anything happens."""
+    try:
+        qid = uuid.UUID(query_id)
+    except (ValueError, TypeError):
+        log.error("malformed task argument dropped")
+        return
+    token = query_id_var.set(str(qid))
+    try:
+        outcome = get_runtime(settings).run(processing.process(get_runtime(settings), qid))
+        if outcome.retry_in is not None and outcome.retry_in <= MAX_ETA_SECONDS:
+            try:
+                app.send_task(PROCESS_TASK, args=[str(qid)], queue=settings.queue_name, countdown=outcome.retry_in)
+            except Exception as exc:  # noqa: BLE001 - the row is pending and due; the sweeper re-sends it
+                log.warning("retry publish failed", extra={"error": type(exc).__name__})
+    finally:
+        query_id_var.reset(token)

@@ -1,0 +1,126 @@
+"""One attempt at a query: claim, call the model, write the outcome. Each step commits on its own,
+because the claim must be visible to other workers before the slow call starts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared import llm
+from shared.metrics import LLM_CALLS_IN_FLIGHT, LLM_ERRORS, LLM_REQUEST_DURATION, LLM_TOKENS, TASK_RETRIES, TASKS
+from shared.repositories.queries import Claim
+from shared.services import queries as service
+from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+# A lost final write would throw away a paid-for answer: retry the write, never the call.
+WRITE_RETRY_DELAYS = (0.2, 0.5, 1, 2, 4, 8, 15)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: str  # completed | failed | retried | skipped | lost
+    retry_in: float | None = None
+
+
+async def _write(rt: WorkerRuntime, step: Callable[[AsyncSession], Awaitable[bool]]) -> bool:
+    """Run one guarded write in its own transaction, riding out a database restart."""
+    for delay in (*WRITE_RETRY_DELAYS, None):
+        try:
+            async with rt.sessionmaker() as session:
+                written = await step(session)
+                await session.commit()
+                return written
+        except (OperationalError, DBAPIError, OSError) as exc:
+            if delay is None:
+                raise
+            log.warning("database write failed; retrying", extra={"error": type(exc).__name__, "delay_s": delay})
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+async def process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
+    """Run at most one LLM call for this delivery; a duplicate or late delivery does nothing."""
+    outcome = await _process(rt, query_id)
+    TASKS.labels(outcome=outcome.kind).inc()
+    return outcome
+
+
+async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
+    settings = rt.settings
+    async with rt.sessionmaker() as session:
+        claim = await service.claim_for_attempt(session, settings, query_id, rt.owner)
+        await session.commit()
+    if claim is None:
+        log.info("delivery skipped: query is not claimable")
+        return Outcome("skipped")
+
+    LLM_CALLS_IN_FLIGHT.inc()
+    try:
+        result = await llm.complete(
+            rt.llm,
+            model=claim.model,
+            prompt=claim.prompt,
+            system=claim.system,
+            temperature=claim.temperature,
+            max_tokens=claim.max_tokens,
+            headers={"X-AIQ-Query-Id": str(claim.query_id), "X-AIQ-Attempt": str(claim.attempt)},
+        )
+    except Exception as exc:  # noqa: BLE001 - every upstream error is classified, none escapes unrecorded
+        failure = llm.classify(exc)
+        LLM_ERRORS.labels(model=claim.model, type=failure.kind).inc()
+        return await _handle_failure(rt, claim, failure)
+    finally:
+        LLM_CALLS_IN_FLIGHT.dec()
+
+    LLM_REQUEST_DURATION.labels(model=claim.model).observe(result.latency_ms / 1000)
+    LLM_TOKENS.labels(model=claim.model, kind="prompt").inc(result.prompt_tokens or 0)
+    LLM_TOKENS.labels(model=claim.model, kind="completion").inc(result.completion_tokens or 0)
+
+    written = await _write(
+        rt,
+        lambda s: service.record_completion(
+            s,
+            claim,
+            response=result.text,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            total_tokens=result.total_tokens,
+            latency_ms=result.latency_ms,
+        ),
+    )
+    if not written:
+        log.warning("completion discarded: attempt no longer owns the query", extra={"attempt": claim.attempt})
+        return Outcome("lost")
+    log.info("query completed", extra={"attempt": claim.attempt, "latency_ms": result.latency_ms})
+    return Outcome("completed")
+
+
+async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.UpstreamFailure) -> Outcome:
+    settings = rt.settings
+    extra = {"attempt": claim.attempt, "kind": failure.kind, "code": failure.code}
+    if failure.transient and claim.attempt < settings.max_attempts:
+        delay = llm.backoff_seconds(settings, claim.attempt, failure.retry_after)
+        written = await _write(
+            rt,
+            lambda s: service.schedule_retry(s, claim, delay_seconds=delay, code=failure.code, message=failure.message),
+        )
+        TASK_RETRIES.labels(reason=failure.kind).inc()
+        log.warning("transient upstream error; retry scheduled", extra={**extra, "delay_s": round(delay, 2)})
+        return Outcome("retried", retry_in=delay) if written else Outcome("lost")
+
+    if failure.transient:
+        code = "upstream_retries_exhausted"
+        message = f"Gave up after {claim.attempt} attempts: {failure.message}"
+    else:
+        code, message = failure.code, failure.message
+    written = await _write(rt, lambda s: service.record_failure(s, claim, code=code, message=message))
+    log.warning("query failed", extra=extra)
+    return Outcome("failed") if written else Outcome("lost")
