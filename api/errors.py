@@ -54,7 +54,11 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     details = _validation_details(exc)
     malformed = any(d["type"] == "json_invalid" for d in details)
-    code, message = ("malformed_json", "Request body is not valid JSON") if malformed else ("validation_error", "Request is invalid")
+    code, message = (
+        ("malformed_json", "Request body is not valid JSON")
+        if malformed
+        else ("validation_error", "Request is invalid")
+    )
     return error_response(422, code, message, details)
 
 

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # Values that ship in examples and must never sign production tokens.
 KNOWN_DEFAULT_SECRETS = frozenset({"", "change-me", "changeme", "secret", "dev", "development"})
 MIN_JWT_SECRET_BYTES = 32
-DEVELOPMENT_JWT_SECRET = "aiq-insecure-development-key-never-use-in-production"
+DEVELOPMENT_JWT_SECRET = "aiq-insecure-development-key-never-use-in-production"  # noqa: S105 - dev only, refused elsewhere
 
 
 class Environment(StrEnum):
@@ -50,7 +50,12 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1)
     retry_base_seconds: float = Field(default=1.0, ge=0)
     retry_max_seconds: float = Field(default=60.0, ge=0)
-    lease_seconds: float | None = Field(default=None, gt=0)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    sweep_interval_seconds: float = Field(default=10.0, ge=0)
+    stale_pending_seconds: float = Field(default=30.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=50.0, ge=0)
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=24 * 3600)
 
     worker_concurrency: int = Field(default=1000, ge=1)
     worker_metrics_port: int = 9540
@@ -80,6 +85,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError("HEARTBEAT_SECONDS must be at most half of LEASE_SECONDS, or live calls lose their lease")
         if not self.allowed_models:
             raise ValueError("ALLOWED_MODELS must name at least one model")
         if self.default_model not in self.allowed_models:
@@ -96,11 +103,6 @@ class Settings(BaseSettings):
             warnings.warn("JWT_SECRET_KEY is weak or unset: using the INSECURE development key", stacklevel=2)
             self.jwt_secret_key = SecretStr(DEVELOPMENT_JWT_SECRET)
         return self
-
-    @property
-    def effective_lease_seconds(self) -> float:
-        """How long a claim is owned before the sweeper may take it back."""
-        return self.lease_seconds or self.llm_timeout_seconds + 30
 
     @property
     def sync_database_url(self) -> str:

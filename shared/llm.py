@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 import openai
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from shared.config import Settings
 
@@ -55,21 +56,17 @@ async def complete(
     headers: dict[str, str],
 ) -> Completion:
     """One chat completion; raises the SDK's exceptions for `classify` to read."""
-    messages: list[dict[str, str]] = []
+    messages: list[ChatCompletionMessageParam] = []
     if system:
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": prompt})
-    optional: dict[str, float | int] = {}
-    if temperature is not None:
-        optional["temperature"] = temperature
-    if max_tokens is not None:
-        optional["max_tokens"] = max_tokens
     started = time.perf_counter()
     result = await client.chat.completions.create(
         model=model,
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
+        temperature=openai.omit if temperature is None else temperature,
+        max_tokens=openai.omit if max_tokens is None else max_tokens,
         extra_headers=headers,
-        **optional,  # type: ignore[arg-type]
     )
     latency_ms = round((time.perf_counter() - started) * 1000)
     text = result.choices[0].message.content or "" if result.choices else ""
@@ -143,7 +140,9 @@ def classify(exc: BaseException) -> UpstreamFailure:
             retry_after_seconds(exc.response.headers),
         )
     if isinstance(exc, openai.APIResponseValidationError):
-        return UpstreamFailure("other", "upstream_invalid_response", "The model provider sent an invalid response", True)
+        return UpstreamFailure(
+            "other", "upstream_invalid_response", "The model provider sent an invalid response", True
+        )
     return UpstreamFailure("other", "internal_error", "Unexpected error while calling the model", True)
 
 
@@ -157,10 +156,13 @@ def _error_type(exc: openai.APIStatusError) -> str | None:
     return None
 
 
-def backoff_seconds(settings: Settings, attempt: int, retry_after: float | None, rng: random.Random | None = None) -> float:
+def backoff_seconds(
+    settings: Settings, attempt: int, retry_after: float | None, rng: random.Random | None = None
+) -> float:
     """Exponential backoff with equal jitter, never sooner than the upstream asked."""
-    ceiling = min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** max(0, attempt - 1))
-    delay = ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+    ceiling = min(settings.retry_max_seconds, settings.retry_base_seconds * 2.0 ** max(0, attempt - 1))
+    uniform = rng.uniform if rng is not None else random.uniform
+    delay = ceiling / 2 + uniform(0, ceiling / 2)
     if retry_after is not None:
         delay = max(delay, min(retry_after, settings.retry_max_seconds * 10))
     return delay

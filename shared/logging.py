@@ -14,8 +14,25 @@ query_id_var: ContextVar[str | None] = ContextVar("aiq_query_id", default=None)
 
 # Only these `extra` keys reach the output, so a careless `extra={"prompt": …}` is dropped.
 ALLOWED_EXTRA = frozenset(
-    {"query_id", "user_id", "status", "attempt", "code", "error", "kind", "delay_s", "latency_ms",
-     "method", "path", "status_code", "duration_ms", "outcome", "model", "count", "owner"}
+    {
+        "query_id",
+        "user_id",
+        "status",
+        "attempt",
+        "code",
+        "error",
+        "kind",
+        "delay_s",
+        "latency_ms",
+        "method",
+        "path",
+        "status_code",
+        "duration_ms",
+        "outcome",
+        "model",
+        "count",
+        "owner",
+    }
 )
 
 

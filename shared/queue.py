@@ -74,9 +74,7 @@ class Publisher:
 
     def publish_sync(self, query_id: uuid.UUID, countdown: float | None = None) -> None:
         """Blocking publish (workers use this from their own threads)."""
-        self._app.send_task(
-            PROCESS_TASK, args=[str(query_id)], queue=self._settings.queue_name, countdown=countdown
-        )
+        self._app.send_task(PROCESS_TASK, args=[str(query_id)], queue=self._settings.queue_name, countdown=countdown)
 
     async def publish(self, query_id: uuid.UUID) -> bool:
         """Publish without blocking the event loop; False if the broker did not take it in time."""
@@ -85,7 +83,9 @@ class Publisher:
         try:
             await asyncio.wait_for(future, timeout=self._settings.publish_timeout_seconds)
         except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row pending for recovery
-            log.warning("publish failed; query stays pending", extra={"query_id": str(query_id), "error": type(exc).__name__})
+            log.warning(
+                "publish failed; query stays pending", extra={"query_id": str(query_id), "error": type(exc).__name__}
+            )
             return False
         return True
 

@@ -40,7 +40,7 @@ class UserOut(BaseModel):
 
 class TokenPair(BaseModel):
     access_token: str
-    token_type: str = "bearer"
+    token_type: str = "bearer"  # noqa: S105 - the OAuth2 token type, not a secret
     expires_in: int
     refresh_token: str
 
@@ -85,6 +85,7 @@ class QueryOut(BaseModel):
     error: QueryError | None
     usage: Usage
     attempts: int
+    cancel_requested: bool = Field(description="A cancel was asked for; a running query ends cancelled shortly")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

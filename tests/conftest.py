@@ -99,7 +99,17 @@ def simulator(tmp_root: Path) -> Iterator[str]:
     port = free_port()
     log = (tmp_root / "simulator.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.simulator", "--port", str(port), "--latency-ms", "50", "--api-key", "sk-test-sim-key-0123456789"],
+        [
+            sys.executable,
+            "-m",
+            "shared.simulator",
+            "--port",
+            str(port),
+            "--latency-ms",
+            "50",
+            "--api-key",
+            "sk-test-sim-key-0123456789",
+        ],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -146,6 +156,12 @@ def stack_settings(database_url: str, redis_url: str, simulator_url: str) -> dic
         "LLM_TIMEOUT_SECONDS": "3",
         "BCRYPT_ROUNDS": "4",
         "WORKER_CONCURRENCY": "50",
+        # Fast recovery so the tests can watch it happen.
+        "LEASE_SECONDS": "3",
+        "HEARTBEAT_SECONDS": "0.5",
+        "SWEEP_INTERVAL_SECONDS": "1",
+        "STALE_PENDING_SECONDS": "3",
+        "SHUTDOWN_GRACE_SECONDS": "2",
         "WORKER_METRICS_PORT": str(free_port()),
         "LOG_LEVEL": "INFO",
     }
@@ -161,11 +177,17 @@ def stack(database_url: str, server_urls: dict[str, str], simulator: str, tmp_ro
     logs = {"api": tmp_root / "api.log", "worker": tmp_root / "worker.log"}
     api = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=logs["api"].open("wb"), stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+        stdout=logs["api"].open("wb"),
+        stderr=subprocess.STDOUT,
     )
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--hostname", f"test-{port}@%h"],
-        cwd=ROOT, env=env, stdout=logs["worker"].open("wb"), stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+        stdout=logs["worker"].open("wb"),
+        stderr=subprocess.STDOUT,
     )
     api_url = f"http://127.0.0.1:{port}"
     try:
@@ -233,3 +255,51 @@ def wait_terminal(client: httpx.Client, headers: dict[str, str], query_id: str, 
 def count_rows(db: Engine, sql: str, **params: Any) -> int:
     with db.connect() as conn:
         return int(conn.execute(text(sql), params).scalar_one())
+
+
+def spawn_worker(stack: Stack, log_path: Path, **overrides: str) -> tuple[subprocess.Popen[bytes], str]:
+    """An extra worker process on the stack's queue; returns it once it is ready, with its metrics URL."""
+    port = str(free_port())
+    env = {**stack.env, "WORKER_METRICS_PORT": port, **overrides}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--hostname", f"extra-{port}@%h"],
+        cwd=ROOT,
+        env=env,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/healthz", timeout=60, proc=proc)
+    return proc, url
+
+
+def spawn_api(stack: Stack, log_path: Path, **overrides: str) -> tuple[subprocess.Popen[bytes], str]:
+    """An extra API process (e.g. pointed at a dead broker)."""
+    port = free_port()
+    env = {**stack.env, **overrides}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/healthz", proc=proc)
+    return proc, url
+
+
+def wait_until(predicate: Any, timeout: float = 20, interval: float = 0.05) -> Any:
+    """Poll until predicate() is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError("condition not met")
+
+
+def row(db: Engine, query_id: str) -> dict[str, Any]:
+    with db.connect() as conn:
+        return dict(conn.execute(text("SELECT * FROM queries WHERE id = :id"), {"id": query_id}).mappings().one())

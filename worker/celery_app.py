@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from typing import Any
 
-from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from shared.config import get_settings
 from shared.logging import configure_logging, query_id_var
 from shared.metrics import start_worker_metrics_server
 from shared.queue import PROCESS_TASK, make_celery
 from worker import processing
-from worker.runtime import get_runtime, shutdown_runtime
+from worker.runtime import current_runtime, get_runtime, shutdown_runtime
 
 settings = get_settings()
 app = make_celery(settings)
@@ -38,13 +39,22 @@ def _start_child(**_: Any) -> None:
 def _start(**_: Any) -> None:
     runtime = get_runtime(settings)
     # Liveness means the loop that runs every call still answers, not merely that the process exists.
-    start_worker_metrics_server(
-        settings.worker_metrics_port, health_fn=lambda: runtime.run(_alive(), timeout=5)
-    )
+    start_worker_metrics_server(settings.worker_metrics_port, health_fn=lambda: runtime.run(_alive(), timeout=5))
 
 
 async def _alive() -> bool:
     return True
+
+
+@worker_shutting_down.connect
+def _grace(**_: Any) -> None:
+    """Warm shutdown: intake has stopped; calls in flight get a grace period, then are handed back."""
+    runtime = current_runtime()
+    if runtime is None:
+        return
+    timer = threading.Timer(settings.shutdown_grace_seconds, runtime.stop_all_calls, args=("shutdown",))
+    timer.daemon = True
+    timer.start()
 
 
 @worker_shutdown.connect

@@ -8,6 +8,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,6 +20,7 @@ from shared.services import queries as service
 from worker.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A lost final write would throw away a paid-for answer: retry the write, never the call.
 WRITE_RETRY_DELAYS = (0.2, 0.5, 1, 2, 4, 8, 15)
@@ -26,22 +28,22 @@ WRITE_RETRY_DELAYS = (0.2, 0.5, 1, 2, 4, 8, 15)
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    kind: str  # completed | failed | retried | skipped | lost
+    kind: str  # completed | failed | retried | cancelled | released | skipped | lost
     retry_in: float | None = None
 
 
-async def _write(rt: WorkerRuntime, step: Callable[[AsyncSession], Awaitable[bool]]) -> bool:
-    """Run one guarded write in its own transaction, riding out a database restart."""
+async def _in_transaction(rt: WorkerRuntime, step: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """Run one step in its own transaction, riding out a database restart."""
     for delay in (*WRITE_RETRY_DELAYS, None):
         try:
             async with rt.sessionmaker() as session:
-                written = await step(session)
+                result = await step(session)
                 await session.commit()
-                return written
+                return result
         except (OperationalError, DBAPIError, OSError) as exc:
             if delay is None:
                 raise
-            log.warning("database write failed; retrying", extra={"error": type(exc).__name__, "delay_s": delay})
+            log.warning("database step failed; retrying", extra={"error": type(exc).__name__, "delay_s": delay})
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -54,17 +56,15 @@ async def process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
 
 
 async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
-    settings = rt.settings
-    async with rt.sessionmaker() as session:
-        claim = await service.claim_for_attempt(session, settings, query_id, rt.owner)
-        await session.commit()
+    # If the claim committed but its answer was lost to a restart, the retry finds the row running and skips;
+    # the lease then expires and the sweeper hands the query back. Nothing is called twice.
+    claim = await _in_transaction(rt, lambda s: service.claim_for_attempt(s, rt.settings, query_id, rt.owner))
     if claim is None:
         log.info("delivery skipped: query is not claimable")
         return Outcome("skipped")
 
-    LLM_CALLS_IN_FLIGHT.inc()
-    try:
-        result = await llm.complete(
+    call = asyncio.ensure_future(
+        llm.complete(
             rt.llm,
             model=claim.model,
             prompt=claim.prompt,
@@ -73,18 +73,27 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
             max_tokens=claim.max_tokens,
             headers={"X-AIQ-Query-Id": str(claim.query_id), "X-AIQ-Attempt": str(claim.attempt)},
         )
+    )
+    entry = rt.track(claim, call)
+    LLM_CALLS_IN_FLIGHT.inc()
+    try:
+        result = await call
+    except asyncio.CancelledError:
+        if entry.stop_reason is None:
+            raise
+        return await _handle_stop(rt, claim, entry.stop_reason)
     except Exception as exc:  # noqa: BLE001 - every upstream error is classified, none escapes unrecorded
         failure = llm.classify(exc)
         LLM_ERRORS.labels(model=claim.model, type=failure.kind).inc()
         return await _handle_failure(rt, claim, failure)
     finally:
         LLM_CALLS_IN_FLIGHT.dec()
+        rt.untrack(claim)
 
     LLM_REQUEST_DURATION.labels(model=claim.model).observe(result.latency_ms / 1000)
     LLM_TOKENS.labels(model=claim.model, kind="prompt").inc(result.prompt_tokens or 0)
     LLM_TOKENS.labels(model=claim.model, kind="completion").inc(result.completion_tokens or 0)
-
-    written = await _write(
+    written = await _in_transaction(
         rt,
         lambda s: service.record_completion(
             s,
@@ -103,12 +112,26 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
     return Outcome("completed")
 
 
+async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: str) -> Outcome:
+    extra = {"attempt": claim.attempt, "outcome": reason}
+    if reason == "cancel":
+        written = await _in_transaction(rt, lambda s: service.record_cancelled(s, claim))
+        log.info("call stopped: query cancelled", extra=extra)
+        return Outcome("cancelled") if written else Outcome("lost")
+    if reason == "shutdown":
+        written = await _in_transaction(rt, lambda s: service.release_claim(s, claim))
+        log.info("call stopped: worker shutting down, query handed back", extra=extra)
+        return Outcome("released", retry_in=0) if written else Outcome("lost")
+    log.warning("call stopped: lease lost to another worker", extra=extra)
+    return Outcome("lost")
+
+
 async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.UpstreamFailure) -> Outcome:
     settings = rt.settings
     extra = {"attempt": claim.attempt, "kind": failure.kind, "code": failure.code}
     if failure.transient and claim.attempt < settings.max_attempts:
         delay = llm.backoff_seconds(settings, claim.attempt, failure.retry_after)
-        written = await _write(
+        written = await _in_transaction(
             rt,
             lambda s: service.schedule_retry(s, claim, delay_seconds=delay, code=failure.code, message=failure.message),
         )
@@ -121,6 +144,6 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
         message = f"Gave up after {claim.attempt} attempts: {failure.message}"
     else:
         code, message = failure.code, failure.message
-    written = await _write(rt, lambda s: service.record_failure(s, claim, code=code, message=message))
+    written = await _in_transaction(rt, lambda s: service.record_failure(s, claim, code=code, message=message))
     log.warning("query failed", extra=extra)
     return Outcome("failed") if written else Outcome("lost")

@@ -2,15 +2,19 @@
 
 Celery's threads pool gives each in-flight message a thread that only waits; the database and LLM I/O of
 all of them runs on this loop, so a thousand calls in flight cost a thousand coroutines, not processes.
+The loop also runs the heartbeat (lease renewal, cancellation) and the recovery sweeper.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from openai import AsyncOpenAI
@@ -19,8 +23,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from shared.config import Settings
 from shared.db import make_engine, make_sessionmaker
 from shared.llm import make_client
+from shared.queue import Publisher
+from shared.repositories.queries import Claim
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InFlight:
+    """A running LLM call, and why it was stopped if it was (cancel | shutdown | lost)."""
+
+    claim: Claim
+    task: asyncio.Task[Any]
+    stop_reason: str | None = None
 
 
 class WorkerRuntime:
@@ -28,21 +44,32 @@ class WorkerRuntime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = _owner_id()
+        self.inflight: dict[tuple[uuid.UUID, int], InFlight] = {}
+        self.publisher = Publisher(settings)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="aiq-loop", daemon=True)
         self._thread.start()
+        self._background: list[asyncio.Task[None]] = []
         self.engine: AsyncEngine
         self.sessionmaker: async_sessionmaker[AsyncSession]
         self.llm: AsyncOpenAI
         self.run(self._open())
 
     async def _open(self) -> None:
+        from worker import recovery
+
         self.engine = make_engine(self.settings, "aiq-worker")
         self.sessionmaker = make_sessionmaker(self.engine)
         self.llm = make_client(self.settings)
+        self._background.append(asyncio.create_task(recovery.heartbeat_loop(self)))
+        if self.settings.sweep_interval_seconds > 0:
+            self._background.append(asyncio.create_task(recovery.sweep_loop(self)))
 
     async def _close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.llm.close()
         await self.engine.dispose()
 
@@ -50,12 +77,40 @@ class WorkerRuntime:
         """Run a coroutine on the loop and wait for it from the calling thread."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def track(self, claim: Claim, task: asyncio.Task[Any]) -> InFlight:
+        entry = InFlight(claim, task)
+        self.inflight[(claim.query_id, claim.attempt)] = entry
+        return entry
+
+    def untrack(self, claim: Claim) -> None:
+        self.inflight.pop((claim.query_id, claim.attempt), None)
+
+    def stop_call(self, key: tuple[uuid.UUID, int], reason: str) -> None:
+        """Stop waiting on one LLM call; its coroutine records the outcome that fits the reason."""
+        entry = self.inflight.get(key)
+        if entry is not None and entry.stop_reason is None:
+            entry.stop_reason = reason
+            entry.task.cancel()
+
+    def stop_all_calls(self, reason: str) -> None:
+        """Thread-safe: stop every call in flight (graceful shutdown past its grace period)."""
+        def stop_all() -> None:
+            for key in list(self.inflight):
+                self.stop_call(key, reason)
+
+        self.loop.call_soon_threadsafe(stop_all)
+
     def close(self) -> None:
         if not self.loop.is_running():
             return
         self.run(self._close(), timeout=10)
+        self.publisher.close()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
+
+
+def _owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 _runtime: WorkerRuntime | None = None
@@ -65,10 +120,14 @@ _lock = threading.Lock()
 def get_runtime(settings: Settings) -> WorkerRuntime:
     """The process's runtime, created on first use (after any fork)."""
     global _runtime
-    if _runtime is None or _runtime.owner != f"{socket.gethostname()}:{os.getpid()}":
+    if _runtime is None or _runtime.owner != _owner_id():
         with _lock:
-            if _runtime is None or _runtime.owner != f"{socket.gethostname()}:{os.getpid()}":
+            if _runtime is None or _runtime.owner != _owner_id():
                 _runtime = WorkerRuntime(settings)
+    return _runtime
+
+
+def current_runtime() -> WorkerRuntime | None:
     return _runtime
 
 

@@ -50,12 +50,12 @@ async def _ping_database(request: Request) -> None:
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     """Database and broker both reachable."""
-    database, broker = await asyncio.gather(
-        _ok(_ping_database(request)), _ok(request.app.state.redis.ping())
-    )
+    database, broker = await asyncio.gather(_ok(_ping_database(request)), _ok(request.app.state.redis.ping()))
     checks = {"database": "ok" if database else "down", "broker": "ok" if broker else "down"}
     ready = database and broker
-    return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
+    )
 
 
 async def _refresh_queue_stats(request: Request) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
+from fastapi.responses import JSONResponse
 
 from api.deps import CurrentUserId, PublisherDep, SessionDep, SettingsDep
 from shared.metrics import QUERIES_SUBMITTED
@@ -24,24 +25,45 @@ async def submit(
     session: SessionDep,
     settings: SettingsDep,
     publisher: PublisherDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", description="Retry-safe submit: same key and body return the original 202"),
+    ] = None,
 ) -> QueryAccepted:
     """Accept a query; poll the `Location` for the answer."""
-    query = await service.submit_query(session, settings, user_id, body)
+    if idempotency_key is None:
+        accepted, replayed = service.accepted_view(await service.submit_query(session, settings, user_id, body)), False
+    else:
+        accepted, replayed = await service.submit_query_once(session, settings, user_id, body, idempotency_key)
     await session.commit()
+    response.headers["Location"] = f"/api/v1/query/{accepted.query_id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+        return accepted
     # After commit, so a worker never looks for a row that is not there yet. A failed publish leaves the
     # row pending for the recovery sweeper; the client's 202 stays true.
-    await publisher.publish(query.id)
-    QUERIES_SUBMITTED.labels(model=query.model).inc()
-    response.headers["Location"] = f"/api/v1/query/{query.id}"
-    return QueryAccepted(
-        query_id=query.id, status=QueryStatus.PENDING, model=query.model, created_at=query.created_at
-    )
+    await publisher.publish(accepted.query_id)
+    QUERIES_SUBMITTED.labels(model=accepted.model).inc()
+    return accepted
 
 
 @router.get("/{query_id}", response_model=QueryOut)
 async def get(query_id: uuid.UUID, user_id: CurrentUserId, session: SessionDep) -> QueryOut:
     """One of the caller's queries; anybody else's is a 404."""
     return service.to_out(await service.get_query(session, user_id, query_id))
+
+
+@router.post(
+    "/{query_id}/cancel",
+    response_model=QueryOut,
+    responses={202: {"model": QueryOut, "description": "Running: the worker is stopping the call"}},
+)
+async def cancel(query_id: uuid.UUID, user_id: CurrentUserId, session: SessionDep) -> JSONResponse:
+    """Cancel: a pending query ends at once (200); a running one stops shortly (202); a finished one is 409."""
+    query = await service.cancel_query(session, user_id, query_id)
+    await session.commit()
+    code = status.HTTP_200_OK if query.status == QueryStatus.CANCELLED else status.HTTP_202_ACCEPTED
+    return JSONResponse(service.to_out(query).model_dump(mode="json"), status_code=code)
 
 
 @router.get("", response_model=QueryPage)

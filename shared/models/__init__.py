@@ -1,7 +1,7 @@
 """Every model, re-exported: API, worker and migrations import from here."""
 
 from shared.models.base import Base
-from shared.models.query import TERMINAL_STATUSES, Query, QueryStatus
+from shared.models.query import TERMINAL_STATUSES, IdempotencyKey, Query, QueryStatus
 from shared.models.user import RefreshToken, User
 
-__all__ = ["TERMINAL_STATUSES", "Base", "Query", "QueryStatus", "RefreshToken", "User"]
+__all__ = ["TERMINAL_STATUSES", "Base", "IdempotencyKey", "Query", "QueryStatus", "RefreshToken", "User"]

@@ -61,8 +61,24 @@ class Query(Base):
     lease_expires_at: Mapped[datetime | None]
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     llm_latency_ms: Mapped[int | None]
+    # Set when a client cancels a running query; the worker that owns it ends it as cancelled.
+    cancel_requested_at: Mapped[datetime | None]
 
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+class IdempotencyKey(Base):
+    """A replayable `POST /api/v1/query` response, per user and `Idempotency-Key`."""
+
+    __tablename__ = "idempotency_keys"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    query_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("queries.id", ondelete="CASCADE"))
+    response: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(index=True)

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.models import Query, QueryStatus
+from shared.models import IdempotencyKey, Query, QueryStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +28,7 @@ class Claim:
 
 async def get_for_user(session: AsyncSession, query_id: uuid.UUID, user_id: uuid.UUID) -> Query | None:
     """The row if it exists and belongs to the user; another user's row is indistinguishable from none."""
-    stmt = select(Query).where(Query.id == query_id, Query.user_id == user_id)
+    stmt = select(Query).where(Query.id == query_id, Query.user_id == user_id).execution_options(populate_existing=True)
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
@@ -46,9 +46,7 @@ async def list_for_user(
         stmt = stmt.where(Query.status == status)
     if before is not None:
         created_at, query_id = before
-        stmt = stmt.where(
-            or_(Query.created_at < created_at, and_(Query.created_at == created_at, Query.id < query_id))
-        )
+        stmt = stmt.where(or_(Query.created_at < created_at, and_(Query.created_at == created_at, Query.id < query_id)))
     stmt = stmt.order_by(Query.created_at.desc(), Query.id.desc()).limit(limit)
     return list((await session.execute(stmt)).scalars())
 
@@ -112,3 +110,170 @@ async def live_stats(session: AsyncSession) -> tuple[dict[str, int], float | Non
     )
     age = (await session.execute(age_stmt)).scalar_one_or_none()
     return counts, float(age) if age is not None else None
+
+
+async def renew_leases(
+    session: AsyncSession, claims: list[tuple[uuid.UUID, int]], owner: str, lease: timedelta
+) -> dict[uuid.UUID, bool]:
+    """Extend the leases this worker still holds; maps each held id to whether a cancel was requested."""
+    if not claims:
+        return {}
+    stmt = (
+        update(Query)
+        .where(
+            tuple_(Query.id, Query.attempts).in_(claims),
+            Query.status == QueryStatus.RUNNING,
+            Query.lease_owner == owner,
+        )
+        .values(lease_expires_at=func.now() + lease)
+        .returning(Query.id, Query.cancel_requested_at.is_not(None))
+        .execution_options(synchronize_session=False)
+    )
+    return {row[0]: bool(row[1]) for row in (await session.execute(stmt)).all()}
+
+
+async def cancel_pending(session: AsyncSession, query_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+    """pending → cancelled at once: no worker can claim it afterwards."""
+    stmt = (
+        update(Query)
+        .where(Query.id == query_id, Query.user_id == user_id, Query.status == QueryStatus.PENDING)
+        .values(
+            status=QueryStatus.CANCELLED,
+            error_code="cancelled",
+            error_message="Cancelled by the client",
+            cancel_requested_at=func.now(),
+            finished_at=func.now(),
+            updated_at=func.now(),
+        )
+        .returning(Query.id)
+    )
+    return (await session.execute(stmt)).one_or_none() is not None
+
+
+async def request_cancel(session: AsyncSession, query_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+    """Mark a running query; the worker that owns it stops the call and ends it cancelled."""
+    stmt = (
+        update(Query)
+        .where(Query.id == query_id, Query.user_id == user_id, Query.status == QueryStatus.RUNNING)
+        .values(cancel_requested_at=func.coalesce(Query.cancel_requested_at, func.now()), updated_at=func.now())
+        .returning(Query.id)
+    )
+    return (await session.execute(stmt)).one_or_none() is not None
+
+
+async def reclaim_expired_leases(session: AsyncSession, max_attempts: int, limit: int) -> list[uuid.UUID]:
+    """Running rows whose worker stopped renewing: back to pending (or to their end). Returns ids to re-send."""
+    expired = (
+        select(Query.id)
+        .where(Query.status == QueryStatus.RUNNING, Query.lease_expires_at < func.now())
+        .order_by(Query.lease_expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    cancelled = Query.cancel_requested_at.is_not(None)
+    exhausted = Query.attempts >= max_attempts
+    new_status = case(
+        (cancelled, QueryStatus.CANCELLED.value),
+        (exhausted, QueryStatus.FAILED.value),
+        else_=QueryStatus.PENDING.value,
+    )
+    ends = or_(cancelled, exhausted)
+    stmt = (
+        update(Query)
+        .where(Query.id.in_(expired))
+        .values(
+            status=new_status,
+            lease_owner=None,
+            lease_expires_at=None,
+            next_attempt_at=func.now(),
+            updated_at=func.now(),
+            finished_at=case((ends, func.now()), else_=None),
+            error_code=case((cancelled, "cancelled"), (exhausted, "worker_lost"), else_=Query.error_code),
+            error_message=case(
+                (cancelled, "Cancelled by the client"),
+                (exhausted, "The worker running this query stopped responding too many times"),
+                else_=Query.error_message,
+            ),
+        )
+        .returning(Query.id, Query.status)
+        .execution_options(synchronize_session=False)
+    )
+    rows = (await session.execute(stmt)).all()
+    return [qid for qid, status in rows if status == QueryStatus.PENDING]
+
+
+async def touch_stale_pending(session: AsyncSession, stale: timedelta, limit: int) -> list[uuid.UUID]:
+    """Due pending rows nobody has touched for a while: their message may be gone. Returns ids to re-send."""
+    now = func.now()
+    stale_ids = (
+        select(Query.id)
+        .where(
+            Query.status == QueryStatus.PENDING,
+            Query.next_attempt_at <= now,
+            Query.updated_at <= now - stale,
+        )
+        .order_by(Query.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    stmt = (
+        update(Query)
+        .where(Query.id.in_(stale_ids))
+        .values(updated_at=now)
+        .returning(Query.id)
+        .execution_options(synchronize_session=False)
+    )
+    return [row[0] for row in (await session.execute(stmt)).all()]
+
+
+async def get_idempotency_key(session: AsyncSession, user_id: uuid.UUID, key: str) -> IdempotencyKey | None:
+    stmt = select(IdempotencyKey).where(
+        IdempotencyKey.user_id == user_id, IdempotencyKey.key == key, IdempotencyKey.expires_at > func.now()
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def lock_idempotency_key(session: AsyncSession, user_id: uuid.UUID, key: str) -> bool:
+    """Transaction-scoped advisory lock; False while another request holds the same key."""
+    stmt = select(func.pg_try_advisory_xact_lock(func.hashtextextended(f"{user_id}:{key}", 0)))
+    return bool((await session.execute(stmt)).scalar_one())
+
+
+async def save_idempotency_key(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    key: str,
+    request_hash: str,
+    query_id: uuid.UUID,
+    response: dict[str, Any],
+    ttl: timedelta,
+) -> None:
+    # An expired row for the same key may still be there until the sweeper deletes it.
+    await session.execute(delete(IdempotencyKey).where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == key))
+    session.add(
+        IdempotencyKey(
+            user_id=user_id,
+            key=key,
+            request_hash=request_hash,
+            query_id=query_id,
+            response=response,
+            expires_at=func.now() + ttl,
+        )
+    )
+    await session.flush()
+
+
+async def delete_expired_idempotency_keys(session: AsyncSession, limit: int) -> int:
+    """Forget keys past their retention, a batch at a time."""
+    expired = (
+        select(IdempotencyKey.user_id, IdempotencyKey.key)
+        .where(IdempotencyKey.expires_at < func.now())
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    stmt = delete(IdempotencyKey).where(tuple_(IdempotencyKey.user_id, IdempotencyKey.key).in_(expired))
+    result = await session.execute(stmt.returning(IdempotencyKey.key))
+    return len(result.all())

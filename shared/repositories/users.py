@@ -31,9 +31,7 @@ async def by_id(session: AsyncSession, user_id: uuid.UUID) -> User | None:
     return await session.get(User, user_id)
 
 
-async def store_refresh_token(
-    session: AsyncSession, jti: uuid.UUID, user_id: uuid.UUID, expires_at: datetime
-) -> None:
+async def store_refresh_token(session: AsyncSession, jti: uuid.UUID, user_id: uuid.UUID, expires_at: datetime) -> None:
     session.add(RefreshToken(jti=jti, user_id=user_id, expires_at=expires_at))
     await session.flush()
 

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import case, func
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.config import Settings
-from shared.errors import InvalidInput, NotFound
-from shared.models import Query, QueryStatus
+from shared.errors import AppError, Conflict, InvalidInput, NotFound
+from shared.models import TERMINAL_STATUSES, Query, QueryStatus
 from shared.repositories import queries as repo
 from shared.repositories.queries import Claim
-from shared.schemas import QueryCreate, QueryError, QueryOut, QueryPage, Usage
+from shared.schemas import QueryAccepted, QueryCreate, QueryError, QueryOut, QueryPage, Usage
 
 
 def _invalid(field: str, message: str, code: str) -> InvalidInput:
@@ -27,17 +30,23 @@ def validate_submission(settings: Settings, body: QueryCreate) -> str:
     """Checks that depend on configuration; returns the model to use."""
     model = body.model or settings.default_model
     if model not in settings.allowed_models:
-        raise _invalid("model", f"Model {model!r} is not allowed; choose one of {settings.allowed_models}", "model_not_allowed")
+        raise _invalid(
+            "model", f"Model {model!r} is not allowed; choose one of {settings.allowed_models}", "model_not_allowed"
+        )
     if not body.query.strip():
         raise _invalid("query", "Query must not be blank", "query_blank")
     if len(body.query) > settings.max_query_chars:
         raise _invalid("query", f"Query is longer than {settings.max_query_chars} characters", "query_too_long")
     if body.system is not None and len(body.system) > settings.max_query_chars:
-        raise _invalid("system", f"System prompt is longer than {settings.max_query_chars} characters", "system_too_long")
+        raise _invalid(
+            "system", f"System prompt is longer than {settings.max_query_chars} characters", "system_too_long"
+        )
     if body.max_tokens is not None and body.max_tokens > settings.max_output_tokens:
         raise _invalid("max_tokens", f"max_tokens must be at most {settings.max_output_tokens}", "max_tokens_too_large")
     if body.metadata is not None and len(json.dumps(body.metadata)) > settings.max_metadata_bytes:
-        raise _invalid("metadata", f"metadata must serialize to at most {settings.max_metadata_bytes} bytes", "metadata_too_large")
+        raise _invalid(
+            "metadata", f"metadata must serialize to at most {settings.max_metadata_bytes} bytes", "metadata_too_large"
+        )
     return model
 
 
@@ -60,6 +69,52 @@ async def submit_query(session: AsyncSession, settings: Settings, user_id: uuid.
     session.add(query)
     await session.flush()
     return query
+
+
+def accepted_view(query: Query) -> QueryAccepted:
+    """The 202 body for a freshly stored query."""
+    return QueryAccepted(query_id=query.id, status=QueryStatus.PENDING, model=query.model, created_at=query.created_at)
+
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def request_fingerprint(body: QueryCreate) -> str:
+    """What "the same body" means for an idempotency key: the parsed request, canonically serialized."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def submit_query_once(
+    session: AsyncSession, settings: Settings, user_id: uuid.UUID, body: QueryCreate, key: str
+) -> tuple[QueryAccepted, bool]:
+    """Submit under an `Idempotency-Key`; returns the response and whether it is a replay."""
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise AppError(
+            "Idempotency-Key must be 1-255 visible ASCII characters", status_code=400, code="invalid_idempotency_key"
+        )
+    if not await repo.lock_idempotency_key(session, user_id, key):
+        raise Conflict("A request with this Idempotency-Key is still in progress", code="idempotency_key_in_use")
+    fingerprint = request_fingerprint(body)
+    existing = await repo.get_idempotency_key(session, user_id, key)
+    if existing is not None:
+        if existing.request_hash != fingerprint:
+            raise InvalidInput(
+                "This Idempotency-Key was used with a different request body", code="idempotency_key_reused"
+            )
+        return QueryAccepted.model_validate(existing.response), True
+    query = await submit_query(session, settings, user_id, body)
+    accepted = accepted_view(query)
+    await repo.save_idempotency_key(
+        session,
+        user_id=user_id,
+        key=key,
+        request_hash=fingerprint,
+        query_id=query.id,
+        response=accepted.model_dump(mode="json"),
+        ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
+    )
+    return accepted, False
 
 
 async def get_query(session: AsyncSession, user_id: uuid.UUID, query_id: uuid.UUID) -> Query:
@@ -85,7 +140,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         return parsed, uuid.UUID(query_id)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidInput(
-            "Invalid cursor", code="invalid_cursor", details=[{"loc": ["query", "cursor"], "msg": "not a cursor from this API", "type": "invalid_cursor"}]
+            "Invalid cursor",
+            code="invalid_cursor",
+            details=[{"loc": ["query", "cursor"], "msg": "not a cursor from this API", "type": "invalid_cursor"}],
         ) from exc
 
 
@@ -119,6 +176,7 @@ def to_out(query: Query) -> QueryOut:
             total_tokens=query.total_tokens,
         ),
         attempts=query.attempts,
+        cancel_requested=query.cancel_requested_at is not None,
         created_at=query.created_at,
         started_at=query.started_at,
         finished_at=query.finished_at,
@@ -127,7 +185,16 @@ def to_out(query: Query) -> QueryOut:
 
 async def claim_for_attempt(session: AsyncSession, settings: Settings, query_id: uuid.UUID, owner: str) -> Claim | None:
     """pending → running for one attempt, with a lease; None if this delivery must not call the LLM."""
-    return await repo.claim(session, query_id, owner, timedelta(seconds=settings.effective_lease_seconds))
+    return await repo.claim(session, query_id, owner, timedelta(seconds=settings.lease_seconds))
+
+
+# A cancel requested while the call ran wins over its outcome: the row ends cancelled, usage kept.
+_CANCEL_REQUESTED = Query.cancel_requested_at.is_not(None)
+CANCELLED_CODE, CANCELLED_MESSAGE = "cancelled", "Cancelled by the client"
+
+
+def _unless_cancelled(value: Any, cancelled_value: Any) -> Any:
+    return case((_CANCEL_REQUESTED, cancelled_value), else_=value)
 
 
 async def record_completion(
@@ -145,14 +212,14 @@ async def record_completion(
         session,
         claim.query_id,
         claim.attempt,
-        status=QueryStatus.COMPLETED,
-        response=response,
+        status=_unless_cancelled(QueryStatus.COMPLETED.value, QueryStatus.CANCELLED.value),
+        response=_unless_cancelled(response, None),
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=total_tokens,
         llm_latency_ms=latency_ms,
-        error_code=None,
-        error_message=None,
+        error_code=_unless_cancelled(None, CANCELLED_CODE),
+        error_message=_unless_cancelled(None, CANCELLED_MESSAGE),
         finished_at=func.now(),
     )
 
@@ -176,8 +243,50 @@ async def schedule_retry(session: AsyncSession, claim: Claim, *, delay_seconds: 
         session,
         claim.query_id,
         claim.attempt,
-        status=QueryStatus.PENDING,
+        status=_unless_cancelled(QueryStatus.PENDING.value, QueryStatus.CANCELLED.value),
         next_attempt_at=func.now() + timedelta(seconds=delay_seconds),
-        error_code=code,
-        error_message=message,
+        error_code=_unless_cancelled(code, CANCELLED_CODE),
+        error_message=_unless_cancelled(message, CANCELLED_MESSAGE),
+        finished_at=_unless_cancelled(None, func.now()),
     )
+
+
+async def record_cancelled(session: AsyncSession, claim: Claim) -> bool:
+    """running → cancelled after the worker stopped the call on the client's request."""
+    return await repo.finish_attempt(
+        session,
+        claim.query_id,
+        claim.attempt,
+        status=QueryStatus.CANCELLED,
+        error_code=CANCELLED_CODE,
+        error_message=CANCELLED_MESSAGE,
+        finished_at=func.now(),
+    )
+
+
+async def release_claim(session: AsyncSession, claim: Claim) -> bool:
+    """running → pending and due now: a shutting-down worker hands the query back."""
+    return await repo.finish_attempt(
+        session,
+        claim.query_id,
+        claim.attempt,
+        status=_unless_cancelled(QueryStatus.PENDING.value, QueryStatus.CANCELLED.value),
+        next_attempt_at=func.now(),
+        error_code=_unless_cancelled(None, CANCELLED_CODE),
+        error_message=_unless_cancelled(None, CANCELLED_MESSAGE),
+        finished_at=_unless_cancelled(None, func.now()),
+    )
+
+
+async def cancel_query(session: AsyncSession, user_id: uuid.UUID, query_id: uuid.UUID) -> Query:
+    """pending → cancelled now; running → cancel requested; terminal → 409; not the caller's → 404."""
+    # A query can flip between pending and running (claim, retry) under us: try both transitions again then.
+    for _ in range(3):
+        if await repo.cancel_pending(session, query_id, user_id) or await repo.request_cancel(
+            session, query_id, user_id
+        ):
+            return await get_query(session, user_id, query_id)
+        query = await get_query(session, user_id, query_id)
+        if query.status in TERMINAL_STATUSES:
+            raise Conflict(f"Query is already {query.status}", code="query_not_cancellable")
+    raise Conflict("Query is changing state; try again", code="query_busy")

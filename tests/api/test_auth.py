@@ -16,7 +16,8 @@ def _unauthorized(r: httpx.Response) -> dict[str, Any]:
     assert r.status_code == 401, r.text
     assert r.headers["www-authenticate"] == "Bearer"
     body: dict[str, Any] = r.json()["error"]
-    assert body["code"] and body["message"]
+    assert body["code"]
+    assert body["message"]
     return body
 
 
@@ -135,7 +136,10 @@ def test_bad_tokens_are_rejected(client: httpx.Client, stack: Stack, user: dict[
         r = client.get("/api/v1/query", headers={"Authorization": f"Bearer {token}"})
         body = _unauthorized(r)
         assert body["code"] in {"invalid_token", "token_expired"}, name
-    assert _unauthorized(client.get("/api/v1/query", headers={"Authorization": "Basic abc"}))["code"] == "not_authenticated"
+    assert (
+        _unauthorized(client.get("/api/v1/query", headers={"Authorization": "Basic abc"}))["code"]
+        == "not_authenticated"
+    )
 
 
 def test_access_token_cannot_be_used_as_refresh_token(client: httpx.Client, user: dict[str, Any]) -> None:
@@ -148,7 +152,10 @@ def test_refresh_rotates_and_detects_reuse(client: httpx.Client, user: dict[str,
     r = client.post("/api/v1/auth/refresh", json={"refresh_token": first})
     assert r.status_code == 200
     second = r.json()["refresh_token"]
-    assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {r.json()['access_token']}"}).status_code == 200
+    assert (
+        client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {r.json()['access_token']}"}).status_code
+        == 200
+    )
     # Replaying the spent token is treated as theft: it fails and takes the newer one down with it.
     _unauthorized(client.post("/api/v1/auth/refresh", json={"refresh_token": first}))
     _unauthorized(client.post("/api/v1/auth/refresh", json={"refresh_token": second}))
@@ -163,6 +170,10 @@ def test_logout_revokes_the_refresh_token(client: httpx.Client, user: dict[str, 
 
 def test_logout_cannot_revoke_another_users_token(client: httpx.Client, user: dict[str, Any]) -> None:
     other = register_and_login(client)
-    r = client.post("/api/v1/auth/logout", json={"refresh_token": other["tokens"]["refresh_token"]}, headers=user["headers"])
+    r = client.post(
+        "/api/v1/auth/logout", json={"refresh_token": other["tokens"]["refresh_token"]}, headers=user["headers"]
+    )
     _unauthorized(r)
-    assert client.post("/api/v1/auth/refresh", json={"refresh_token": other["tokens"]["refresh_token"]}).status_code == 200
+    assert (
+        client.post("/api/v1/auth/refresh", json={"refresh_token": other["tokens"]["refresh_token"]}).status_code == 200
+    )

@@ -77,7 +77,9 @@ def test_max_query_chars_boundary_is_accepted(client: httpx.Client, user: dict[s
     assert _submit(client, user["headers"], query="y" * 2000).status_code == 202
 
 
-def test_another_users_query_is_indistinguishable_from_a_missing_one(client: httpx.Client, user: dict[str, Any]) -> None:
+def test_another_users_query_is_indistinguishable_from_a_missing_one(
+    client: httpx.Client, user: dict[str, Any]
+) -> None:
     query_id = _submit(client, user["headers"]).json()["query_id"]
     intruder = register_and_login(client)
     theirs = client.get(f"/api/v1/query/{query_id}", headers=intruder["headers"])

@@ -9,7 +9,7 @@ import httpx
 from sqlalchemy.engine import Engine
 
 from shared.queue import Publisher
-from tests.conftest import Stack, count_rows, wait_terminal
+from tests.conftest import Stack, wait_terminal
 
 
 def _submit(client: httpx.Client, user: dict[str, Any], prompt: str, **extra: Any) -> str:
@@ -82,7 +82,9 @@ def test_rate_limit_honours_retry_after(client: httpx.Client, stack: Stack, user
     assert elapsed.total_seconds() >= 2
 
 
-def test_timeouts_and_dropped_connections_are_transient(client: httpx.Client, stack: Stack, user: dict[str, Any]) -> None:
+def test_timeouts_and_dropped_connections_are_transient(
+    client: httpx.Client, stack: Stack, user: dict[str, Any]
+) -> None:
     hang = _submit(client, user, f"[[sim fail=hang times=1]] slow {uuid.uuid4()}")
     drop = _submit(client, user, f"[[sim fail=drop times=1]] cut {uuid.uuid4()}")
     for query_id in (hang, drop):

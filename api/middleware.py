@@ -1,0 +1,145 @@
+"""Pure ASGI middlewares for request metrics and request ids.
+
+Pure ASGI rather than `BaseHTTPMiddleware`: the latter wraps every request in extra tasks and memory
+streams, which costs real throughput at the API's >1,000 req/s target and breaks streaming responses.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import MutableMapping
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.logging import request_id_var
+from shared.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
+
+__all__ = [
+    "LONG_REQUEST_SCOPE_KEY",
+    "REQUEST_ID_HEADER",
+    "UNMATCHED_ROUTE",
+    "MetricsMiddleware",
+    "RequestIdMiddleware",
+    "mark_long_request",
+    "request_id_var",
+]
+
+# Every path that matched no route shares one label value, so scanners cannot explode the series count.
+UNMATCHED_ROUTE = "unmatched"
+# Unknown verbs are grouped for the same reason.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "OTHER"
+# Set (truthy) in the scope by handlers that hold a connection open by design (long-poll, SSE):
+# their duration is the client's chosen wait, not latency, and would swamp the latency histogram.
+LONG_REQUEST_SCOPE_KEY = "aiq.long_request"
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_HEADER_LOWER = REQUEST_ID_HEADER.lower().encode("latin-1")
+# Ids land in logs: bounded length and a charset that cannot forge log lines or inject markup.
+_VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
+
+
+def mark_long_request(scope: MutableMapping[str, Any]) -> None:
+    """Exclude this request from the latency histogram (its count and status are still recorded)."""
+    scope[LONG_REQUEST_SCOPE_KEY] = True
+
+
+def route_label(scope: Scope) -> str:
+    """The matched route's full template (`/api/v1/query/{query_id}`), or `unmatched`.
+
+    The router records the match in the scope (the same dict this middleware holds), so it is readable
+    once the inner app returns. Recent FastAPI composes included routers lazily: `scope["route"]` is then
+    the route as declared in its own router, with a path relative to the routers' prefixes, and the full
+    template lives in FastAPI's per-request route context. Prefer that, fall back to the plain route.
+    """
+    fastapi_scope = scope.get("fastapi")
+    context = fastapi_scope.get("effective_route_context") if isinstance(fastapi_scope, dict) else None
+    for candidate in (context, scope.get("route")):
+        if (path := _template(candidate)) is not None:
+            return path
+    # Plain Starlette routes of a FastAPI app (/docs, /openapi.json) only leave their endpoint behind.
+    endpoint = scope.get("endpoint")
+    if endpoint is not None:
+        for route in getattr(scope.get("router"), "routes", ()):
+            if getattr(route, "endpoint", None) is endpoint and (path := _template(route)) is not None:
+                return path
+    return UNMATCHED_ROUTE
+
+
+def _template(route: object) -> str | None:
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    return path if isinstance(path, str) and path else None
+
+
+class MetricsMiddleware:
+    """Counts requests and observes their duration, labelled by route template, method and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        except BaseException:
+            # Starlette's outer ServerErrorMiddleware turns this into a 500; count it as one.
+            status = 500
+            raise
+        finally:
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
+            route = route_label(scope)
+            HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            if not scope.get(LONG_REQUEST_SCOPE_KEY):
+                HTTP_REQUEST_DURATION.labels(method, route).observe(time.perf_counter() - start)
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == _REQUEST_ID_HEADER_LOWER:
+            return value.decode("ascii") if _VALID_REQUEST_ID.fullmatch(value) else None
+    return None
+
+
+class RequestIdMiddleware:
+    """Adopts a valid `X-Request-ID` or makes one, exposes it to logs and echoes it in the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        # Handlers read it as `request.state.request_id` (e.g. to pass along with a task).
+        scope.setdefault("state", {})["request_id"] = request_id
+        encoded = request_id.encode("ascii")
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != _REQUEST_ID_HEADER_LOWER]
+                headers.append((_REQUEST_ID_HEADER_LOWER, encoded))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        token = request_id_var.set(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)

@@ -1,0 +1,42 @@
+"""Backoff and Retry-After parsing (pure logic)."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+from shared.config import Settings
+from shared.llm import backoff_seconds, retry_after_seconds
+
+SETTINGS = Settings(retry_base_seconds=1, retry_max_seconds=30, jwt_secret_key="s" * 48)  # type: ignore[arg-type]
+
+
+def test_backoff_grows_exponentially_within_equal_jitter_bounds() -> None:
+    rng = random.Random(7)
+    for attempt, ceiling in ((1, 1), (2, 2), (3, 4), (4, 8), (6, 30), (20, 30)):
+        for _ in range(50):
+            delay = backoff_seconds(SETTINGS, attempt, None, rng)
+            assert ceiling / 2 <= delay <= ceiling
+
+
+def test_backoff_is_jittered() -> None:
+    rng = random.Random(1)
+    assert len({round(backoff_seconds(SETTINGS, 3, None, rng), 6) for _ in range(20)}) > 10
+
+
+def test_backoff_never_undercuts_retry_after() -> None:
+    assert backoff_seconds(SETTINGS, 1, 12.5, random.Random(0)) == 12.5
+    # An absurd Retry-After is capped instead of parking the query for days.
+    assert backoff_seconds(SETTINGS, 1, 10**6, random.Random(0)) == 300
+
+
+def test_retry_after_forms() -> None:
+    assert retry_after_seconds({"retry-after": "3"}) == 3
+    assert retry_after_seconds({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    assert retry_after_seconds({}) is None
+    assert retry_after_seconds({"retry-after": "soon"}) is None
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=20), usegmt=True)
+    parsed = retry_after_seconds({"retry-after": when})
+    assert parsed is not None
+    assert 15 < parsed <= 20

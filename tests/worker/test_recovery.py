@@ -1,0 +1,179 @@
+"""The row is the truth: lost messages, dead workers and a dead broker never lose a query."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from tests.conftest import Stack, free_port, row, spawn_api, spawn_worker, wait_terminal, wait_until
+
+
+def _sim_calls(stack: Stack, query_id: str) -> int:
+    return int(httpx.get(f"{stack.simulator_url}/_sim/stats").json()["calls_by_query"].get(query_id, 0))
+
+
+def test_pending_row_whose_message_was_lost_is_resent(client: httpx.Client, user: dict[str, Any], db: Engine) -> None:
+    query_id = str(uuid.uuid4())
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO queries (id, user_id, prompt, model, status, updated_at, created_at)"
+                " VALUES (:id, :u, 'never published', 'sim-small', 'pending', now() - interval '1 minute', now())"
+            ),
+            {"id": query_id, "u": user["user_id"]},
+        )
+    body = wait_terminal(client, user["headers"], query_id, timeout=20)
+    assert body["status"] == "completed"
+    assert body["attempts"] == 1
+
+
+def test_expired_lease_is_reclaimed_and_the_stale_attempt_cannot_write(
+    client: httpx.Client, user: dict[str, Any], db: Engine
+) -> None:
+    query_id = str(uuid.uuid4())
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO queries (id, user_id, prompt, model, status, attempts, lease_owner, lease_expires_at)"
+                " VALUES (:id, :u, 'orphaned', 'sim-small', 'running', 1, 'dead-host:1', now() - interval '1 second')"
+            ),
+            {"id": query_id, "u": user["user_id"]},
+        )
+    body = wait_terminal(client, user["headers"], query_id, timeout=20)
+    assert body["status"] == "completed"
+    assert body["attempts"] == 2
+    # The dead worker's attempt 1, coming back late, is fenced off by the attempt number.
+    with db.begin() as conn:
+        late = conn.execute(
+            text("UPDATE queries SET response = 'late' WHERE id = :id AND status = 'running' AND attempts = 1"),
+            {"id": query_id},
+        )
+    assert late.rowcount == 0
+    assert row(db, query_id)["response"] != "late"
+
+
+def test_exhausted_attempts_on_expired_lease_fail_as_worker_lost(
+    client: httpx.Client, stack: Stack, user: dict[str, Any], db: Engine
+) -> None:
+    query_id = str(uuid.uuid4())
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO queries (id, user_id, prompt, model, status, attempts, lease_owner, lease_expires_at)"
+                " VALUES (:id, :u, 'poison', 'sim-small', 'running', :n, 'dead-host:1', now() - interval '1 second')"
+            ),
+            {"id": query_id, "u": user["user_id"], "n": stack.settings.max_attempts},
+        )
+    body = wait_terminal(client, user["headers"], query_id, timeout=20)
+    assert body["status"] == "failed"
+    assert body["error"]["code"] == "worker_lost"
+
+
+def test_sigkilled_worker_query_completes_elsewhere(
+    client: httpx.Client, stack: Stack, user: dict[str, Any], db: Engine, tmp_path: Path
+) -> None:
+    # The extra worker takes the query on its own private queue, so we know exactly who holds it.
+    queue = f"aiq.victim.{uuid.uuid4().hex[:6]}"
+    victim, _ = spawn_worker(stack, tmp_path / "victim.log", QUEUE_NAME=queue)
+    try:
+        query_id = str(uuid.uuid4())
+        with db.begin() as conn:
+            conn.execute(
+                text("INSERT INTO queries (id, user_id, prompt, model) VALUES (:id, :u, :p, 'sim-small')"),
+                {"id": query_id, "u": user["user_id"], "p": f"[[sim latency_ms=2000]] doomed {query_id}"},
+            )
+        from shared.queue import Publisher
+
+        publisher = Publisher(stack.settings.model_copy(update={"queue_name": queue}))
+        publisher.publish_sync(uuid.UUID(query_id))
+        publisher.close()
+        # Kill mid-call: the claim is committed and the upstream has the request.
+        wait_until(lambda: _sim_calls(stack, query_id) == 1, timeout=20)
+        killed_at = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    body = wait_terminal(client, user["headers"], query_id, timeout=30)
+    recovered_in = time.monotonic() - killed_at
+    assert body["status"] == "completed"
+    assert body["attempts"] == 2
+    # Lease (3 s here) + sweep interval (1 s) + the 2 s call, with slack for a loaded machine.
+    assert recovered_in < 15, recovered_in
+    assert _sim_calls(stack, query_id) == 2  # the killed attempt's call is the only extra one
+
+
+def test_sigterm_finishes_short_calls_and_hands_back_long_ones(
+    client: httpx.Client, stack: Stack, user: dict[str, Any], db: Engine, tmp_path: Path
+) -> None:
+    queue = f"aiq.graceful.{uuid.uuid4().hex[:6]}"
+    log_path = tmp_path / "graceful.log"
+    worker, _ = spawn_worker(stack, log_path, QUEUE_NAME=queue, SHUTDOWN_GRACE_SECONDS="1", LLM_TIMEOUT_SECONDS="10")
+    from shared.queue import Publisher
+
+    ids = {}
+    for name, latency in (("short", 300), ("long", 2500)):
+        qid = str(uuid.uuid4())
+        with db.begin() as conn:
+            conn.execute(
+                text("INSERT INTO queries (id, user_id, prompt, model) VALUES (:id, :u, :p, 'sim-small')"),
+                {"id": qid, "u": user["user_id"], "p": f"[[sim latency_ms={latency}]] {name} {qid}"},
+            )
+        ids[name] = qid
+    publisher = Publisher(stack.settings.model_copy(update={"queue_name": queue}))
+    for qid in ids.values():
+        publisher.publish_sync(uuid.UUID(qid))
+    publisher.close()
+    try:
+        wait_until(lambda: all(row(db, q)["status"] == "running" for q in ids.values()), timeout=20)
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 0
+    short = row(db, ids["short"])
+    assert short["status"] == "completed"
+    assert short["attempts"] == 1
+    # The long one was handed back as pending and finishes on the main worker.
+    body = wait_terminal(client, user["headers"], ids["long"], timeout=30)
+    assert body["status"] == "completed"
+    assert body["attempts"] == 2
+
+
+def test_submit_with_a_dead_broker_is_fast_and_the_sweeper_sends_it_later(
+    stack: Stack, user: dict[str, Any], db: Engine, tmp_path: Path
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    api, url = spawn_api(stack, tmp_path / "api-dead-broker.log", REDIS_URL=dead)
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            ready = c.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["checks"] == {"database": "ok", "broker": "down"}
+            started = time.monotonic()
+            r = c.post("/api/v1/query", json={"query": "broker is down"}, headers=user["headers"])
+            took = time.monotonic() - started
+    finally:
+        api.terminate()
+        try:
+            api.wait(10)
+        except subprocess.TimeoutExpired:
+            api.kill()
+    assert r.status_code == 202
+    assert took < 2.0, took
+    query_id = r.json()["query_id"]
+    # The row was committed; the main stack's workers find it once it has been pending long enough.
+    with httpx.Client(base_url=stack.api_url, timeout=10) as c:
+        body = wait_terminal(c, user["headers"], query_id, timeout=30)
+    assert body["status"] == "completed"

@@ -1,0 +1,76 @@
+"""Background duties of every worker: keep leases alive, notice cancels, and sweep for lost work.
+
+Every worker sweeps; `FOR UPDATE SKIP LOCKED` lets any number of them do so at once without stepping on
+each other, and there is no extra process to deploy or to forget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from shared.repositories import queries as repo
+
+if TYPE_CHECKING:
+    from worker.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+SWEEP_BATCH = 500
+
+
+async def heartbeat_once(rt: WorkerRuntime) -> None:
+    """Renew the lease of every call in flight; stop the ones cancelled or no longer ours."""
+    snapshot = list(rt.inflight)
+    if not snapshot:
+        return
+    async with rt.sessionmaker() as session:
+        held = await repo.renew_leases(session, snapshot, rt.owner, timedelta(seconds=rt.settings.lease_seconds))
+        await session.commit()
+    for key in snapshot:
+        if key[0] not in held:
+            rt.stop_call(key, "lost")
+        elif held[key[0]]:
+            rt.stop_call(key, "cancel")
+
+
+async def heartbeat_loop(rt: WorkerRuntime) -> None:
+    while True:
+        await asyncio.sleep(rt.settings.heartbeat_seconds)
+        try:
+            await heartbeat_once(rt)
+        except Exception as exc:  # noqa: BLE001 - a missed beat is retried; the lease has slack for two
+            log.warning("lease renewal failed", extra={"error": type(exc).__name__})
+
+
+async def sweep_once(rt: WorkerRuntime) -> int:
+    """Reclaim expired leases and re-send pending rows whose message may be gone; returns how many were sent."""
+    settings = rt.settings
+    async with rt.sessionmaker() as session:
+        reclaimed = await repo.reclaim_expired_leases(session, settings.max_attempts, SWEEP_BATCH)
+        stale = await repo.touch_stale_pending(session, timedelta(seconds=settings.stale_pending_seconds), SWEEP_BATCH)
+        await repo.delete_expired_idempotency_keys(session, SWEEP_BATCH)
+        await session.commit()
+    to_send = reclaimed + stale
+    sent = 0
+    for query_id in to_send:
+        if await rt.publisher.publish(query_id):
+            sent += 1
+    if to_send:
+        log.info(
+            "sweep re-sent queries",
+            extra={"count": sent, "outcome": f"reclaimed={len(reclaimed)} stale={len(stale)}"},
+        )
+    return sent
+
+
+async def sweep_loop(rt: WorkerRuntime) -> None:
+    while True:
+        # Jitter keeps a fleet of workers from sweeping in lockstep.
+        await asyncio.sleep(rt.settings.sweep_interval_seconds * random.uniform(0.8, 1.2))
+        try:
+            await sweep_once(rt)
+        except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+            log.warning("sweep failed", extra={"error": type(exc).__name__})
