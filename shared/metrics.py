@@ -104,8 +104,9 @@ LLM_CALLS_IN_FLIGHT = Gauge(
 QUEUE_DEPTH = "aiq_queue_depth"
 OLDEST_PENDING_AGE = "aiq_oldest_pending_age_seconds"
 QUERIES_BY_STATUS = "aiq_queries"
-# Always exported (as 0 when absent) so dashboards and alerts see a series instead of a gap.
-QUERY_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+# Live statuses are always exported (0 when the source omits them, as a GROUP BY does for empty groups), so
+# dashboards and alerts see a series instead of a gap. Other statuses appear only if the source reports them.
+ZERO_FILLED_STATUSES = ("pending", "running")
 DEFAULT_QUEUE = "aiq.queries"
 
 # Collectors that must also be exposed in multiprocess mode, where the default registry is not used.
@@ -184,7 +185,7 @@ class QueueCollector(Collector):
         ok, counts = _guarded(QUERIES_BY_STATUS, self._counts_fn)
         if ok:
             family = GaugeMetricFamily(QUERIES_BY_STATUS, "Queries stored, by status.", labels=["status"])
-            merged: dict[str, float] = dict.fromkeys(QUERY_STATUSES, 0.0)
+            merged: dict[str, float] = dict.fromkeys(ZERO_FILLED_STATUSES, 0.0)
             merged.update({str(k): float(v) for k, v in counts.items()})
             for status, value in merged.items():
                 family.add_metric([status], value)
@@ -209,7 +210,8 @@ def register_queue_collector(
 
     The callables are plain (synchronous) and run in the scrape's thread: give them short timeouts.
     `depth_fn` returns the depth of `queue`, or a mapping queue name -> depth. `oldest_pending_age_fn`
-    returns seconds or None (nothing pending). `status_counts_fn` returns status -> count.
+    returns seconds or None (nothing pending). `status_counts_fn` returns status -> count; pending and
+    running are exported as 0 when missing, other statuses only when present.
     Returns the collector so it can be passed to `unregister_collector()`.
     """
     collector = QueueCollector(depth_fn, oldest_pending_age_fn, status_counts_fn, queue)
