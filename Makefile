@@ -1,0 +1,77 @@
+# AIQ developer commands. Needs GNU make and Python 3.11+; everything else goes into $(VENV).
+#   make dev    run the whole service (embedded PostgreSQL/Redis and LLM simulator when unset)
+#   make test   lint, type-check and run the test suite
+# Variables: VENV (default .venv), PYTHON (interpreter that creates the venv), DEV_ARGS, PYTEST_ARGS.
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+# Recreated when pyproject.toml changes, so `git pull && make test` picks up new dependencies.
+STAMP := $(VENV)/.aiq-installed
+DEV_ARGS ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install dev test lint fmt bench bench-quick chaos tools clean distclean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "AIQ needs Python 3.11+; run e.g. 'make PYTHON=python3.12 $(MAKECMDGOALS)'" >&2; exit 1; }
+	@# Debian/Ubuntu ship venv (ensurepip) separately: say so instead of a bare traceback.
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV) || \
+		{ echo "could not create $(VENV); on Debian/Ubuntu: apt-get install python3-venv" >&2; exit 1; }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(STAMP) ## create $(VENV) and install AIQ with its dev dependencies
+
+dev: $(STAMP) ## run API, worker, Flower and simulator on embedded servers (Ctrl-C stops)
+	$(BIN)/aiq dev $(DEV_ARGS)
+
+test: tools $(STAMP) ## ruff, mypy, then pytest
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff and mypy only
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: $(STAMP) ## format and auto-fix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP) ## full benchmark (writes bench/results/)
+	$(BIN)/python -m bench.run
+
+bench-quick: $(STAMP) ## short benchmark for a smoke check
+	$(BIN)/python -m bench.run --quick
+
+chaos: $(STAMP) ## kill/restart experiments against a running stack
+	$(BIN)/python -m tests.chaos.run
+
+# Best effort: the ops tests use docker-compose (config validation) and promtool when present and
+# skip otherwise, so a failed install must not fail the build. Only root on apt systems tries.
+tools: ## install docker-compose and prometheus (promtool) via apt when root and missing
+	@missing=""; \
+	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+		echo "tools: missing$$missing (not root or no apt-get); the tests that need them will skip"; exit 0; fi; \
+	echo "tools: installing$$missing (best effort)"; \
+	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } || \
+		echo "tools: could not install$$missing; the tests that need them will skip"
+
+clean: ## remove caches and build output (keeps $(VENV) and .aiq/ data)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean ## also remove $(VENV) and the embedded servers' data in .aiq/ (stop `make dev` first)
+	rm -rf $(VENV) .aiq
