@@ -6,6 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import asyncpg
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,28 +20,45 @@ from shared.security import decode_token
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/login", auto_error=False)
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """A session per request; handlers commit explicitly, anything else is rolled back."""
+    """A session per request; handlers commit explicitly, anything else is rolled back.
+
+    Every dependency here is `async def`: a plain `def` would cost a thread-pool hop per request.
+    """
     async with request.app.state.sessionmaker() as session:
         yield session
 
 
-def get_publisher(request: Request) -> Publisher:
+async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """Autocommit session for single-statement reads: no BEGIN/ROLLBACK round trips."""
+    async with request.app.state.read_sessionmaker() as session:
+        yield session
+
+
+async def get_raw_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
+    """A plain asyncpg connection for the hot path's single statements."""
+    async with request.app.state.raw_pool.acquire() as conn:
+        yield conn
+
+
+async def get_publisher(request: Request) -> Publisher:
     publisher: Publisher = request.app.state.publisher
     return publisher
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session)]
+RawConnectionDep = Annotated[asyncpg.Connection, Depends(get_raw_connection)]
 PublisherDep = Annotated[Publisher, Depends(get_publisher)]
 
 
-def current_user_id(settings: SettingsDep, token: Annotated[str | None, Depends(oauth2_scheme)]) -> uuid.UUID:
+async def current_user_id(settings: SettingsDep, token: Annotated[str | None, Depends(oauth2_scheme)]) -> uuid.UUID:
     """The user id of a valid access token; no database round trip on the hot path."""
     if not token:
         raise Unauthorized("Not authenticated", code="not_authenticated")

@@ -13,7 +13,7 @@ from api.middleware import MetricsMiddleware, RequestIdMiddleware
 from api.routes import auth, health, queries
 from api.routes.health import QueueStats
 from shared.config import Settings, get_settings
-from shared.db import make_engine, make_sessionmaker
+from shared.db import make_engine, make_raw_pool, make_sessionmaker
 from shared.logging import configure_logging
 from shared.metrics import register_queue_collector, unregister_collector
 from shared.queue import Publisher
@@ -29,6 +29,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings, "aiq-api")
         app.state.engine = engine
         app.state.sessionmaker = make_sessionmaker(engine)
+        app.state.read_sessionmaker = make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
+        app.state.raw_pool = await make_raw_pool(settings, "aiq-api")
         app.state.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         app.state.publisher = Publisher(settings)
         stats = app.state.queue_stats = QueueStats()
@@ -39,7 +41,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             unregister_collector(collector)
-            app.state.publisher.close()
+            await app.state.publisher.aclose()
+            await app.state.raw_pool.close()
             await app.state.redis.aclose()
             await engine.dispose()
 

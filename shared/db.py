@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from shared.config import Settings
@@ -22,3 +27,28 @@ def make_engine(settings: Settings, application_name: str) -> AsyncEngine:
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions that keep loaded attributes after commit, so responses can be built from them."""
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Match SQLAlchemy's asyncpg dialect: JSON columns in and out as Python objects.
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def make_raw_pool(settings: Settings, application_name: str) -> asyncpg.Pool:
+    """A plain asyncpg pool for the request hot path (submit, poll): no ORM, no per-call statement building."""
+    url = make_url(settings.async_database_url)
+    kwargs: dict[str, Any] = {
+        "user": url.username,
+        "password": url.password,
+        "database": url.database,
+        "host": url.query.get("host") or url.host,
+        "port": url.port,
+    }
+    return await asyncpg.create_pool(
+        **{k: v for k, v in kwargs.items() if v is not None},
+        min_size=min(4, settings.db_pool_size),
+        max_size=settings.db_pool_size,
+        init=_init_connection,
+        server_settings={"application_name": application_name},
+    )

@@ -70,8 +70,11 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # The SDK's HTTP layers log request details at DEBUG; keep them quiet even when debugging AIQ.
     # uvicorn installs its own plain-text handlers before the app is imported: send them through ours.
+    # `--no-access-log` shows up as an access logger without handlers that does not propagate: keep it off.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
+        logger = logging.getLogger(name)
+        if logger.handlers or logger.propagate:
+            logger.handlers[:] = []
+            logger.propagate = True
     for noisy in ("httpx", "httpx2", "httpcore", "openai", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -6,11 +6,15 @@ The message carries only the query id; PostgreSQL holds the truth, the queue is 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
+import os
+import socket
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import redis.asyncio as aioredis
 from celery import Celery
 
 from shared.config import Settings
@@ -49,8 +53,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Each in-flight LLM call is a waiting thread; the calls themselves run on one asyncio loop.
         "worker_pool": "threads",
         "worker_concurrency": settings.worker_concurrency,
+        # Flower sees every task through the worker's events (received, started, succeeded, failed).
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
@@ -63,25 +67,88 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def encode_task_message(query_id: uuid.UUID, queue: str) -> bytes:
+    """The exact envelope Celery's `send_task` puts on a Redis list (protocol 2, JSON, no ETA)."""
+    task_id = str(uuid.uuid4())
+    args = [str(query_id)]
+    body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    message = {
+        "body": base64.b64encode(body.encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py",
+            "task": PROCESS_TASK,
+            "id": task_id,
+            "shadow": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [None, None],
+            "root_id": task_id,
+            "parent_id": None,
+            "argsrepr": repr(args),
+            "kwargsrepr": "{}",
+            "origin": _ORIGIN,
+            "ignore_result": None,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        },
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": str(uuid.uuid4()),
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return json.dumps(message).encode()
+
+
+_ORIGIN = f"aiq-api-{os.getpid()}@{socket.gethostname()}"
+
+
 class Publisher:
-    """Sends `queries.process` by name; a slow or dead broker costs a request at most the timeout."""
+    """Sends `queries.process` by name; a slow or dead broker costs a request at most the timeout.
+
+    The async path LPUSHes Celery's own message format straight onto the queue's Redis list: one round
+    trip and no kombu machinery on the API's hot path. `publish_sync` (a real `send_task`) serves the
+    worker's delayed retries, which need Celery's ETA handling.
+    """
 
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
         self._settings = settings
-        self._app = app or make_celery(settings)
-        # Publishing is blocking kombu I/O: a small dedicated pool bounds what a hung broker can hold.
-        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="aiq-publish")
+        self._app = app
+        self._redis: aioredis.Redis | None = None
+
+    def _client(self) -> aioredis.Redis:
+        # Created on first use, inside the event loop that will use it.
+        if self._redis is None:
+            timeout = self._settings.publish_timeout_seconds
+            self._redis = aioredis.Redis.from_url(
+                self._settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        return self._redis
 
     def publish_sync(self, query_id: uuid.UUID, countdown: float | None = None) -> None:
-        """Blocking publish (workers use this from their own threads)."""
+        """Blocking `send_task` (workers use it from their own threads)."""
+        if self._app is None:
+            self._app = make_celery(self._settings)
         self._app.send_task(PROCESS_TASK, args=[str(query_id)], queue=self._settings.queue_name, countdown=countdown)
 
     async def publish(self, query_id: uuid.UUID) -> bool:
         """Publish without blocking the event loop; False if the broker did not take it in time."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self.publish_sync, query_id)
+        queue = self._settings.queue_name
         try:
-            await asyncio.wait_for(future, timeout=self._settings.publish_timeout_seconds)
+            await asyncio.wait_for(
+                self._client().lpush(queue, encode_task_message(query_id, queue)),
+                timeout=self._settings.publish_timeout_seconds,
+            )
         except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row pending for recovery
             log.warning(
                 "publish failed; query stays pending", extra={"query_id": str(query_id), "error": type(exc).__name__}
@@ -89,6 +156,11 @@ class Publisher:
             return False
         return True
 
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._app.close()
+        if self._app is not None:
+            self._app.close()

@@ -6,10 +6,10 @@ import logging
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
-from api.deps import CurrentUserId, PublisherDep, SessionDep, SettingsDep
+from api.deps import CurrentUserId, PublisherDep, RawConnectionDep, ReadSessionDep, SessionDep, SettingsDep
 from shared.metrics import QUERIES_SUBMITTED
 from shared.models import QueryStatus
 from shared.schemas import QueryAccepted, QueryCreate, QueryOut, QueryPage
@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=QueryAccepted)
 async def submit(
     body: QueryCreate,
+    request: Request,
     response: Response,
     user_id: CurrentUserId,
-    session: SessionDep,
     settings: SettingsDep,
     publisher: PublisherDep,
     idempotency_key: Annotated[
@@ -34,10 +34,13 @@ async def submit(
 ) -> QueryAccepted:
     """Accept a query; poll the `Location` for the answer."""
     if idempotency_key is None:
-        accepted, replayed = service.accepted_view(await service.submit_query(session, settings, user_id, body)), False
+        # The common case is one autocommitted INSERT on the raw pool: a single database round trip.
+        async with request.app.state.raw_pool.acquire() as conn:
+            accepted, replayed = await service.submit_query(conn, settings, user_id, body), False
     else:
-        accepted, replayed = await service.submit_query_once(session, settings, user_id, body, idempotency_key)
-    await session.commit()
+        async with request.app.state.sessionmaker() as session:
+            accepted, replayed = await service.submit_query_once(session, settings, user_id, body, idempotency_key)
+            await session.commit()
     response.headers["Location"] = f"/api/v1/query/{accepted.query_id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -58,9 +61,9 @@ async def submit(
 
 
 @router.get("/{query_id}", response_model=QueryOut)
-async def get(query_id: uuid.UUID, user_id: CurrentUserId, session: SessionDep) -> QueryOut:
+async def get(query_id: uuid.UUID, user_id: CurrentUserId, conn: RawConnectionDep) -> QueryOut:
     """One of the caller's queries; anybody else's is a 404."""
-    return service.to_out(await service.get_query(session, user_id, query_id))
+    return await service.get_query(conn, user_id, query_id)
 
 
 @router.post(
@@ -72,14 +75,14 @@ async def cancel(query_id: uuid.UUID, user_id: CurrentUserId, session: SessionDe
     """Cancel: a pending query ends at once (200); a running one stops shortly (202); a finished one is 409."""
     query = await service.cancel_query(session, user_id, query_id)
     await session.commit()
-    code = status.HTTP_200_OK if query.status == QueryStatus.CANCELLED else status.HTTP_202_ACCEPTED
+    code = status.HTTP_200_OK if query["status"] == QueryStatus.CANCELLED else status.HTTP_202_ACCEPTED
     return JSONResponse(service.to_out(query).model_dump(mode="json"), status_code=code)
 
 
 @router.get("", response_model=QueryPage)
 async def list_(
     user_id: CurrentUserId,
-    session: SessionDep,
+    session: ReadSessionDep,
     status_: Annotated[QueryStatus | None, Query(alias="status")] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,

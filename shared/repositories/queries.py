@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import and_, case, delete, func, or_, select, tuple_, update
+import asyncpg
+from sqlalchemy import and_, bindparam, case, delete, func, or_, select, tuple_, update
+from sqlalchemy import insert as sa_insert
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.models import IdempotencyKey, Query, QueryStatus
+
+
+class RowLike(Protocol):
+    """A row read by key: SQLAlchemy's RowMapping or asyncpg's Record."""
+
+    def __getitem__(self, key: str) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,10 +36,80 @@ class Claim:
     max_tokens: int | None
 
 
-async def get_for_user(session: AsyncSession, query_id: uuid.UUID, user_id: uuid.UUID) -> Query | None:
+# What the API shows of a row. Plain column rows, not ORM entities: reads are the hottest path.
+_PUBLIC_COLUMNS = (
+    Query.id,
+    Query.prompt,
+    Query.system,
+    Query.model,
+    Query.temperature,
+    Query.max_tokens,
+    Query.meta.label("meta"),
+    Query.status,
+    Query.response,
+    Query.error_code,
+    Query.error_message,
+    Query.prompt_tokens,
+    Query.completion_tokens,
+    Query.total_tokens,
+    Query.attempts,
+    Query.cancel_requested_at,
+    Query.created_at,
+    Query.started_at,
+    Query.finished_at,
+)
+
+
+_INSERT_COLUMNS = (
+    "id", "user_id", "prompt", "system", "model", "temperature", "max_tokens", "meta", "status", "attempts",
+    "created_at", "updated_at", "next_attempt_at",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledStatement:
+    """A Core statement compiled once for asyncpg: the model stays the single source of the SQL."""
+
+    sql: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, stmt: Any) -> CompiledStatement:
+        compiled = stmt.compile(dialect=asyncpg_dialect())  # type: ignore[no-untyped-call]
+        return cls(compiled.string, tuple(compiled.positiontup or ()))
+
+    def args(self, values: Mapping[str, Any]) -> list[Any]:
+        return [values[name] for name in self.names]
+
+
+_INSERT = CompiledStatement.of(sa_insert(Query).values({name: bindparam(name) for name in _INSERT_COLUMNS}))
+_GET_FOR_USER = CompiledStatement.of(
+    select(*_PUBLIC_COLUMNS).where(Query.id == bindparam("id"), Query.user_id == bindparam("user_id"))
+)
+
+
+async def insert(conn: asyncpg.Connection, **values: Any) -> None:
+    """One autocommitted INSERT: a single round trip on the submit path."""
+    await conn.execute(_INSERT.sql, *_INSERT.args(values))
+
+
+async def insert_in_session(session: AsyncSession, **values: Any) -> None:
+    """The same INSERT inside a session's transaction (when more must commit with it)."""
+    await session.execute(sa_insert(Query).values(**values))
+
+
+async def fetch_for_user(conn: asyncpg.Connection, query_id: uuid.UUID, user_id: uuid.UUID) -> RowLike | None:
     """The row if it exists and belongs to the user; another user's row is indistinguishable from none."""
-    stmt = select(Query).where(Query.id == query_id, Query.user_id == user_id).execution_options(populate_existing=True)
-    return (await session.execute(stmt)).scalar_one_or_none()
+    row: RowLike | None = await conn.fetchrow(
+        _GET_FOR_USER.sql, *_GET_FOR_USER.args({"id": query_id, "user_id": user_id})
+    )
+    return row
+
+
+async def get_for_user(session: AsyncSession, query_id: uuid.UUID, user_id: uuid.UUID) -> RowLike | None:
+    """`fetch_for_user` inside a session (cancel, which has just written the row)."""
+    stmt = select(*_PUBLIC_COLUMNS).where(Query.id == query_id, Query.user_id == user_id)
+    return (await session.execute(stmt)).mappings().one_or_none()
 
 
 async def list_for_user(
@@ -39,16 +119,16 @@ async def list_for_user(
     status: QueryStatus | None,
     before: tuple[datetime, uuid.UUID] | None,
     limit: int,
-) -> list[Query]:
+) -> list[RowLike]:
     """Newest first, keyset-paginated on (created_at, id)."""
-    stmt = select(Query).where(Query.user_id == user_id)
+    stmt = select(*_PUBLIC_COLUMNS).where(Query.user_id == user_id)
     if status is not None:
         stmt = stmt.where(Query.status == status)
     if before is not None:
         created_at, query_id = before
         stmt = stmt.where(or_(Query.created_at < created_at, and_(Query.created_at == created_at, Query.id < query_id)))
     stmt = stmt.order_by(Query.created_at.desc(), Query.id.desc()).limit(limit)
-    return list((await session.execute(stmt)).scalars())
+    return list((await session.execute(stmt)).mappings().all())
 
 
 async def claim(session: AsyncSession, query_id: uuid.UUID, owner: str, lease: timedelta) -> Claim | None:

@@ -11,6 +11,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 from sqlalchemy import case, func
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -18,7 +19,7 @@ from shared.config import Settings
 from shared.errors import AppError, Conflict, InvalidInput, NotFound
 from shared.models import TERMINAL_STATUSES, Query, QueryStatus
 from shared.repositories import queries as repo
-from shared.repositories.queries import Claim
+from shared.repositories.queries import Claim, RowLike
 from shared.schemas import QueryAccepted, QueryCreate, QueryError, QueryOut, QueryPage, Usage
 
 
@@ -50,30 +51,37 @@ def validate_submission(settings: Settings, body: QueryCreate) -> str:
     return model
 
 
-async def submit_query(session: AsyncSession, settings: Settings, user_id: uuid.UUID, body: QueryCreate) -> Query:
-    """Store a pending query; the caller commits, then enqueues its id."""
-    model = validate_submission(settings, body)
-    query = Query(
-        id=uuid.uuid4(),
-        user_id=user_id,
-        prompt=body.query,
-        system=body.system,
-        model=model,
-        temperature=body.temperature,
-        max_tokens=body.max_tokens,
-        meta=body.metadata,
-        status=QueryStatus.PENDING,
-        attempts=0,
-        created_at=datetime.now(UTC),
+def _new_query(settings: Settings, user_id: uuid.UUID, body: QueryCreate) -> tuple[QueryAccepted, dict[str, Any]]:
+    """Validate a submission; returns the 202 body and the row to insert."""
+    now = datetime.now(UTC)
+    accepted = QueryAccepted(
+        query_id=uuid.uuid4(), status=QueryStatus.PENDING, model=validate_submission(settings, body), created_at=now
     )
-    session.add(query)
-    await session.flush()
-    return query
+    row = {
+        "id": accepted.query_id,
+        "user_id": user_id,
+        "prompt": body.query,
+        "system": body.system,
+        "model": accepted.model,
+        "temperature": body.temperature,
+        "max_tokens": body.max_tokens,
+        "meta": body.metadata,
+        "status": QueryStatus.PENDING.value,
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
+        "next_attempt_at": now,
+    }
+    return accepted, row
 
 
-def accepted_view(query: Query) -> QueryAccepted:
-    """The 202 body for a freshly stored query."""
-    return QueryAccepted(query_id=query.id, status=QueryStatus.PENDING, model=query.model, created_at=query.created_at)
+async def submit_query(
+    conn: asyncpg.Connection, settings: Settings, user_id: uuid.UUID, body: QueryCreate
+) -> QueryAccepted:
+    """Store a pending query (autocommitted); the caller then enqueues its id."""
+    accepted, row = _new_query(settings, user_id, body)
+    await repo.insert(conn, **row)
+    return accepted
 
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -103,30 +111,33 @@ async def submit_query_once(
                 "This Idempotency-Key was used with a different request body", code="idempotency_key_reused"
             )
         return QueryAccepted.model_validate(existing.response), True
-    query = await submit_query(session, settings, user_id, body)
-    accepted = accepted_view(query)
+    accepted, row = _new_query(settings, user_id, body)
+    await repo.insert_in_session(session, **row)
     await repo.save_idempotency_key(
         session,
         user_id=user_id,
         key=key,
         request_hash=fingerprint,
-        query_id=query.id,
+        query_id=accepted.query_id,
         response=accepted.model_dump(mode="json"),
         ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
     )
     return accepted, False
 
 
-async def get_query(session: AsyncSession, user_id: uuid.UUID, query_id: uuid.UUID) -> Query:
-    """The caller's query, or 404 for a missing one and for anybody else's alike."""
-    query = await repo.get_for_user(session, query_id, user_id)
+def _found(query: RowLike | None) -> RowLike:
     if query is None:
         raise NotFound("Query not found", code="query_not_found")
     return query
 
 
-def encode_cursor(query: Query) -> str:
-    raw = f"{query.created_at.isoformat()}|{query.id}".encode()
+async def get_query(conn: asyncpg.Connection, user_id: uuid.UUID, query_id: uuid.UUID) -> QueryOut:
+    """The caller's query, or 404 for a missing one and for anybody else's alike."""
+    return to_out(_found(await repo.fetch_for_user(conn, query_id, user_id)))
+
+
+def encode_cursor(query: RowLike) -> str:
+    raw = f"{query['created_at'].isoformat()}|{query['id']}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -156,30 +167,30 @@ async def list_queries(
     return QueryPage(items=[to_out(q) for q in items], next_cursor=encode_cursor(items[-1]) if more else None)
 
 
-def to_out(query: Query) -> QueryOut:
+def to_out(query: RowLike) -> QueryOut:
     """The public view of a row."""
-    error = QueryError(code=query.error_code, message=query.error_message or "") if query.error_code else None
+    code = query["error_code"]
     return QueryOut(
-        query_id=query.id,
-        status=QueryStatus(query.status),
-        query=query.prompt,
-        system=query.system,
-        model=query.model,
-        temperature=query.temperature,
-        max_tokens=query.max_tokens,
-        metadata=query.meta,
-        response=query.response,
-        error=error,
+        query_id=query["id"],
+        status=QueryStatus(query["status"]),
+        query=query["prompt"],
+        system=query["system"],
+        model=query["model"],
+        temperature=query["temperature"],
+        max_tokens=query["max_tokens"],
+        metadata=query["meta"],
+        response=query["response"],
+        error=QueryError(code=code, message=query["error_message"] or "") if code else None,
         usage=Usage(
-            prompt_tokens=query.prompt_tokens,
-            completion_tokens=query.completion_tokens,
-            total_tokens=query.total_tokens,
+            prompt_tokens=query["prompt_tokens"],
+            completion_tokens=query["completion_tokens"],
+            total_tokens=query["total_tokens"],
         ),
-        attempts=query.attempts,
-        cancel_requested=query.cancel_requested_at is not None,
-        created_at=query.created_at,
-        started_at=query.started_at,
-        finished_at=query.finished_at,
+        attempts=query["attempts"],
+        cancel_requested=query["cancel_requested_at"] is not None,
+        created_at=query["created_at"],
+        started_at=query["started_at"],
+        finished_at=query["finished_at"],
     )
 
 
@@ -278,15 +289,15 @@ async def release_claim(session: AsyncSession, claim: Claim) -> bool:
     )
 
 
-async def cancel_query(session: AsyncSession, user_id: uuid.UUID, query_id: uuid.UUID) -> Query:
+async def cancel_query(session: AsyncSession, user_id: uuid.UUID, query_id: uuid.UUID) -> RowLike:
     """pending → cancelled now; running → cancel requested; terminal → 409; not the caller's → 404."""
     # A query can flip between pending and running (claim, retry) under us: try both transitions again then.
     for _ in range(3):
         if await repo.cancel_pending(session, query_id, user_id) or await repo.request_cancel(
             session, query_id, user_id
         ):
-            return await get_query(session, user_id, query_id)
-        query = await get_query(session, user_id, query_id)
-        if query.status in TERMINAL_STATUSES:
-            raise Conflict(f"Query is already {query.status}", code="query_not_cancellable")
+            return _found(await repo.get_for_user(session, query_id, user_id))
+        query = _found(await repo.get_for_user(session, query_id, user_id))
+        if query["status"] in TERMINAL_STATUSES:
+            raise Conflict(f"Query is already {query['status']}", code="query_not_cancellable")
     raise Conflict("Query is changing state; try again", code="query_busy")
