@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -68,8 +69,45 @@ def issue_token(settings: Settings, user_id: uuid.UUID, kind: TokenKind) -> tupl
     return token, claims
 
 
+class _VerifiedTokens:
+    """Claims of recently verified tokens, so a polling client does not pay for HMAC and JSON each time.
+
+    Only fully verified tokens enter; expiry is still checked on every use. Bounded, oldest out first.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._claims: OrderedDict[tuple[str, str, TokenKind], TokenClaims] = OrderedDict()
+
+    def get(self, key: tuple[str, str, TokenKind]) -> TokenClaims | None:
+        claims = self._claims.get(key)
+        if claims is not None and claims.expires_at <= datetime.now(UTC):
+            self._claims.pop(key, None)
+            return None
+        return claims
+
+    def put(self, key: tuple[str, str, TokenKind], claims: TokenClaims) -> None:
+        self._claims[key] = claims
+        if len(self._claims) > self._size:
+            self._claims.popitem(last=False)
+
+
+_verified = _VerifiedTokens(size=10_000)
+
+
 def decode_token(settings: Settings, token: str, kind: TokenKind) -> TokenClaims:
     """Verify signature, algorithm, type, issuer, audience and times; any doubt is a 401."""
+    # The key includes the secret, so rotating JWT_SECRET_KEY invalidates every cached token too.
+    key = (token, settings.jwt_secret_key.get_secret_value(), kind)
+    cached = _verified.get(key)
+    if cached is not None:
+        return cached
+    claims = _decode(settings, token, kind)
+    _verified.put(key, claims)
+    return claims
+
+
+def _decode(settings: Settings, token: str, kind: TokenKind) -> TokenClaims:
     try:
         header = jwt.get_unverified_header(token)
         if header.get("typ") != _TOKEN_TYP[kind]:
