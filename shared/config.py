@@ -59,6 +59,7 @@ class Settings(BaseSettings):
 
     worker_concurrency: int = Field(default=1000, ge=1)
     worker_metrics_port: int = 9540
+    worker_send_task_events: bool = False
 
     jwt_secret_key: SecretStr = SecretStr("")
     jwt_algorithm: str = "HS256"

@@ -53,8 +53,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Each in-flight LLM call is a waiting thread; the calls themselves run on one asyncio loop.
         "worker_pool": "threads",
         "worker_concurrency": settings.worker_concurrency,
-        # Flower sees every task through the worker's events (received, started, succeeded, failed).
-        "worker_send_task_events": True,
+        # Task events cost a Redis publish per task state. Flower switches them on in the workers it watches
+        # (its default `--enable_events`), so the price is paid only while someone is looking.
+        "worker_send_task_events": settings.worker_send_task_events,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }

@@ -28,6 +28,10 @@ MAX_ETA_SECONDS = app.conf.broker_transport_options["visibility_timeout"] / 2
 def _logging(**_: Any) -> None:
     # Connecting this signal stops Celery from installing its own plain-text handlers.
     configure_logging("aiq-worker", settings.log_level)
+    if settings.log_level.upper() != "DEBUG":
+        # Two lines per task at thousands of tasks a second; AIQ's own line per outcome carries the query id.
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @worker_process_init.connect

@@ -10,8 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession
+import asyncpg
 
 from shared import llm
 from shared.metrics import LLM_CALLS_IN_FLIGHT, LLM_ERRORS, LLM_REQUEST_DURATION, LLM_TOKENS, TASK_RETRIES, TASKS
@@ -32,15 +31,25 @@ class Outcome:
     retry_in: float | None = None
 
 
-async def _in_transaction(rt: WorkerRuntime, step: Callable[[AsyncSession], Awaitable[T]]) -> T:
-    """Run one step in its own transaction, riding out a database restart."""
+# What a database restart looks like from asyncpg: the connection dies, or the server refuses for a moment.
+DATABASE_UNAVAILABLE = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
+async def _in_transaction(rt: WorkerRuntime, step: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Run one single-statement step (autocommitted), riding out a database restart.
+
+    Every step is a guarded UPDATE, so running it again after an unknown outcome is harmless.
+    """
     for delay in (*WRITE_RETRY_DELAYS, None):
         try:
-            async with rt.sessionmaker() as session:
-                result = await step(session)
-                await session.commit()
-                return result
-        except (OperationalError, DBAPIError, OSError) as exc:
+            async with rt.raw_pool.acquire() as conn:
+                return await step(conn)
+        except DATABASE_UNAVAILABLE as exc:
             if delay is None:
                 raise
             log.warning("database step failed; retrying", extra={"error": type(exc).__name__, "delay_s": delay})

@@ -17,11 +17,12 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import asyncpg
 from openai import AsyncOpenAI
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.config import Settings
-from shared.db import make_engine, make_sessionmaker
+from shared.db import make_engine, make_raw_pool, make_sessionmaker
 from shared.llm import make_client
 from shared.queue import Publisher
 from shared.repositories.queries import Claim
@@ -53,6 +54,7 @@ class WorkerRuntime:
         self._background: list[asyncio.Task[None]] = []
         self.engine: AsyncEngine
         self.sessionmaker: async_sessionmaker[AsyncSession]
+        self.raw_pool: asyncpg.Pool
         self.llm: AsyncOpenAI
         self.run(self._open())
 
@@ -61,6 +63,8 @@ class WorkerRuntime:
 
         self.engine = make_engine(self.settings, "aiq-worker")
         self.sessionmaker = make_sessionmaker(self.engine)
+        # Claims and outcome writes: one compiled statement each, a round trip and no ORM per step.
+        self.raw_pool = await make_raw_pool(self.settings, "aiq-worker")
         self.llm = make_client(self.settings)
         self._background.append(asyncio.create_task(recovery.heartbeat_loop(self)))
         if self.settings.sweep_interval_seconds > 0:
@@ -70,7 +74,9 @@ class WorkerRuntime:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.publisher.aclose()
         await self.llm.close()
+        await self.raw_pool.close()
         await self.engine.dispose()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
@@ -94,6 +100,7 @@ class WorkerRuntime:
 
     def stop_all_calls(self, reason: str) -> None:
         """Thread-safe: stop every call in flight (graceful shutdown past its grace period)."""
+
         def stop_all() -> None:
             for key in list(self.inflight):
                 self.stop_call(key, reason)

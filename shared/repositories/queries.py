@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import asyncpg
-from sqlalchemy import and_, bindparam, case, delete, func, or_, select, tuple_, update
+from sqlalchemy import Integer, Interval, String, Text, and_, bindparam, case, delete, func, or_, select, tuple_, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -72,14 +72,17 @@ class CompiledStatement:
 
     sql: str
     names: tuple[str, ...]
+    # Values of the binds the statement carries itself (e.g. `status = 'pending'`).
+    fixed: Mapping[str, Any]
 
     @classmethod
     def of(cls, stmt: Any) -> CompiledStatement:
         compiled = stmt.compile(dialect=asyncpg_dialect())  # type: ignore[no-untyped-call]
-        return cls(compiled.string, tuple(compiled.positiontup or ()))
+        fixed = {k: (v.value if isinstance(v, QueryStatus) else v) for k, v in compiled.params.items()}
+        return cls(compiled.string, tuple(compiled.positiontup or ()), fixed)
 
     def args(self, values: Mapping[str, Any]) -> list[Any]:
-        return [values[name] for name in self.names]
+        return [values[name] if name in values else self.fixed[name] for name in self.names]
 
 
 _INSERT = CompiledStatement.of(sa_insert(Query).values({name: bindparam(name) for name in _INSERT_COLUMNS}))
@@ -131,43 +134,131 @@ async def list_for_user(
     return list((await session.execute(stmt)).mappings().all())
 
 
-async def claim(session: AsyncSession, query_id: uuid.UUID, owner: str, lease: timedelta) -> Claim | None:
-    """pending → running in one statement; None when another delivery, a retry delay or a terminal state wins."""
-    now = func.now()
-    stmt = (
-        update(Query)
-        .where(Query.id == query_id, Query.status == QueryStatus.PENDING, Query.next_attempt_at <= now)
-        .values(
-            status=QueryStatus.RUNNING,
-            attempts=Query.attempts + 1,
-            lease_owner=owner,
-            lease_expires_at=now + lease,
-            started_at=func.coalesce(Query.started_at, now),
-            updated_at=now,
-        )
-        .returning(
-            Query.id,
-            Query.attempts,
-            Query.prompt,
-            Query.system,
-            Query.model,
-            Query.temperature,
-            Query.max_tokens,
-        )
+_CLAIM = CompiledStatement.of(
+    update(Query)
+    .where(Query.id == bindparam("id"), Query.status == QueryStatus.PENDING, Query.next_attempt_at <= func.now())
+    .values(
+        status=QueryStatus.RUNNING,
+        attempts=Query.attempts + 1,
+        lease_owner=bindparam("owner"),
+        lease_expires_at=func.now() + bindparam("lease", type_=Interval()),
+        started_at=func.coalesce(Query.started_at, func.now()),
+        updated_at=func.now(),
     )
-    row = (await session.execute(stmt)).one_or_none()
-    return Claim(*row) if row is not None else None
+    .returning(Query.id, Query.attempts, Query.prompt, Query.system, Query.model, Query.temperature, Query.max_tokens)
+)
 
 
-async def finish_attempt(session: AsyncSession, query_id: uuid.UUID, attempt: int, **values: Any) -> bool:
-    """Write the outcome of an attempt only if that attempt still owns the row."""
-    stmt = (
+async def claim(conn: asyncpg.Connection, query_id: uuid.UUID, owner: str, lease: timedelta) -> Claim | None:
+    """pending → running in one statement; None when another delivery, a retry delay or a terminal state wins."""
+    row = await conn.fetchrow(_CLAIM.sql, *_CLAIM.args({"id": query_id, "owner": owner, "lease": lease}))
+    return Claim(*row.values()) if row is not None else None
+
+
+# A cancel requested while the call ran wins over its outcome: the row ends cancelled (usage kept).
+_CANCEL_REQUESTED = Query.cancel_requested_at.is_not(None)
+CANCELLED_CODE, CANCELLED_MESSAGE = "cancelled", "Cancelled by the client"
+
+
+def _unless_cancelled(value: Any, cancelled_value: Any) -> Any:
+    return case((_CANCEL_REQUESTED, cancelled_value), else_=value)
+
+
+def _finish(**values: Any) -> CompiledStatement:
+    """An outcome write, guarded by the attempt that owns the row: a stale attempt writes nothing."""
+    return CompiledStatement.of(
         update(Query)
-        .where(Query.id == query_id, Query.status == QueryStatus.RUNNING, Query.attempts == attempt)
+        .where(Query.id == bindparam("id"), Query.status == QueryStatus.RUNNING, Query.attempts == bindparam("attempt"))
         .values(lease_owner=None, lease_expires_at=None, updated_at=func.now(), **values)
         .returning(Query.id)
     )
-    return (await session.execute(stmt)).one_or_none() is not None
+
+
+_COMPLETE = _finish(
+    status=_unless_cancelled(QueryStatus.COMPLETED.value, QueryStatus.CANCELLED.value),
+    response=_unless_cancelled(bindparam("response", type_=Text()), None),
+    prompt_tokens=bindparam("prompt_tokens", type_=Integer()),
+    completion_tokens=bindparam("completion_tokens", type_=Integer()),
+    total_tokens=bindparam("total_tokens", type_=Integer()),
+    llm_latency_ms=bindparam("latency_ms", type_=Integer()),
+    error_code=_unless_cancelled(None, CANCELLED_CODE),
+    error_message=_unless_cancelled(None, CANCELLED_MESSAGE),
+    finished_at=func.now(),
+)
+_FAIL = _finish(
+    status=QueryStatus.FAILED,
+    error_code=bindparam("code"),
+    error_message=bindparam("message"),
+    finished_at=func.now(),
+)
+_RETRY = _finish(
+    status=_unless_cancelled(QueryStatus.PENDING.value, QueryStatus.CANCELLED.value),
+    next_attempt_at=func.now() + bindparam("delay", type_=Interval()),
+    error_code=_unless_cancelled(bindparam("code", type_=String()), CANCELLED_CODE),
+    error_message=_unless_cancelled(bindparam("message", type_=Text()), CANCELLED_MESSAGE),
+    finished_at=_unless_cancelled(None, func.now()),
+)
+_CANCEL = _finish(
+    status=QueryStatus.CANCELLED,
+    error_code=CANCELLED_CODE,
+    error_message=CANCELLED_MESSAGE,
+    finished_at=func.now(),
+)
+_RELEASE = _finish(
+    status=_unless_cancelled(QueryStatus.PENDING.value, QueryStatus.CANCELLED.value),
+    next_attempt_at=func.now(),
+    error_code=_unless_cancelled(None, CANCELLED_CODE),
+    error_message=_unless_cancelled(None, CANCELLED_MESSAGE),
+    finished_at=_unless_cancelled(None, func.now()),
+)
+
+
+async def _write(conn: asyncpg.Connection, stmt: CompiledStatement, claim: Claim, **values: Any) -> bool:
+    row_id = await conn.fetchval(stmt.sql, *stmt.args({"id": claim.query_id, "attempt": claim.attempt, **values}))
+    return row_id is not None
+
+
+async def complete_attempt(
+    conn: asyncpg.Connection,
+    claim: Claim,
+    *,
+    response: str,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    total_tokens: int | None,
+    latency_ms: int,
+) -> bool:
+    """running → completed (or cancelled, if a cancel came in meanwhile)."""
+    return await _write(
+        conn,
+        _COMPLETE,
+        claim,
+        response=response,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=total_tokens,
+        latency_ms=latency_ms,
+    )
+
+
+async def fail_attempt(conn: asyncpg.Connection, claim: Claim, *, code: str, message: str) -> bool:
+    """running → failed."""
+    return await _write(conn, _FAIL, claim, code=code, message=message)
+
+
+async def retry_attempt(conn: asyncpg.Connection, claim: Claim, *, delay: timedelta, code: str, message: str) -> bool:
+    """running → pending, due after the delay (or cancelled, if a cancel came in meanwhile)."""
+    return await _write(conn, _RETRY, claim, delay=delay, code=code, message=message)
+
+
+async def cancel_attempt(conn: asyncpg.Connection, claim: Claim) -> bool:
+    """running → cancelled, after the worker stopped the call."""
+    return await _write(conn, _CANCEL, claim)
+
+
+async def release_attempt(conn: asyncpg.Connection, claim: Claim) -> bool:
+    """running → pending and due now (or cancelled): a shutting-down worker hands the query back."""
+    return await _write(conn, _RELEASE, claim)
 
 
 async def status_of(session: AsyncSession, query_id: uuid.UUID) -> tuple[str, datetime] | None:

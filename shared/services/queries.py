@@ -12,12 +12,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from sqlalchemy import case, func
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.config import Settings
 from shared.errors import AppError, Conflict, InvalidInput, NotFound
-from shared.models import TERMINAL_STATUSES, Query, QueryStatus
+from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.repositories import queries as repo
 from shared.repositories.queries import Claim, RowLike
 from shared.schemas import QueryAccepted, QueryCreate, QueryError, QueryOut, QueryPage, Usage
@@ -194,22 +193,15 @@ def to_out(query: RowLike) -> QueryOut:
     )
 
 
-async def claim_for_attempt(session: AsyncSession, settings: Settings, query_id: uuid.UUID, owner: str) -> Claim | None:
+async def claim_for_attempt(
+    conn: asyncpg.Connection, settings: Settings, query_id: uuid.UUID, owner: str
+) -> Claim | None:
     """pending → running for one attempt, with a lease; None if this delivery must not call the LLM."""
-    return await repo.claim(session, query_id, owner, timedelta(seconds=settings.lease_seconds))
-
-
-# A cancel requested while the call ran wins over its outcome: the row ends cancelled, usage kept.
-_CANCEL_REQUESTED = Query.cancel_requested_at.is_not(None)
-CANCELLED_CODE, CANCELLED_MESSAGE = "cancelled", "Cancelled by the client"
-
-
-def _unless_cancelled(value: Any, cancelled_value: Any) -> Any:
-    return case((_CANCEL_REQUESTED, cancelled_value), else_=value)
+    return await repo.claim(conn, query_id, owner, timedelta(seconds=settings.lease_seconds))
 
 
 async def record_completion(
-    session: AsyncSession,
+    conn: asyncpg.Connection,
     claim: Claim,
     *,
     response: str,
@@ -218,75 +210,38 @@ async def record_completion(
     total_tokens: int | None,
     latency_ms: int,
 ) -> bool:
-    """running → completed; False when this attempt lost the row (reclaimed or cancelled)."""
-    return await repo.finish_attempt(
-        session,
-        claim.query_id,
-        claim.attempt,
-        status=_unless_cancelled(QueryStatus.COMPLETED.value, QueryStatus.CANCELLED.value),
-        response=_unless_cancelled(response, None),
+    """running → completed; False when this attempt lost the row (reclaimed or terminal)."""
+    return await repo.complete_attempt(
+        conn,
+        claim,
+        response=response,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=total_tokens,
-        llm_latency_ms=latency_ms,
-        error_code=_unless_cancelled(None, CANCELLED_CODE),
-        error_message=_unless_cancelled(None, CANCELLED_MESSAGE),
-        finished_at=func.now(),
+        latency_ms=latency_ms,
     )
 
 
-async def record_failure(session: AsyncSession, claim: Claim, *, code: str, message: str) -> bool:
+async def record_failure(conn: asyncpg.Connection, claim: Claim, *, code: str, message: str) -> bool:
     """running → failed for good."""
-    return await repo.finish_attempt(
-        session,
-        claim.query_id,
-        claim.attempt,
-        status=QueryStatus.FAILED,
-        error_code=code,
-        error_message=message,
-        finished_at=func.now(),
-    )
+    return await repo.fail_attempt(conn, claim, code=code, message=message)
 
 
-async def schedule_retry(session: AsyncSession, claim: Claim, *, delay_seconds: float, code: str, message: str) -> bool:
+async def schedule_retry(
+    conn: asyncpg.Connection, claim: Claim, *, delay_seconds: float, code: str, message: str
+) -> bool:
     """running → pending, due after the delay; the last error stays visible meanwhile."""
-    return await repo.finish_attempt(
-        session,
-        claim.query_id,
-        claim.attempt,
-        status=_unless_cancelled(QueryStatus.PENDING.value, QueryStatus.CANCELLED.value),
-        next_attempt_at=func.now() + timedelta(seconds=delay_seconds),
-        error_code=_unless_cancelled(code, CANCELLED_CODE),
-        error_message=_unless_cancelled(message, CANCELLED_MESSAGE),
-        finished_at=_unless_cancelled(None, func.now()),
-    )
+    return await repo.retry_attempt(conn, claim, delay=timedelta(seconds=delay_seconds), code=code, message=message)
 
 
-async def record_cancelled(session: AsyncSession, claim: Claim) -> bool:
+async def record_cancelled(conn: asyncpg.Connection, claim: Claim) -> bool:
     """running → cancelled after the worker stopped the call on the client's request."""
-    return await repo.finish_attempt(
-        session,
-        claim.query_id,
-        claim.attempt,
-        status=QueryStatus.CANCELLED,
-        error_code=CANCELLED_CODE,
-        error_message=CANCELLED_MESSAGE,
-        finished_at=func.now(),
-    )
+    return await repo.cancel_attempt(conn, claim)
 
 
-async def release_claim(session: AsyncSession, claim: Claim) -> bool:
+async def release_claim(conn: asyncpg.Connection, claim: Claim) -> bool:
     """running → pending and due now: a shutting-down worker hands the query back."""
-    return await repo.finish_attempt(
-        session,
-        claim.query_id,
-        claim.attempt,
-        status=_unless_cancelled(QueryStatus.PENDING.value, QueryStatus.CANCELLED.value),
-        next_attempt_at=func.now(),
-        error_code=_unless_cancelled(None, CANCELLED_CODE),
-        error_message=_unless_cancelled(None, CANCELLED_MESSAGE),
-        finished_at=_unless_cancelled(None, func.now()),
-    )
+    return await repo.release_attempt(conn, claim)
 
 
 async def cancel_query(session: AsyncSession, user_id: uuid.UUID, query_id: uuid.UUID) -> RowLike:
