@@ -303,3 +303,31 @@ def wait_until(predicate: Any, timeout: float = 20, interval: float = 0.05) -> A
 def row(db: Engine, query_id: str) -> dict[str, Any]:
     with db.connect() as conn:
         return dict(conn.execute(text("SELECT * FROM queries WHERE id = :id"), {"id": query_id}).mappings().one())
+
+
+def insert_query(db: Engine, user_id: str, prompt: str = "stored directly", **sql: str) -> str:
+    """Store a queries row without the API: a message never sent, an orphaned claim, a parked retry.
+
+    Extra columns are given as SQL expressions (test-only, trusted), e.g. `status="'running'"`.
+    """
+    query_id = str(uuid.uuid4())
+    columns = ", ".join(["id", "user_id", "prompt", "model", *sql])
+    values = ", ".join([":id", ":u", ":p", "'sim-small'", *sql.values()])
+    with db.begin() as conn:
+        conn.execute(
+            text(f"INSERT INTO queries ({columns}) VALUES ({values})"),  # noqa: S608 - test-only, literal input
+            {"id": query_id, "u": user_id, "p": prompt},
+        )
+    return query_id
+
+
+def publish_to(stack: Stack, queue: str, *query_ids: str) -> None:
+    """Send `queries.process` for these ids to a given queue (e.g. one only a particular worker reads)."""
+    from shared.queue import Publisher
+
+    publisher = Publisher(stack.settings.model_copy(update={"queue_name": queue}))
+    try:
+        for query_id in query_ids:
+            publisher.publish_sync(uuid.UUID(query_id))
+    finally:
+        publisher.close()

@@ -8,12 +8,14 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import asyncpg
 
 from shared import llm
 from shared.metrics import LLM_CALLS_IN_FLIGHT, LLM_ERRORS, LLM_REQUEST_DURATION, LLM_TOKENS, TASK_RETRIES, TASKS
+from shared.repositories import queries as repo
 from shared.repositories.queries import Claim
 from shared.services import queries as service
 from worker.runtime import WorkerRuntime
@@ -104,7 +106,7 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
     LLM_TOKENS.labels(model=claim.model, kind="completion").inc(result.completion_tokens or 0)
     written = await _in_transaction(
         rt,
-        lambda s: service.record_completion(
+        lambda s: repo.complete_attempt(
             s,
             claim,
             response=result.text,
@@ -124,11 +126,11 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
 async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: str) -> Outcome:
     extra = {"attempt": claim.attempt, "outcome": reason}
     if reason == "cancel":
-        written = await _in_transaction(rt, lambda s: service.record_cancelled(s, claim))
+        written = await _in_transaction(rt, lambda s: repo.cancel_attempt(s, claim))
         log.info("call stopped: query cancelled", extra=extra)
         return Outcome("cancelled") if written else Outcome("lost")
     if reason == "shutdown":
-        written = await _in_transaction(rt, lambda s: service.release_claim(s, claim))
+        written = await _in_transaction(rt, lambda s: repo.release_attempt(s, claim))
         log.info("call stopped: worker shutting down, query handed back", extra=extra)
         return Outcome("released", retry_in=0) if written else Outcome("lost")
     log.warning("call stopped: lease lost to another worker", extra=extra)
@@ -142,7 +144,9 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
         delay = llm.backoff_seconds(settings, claim.attempt, failure.retry_after)
         written = await _in_transaction(
             rt,
-            lambda s: service.schedule_retry(s, claim, delay_seconds=delay, code=failure.code, message=failure.message),
+            lambda s: repo.retry_attempt(
+                s, claim, delay=timedelta(seconds=delay), code=failure.code, message=failure.message
+            ),
         )
         TASK_RETRIES.labels(reason=failure.kind).inc()
         log.warning("transient upstream error; retry scheduled", extra={**extra, "delay_s": round(delay, 2)})
@@ -153,6 +157,6 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
         message = f"Gave up after {claim.attempt} attempts: {failure.message}"
     else:
         code, message = failure.code, failure.message
-    written = await _in_transaction(rt, lambda s: service.record_failure(s, claim, code=code, message=message))
+    written = await _in_transaction(rt, lambda s: repo.fail_attempt(s, claim, code=code, message=message))
     log.warning("query failed", extra=extra)
     return Outcome("failed") if written else Outcome("lost")

@@ -200,50 +200,6 @@ async def claim_for_attempt(
     return await repo.claim(conn, query_id, owner, timedelta(seconds=settings.lease_seconds))
 
 
-async def record_completion(
-    conn: asyncpg.Connection,
-    claim: Claim,
-    *,
-    response: str,
-    prompt_tokens: int | None,
-    completion_tokens: int | None,
-    total_tokens: int | None,
-    latency_ms: int,
-) -> bool:
-    """running → completed; False when this attempt lost the row (reclaimed or terminal)."""
-    return await repo.complete_attempt(
-        conn,
-        claim,
-        response=response,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=total_tokens,
-        latency_ms=latency_ms,
-    )
-
-
-async def record_failure(conn: asyncpg.Connection, claim: Claim, *, code: str, message: str) -> bool:
-    """running → failed for good."""
-    return await repo.fail_attempt(conn, claim, code=code, message=message)
-
-
-async def schedule_retry(
-    conn: asyncpg.Connection, claim: Claim, *, delay_seconds: float, code: str, message: str
-) -> bool:
-    """running → pending, due after the delay; the last error stays visible meanwhile."""
-    return await repo.retry_attempt(conn, claim, delay=timedelta(seconds=delay_seconds), code=code, message=message)
-
-
-async def record_cancelled(conn: asyncpg.Connection, claim: Claim) -> bool:
-    """running → cancelled after the worker stopped the call on the client's request."""
-    return await repo.cancel_attempt(conn, claim)
-
-
-async def release_claim(conn: asyncpg.Connection, claim: Claim) -> bool:
-    """running → pending and due now: a shutting-down worker hands the query back."""
-    return await repo.release_attempt(conn, claim)
-
-
 async def cancel_query(session: AsyncSession, user_id: uuid.UUID, query_id: uuid.UUID) -> RowLike:
     """pending → cancelled now; running → cancel requested; terminal → 409; not the caller's → 404."""
     # A query can flip between pending and running (claim, retry) under us: try both transitions again then.

@@ -10,21 +10,12 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import Stack, count_rows, register_and_login, row, wait_terminal, wait_until
+from tests.conftest import Stack, count_rows, insert_query, register_and_login, row, wait_terminal, wait_until
 
 
 def _insert_pending(db: Engine, user_id: str) -> str:
-    """A pending row whose message was never sent: exactly what a lost publish leaves behind."""
-    query_id = str(uuid.uuid4())
-    with db.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO queries (id, user_id, prompt, model, status, next_attempt_at, updated_at)"
-                " VALUES (:id, :u, 'parked', 'sim-small', 'pending', now() + interval '1 hour', now())"
-            ),
-            {"id": query_id, "u": user_id},
-        )
-    return query_id
+    """A pending row whose message was never sent and that is not due for an hour: it stays pending."""
+    return insert_query(db, user_id, next_attempt_at="now() + interval '1 hour'")
 
 
 def test_cancel_pending_is_immediate_and_final(client: httpx.Client, user: dict[str, Any], db: Engine) -> None:

@@ -14,7 +14,20 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import Stack, free_port, row, spawn_api, spawn_worker, wait_terminal, wait_until
+from tests.conftest import (
+    Stack,
+    free_port,
+    insert_query,
+    publish_to,
+    row,
+    spawn_api,
+    spawn_worker,
+    wait_terminal,
+    wait_until,
+)
+
+# A claim whose worker is gone: running, lease already expired.
+_ORPHANED = {"status": "'running'", "lease_owner": "'dead-host:1'", "lease_expires_at": "now() - interval '1 second'"}
 
 
 def _sim_calls(stack: Stack, query_id: str) -> int:
@@ -22,15 +35,7 @@ def _sim_calls(stack: Stack, query_id: str) -> int:
 
 
 def test_pending_row_whose_message_was_lost_is_resent(client: httpx.Client, user: dict[str, Any], db: Engine) -> None:
-    query_id = str(uuid.uuid4())
-    with db.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO queries (id, user_id, prompt, model, status, updated_at, created_at)"
-                " VALUES (:id, :u, 'never published', 'sim-small', 'pending', now() - interval '1 minute', now())"
-            ),
-            {"id": query_id, "u": user["user_id"]},
-        )
+    query_id = insert_query(db, user["user_id"], updated_at="now() - interval '1 minute'")
     body = wait_terminal(client, user["headers"], query_id, timeout=20)
     assert body["status"] == "completed"
     assert body["attempts"] == 1
@@ -39,15 +44,7 @@ def test_pending_row_whose_message_was_lost_is_resent(client: httpx.Client, user
 def test_expired_lease_is_reclaimed_and_the_stale_attempt_cannot_write(
     client: httpx.Client, user: dict[str, Any], db: Engine
 ) -> None:
-    query_id = str(uuid.uuid4())
-    with db.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO queries (id, user_id, prompt, model, status, attempts, lease_owner, lease_expires_at)"
-                " VALUES (:id, :u, 'orphaned', 'sim-small', 'running', 1, 'dead-host:1', now() - interval '1 second')"
-            ),
-            {"id": query_id, "u": user["user_id"]},
-        )
+    query_id = insert_query(db, user["user_id"], **_ORPHANED, attempts="1")
     body = wait_terminal(client, user["headers"], query_id, timeout=20)
     assert body["status"] == "completed"
     assert body["attempts"] == 2
@@ -64,15 +61,7 @@ def test_expired_lease_is_reclaimed_and_the_stale_attempt_cannot_write(
 def test_exhausted_attempts_on_expired_lease_fail_as_worker_lost(
     client: httpx.Client, stack: Stack, user: dict[str, Any], db: Engine
 ) -> None:
-    query_id = str(uuid.uuid4())
-    with db.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO queries (id, user_id, prompt, model, status, attempts, lease_owner, lease_expires_at)"
-                " VALUES (:id, :u, 'poison', 'sim-small', 'running', :n, 'dead-host:1', now() - interval '1 second')"
-            ),
-            {"id": query_id, "u": user["user_id"], "n": stack.settings.max_attempts},
-        )
+    query_id = insert_query(db, user["user_id"], **_ORPHANED, attempts=str(stack.settings.max_attempts))
     body = wait_terminal(client, user["headers"], query_id, timeout=20)
     assert body["status"] == "failed"
     assert body["error"]["code"] == "worker_lost"
@@ -85,17 +74,8 @@ def test_sigkilled_worker_query_completes_elsewhere(
     queue = f"aiq.victim.{uuid.uuid4().hex[:6]}"
     victim, _ = spawn_worker(stack, tmp_path / "victim.log", QUEUE_NAME=queue)
     try:
-        query_id = str(uuid.uuid4())
-        with db.begin() as conn:
-            conn.execute(
-                text("INSERT INTO queries (id, user_id, prompt, model) VALUES (:id, :u, :p, 'sim-small')"),
-                {"id": query_id, "u": user["user_id"], "p": f"[[sim latency_ms=2000]] doomed {query_id}"},
-            )
-        from shared.queue import Publisher
-
-        publisher = Publisher(stack.settings.model_copy(update={"queue_name": queue}))
-        publisher.publish_sync(uuid.UUID(query_id))
-        publisher.close()
+        query_id = insert_query(db, user["user_id"], f"[[sim latency_ms=2000]] doomed {uuid.uuid4()}")
+        publish_to(stack, queue, query_id)
         # Kill mid-call: the claim is committed and the upstream has the request.
         wait_until(lambda: _sim_calls(stack, query_id) == 1, timeout=20)
         killed_at = time.monotonic()
@@ -119,21 +99,11 @@ def test_sigterm_finishes_short_calls_and_hands_back_long_ones(
     queue = f"aiq.graceful.{uuid.uuid4().hex[:6]}"
     log_path = tmp_path / "graceful.log"
     worker, _ = spawn_worker(stack, log_path, QUEUE_NAME=queue, SHUTDOWN_GRACE_SECONDS="1", LLM_TIMEOUT_SECONDS="10")
-    from shared.queue import Publisher
-
-    ids = {}
-    for name, latency in (("short", 300), ("long", 2500)):
-        qid = str(uuid.uuid4())
-        with db.begin() as conn:
-            conn.execute(
-                text("INSERT INTO queries (id, user_id, prompt, model) VALUES (:id, :u, :p, 'sim-small')"),
-                {"id": qid, "u": user["user_id"], "p": f"[[sim latency_ms={latency}]] {name} {qid}"},
-            )
-        ids[name] = qid
-    publisher = Publisher(stack.settings.model_copy(update={"queue_name": queue}))
-    for qid in ids.values():
-        publisher.publish_sync(uuid.UUID(qid))
-    publisher.close()
+    ids = {
+        name: insert_query(db, user["user_id"], f"[[sim latency_ms={latency}]] {name} {uuid.uuid4()}")
+        for name, latency in (("short", 300), ("long", 2500))
+    }
+    publish_to(stack, queue, *ids.values())
     try:
         wait_until(lambda: all(row(db, q)["status"] == "running" for q in ids.values()), timeout=20)
         worker.send_signal(signal.SIGTERM)
