@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     worker_send_task_events: bool = False
 
     jwt_secret_key: SecretStr = SecretStr("")
+    # Still accepted for verification (never for signing) while tokens signed with them may be alive.
+    jwt_previous_secret_keys: Annotated[list[SecretStr], NoDecode] = []
     jwt_algorithm: str = "HS256"
     jwt_issuer: str = "aiq"
     jwt_audience: str = "aiq-api"
@@ -74,6 +76,13 @@ class Settings(BaseSettings):
     def _split_models(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @field_validator("jwt_previous_secret_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
     @field_validator("jwt_algorithm")
@@ -99,6 +108,8 @@ class Settings(BaseSettings):
                 "JWT_SECRET_KEY is missing, a known default or shorter than 32 bytes; "
                 "set a random value (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
             )
+        if any(len(k.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES for k in self.jwt_previous_secret_keys):
+            raise ValueError("every JWT_PREVIOUS_SECRET_KEYS entry must be at least 32 bytes")
         if weak:
             # Development only. A fixed key (not a random one) so that several API processes agree.
             warnings.warn("JWT_SECRET_KEY is weak or unset: using the INSECURE development key", stacklevel=2)

@@ -6,7 +6,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import bcrypt
 import jwt
@@ -97,8 +97,9 @@ _verified = _VerifiedTokens(size=10_000)
 
 def decode_token(settings: Settings, token: str, kind: TokenKind) -> TokenClaims:
     """Verify signature, algorithm, type, issuer, audience and times; any doubt is a 401."""
-    # The key includes the secret, so rotating JWT_SECRET_KEY invalidates every cached token too.
-    key = (token, settings.jwt_secret_key.get_secret_value(), kind)
+    # The cache key includes every accepted secret: retiring a key retires what it verified.
+    secrets = (settings.jwt_secret_key, *settings.jwt_previous_secret_keys)
+    key = (token, "\x00".join(s.get_secret_value() for s in secrets), kind)
     cached = _verified.get(key)
     if cached is not None:
         return cached
@@ -107,20 +108,33 @@ def decode_token(settings: Settings, token: str, kind: TokenKind) -> TokenClaims
     return claims
 
 
+def _verify(settings: Settings, token: str) -> dict[str, Any]:
+    """Check the signature with the current key, then with each previous one (a rotation in progress)."""
+    keys = [settings.jwt_secret_key, *settings.jwt_previous_secret_keys]
+    for index, key in enumerate(keys):
+        try:
+            payload: dict[str, Any] = jwt.decode(
+                token,
+                key.get_secret_value(),
+                algorithms=[settings.jwt_algorithm],
+                audience=settings.jwt_audience,
+                issuer=settings.jwt_issuer,
+                options={"require": _REQUIRED_CLAIMS, "strict_aud": True},
+                leeway=5,
+            )
+            return payload
+        except jwt.InvalidSignatureError:
+            if index == len(keys) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _decode(settings: Settings, token: str, kind: TokenKind) -> TokenClaims:
     try:
         header = jwt.get_unverified_header(token)
         if header.get("typ") != _TOKEN_TYP[kind]:
             raise Unauthorized("Invalid token", code="invalid_token")
-        payload = jwt.decode(
-            token,
-            settings.jwt_secret_key.get_secret_value(),
-            algorithms=[settings.jwt_algorithm],
-            audience=settings.jwt_audience,
-            issuer=settings.jwt_issuer,
-            options={"require": _REQUIRED_CLAIMS, "strict_aud": True},
-            leeway=5,
-        )
+        payload = _verify(settings, token)
         return TokenClaims(
             user_id=uuid.UUID(payload["sub"]),
             jti=uuid.UUID(payload["jti"]),

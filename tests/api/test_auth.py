@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import jwt
+import pytest
 
 from tests.conftest import TEST_PASSWORD, Stack, count_rows, register_and_login
 
@@ -177,3 +178,22 @@ def test_logout_cannot_revoke_another_users_token(client: httpx.Client, user: di
     assert (
         client.post("/api/v1/auth/refresh", json={"refresh_token": other["tokens"]["refresh_token"]}).status_code == 200
     )
+
+
+def test_tokens_signed_with_a_previous_key_verify_during_rotation() -> None:
+    from shared.config import Settings
+    from shared.errors import Unauthorized
+    from shared.security import decode_token, issue_token
+
+    old, new = "o" * 48, "n" * 48
+    user_id = uuid.uuid4()
+    before = Settings(environment="test", jwt_secret_key=old)  # type: ignore[arg-type]
+    during = Settings(environment="test", jwt_secret_key=new, jwt_previous_secret_keys=old)  # type: ignore[arg-type]
+    after = Settings(environment="test", jwt_secret_key=new)  # type: ignore[arg-type]
+    token, _ = issue_token(before, user_id, "refresh")
+    assert decode_token(during, token, "refresh").user_id == user_id
+    with pytest.raises(Unauthorized, match="Invalid token"):
+        decode_token(after, token, "refresh")
+    # New tokens are signed with the new key only.
+    fresh, _ = issue_token(during, user_id, "access")
+    assert decode_token(after, fresh, "access").user_id == user_id
