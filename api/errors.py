@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.db import DATABASE_UNAVAILABLE
 from shared.errors import AppError
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,14 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
 
+async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    # An outage, not a bug: say so, and when to come back. Clients retry safely with an Idempotency-Key.
+    log.warning("database unavailable", extra={"error": type(exc).__name__})
+    return error_response(
+        503, "database_unavailable", "The database is unavailable; retry shortly", headers={"Retry-After": "2"}
+    )
+
+
 async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error", exc_info=exc)
     return error_response(500, "internal_error", "Internal server error")
@@ -77,4 +86,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    for unavailable in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(unavailable, _database_unavailable)
     app.add_exception_handler(Exception, _unhandled)

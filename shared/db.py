@@ -6,10 +6,24 @@ import json
 from typing import Any
 
 import asyncpg
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from shared.config import Settings
+
+# What a database restart or overload looks like from asyncpg and SQLAlchemy: the connection dies, the
+# server refuses for a moment, or no pooled connection frees up in time. Retryable, never a bug.
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+)
 
 
 def make_engine(settings: Settings, application_name: str) -> AsyncEngine:

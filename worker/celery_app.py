@@ -7,17 +7,19 @@ import threading
 import uuid
 from typing import Any
 
-from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_shutdown, worker_shutting_down
 
 from shared.config import get_settings
 from shared.logging import configure_logging, query_id_var
 from shared.metrics import start_worker_metrics_server
 from shared.queue import PROCESS_TASK, make_celery
 from worker import processing
+from worker.broker import guard_dead_channel
 from worker.runtime import current_runtime, get_runtime, shutdown_runtime
 
 settings = get_settings()
 app = make_celery(settings)
+guard_dead_channel()
 log = logging.getLogger("worker")
 
 # ETA messages live in worker memory and come back after the visibility timeout: keep them well inside it.
@@ -39,8 +41,9 @@ def _start_child(**_: Any) -> None:
     get_runtime(settings)
 
 
-@worker_ready.connect
+@worker_init.connect
 def _start(**_: Any) -> None:
+    # Before the broker connection: heartbeat and sweeper must run even while Redis is unreachable.
     runtime = get_runtime(settings)
     # Liveness means the loop that runs every call still answers, not merely that the process exists.
     start_worker_metrics_server(settings.worker_metrics_port, health_fn=lambda: runtime.run(_alive(), timeout=5))

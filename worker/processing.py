@@ -14,6 +14,7 @@ from typing import TypeVar
 import asyncpg
 
 from shared import llm
+from shared.db import DATABASE_UNAVAILABLE
 from shared.metrics import LLM_CALLS_IN_FLIGHT, LLM_ERRORS, LLM_REQUEST_DURATION, LLM_TOKENS, TASK_RETRIES, TASKS
 from shared.repositories import queries as repo
 from shared.repositories.queries import Claim
@@ -31,15 +32,6 @@ WRITE_RETRY_DELAYS = (0.2, 0.5, 1, 2, 4, 8, 15)
 class Outcome:
     kind: str  # completed | failed | retried | cancelled | released | skipped | lost
     retry_in: float | None = None
-
-
-# What a database restart looks like from asyncpg: the connection dies, or the server refuses for a moment.
-DATABASE_UNAVAILABLE = (
-    OSError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-)
 
 
 async def _in_transaction(rt: WorkerRuntime, step: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:

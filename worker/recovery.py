@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -46,24 +47,26 @@ async def heartbeat_loop(rt: WorkerRuntime) -> None:
 
 
 async def sweep_once(rt: WorkerRuntime) -> int:
-    """Reclaim expired leases and re-send pending rows whose message may be gone; returns how many were sent."""
+    """Hand back expired leases, then re-send due pending rows whose message may be gone; returns how many."""
     settings = rt.settings
+    stale = timedelta(seconds=settings.stale_pending_seconds)
     async with rt.sessionmaker() as session:
-        reclaimed = await repo.reclaim_expired_leases(session, settings.max_attempts, SWEEP_BATCH)
-        stale = await repo.touch_stale_pending(session, timedelta(seconds=settings.stale_pending_seconds), SWEEP_BATCH)
+        reclaimed = await repo.reclaim_expired_leases(session, settings.max_attempts, stale, SWEEP_BATCH)
         await repo.delete_expired_idempotency_keys(session, SWEEP_BATCH)
         await session.commit()
-    to_send = reclaimed + stale
-    sent = 0
-    for query_id in to_send:
-        if await rt.publisher.publish(query_id):
-            sent += 1
-    if to_send:
-        log.info(
-            "sweep re-sent queries",
-            extra={"count": sent, "outcome": f"reclaimed={len(reclaimed)} stale={len(stale)}"},
-        )
-    return sent
+    async with rt.sessionmaker() as session:
+        due = await repo.lock_stale_pending(session, stale, SWEEP_BATCH)
+        sent: list[uuid.UUID] = []
+        for query_id in due:
+            # Broker down: stop here, and leave the rest marked as not sent so the next sweep tries again.
+            if not await rt.publisher.publish(query_id):
+                break
+            sent.append(query_id)
+        await repo.mark_resent(session, sent)
+        await session.commit()
+    if reclaimed or due:
+        log.info("sweep", extra={"count": len(sent), "outcome": f"reclaimed={reclaimed} due={len(due)}"})
+    return len(sent)
 
 
 async def sweep_loop(rt: WorkerRuntime) -> None:

