@@ -8,9 +8,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.db import DATABASE_UNAVAILABLE
+from shared.db import DATABASE_UNAVAILABLE, database_unavailable
 from shared.errors import AppError
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,9 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
 
-async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if not database_unavailable(exc):
+        return await _unhandled(request, exc)
     # An outage, not a bug: say so, and when to come back. Clients retry safely with an Idempotency-Key.
     log.warning("database unavailable", extra={"error": type(exc).__name__})
     return error_response(
@@ -86,6 +89,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for unavailable in DATABASE_UNAVAILABLE:
-        app.add_exception_handler(unavailable, _database_unavailable)
+    for unavailable in (*DATABASE_UNAVAILABLE, DBAPIError):
+        app.add_exception_handler(unavailable, _database_error)
     app.add_exception_handler(Exception, _unhandled)

@@ -32,8 +32,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/aiq"
-    db_pool_size: int = Field(default=20, ge=1)
-    db_max_overflow: int = Field(default=20, ge=0)
+    # Per process: SQLAlchemy up to pool + overflow, the raw asyncpg pool up to pool more (25 at most).
+    # Two API processes and a worker then fit PostgreSQL's default max_connections of 100.
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=5, ge=0)
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_name: str = "aiq.queries"
     publish_timeout_seconds: float = Field(default=1.0, gt=0)

@@ -26,6 +26,19 @@ DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
 )
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether an error means "the database is (briefly) not there", including SQLAlchemy's generic wrapper."""
+    if isinstance(exc, DATABASE_UNAVAILABLE):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        orig = exc.orig
+        # The asyncpg dialect wraps the driver's exception; the original is the cause of the wrapper.
+        return any(isinstance(e, DATABASE_UNAVAILABLE) for e in (orig, getattr(orig, "__cause__", None)))
+    return False
+
+
 def make_engine(settings: Settings, application_name: str) -> AsyncEngine:
     """An asyncpg engine tagged with the process role, so `pg_stat_activity` tells who is who."""
     return create_async_engine(
@@ -67,7 +80,8 @@ async def make_raw_pool(settings: Settings, application_name: str) -> asyncpg.Po
     }
     return await asyncpg.create_pool(
         **{k: v for k, v in kwargs.items() if v is not None},
-        min_size=min(4, settings.db_pool_size),
+        # No connection at start: the API must come up (and report not-ready) while the database is down.
+        min_size=0,
         max_size=settings.db_pool_size,
         init=_init_connection,
         reset=_no_reset,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 from sqlalchemy.engine import Engine
 
-from tests.conftest import count_rows, register_and_login
+from tests.conftest import Stack, count_rows, free_port, register_and_login, spawn_api
 
 
 def _submit(client: httpx.Client, headers: dict[str, str], **body: Any) -> httpx.Response:
@@ -137,3 +138,25 @@ def test_operations_endpoints(client: httpx.Client) -> None:
     assert client.get("/openapi.json").json()["paths"]["/api/v1/query"]
     assert client.get("/docs").status_code == 200
     assert "aiq_" in client.get("/metrics").text
+
+
+def test_database_down_is_503_with_retry_after_not_500(stack: Stack, user: dict[str, Any], tmp_path: Path) -> None:
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/aiq"
+    api, url = spawn_api(stack, tmp_path / "api-dead-db.log", DATABASE_URL=dead)
+    try:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            ready = c.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["checks"] == {"database": "down", "broker": "ok"}
+            for r in (
+                c.post("/api/v1/query", json={"query": "hi"}, headers=user["headers"]),
+                c.get(f"/api/v1/query/{uuid.uuid4()}", headers=user["headers"]),
+                c.get("/api/v1/query", headers=user["headers"]),
+                c.post("/api/v1/auth/login", json={"email": user["email"], "password": "whatever-123"}),
+            ):
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "database_unavailable"
+                assert r.headers["retry-after"]
+    finally:
+        api.terminate()
+        api.wait(15)

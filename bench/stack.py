@@ -1,0 +1,340 @@
+"""Processes of a benchmark run: servers, throwaway databases, the simulator, APIs and workers.
+
+Everything runs as a real process on this machine, started the way production starts it (the
+Dockerfiles' commands), and is measured from the outside with psutil: CPU seconds and RSS of each
+process tree, so a run can say which process used the cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SIM_API_KEY = "sk-bench-simulator-key-0123456789"
+
+# The kernel SIGTERMs the child when the harness dies (even by SIGKILL), so no orphaned API keeps a
+# port or a worker keeps consuming. PR_SET_PDEATHSIG is 1. Same trick as `aiq dev`.
+_DEATH_SIGNAL_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_json(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 10
+) -> Any:
+    """A tiny stdlib HTTP client for setup and control calls (not for load)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def wait_http(url: str, proc: Proc | None = None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}; see {proc.log}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+@dataclass
+class Proc:
+    """A started process, its log, and psutil views of its whole tree."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    role: str
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tree(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def child_pids(self) -> list[int]:
+        try:
+            return [p.pid for p in psutil.Process(self.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def rss_mb(self) -> float:
+        total = 0
+        for p in self.tree():
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total / 2**20
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            for p in reversed(self.tree()):
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            self.popen.wait(5)
+
+
+class Launcher:
+    """Starts processes with logs under one directory and stops them all at the end."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str], role: str | None = None) -> Proc:
+        log = self.logdir / f"{name}.log"
+        handle = log.open("ab")
+        cmd = [PY, "-I", "-S", "-c", _DEATH_SIGNAL_LAUNCHER, str(os.getpid()), *argv]
+        popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        handle.close()
+        proc = Proc(name, popen, log, role or name)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        self.stop_group([proc])
+
+    def stop_group(self, procs: Sequence[Proc], timeout: float = 15) -> None:
+        """SIGTERM them all at once, then SIGKILL whatever is left after `timeout` (one wait, not one each)."""
+        for proc in procs:
+            if proc.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                proc.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for p in reversed(proc.tree()):
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+                proc.popen.wait(5)
+            if proc in self.procs:
+                self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop_group(list(reversed(self.procs)))
+        self.procs.clear()
+
+
+@dataclass
+class Servers:
+    """PostgreSQL and Redis as `make test` finds them: TEST_* variables, else embedded."""
+
+    database: str
+    redis: str
+    embedded: bool
+    created: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, base: Path) -> Servers:
+        from shared import embedded
+
+        db = os.environ.get("TEST_DATABASE_URL")
+        redis = os.environ.get("TEST_REDIS_URL")
+        is_embedded = not (db and redis)
+        db = db or embedded.start_postgres(base / "svc")
+        redis = redis or embedded.start_redis(base / "svc")
+        return cls(db, redis, is_embedded)
+
+    def new_database(self, prefix: str) -> str:
+        from shared import embedded
+
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        url = embedded.create_database(self.database, name)
+        self.created.append(name)
+        return url
+
+    def drop_all(self) -> None:
+        from shared import embedded
+
+        for name in self.created:
+            with contextlib.suppress(Exception):
+                embedded.drop_database(self.database, name)
+        self.created.clear()
+
+    def max_connections(self) -> int:
+        import psycopg2
+
+        from shared.embedded import _libpq_url
+
+        conn = psycopg2.connect(_libpq_url(self.database))
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SHOW max_connections")
+                return int(cur.fetchone()[0])
+        finally:
+            conn.close()
+
+    def broker_url(self) -> str:
+        """Kombu and Celery's result backend spell a unix-socket Redis `redis+socket://`."""
+        if self.redis.startswith("unix://"):
+            return "redis+socket://" + self.redis.removeprefix("unix://")
+        return self.redis
+
+
+def migrate(database_url: str) -> None:
+    """`alembic upgrade head`, exactly as the tests do."""
+    from alembic import command
+    from alembic.config import Config
+
+    from shared.config import Settings
+
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.attributes["database_url"] = Settings(database_url=database_url).sync_database_url
+    cfg.attributes["configure_logger"] = False
+    command.upgrade(cfg, "head")
+
+
+def server_processes() -> dict[str, list[psutil.Process]]:
+    """PostgreSQL and Redis processes on this machine (all of them: the embedded ones and any machine server)."""
+    found: dict[str, list[psutil.Process]] = {"postgres": [], "redis": []}
+    for p in psutil.process_iter(["name"]):
+        name = p.info["name"] or ""
+        if name in ("postgres", "postmaster"):
+            found["postgres"].append(p)
+        elif name.startswith("redis-server"):
+            found["redis"].append(p)
+    return found
+
+
+class CpuMeter:
+    """CPU seconds per role (a role is a set of process trees), and the whole machine's busy time."""
+
+    def __init__(self, roles: dict[str, Iterable[Proc]], extra_pids: dict[str, list[int]] | None = None) -> None:
+        self.roles = {role: list(procs) for role, procs in roles.items()}
+        self.extra_pids = extra_pids or {}
+
+    def _processes(self) -> dict[str, list[psutil.Process]]:
+        out: dict[str, list[psutil.Process]] = {}
+        for role, procs in self.roles.items():
+            out[role] = [p for proc in procs for p in proc.tree()]
+        out.update(server_processes())
+        with contextlib.suppress(psutil.Error):
+            out["harness"] = [psutil.Process(os.getpid())]
+        for role, pids in self.extra_pids.items():
+            ps = []
+            for pid in pids:
+                with contextlib.suppress(psutil.Error):
+                    ps.append(psutil.Process(pid))
+            out[role] = ps
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        per: dict[str, dict[tuple[int, float], float]] = {}
+        for role, ps in self._processes().items():
+            seen: dict[tuple[int, float], float] = {}
+            for p in ps:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    seen[(p.pid, p.create_time())] = t.user + t.system
+            per[role] = seen
+        sys_t = psutil.cpu_times()
+        busy = sum(sys_t) - sys_t.idle - getattr(sys_t, "iowait", 0.0)
+        return {"t": time.monotonic(), "roles": per, "busy": busy}
+
+    @staticmethod
+    def delta(
+        before: dict[str, Any], after: dict[str, Any], extra_cpu_s: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """CPU seconds per role between two snapshots, in % of one core too.
+
+        `other` is the machine's busy time that no process of this run accounts for: other people's
+        work on a shared machine, plus the kernel's own. A high `other` means the figures are
+        pessimistic.
+        """
+        wall = max(1e-9, after["t"] - before["t"])
+        roles: dict[str, float] = {}
+        busiest: dict[str, float] = {}
+        for role, procs in after["roles"].items():
+            old = before["roles"].get(role, {})
+            per = [max(0.0, v - old.get(k, 0.0)) for k, v in procs.items()]
+            roles[role] = round(sum(per), 3)
+            busiest[role] = round(100 * max(per, default=0.0) / wall, 1)
+        roles.update(extra_cpu_s or {})
+        busy_s = after["busy"] - before["busy"]
+        roles["other"] = round(max(0.0, busy_s - sum(roles.values())), 3)
+        return {
+            "wall_s": round(wall, 3),
+            "cpu_s": roles,
+            "pct_of_core": {r: round(100 * v / wall, 1) for r, v in roles.items()},
+            # The busiest single process of each role: one at ~100 % is a GIL-bound process at its limit.
+            "busiest_process_pct": busiest,
+            "machine_busy_pct": round(100 * busy_s / wall / (psutil.cpu_count() or 1), 1),
+        }
+
+
+def machine_busy_pct(seconds: float) -> float:
+    """How busy the whole machine is over `seconds`, in % of all cores."""
+    return float(psutil.cpu_percent(interval=seconds))
+
+
+def busiest_processes(seconds: float = 1.0, top: int = 5) -> list[tuple[str, float]]:
+    """The processes using the most CPU right now (to name what else runs on a shared machine)."""
+    procs = list(psutil.process_iter(["cmdline", "name"]))
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.cpu_percent(None)
+    time.sleep(seconds)
+    usage = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            cmd = " ".join(p.info["cmdline"] or [p.info["name"] or "?"])[:100]
+            usage.append((cmd, p.cpu_percent(None)))
+    return sorted(usage, key=lambda u: -u[1])[:top]
+
+
+def new_secret() -> str:
+    return secrets.token_urlsafe(48)
