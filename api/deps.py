@@ -6,7 +6,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import asyncpg
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -40,12 +39,6 @@ async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-async def get_raw_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
-    """A plain asyncpg connection for the hot path's single statements."""
-    async with request.app.state.raw_pool.acquire() as conn:
-        yield conn
-
-
 async def get_publisher(request: Request) -> Publisher:
     publisher: Publisher = request.app.state.publisher
     return publisher
@@ -54,7 +47,6 @@ async def get_publisher(request: Request) -> Publisher:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session)]
-RawConnectionDep = Annotated[asyncpg.Connection, Depends(get_raw_connection)]
 PublisherDep = Annotated[Publisher, Depends(get_publisher)]
 
 

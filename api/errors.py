@@ -80,9 +80,14 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+def internal_error(exc: BaseException) -> JSONResponse:
+    """Log a bug (its type only, see shared/logging.py) and answer the JSON 500."""
     log.error("unhandled error", exc_info=exc)
     return error_response(500, "internal_error", "Internal server error")
+
+
+async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+    return internal_error(exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:

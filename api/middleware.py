@@ -14,6 +14,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import internal_error
 from shared.logging import request_id_var
 from shared.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
 
@@ -138,8 +139,21 @@ class RequestIdMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send_with_id(message)
+
         token = request_id_var.set(request_id)
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            # Starlette answers unhandled errors in its outermost middleware, after this one has unset the
+            # request id: answer here instead, so the 500 and its log line carry the id like any other.
+            if started:
+                raise
+            await internal_error(exc)(scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)

@@ -11,10 +11,10 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# Values that ship in examples and must never sign production tokens.
-KNOWN_DEFAULT_SECRETS = frozenset({"", "change-me", "changeme", "secret", "dev", "development"})
 MIN_JWT_SECRET_BYTES = 32
 DEVELOPMENT_JWT_SECRET = "aiq-insecure-development-key-never-use-in-production"  # noqa: S105 - dev only, refused elsewhere
+# Values that ship in examples or in this code and must never sign production tokens.
+KNOWN_DEFAULT_SECRETS = frozenset({"", "change-me", "changeme", "secret", "dev", "development", DEVELOPMENT_JWT_SECRET})
 
 
 class Environment(StrEnum):
@@ -87,6 +87,14 @@ class Settings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
+    @field_validator("openai_base_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        # Compose and Kubernetes pass an unset variable through as "": that means "OpenAI itself".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("jwt_algorithm")
     @classmethod
     def _pin_hmac(cls, value: str) -> str:
@@ -104,14 +112,14 @@ class Settings(BaseSettings):
         if self.default_model not in self.allowed_models:
             raise ValueError("DEFAULT_MODEL must be one of ALLOWED_MODELS")
         secret = self.jwt_secret_key.get_secret_value()
-        weak = secret.lower() in KNOWN_DEFAULT_SECRETS or len(secret.encode()) < MIN_JWT_SECRET_BYTES
+        weak = _weak(secret)
         if weak and self.environment is not Environment.DEVELOPMENT:
             raise ValueError(
                 "JWT_SECRET_KEY is missing, a known default or shorter than 32 bytes; "
                 "set a random value (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(48))'`)"
             )
-        if any(len(k.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES for k in self.jwt_previous_secret_keys):
-            raise ValueError("every JWT_PREVIOUS_SECRET_KEYS entry must be at least 32 bytes")
+        if any(_weak(k.get_secret_value()) for k in self.jwt_previous_secret_keys):
+            raise ValueError("every JWT_PREVIOUS_SECRET_KEYS entry must be at least 32 bytes and not a known default")
         if weak:
             # Development only. A fixed key (not a random one) so that several API processes agree.
             warnings.warn("JWT_SECRET_KEY is weak or unset: using the INSECURE development key", stacklevel=2)
@@ -134,6 +142,10 @@ class Settings(BaseSettings):
         if self.redis_url.startswith("unix://"):
             return "redis+socket://" + self.redis_url.removeprefix("unix://")
         return self.redis_url
+
+
+def _weak(secret: str) -> bool:
+    return secret.lower() in KNOWN_DEFAULT_SECRETS or len(secret.encode()) < MIN_JWT_SECRET_BYTES
 
 
 def _with_driver(url: str, driver: str) -> str:

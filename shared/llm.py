@@ -15,6 +15,8 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from shared.config import Settings
 
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+
 
 def make_client(settings: Settings) -> AsyncOpenAI:
     """One client per worker process: SDK retries off, because the queue owns retries.
@@ -25,7 +27,8 @@ def make_client(settings: Settings) -> AsyncOpenAI:
     connections = settings.worker_concurrency + 16
     return AsyncOpenAI(
         api_key=settings.openai_api_key.get_secret_value() or "unset",
-        base_url=settings.openai_base_url or None,
+        # Always explicit: given None, the SDK would read OPENAI_BASE_URL itself, and "" there means no URL.
+        base_url=settings.openai_base_url or OPENAI_BASE_URL,
         max_retries=0,
         timeout=settings.llm_timeout_seconds,
         http_client=DefaultAioHttpClient(

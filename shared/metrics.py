@@ -69,7 +69,8 @@ QUERIES_SUBMITTED = Counter(
 
 TASKS = Counter(
     "aiq_tasks_total",
-    "Task deliveries processed by workers, by outcome (completed|failed|retried|cancelled|skipped).",
+    "Task deliveries processed by workers, by outcome (completed|failed|retried|cancelled|skipped|released|lost;"
+    " released = handed back at shutdown, lost = the attempt no longer owned the row: its write was discarded).",
     ["outcome"],
 )
 LLM_REQUEST_DURATION = Histogram(

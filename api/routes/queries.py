@@ -9,13 +9,16 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
-from api.deps import CurrentUserId, PublisherDep, RawConnectionDep, ReadSessionDep, SessionDep, SettingsDep
+from api.deps import CurrentUserId, PublisherDep, ReadSessionDep, SessionDep, SettingsDep
+from api.middleware import mark_long_request
 from shared.metrics import QUERIES_SUBMITTED
 from shared.models import QueryStatus
 from shared.schemas import QueryAccepted, QueryCreate, QueryOut, QueryPage
 from shared.services import queries as service
 
 router = APIRouter(prefix="/query", tags=["queries"])
+# Long-polls end within this, well inside common proxy and load balancer idle timeouts (60 s).
+MAX_WAIT_SECONDS = 30.0
 log = logging.getLogger(__name__)
 
 
@@ -61,9 +64,27 @@ async def submit(
 
 
 @router.get("/{query_id}", response_model=QueryOut)
-async def get(query_id: uuid.UUID, user_id: CurrentUserId, conn: RawConnectionDep) -> QueryOut:
-    """One of the caller's queries; anybody else's is a 404."""
-    return await service.get_query(conn, user_id, query_id)
+async def get(
+    query_id: uuid.UUID,
+    request: Request,
+    user_id: CurrentUserId,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT_SECONDS,
+            description="Long-poll: answer as soon as the query is terminal, or after this many seconds",
+        ),
+    ] = 0,
+) -> QueryOut:
+    """One of the caller's queries; anybody else's is a 404. With `wait`, a long-poll."""
+    pool = request.app.state.raw_pool
+    if not wait:
+        async with pool.acquire() as conn:
+            return await service.get_query(conn, user_id, query_id)
+    # Its duration is the client's chosen wait, not latency: keep it out of the latency histogram.
+    mark_long_request(request.scope)
+    return await service.wait_for_query(pool, user_id, query_id, wait)
 
 
 @router.post(

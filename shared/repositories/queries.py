@@ -186,9 +186,9 @@ _COMPLETE = _finish(
     finished_at=func.now(),
 )
 _FAIL = _finish(
-    status=QueryStatus.FAILED,
-    error_code=bindparam("code"),
-    error_message=bindparam("message"),
+    status=_unless_cancelled(QueryStatus.FAILED.value, QueryStatus.CANCELLED.value),
+    error_code=_unless_cancelled(bindparam("code", type_=String()), CANCELLED_CODE),
+    error_message=_unless_cancelled(bindparam("message", type_=Text()), CANCELLED_MESSAGE),
     finished_at=func.now(),
 )
 _RETRY = _finish(
@@ -242,7 +242,7 @@ async def complete_attempt(
 
 
 async def fail_attempt(conn: asyncpg.Connection, claim: Claim, *, code: str, message: str) -> bool:
-    """running → failed."""
+    """running → failed (or cancelled, if a cancel came in meanwhile: the client was told it would be)."""
     return await _write(conn, _FAIL, claim, code=code, message=message)
 
 

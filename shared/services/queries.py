@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -26,6 +27,16 @@ def _invalid(field: str, message: str, code: str) -> InvalidInput:
     return InvalidInput(message, code=code, details=[{"loc": ["body", field], "msg": message, "type": code}])
 
 
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 def validate_submission(settings: Settings, body: QueryCreate) -> str:
     """Checks that depend on configuration; returns the model to use."""
     model = body.model or settings.default_model
@@ -35,6 +46,10 @@ def validate_submission(settings: Settings, body: QueryCreate) -> str:
         )
     if not body.query.strip():
         raise _invalid("query", "Query must not be blank", "query_blank")
+    # PostgreSQL text and jsonb cannot hold U+0000: refuse it here rather than fail the INSERT.
+    for field, value in (("query", body.query), ("system", body.system), ("metadata", body.metadata)):
+        if _has_nul(value):
+            raise _invalid(field, f"{field} must not contain NUL (U+0000) characters", "nul_character")
     if len(body.query) > settings.max_query_chars:
         raise _invalid("query", f"Query is longer than {settings.max_query_chars} characters", "query_too_long")
     if body.system is not None and len(body.system) > settings.max_query_chars:
@@ -133,6 +148,30 @@ def _found(query: RowLike | None) -> RowLike:
 async def get_query(conn: asyncpg.Connection, user_id: uuid.UUID, query_id: uuid.UUID) -> QueryOut:
     """The caller's query, or 404 for a missing one and for anybody else's alike."""
     return to_out(_found(await repo.fetch_for_user(conn, query_id, user_id)))
+
+
+# Long-poll: how often a waiting GET looks at the row again (doubling from the first to the last).
+WAIT_FIRST_CHECK_SECONDS = 0.1
+WAIT_MAX_CHECK_SECONDS = 1.0
+
+
+async def wait_for_query(pool: asyncpg.Pool, user_id: uuid.UUID, query_id: uuid.UUID, wait: float) -> QueryOut:
+    """The caller's query once it is terminal, or as it stands after `wait` seconds.
+
+    Each look takes a connection from the pool and gives it back: a waiting client holds no connection,
+    so thousands can wait at once. The row is re-read every 0.1 s at first, backing off to every second.
+    """
+    async with pool.acquire() as conn:
+        query = await get_query(conn, user_id, query_id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    delay = WAIT_FIRST_CHECK_SECONDS
+    while query.status not in TERMINAL_STATUSES and (left := deadline - loop.time()) > 0:
+        await asyncio.sleep(min(delay, left))
+        delay = min(delay * 2, WAIT_MAX_CHECK_SECONDS)
+        async with pool.acquire() as conn:
+            query = await get_query(conn, user_id, query_id)
+    return query
 
 
 def encode_cursor(query: RowLike) -> str:

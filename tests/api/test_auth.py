@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 import uuid
 from typing import Any
@@ -141,6 +143,66 @@ def test_bad_tokens_are_rejected(client: httpx.Client, stack: Stack, user: dict[
         _unauthorized(client.get("/api/v1/query", headers={"Authorization": "Basic abc"}))["code"]
         == "not_authenticated"
     )
+
+
+def _access_claims(stack: Stack, user_id: str) -> dict[str, Any]:
+    """Every claim `shared.security` requires (plus nbf, as `issue_token` sets it), all with the right values."""
+    now = int(time.time())
+    return {
+        "sub": user_id,
+        "iss": stack.settings.jwt_issuer,
+        "aud": stack.settings.jwt_audience,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+        "jti": str(uuid.uuid4()),
+    }
+
+
+def _b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data, separators=(",", ":")).encode()).rstrip(b"=").decode()
+
+
+def _me(client: httpx.Client, token: str) -> httpx.Response:
+    return client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token}"})
+
+
+def test_well_formed_access_tokens_with_another_algorithm_are_rejected(
+    client: httpx.Client, stack: Stack, user: dict[str, Any]
+) -> None:
+    # The server signs and verifies with HS256 only; these tokens pass every other check (typ, claims, key).
+    assert stack.settings.jwt_algorithm == "HS256"
+    secret = stack.settings.jwt_secret_key.get_secret_value()
+    claims = _access_claims(stack, user["user_id"])
+    header = {"typ": "at+jwt"}
+
+    # Control: the very same header and claims signed with HS256 and the same key get in.
+    good = jwt.encode(claims, secret, algorithm="HS256", headers=header)
+    r = _me(client, good)
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == user["user_id"]
+
+    _, good_payload, good_sig = good.split(".")
+    forged = {
+        "none": jwt.encode(claims, None, algorithm="none", headers=header),
+        "HS384, right key": jwt.encode(claims, secret, algorithm="HS384", headers=header),
+        "HS512, right key": jwt.encode(claims, secret, algorithm="HS512", headers=header),
+        # Hand-made variants of "none": other spellings, and a valid HS256 signature left attached.
+        "None": f"{_b64({'alg': 'None', 'typ': 'at+jwt'})}.{good_payload}.",
+        "NONE": f"{_b64({'alg': 'NONE', 'typ': 'at+jwt'})}.{good_payload}.",
+        "none with HS256 signature": f"{_b64({'alg': 'none', 'typ': 'at+jwt'})}.{good_payload}.{good_sig}",
+    }
+    for name, token in forged.items():
+        head = jwt.get_unverified_header(token)
+        # Only the algorithm differs from the accepted token: same typ, same payload.
+        assert head["typ"] == "at+jwt", name
+        assert head["alg"] != "HS256", name
+        assert token.split(".")[1] == good_payload, name
+        assert _unauthorized(_me(client, token))["code"] == "invalid_token", name
+        r = client.get("/api/v1/query", headers={"Authorization": f"Bearer {token}"})
+        assert _unauthorized(r)["code"] == "invalid_token", name
+    # The genuine token still works afterwards: the rejections were about the algorithm, not some state.
+    assert _me(client, good).status_code == 200
 
 
 def test_access_token_cannot_be_used_as_refresh_token(client: httpx.Client, user: dict[str, Any]) -> None:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
+import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from shared.repositories import queries as queries_repo
+from shared.repositories.queries import Claim
 from tests.conftest import Stack, count_rows, insert_query, register_and_login, row, wait_terminal, wait_until
 
 
@@ -50,6 +55,45 @@ def test_cancel_running_stops_the_call_and_a_late_answer_never_lands(
     elapsed = (stored["finished_at"] - stored["cancel_requested_at"]).total_seconds()
     assert elapsed < 1.5, elapsed
     assert client.post(f"/api/v1/query/{query_id}/cancel", headers=user["headers"]).status_code == 409
+
+
+@pytest.mark.parametrize("outcome", ["fail", "retry", "complete"])
+def test_a_cancel_accepted_while_running_wins_over_every_outcome(
+    stack: Stack, user: dict[str, Any], db: Engine, outcome: str
+) -> None:
+    # The worker's last write lands after the client was told 202 "cancelling": the row must end cancelled.
+    query_id = insert_query(
+        db,
+        user["user_id"],
+        status="'running'",
+        attempts="1",
+        lease_owner="'w:1'",
+        lease_expires_at="now() + interval '1 hour'",
+        cancel_requested_at="now()",
+    )
+    claim = Claim(uuid.UUID(query_id), 1, "p", None, "sim-small", None, None)
+
+    async def write() -> bool:
+        conn = await asyncpg.connect(stack.settings.database_url)
+        try:
+            if outcome == "fail":
+                return await queries_repo.fail_attempt(conn, claim, code="upstream_bad_request", message="rejected")
+            if outcome == "retry":
+                return await queries_repo.retry_attempt(
+                    conn, claim, delay=timedelta(seconds=5), code="upstream_unavailable", message="try again"
+                )
+            return await queries_repo.complete_attempt(
+                conn, claim, response="late", prompt_tokens=1, completion_tokens=2, total_tokens=3, latency_ms=10
+            )
+        finally:
+            await conn.close()
+
+    assert asyncio.run(write())
+    stored = row(db, query_id)
+    assert stored["status"] == "cancelled"
+    assert stored["error_code"] == "cancelled"
+    assert stored["response"] is None
+    assert stored["finished_at"] is not None
 
 
 def test_cancel_completed_is_409_and_another_users_is_404(client: httpx.Client, user: dict[str, Any]) -> None:

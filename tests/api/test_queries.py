@@ -52,6 +52,11 @@ def test_invalid_submissions_are_422_and_store_nothing(client: httpx.Client, use
         "metadata not object": ({"query": "hi", "metadata": [1, 2]}, "validation_error"),
         "metadata too big": ({"query": "hi", "metadata": {"k": "v" * 5000}}, "metadata_too_large"),
         "not an object": ([1, 2, 3], "validation_error"),
+        # PostgreSQL cannot store U+0000 in text or jsonb: a 422, not the INSERT's 500.
+        "NUL in query": ({"query": "hi\x00there"}, "nul_character"),
+        "NUL in system": ({"query": "hi", "system": "be\x00nice"}, "nul_character"),
+        "NUL in metadata value": ({"query": "hi", "metadata": {"k": ["ok", {"deep": "a\x00b"}]}}, "nul_character"),
+        "NUL in metadata key": ({"query": "hi", "metadata": {"k\x00": 1}}, "nul_character"),
     }
     before = count_rows(db, "SELECT count(*) FROM queries WHERE user_id = :u", u=user["user_id"])
     for name, (body, code) in cases.items():
@@ -64,6 +69,12 @@ def test_invalid_submissions_are_422_and_store_nothing(client: httpx.Client, use
         r = client.post("/api/v1/query", content=raw, headers={**user["headers"], "content-type": "application/json"})
         assert r.status_code == 422, raw
         assert r.json()["error"]["code"] in {"malformed_json", "validation_error"}
+    # The Idempotency-Key path stores through the ORM session: the same checks hold there.
+    r = client.post(
+        "/api/v1/query", json={"query": "a\x00b"}, headers={**user["headers"], "Idempotency-Key": "nul-check"}
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "nul_character"
     assert count_rows(db, "SELECT count(*) FROM queries WHERE user_id = :u", u=user["user_id"]) == before
 
 

@@ -53,6 +53,11 @@ def test_chaos_smoke_loses_nothing_and_never_rewrites_a_terminal_row(tmp_path: P
     assert report["double_terminal_writes"]["total"] == 0, (
         f"terminal rows written twice: {report['double_terminal_writes']}\n{output}"
     )
+    # No attempt called the LLM twice: every simulator call for a query id is matched by an attempt on its row.
+    llm = report["llm"]
+    assert llm["calls_beyond_attempts"] == 0, (
+        f"LLM calls beyond attempts: {llm['calls_beyond_attempts_examples']}\n{output}"
+    )
     # The faults really happened (a harness that injects nothing proves nothing).
     faults = report["faults"]
     assert faults["worker_kills"] >= 1, output

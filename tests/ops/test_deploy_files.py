@@ -28,6 +28,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
 from shared import metrics
+from shared.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -210,6 +211,58 @@ def test_compose_secrets_come_from_the_environment() -> None:
     # Every other secret-looking default must be marked as development-only.
     for match in re.finditer(r"\$\{(\w*(?:PASSWORD|SECRET|KEY|AUTH)\w*):-([^}]*)\}", text):
         assert "dev-only" in match.group(2) or "DEV-ONLY" in text.splitlines()[text[: match.start()].count("\n")]
+
+
+# Settings compose decides itself; every other one is a bare `NAME:` that passes the host's value through.
+COMPOSE_SET_SETTINGS = {
+    "ENVIRONMENT", "DATABASE_URL", "REDIS_URL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "JWT_SECRET_KEY",
+    "WORKER_METRICS_PORT",
+}  # fmt: skip
+# Only the worker serves WORKER_METRICS_PORT, pinned to 9540 (Prometheus and the image's HEALTHCHECK use it).
+NOT_FOR_SERVICE = {"api": {"WORKER_METRICS_PORT"}, "worker": set[str]()}
+
+
+def setting_names() -> set[str]:
+    return {name.upper() for name in Settings.model_fields}
+
+
+@pytest.mark.parametrize("name", ["api", "worker"])
+def test_compose_reaches_every_setting(name: str) -> None:
+    env = service(name)["environment"]
+    assert isinstance(env, dict)
+    missing = setting_names() - NOT_FOR_SERVICE[name] - set(env)
+    assert not missing, f"{name}: add {sorted(missing)} to x-aiq-env as a bare `NAME:` (passed through when set)"
+    assert not set(env) - setting_names(), "not a Settings field (typo?)"
+    # Defaults live in shared/config.py only: a value here must be one compose has to decide.
+    valued = {k for k, v in env.items() if v is not None}
+    assert valued <= COMPOSE_SET_SETTINGS, f"{name}: leave {sorted(valued - COMPOSE_SET_SETTINGS)} bare"
+    assert setting_names() >= COMPOSE_SET_SETTINGS, "stale COMPOSE_SET_SETTINGS"
+    if name == "worker":
+        assert env["WORKER_METRICS_PORT"] == "9540"
+        assert service(name)["expose"] == ["9540"]
+
+
+def test_compose_passes_host_settings_through() -> None:
+    env = clean_env(**COMPOSE_ENV, HEARTBEAT_SECONDS="7", JWT_AUDIENCE="aiq-test")
+    result = compose("config", env=env)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    for name in ("api", "worker", "migrate", "flower"):
+        rendered_env = services[name]["environment"]
+        assert rendered_env["HEARTBEAT_SECONDS"] == "7", name
+        assert rendered_env["JWT_AUDIENCE"] == "aiq-test", name
+        # Unset on the host: no value (compose sends the bare name, which Docker drops), never "" for pydantic.
+        assert rendered_env.get("RETRY_MAX_SECONDS") is None, name
+
+
+def test_compose_pass_through_does_not_unset_image_env() -> None:
+    # A bare name that is unset on the host also removes the image's own `ENV NAME=...` in the container.
+    bare = {k for k, v in compose_raw()["x-aiq-env"].items() if v is None}
+    for dockerfile in ("Dockerfile.api", "Dockerfile.worker"):
+        final = stages(ROOT / dockerfile)[-1]
+        image_env = {n for line in final if line.startswith("ENV ") for n in re.findall(r"(\w+)=", line)}
+        assert image_env, dockerfile
+        assert not bare & image_env, dockerfile
 
 
 def test_compose_images_are_pinned() -> None:

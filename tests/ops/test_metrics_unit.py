@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -33,6 +35,7 @@ from api.middleware import (
     request_id_var,
 )
 from shared import metrics
+from shared.logging import JsonFormatter
 
 ROOT = Path(__file__).resolve().parents[2]
 HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -159,6 +162,25 @@ def test_unhandled_exception_counts_as_500(client: TestClient) -> None:
     before = sample("aiq_http_requests_total", method="GET", route="/boom", status="500")
     assert client.get("/boom").status_code == 500
     assert sample("aiq_http_requests_total", method="GET", route="/boom", status="500") == before + 1
+
+
+def test_a_500_carries_the_request_id_in_its_header_and_its_log_line(client: TestClient) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("aiq-api"))
+    errors_log = logging.getLogger("api.errors")
+    errors_log.addHandler(handler)
+    try:
+        r = client.get("/boom", headers={"X-Request-ID": "trace-500-abc"})
+    finally:
+        errors_log.removeHandler(handler)
+    assert r.status_code == 500
+    assert r.json() == {"error": {"code": "internal_error", "message": "Internal server error"}}
+    assert r.headers["x-request-id"] == "trace-500-abc"
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["msg"], e.get("request_id"), e.get("exc_type")) for e in lines] == [
+        ("unhandled error", "trace-500-abc", "RuntimeError")
+    ]
 
 
 def test_long_requests_are_counted_but_not_timed(client: TestClient) -> None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from pydantic import ValidationError
 
 from shared.config import DEVELOPMENT_JWT_SECRET, Settings
+from shared.llm import make_client
 
 STRONG = "s" * 48
 
 
-@pytest.mark.parametrize("secret", ["", "change-me", "secret", "short-but-random-31-bytes-xxxxx"])
+@pytest.mark.parametrize(
+    "secret", ["", "change-me", "secret", "short-but-random-31-bytes-xxxxx", DEVELOPMENT_JWT_SECRET]
+)
 def test_production_refuses_missing_default_or_short_jwt_secret(secret: str) -> None:
     with pytest.raises(ValidationError, match="JWT_SECRET_KEY"):
         Settings(environment="production", jwt_secret_key=secret)  # type: ignore[arg-type]
@@ -58,3 +63,24 @@ def test_driver_urls_and_unix_socket_broker() -> None:
     assert settings.broker_url == "redis+socket:///tmp/r/redis.sock"
     with pytest.raises(ValueError, match="postgresql"):
         Settings(database_url="mysql://x/y", jwt_secret_key=STRONG).sync_database_url  # type: ignore[arg-type]  # noqa: B018
+
+
+def test_previous_keys_may_not_be_the_development_key() -> None:
+    with pytest.raises(ValidationError, match="JWT_PREVIOUS_SECRET_KEYS"):
+        Settings(environment="production", jwt_secret_key=STRONG, jwt_previous_secret_keys=DEVELOPMENT_JWT_SECRET)  # type: ignore[arg-type]
+
+
+def test_blank_openai_base_url_means_openai_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What compose's `${OPENAI_BASE_URL:-}` hands the container when the operator sets nothing.
+    monkeypatch.setenv("OPENAI_BASE_URL", "")
+    settings = Settings(jwt_secret_key=STRONG, openai_api_key="sk-test")  # type: ignore[arg-type]
+    assert settings.openai_base_url is None
+
+    async def base_url() -> str:
+        client = make_client(settings)
+        try:
+            return str(client.base_url)
+        finally:
+            await client.close()
+
+    assert asyncio.run(base_url()).rstrip("/") == "https://api.openai.com/v1"
