@@ -30,6 +30,11 @@ from tests.conftest import (
 _ORPHANED = {"status": "'running'", "lease_owner": "'dead-host:1'", "lease_expires_at": "now() - interval '1 second'"}
 
 
+def _scalar(db: Engine, sql: str) -> Any:
+    with db.connect() as conn:
+        return conn.execute(text(sql)).scalar()
+
+
 def _sim_calls(stack: Stack, query_id: str) -> int:
     return int(httpx.get(f"{stack.simulator_url}/_sim/stats").json()["calls_by_query"].get(query_id, 0))
 
@@ -147,3 +152,39 @@ def test_submit_with_a_dead_broker_is_fast_and_the_sweeper_sends_it_later(
     with httpx.Client(base_url=stack.api_url, timeout=10) as c:
         body = wait_terminal(c, user["headers"], query_id, timeout=30)
     assert body["status"] == "completed"
+
+
+def test_a_failed_final_write_is_retried_without_calling_the_llm_again(
+    client: httpx.Client, stack: Stack, user: dict[str, Any], db: Engine
+) -> None:
+    """The connection dies under the worker's final write: the write is retried, the LLM is not called again.
+
+    The test holds the row's lock as the answer arrives, so the completion UPDATE waits on it, then terminates
+    that backend (what a PostgreSQL restart does to every session) and lets go of the lock.
+    """
+    r = client.post(
+        "/api/v1/query", json={"query": f"[[sim latency_ms=1500]] write-retry {uuid.uuid4()}"}, headers=user["headers"]
+    )
+    query_id = r.json()["query_id"]
+    wait_until(lambda: row(db, query_id)["status"] == "running", timeout=20)
+    waiting_write = (
+        "FROM pg_stat_activity WHERE application_name = 'aiq-worker' AND datname = current_database()"
+        " AND wait_event_type = 'Lock' AND query ILIKE 'UPDATE queries%' AND query ILIKE '%finished_at%'"
+    )
+    with db.connect() as locker:
+        locker.execute(text("BEGIN"))
+        locker.execute(text("SELECT 1 FROM queries WHERE id = :id FOR UPDATE"), {"id": query_id})
+        # A new transaction per look: pg_stat_activity is a snapshot within one.
+        wait_until(lambda: _scalar(db, f"SELECT pid {waiting_write}") is not None, timeout=10)
+        assert _scalar(db, f"SELECT pg_terminate_backend(pid) {waiting_write}")
+        locker.execute(text("COMMIT"))
+    body = wait_terminal(client, user["headers"], query_id, timeout=30)
+    assert body["status"] == "completed", body
+    assert body["attempts"] == 1
+    assert _sim_calls(stack, query_id) == 1
+    retried = [
+        line
+        for line in stack.read_logs().splitlines()
+        if '"database step failed; retrying"' in line and query_id in line
+    ]
+    assert retried, "the worker's write never failed: the test did not exercise the retry"
