@@ -16,6 +16,7 @@ import asyncpg
 from shared import llm
 from shared.db import DATABASE_UNAVAILABLE
 from shared.metrics import LLM_CALLS_IN_FLIGHT, LLM_ERRORS, LLM_REQUEST_DURATION, LLM_TOKENS, TASK_RETRIES, TASKS
+from shared.models import QueryStatus
 from shared.repositories import queries as repo
 from shared.repositories.queries import Claim
 from shared.services import queries as service
@@ -32,6 +33,15 @@ WRITE_RETRY_DELAYS = (0.2, 0.5, 1, 2, 4, 8, 15)
 class Outcome:
     kind: str  # completed | failed | retried | cancelled | released | skipped | lost
     retry_in: float | None = None
+
+
+def _outcome(status: QueryStatus | None, kind: str, retry_in: float | None = None) -> Outcome:
+    """What an outcome write did: nothing (`lost`), or `kind` unless a cancel that came in meanwhile won."""
+    if status is None:
+        return Outcome("lost")
+    if status is QueryStatus.CANCELLED and kind != "cancelled":
+        return Outcome("cancelled")
+    return Outcome(kind, retry_in=retry_in)
 
 
 async def _in_transaction(rt: WorkerRuntime, step: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
@@ -108,11 +118,11 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
             latency_ms=result.latency_ms,
         ),
     )
-    if not written:
+    if written is None:
         log.warning("completion discarded: attempt no longer owns the query", extra={"attempt": claim.attempt})
         return Outcome("lost")
     log.info("query completed", extra={"attempt": claim.attempt, "latency_ms": result.latency_ms})
-    return Outcome("completed")
+    return _outcome(written, "completed")
 
 
 async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: str) -> Outcome:
@@ -120,11 +130,11 @@ async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: str) -> Outcome:
     if reason == "cancel":
         written = await _in_transaction(rt, lambda s: repo.cancel_attempt(s, claim))
         log.info("call stopped: query cancelled", extra=extra)
-        return Outcome("cancelled") if written else Outcome("lost")
+        return _outcome(written, "cancelled")
     if reason == "shutdown":
         written = await _in_transaction(rt, lambda s: repo.release_attempt(s, claim))
         log.info("call stopped: worker shutting down, query handed back", extra=extra)
-        return Outcome("released", retry_in=0) if written else Outcome("lost")
+        return _outcome(written, "released", retry_in=0)
     log.warning("call stopped: lease lost to another worker", extra=extra)
     return Outcome("lost")
 
@@ -142,7 +152,7 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
         )
         TASK_RETRIES.labels(reason=failure.kind).inc()
         log.warning("transient upstream error; retry scheduled", extra={**extra, "delay_s": round(delay, 2)})
-        return Outcome("retried", retry_in=delay) if written else Outcome("lost")
+        return _outcome(written, "retried", retry_in=delay)
 
     if failure.transient:
         code = "upstream_retries_exhausted"
@@ -151,4 +161,4 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
         code, message = failure.code, failure.message
     written = await _in_transaction(rt, lambda s: repo.fail_attempt(s, claim, code=code, message=message))
     log.warning("query failed", extra=extra)
-    return Outcome("failed") if written else Outcome("lost")
+    return _outcome(written, "failed")

@@ -170,7 +170,7 @@ def _finish(**values: Any) -> CompiledStatement:
         update(Query)
         .where(Query.id == bindparam("id"), Query.status == QueryStatus.RUNNING, Query.attempts == bindparam("attempt"))
         .values(lease_owner=None, lease_expires_at=None, updated_at=func.now(), **values)
-        .returning(Query.id)
+        .returning(Query.status)
     )
 
 
@@ -213,9 +213,10 @@ _RELEASE = _finish(
 )
 
 
-async def _write(conn: asyncpg.Connection, stmt: CompiledStatement, claim: Claim, **values: Any) -> bool:
-    row_id = await conn.fetchval(stmt.sql, *stmt.args({"id": claim.query_id, "attempt": claim.attempt, **values}))
-    return row_id is not None
+async def _write(conn: asyncpg.Connection, stmt: CompiledStatement, claim: Claim, **values: Any) -> QueryStatus | None:
+    """The status the row now has, or None when the attempt no longer owns it and nothing was written."""
+    status = await conn.fetchval(stmt.sql, *stmt.args({"id": claim.query_id, "attempt": claim.attempt, **values}))
+    return QueryStatus(status) if status is not None else None
 
 
 async def complete_attempt(
@@ -227,7 +228,7 @@ async def complete_attempt(
     completion_tokens: int | None,
     total_tokens: int | None,
     latency_ms: int,
-) -> bool:
+) -> QueryStatus | None:
     """running → completed (or cancelled, if a cancel came in meanwhile)."""
     return await _write(
         conn,
@@ -241,22 +242,24 @@ async def complete_attempt(
     )
 
 
-async def fail_attempt(conn: asyncpg.Connection, claim: Claim, *, code: str, message: str) -> bool:
+async def fail_attempt(conn: asyncpg.Connection, claim: Claim, *, code: str, message: str) -> QueryStatus | None:
     """running → failed (or cancelled, if a cancel came in meanwhile: the client was told it would be)."""
     return await _write(conn, _FAIL, claim, code=code, message=message)
 
 
-async def retry_attempt(conn: asyncpg.Connection, claim: Claim, *, delay: timedelta, code: str, message: str) -> bool:
+async def retry_attempt(
+    conn: asyncpg.Connection, claim: Claim, *, delay: timedelta, code: str, message: str
+) -> QueryStatus | None:
     """running → pending, due after the delay (or cancelled, if a cancel came in meanwhile)."""
     return await _write(conn, _RETRY, claim, delay=delay, code=code, message=message)
 
 
-async def cancel_attempt(conn: asyncpg.Connection, claim: Claim) -> bool:
+async def cancel_attempt(conn: asyncpg.Connection, claim: Claim) -> QueryStatus | None:
     """running → cancelled, after the worker stopped the call."""
     return await _write(conn, _CANCEL, claim)
 
 
-async def release_attempt(conn: asyncpg.Connection, claim: Claim) -> bool:
+async def release_attempt(conn: asyncpg.Connection, claim: Claim) -> QueryStatus | None:
     """running → pending and due now (or cancelled): a shutting-down worker hands the query back."""
     return await _write(conn, _RELEASE, claim)
 

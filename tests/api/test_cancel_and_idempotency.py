@@ -73,7 +73,7 @@ def test_a_cancel_accepted_while_running_wins_over_every_outcome(
     )
     claim = Claim(uuid.UUID(query_id), 1, "p", None, "sim-small", None, None)
 
-    async def write() -> bool:
+    async def write() -> str | None:
         conn = await asyncpg.connect(stack.settings.database_url)
         try:
             if outcome == "fail":
@@ -88,7 +88,7 @@ def test_a_cancel_accepted_while_running_wins_over_every_outcome(
         finally:
             await conn.close()
 
-    assert asyncio.run(write())
+    assert asyncio.run(write()) == "cancelled"
     stored = row(db, query_id)
     assert stored["status"] == "cancelled"
     assert stored["error_code"] == "cancelled"
