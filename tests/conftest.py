@@ -289,6 +289,22 @@ def spawn_api(stack: Stack, log_path: Path, **overrides: str) -> tuple[subproces
     return proc, url
 
 
+def stop(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL when the process has not exited within `timeout`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def sim_calls(stack: Stack, query_id: str) -> int:
+    """How many chat-completion calls the simulator has received for this query."""
+    stats = httpx.get(f"{stack.simulator_url}/_sim/stats").json()
+    return int(stats["calls_by_query"].get(query_id, 0))
+
+
 def wait_until(predicate: Any, timeout: float = 20, interval: float = 0.05) -> Any:
     """Poll until predicate() is truthy; returns its value."""
     deadline = time.monotonic() + timeout

@@ -20,6 +20,7 @@ import pytest
 from shared.simulator import SimulatorConfig, main, run_in_thread
 from shared.simulator.config import ConfigError, build_parser
 from shared.simulator.directives import DirectiveError, answer_text, parse_directives
+from tests.conftest import stop
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "gpt-4o-mini"
@@ -68,12 +69,7 @@ def sim_url() -> Iterator[str]:
     try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 10)
 
 
 @pytest.fixture

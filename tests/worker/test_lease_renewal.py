@@ -3,18 +3,16 @@ and the LLM is called once, however many leases the call outlives."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import Stack, insert_query, publish_to, row, spawn_worker, wait_until
+from tests.conftest import Stack, insert_query, publish_to, row, sim_calls, spawn_worker, stop, wait_until
 
 LEASE_SECONDS = 2.0
 HEARTBEAT_SECONDS = 0.5  # the validator wants at most half the lease
@@ -25,10 +23,6 @@ LLM_TIMEOUT_SECONDS = 20.0
 _SAMPLE = text(
     "SELECT status, attempts, lease_owner, lease_expires_at, started_at, now() AS db_now FROM queries WHERE id = :id"
 )
-
-
-def _sim_calls(stack: Stack, query_id: str) -> int:
-    return int(httpx.get(f"{stack.simulator_url}/_sim/stats").json()["calls_by_query"].get(query_id, 0))
 
 
 def _sample(db: Engine, query_id: str) -> dict[str, Any]:
@@ -66,19 +60,14 @@ def test_slow_call_on_a_living_worker_keeps_its_lease_and_is_called_once(
                 break
             time.sleep(0.2)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop(worker, 20)
 
     final = row(db, query_id)
     running = [s for s in samples if s["status"] == "running"]
     history = [(s["status"], s["attempts"], s["lease_owner"], s["lease_expires_at"], s["db_now"]) for s in samples]
     assert final["status"] == "completed", (final["status"], final["error_code"], history)
     assert final["attempts"] == 1, history
-    assert _sim_calls(stack, query_id) == 1, history
+    assert sim_calls(stack, query_id) == 1, history
     # Running the whole time, then completed: never handed back to pending, never claimed again.
     assert [s["status"] for s in samples] == ["running"] * len(running) + ["completed"], history
     assert {(s["attempts"], s["lease_owner"]) for s in running} == {(1, running[0]["lease_owner"])}, history

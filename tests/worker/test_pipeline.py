@@ -10,7 +10,7 @@ import httpx
 from sqlalchemy.engine import Engine
 
 from shared.queue import Publisher
-from tests.conftest import Stack, insert_query, register_and_login, wait_terminal
+from tests.conftest import Stack, insert_query, register_and_login, sim_calls, wait_terminal
 
 
 def _submit(client: httpx.Client, user: dict[str, Any], prompt: str, **extra: Any) -> str:
@@ -18,11 +18,6 @@ def _submit(client: httpx.Client, user: dict[str, Any], prompt: str, **extra: An
     assert r.status_code == 202, r.text
     query_id: str = r.json()["query_id"]
     return query_id
-
-
-def _sim_calls(stack: Stack, query_id: str) -> int:
-    stats = httpx.get(f"{stack.simulator_url}/_sim/stats").json()
-    return int(stats["calls_by_query"].get(query_id, 0))
 
 
 def test_submitted_query_completes_with_answer_usage_and_timings(
@@ -38,7 +33,7 @@ def test_submitted_query_completes_with_answer_usage_and_timings(
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert body["attempts"] == 1
     assert body["created_at"] <= body["started_at"] <= body["finished_at"]
-    assert _sim_calls(stack, query_id) == 1
+    assert sim_calls(stack, query_id) == 1
 
 
 def test_duplicate_delivery_never_calls_the_llm_twice(
@@ -57,7 +52,7 @@ def test_duplicate_delivery_never_calls_the_llm_twice(
         publisher.close()
     assert body["status"] == "completed"
     assert body["attempts"] == 1
-    assert _sim_calls(stack, query_id) == 1
+    assert sim_calls(stack, query_id) == 1
     after = client.get(f"/api/v1/query/{query_id}", headers=user["headers"]).json()
     assert after == body
 
@@ -68,7 +63,7 @@ def test_transient_failures_are_retried_to_success(client: httpx.Client, stack: 
     assert body["status"] == "completed", body
     assert body["attempts"] == 3
     assert body["error"] is None
-    assert _sim_calls(stack, query_id) == 3
+    assert sim_calls(stack, query_id) == 3
 
 
 def test_rate_limit_honours_retry_after(client: httpx.Client, stack: Stack, user: dict[str, Any], db: Engine) -> None:
@@ -109,7 +104,7 @@ def test_permanent_failures_fail_at_once_with_a_clear_code(
         assert body["status"] == "failed", body
         assert body["error"]["code"] == expected[fault]
         assert body["attempts"] == 1
-        assert _sim_calls(stack, query_id) == 1
+        assert sim_calls(stack, query_id) == 1
         assert "sk-" not in body["error"]["message"]
 
 
@@ -119,7 +114,7 @@ def test_exhausted_retries_fail_after_max_attempts(client: httpx.Client, stack: 
     assert body["status"] == "failed"
     assert body["error"]["code"] == "upstream_retries_exhausted"
     assert body["attempts"] == stack.settings.max_attempts
-    assert _sim_calls(stack, query_id) == stack.settings.max_attempts
+    assert sim_calls(stack, query_id) == stack.settings.max_attempts
 
 
 def test_secrets_and_prompts_never_reach_the_logs(client: httpx.Client, stack: Stack) -> None:

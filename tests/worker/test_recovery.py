@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -20,8 +19,10 @@ from tests.conftest import (
     insert_query,
     publish_to,
     row,
+    sim_calls,
     spawn_api,
     spawn_worker,
+    stop,
     wait_terminal,
     wait_until,
 )
@@ -33,10 +34,6 @@ _ORPHANED = {"status": "'running'", "lease_owner": "'dead-host:1'", "lease_expir
 def _scalar(db: Engine, sql: str) -> Any:
     with db.connect() as conn:
         return conn.execute(text(sql)).scalar()
-
-
-def _sim_calls(stack: Stack, query_id: str) -> int:
-    return int(httpx.get(f"{stack.simulator_url}/_sim/stats").json()["calls_by_query"].get(query_id, 0))
 
 
 def test_pending_row_whose_message_was_lost_is_resent(client: httpx.Client, user: dict[str, Any], db: Engine) -> None:
@@ -82,7 +79,7 @@ def test_sigkilled_worker_query_completes_elsewhere(
         query_id = insert_query(db, user["user_id"], f"[[sim latency_ms=2000]] doomed {uuid.uuid4()}")
         publish_to(stack, queue, query_id)
         # Kill mid-call: the claim is committed and the upstream has the request.
-        wait_until(lambda: _sim_calls(stack, query_id) == 1, timeout=20)
+        wait_until(lambda: sim_calls(stack, query_id) == 1, timeout=20)
         killed_at = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(10)
@@ -95,7 +92,7 @@ def test_sigkilled_worker_query_completes_elsewhere(
     assert body["attempts"] == 2
     # Lease (3 s here) + sweep interval (1 s) + the 2 s call, with slack for a loaded machine.
     assert recovered_in < 15, recovered_in
-    assert _sim_calls(stack, query_id) == 2  # the killed attempt's call is the only extra one
+    assert sim_calls(stack, query_id) == 2  # the killed attempt's call is the only extra one
 
 
 def test_sigterm_finishes_short_calls_and_hands_back_long_ones(
@@ -140,11 +137,7 @@ def test_submit_with_a_dead_broker_is_fast_and_the_sweeper_sends_it_later(
             r = c.post("/api/v1/query", json={"query": "broker is down"}, headers=user["headers"])
             took = time.monotonic() - started
     finally:
-        api.terminate()
-        try:
-            api.wait(10)
-        except subprocess.TimeoutExpired:
-            api.kill()
+        stop(api, 10)
     assert r.status_code == 202
     assert took < 2.0, took
     query_id = r.json()["query_id"]
@@ -181,7 +174,7 @@ def test_a_failed_final_write_is_retried_without_calling_the_llm_again(
     body = wait_terminal(client, user["headers"], query_id, timeout=30)
     assert body["status"] == "completed", body
     assert body["attempts"] == 1
-    assert _sim_calls(stack, query_id) == 1
+    assert sim_calls(stack, query_id) == 1
     retried = [
         line
         for line in stack.read_logs().splitlines()
