@@ -132,23 +132,20 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         encoded = request_id.encode("ascii")
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != _REQUEST_ID_HEADER_LOWER]
                 headers.append((_REQUEST_ID_HEADER_LOWER, encoded))
                 message = {**message, "headers": headers}
             await send(message)
 
-        started = False
-
-        async def send_tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send_with_id(message)
-
         token = request_id_var.set(request_id)
         try:
-            await self.app(scope, receive, send_tracked)
+            await self.app(scope, receive, send_with_id)
         except Exception as exc:
             # Starlette answers unhandled errors in its outermost middleware, after this one has unset the
             # request id: answer here instead, so the 500 and its log line carry the id like any other.

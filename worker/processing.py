@@ -39,7 +39,7 @@ def _outcome(status: QueryStatus | None, kind: str, retry_in: float | None = Non
     """What an outcome write did: nothing (`lost`), or `kind` unless a cancel that came in meanwhile won."""
     if status is None:
         return Outcome("lost")
-    if status is QueryStatus.CANCELLED and kind != "cancelled":
+    if status is QueryStatus.CANCELLED:
         return Outcome("cancelled")
     return Outcome(kind, retry_in=retry_in)
 

@@ -78,13 +78,10 @@ async def get(
     ] = 0,
 ) -> QueryOut:
     """One of the caller's queries; anybody else's is a 404. With `wait`, a long-poll."""
-    pool = request.app.state.raw_pool
-    if not wait:
-        async with pool.acquire() as conn:
-            return await service.get_query(conn, user_id, query_id)
-    # Its duration is the client's chosen wait, not latency: keep it out of the latency histogram.
-    mark_long_request(request.scope)
-    return await service.wait_for_query(pool, user_id, query_id, wait)
+    if wait:
+        # Its duration is the client's chosen wait, not latency: keep it out of the latency histogram.
+        mark_long_request(request.scope)
+    return await service.wait_for_query(request.app.state.raw_pool, user_id, query_id, wait)
 
 
 @router.post(

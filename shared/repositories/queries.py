@@ -14,7 +14,7 @@ from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.models import IdempotencyKey, Query, QueryStatus
+from shared.models import TERMINAL_STATUSES, IdempotencyKey, Query, QueryStatus
 
 
 class RowLike(Protocol):
@@ -155,7 +155,6 @@ async def claim(conn: asyncpg.Connection, query_id: uuid.UUID, owner: str, lease
     return Claim(*row.values()) if row is not None else None
 
 
-# A cancel requested while the call ran wins over its outcome: the row ends cancelled (usage kept).
 _CANCEL_REQUESTED = Query.cancel_requested_at.is_not(None)
 CANCELLED_CODE, CANCELLED_MESSAGE = "cancelled", "Cancelled by the client"
 
@@ -164,53 +163,54 @@ def _unless_cancelled(value: Any, cancelled_value: Any) -> Any:
     return case((_CANCEL_REQUESTED, cancelled_value), else_=value)
 
 
-def _finish(**values: Any) -> CompiledStatement:
-    """An outcome write, guarded by the attempt that owns the row: a stale attempt writes nothing."""
+def _finish(status: QueryStatus, *, code: Any = None, message: Any = None, **values: Any) -> CompiledStatement:
+    """An outcome write, guarded by the attempt that owns the row: a stale attempt writes nothing.
+
+    A cancel requested while the call ran wins over every outcome: the row ends cancelled, with no answer
+    but with the usage already spent.
+    """
+    new_status: Any = status.value
+    if status is not QueryStatus.CANCELLED:
+        new_status = _unless_cancelled(new_status, QueryStatus.CANCELLED.value)
+        if "response" in values:
+            values["response"] = _unless_cancelled(values["response"], None)
+        code = _unless_cancelled(code, CANCELLED_CODE)
+        message = _unless_cancelled(message, CANCELLED_MESSAGE)
+    ends = status in TERMINAL_STATUSES
     return CompiledStatement.of(
         update(Query)
         .where(Query.id == bindparam("id"), Query.status == QueryStatus.RUNNING, Query.attempts == bindparam("attempt"))
-        .values(lease_owner=None, lease_expires_at=None, updated_at=func.now(), **values)
+        .values(
+            status=new_status,
+            error_code=code,
+            error_message=message,
+            finished_at=func.now() if ends else _unless_cancelled(None, func.now()),
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=func.now(),
+            **values,
+        )
         .returning(Query.status)
     )
 
 
 _COMPLETE = _finish(
-    status=_unless_cancelled(QueryStatus.COMPLETED.value, QueryStatus.CANCELLED.value),
-    response=_unless_cancelled(bindparam("response", type_=Text()), None),
+    QueryStatus.COMPLETED,
+    response=bindparam("response", type_=Text()),
     prompt_tokens=bindparam("prompt_tokens", type_=Integer()),
     completion_tokens=bindparam("completion_tokens", type_=Integer()),
     total_tokens=bindparam("total_tokens", type_=Integer()),
     llm_latency_ms=bindparam("latency_ms", type_=Integer()),
-    error_code=_unless_cancelled(None, CANCELLED_CODE),
-    error_message=_unless_cancelled(None, CANCELLED_MESSAGE),
-    finished_at=func.now(),
 )
-_FAIL = _finish(
-    status=_unless_cancelled(QueryStatus.FAILED.value, QueryStatus.CANCELLED.value),
-    error_code=_unless_cancelled(bindparam("code", type_=String()), CANCELLED_CODE),
-    error_message=_unless_cancelled(bindparam("message", type_=Text()), CANCELLED_MESSAGE),
-    finished_at=func.now(),
-)
+_FAIL = _finish(QueryStatus.FAILED, code=bindparam("code", type_=String()), message=bindparam("message", type_=Text()))
 _RETRY = _finish(
-    status=_unless_cancelled(QueryStatus.PENDING.value, QueryStatus.CANCELLED.value),
+    QueryStatus.PENDING,
+    code=bindparam("code", type_=String()),
+    message=bindparam("message", type_=Text()),
     next_attempt_at=func.now() + bindparam("delay", type_=Interval()),
-    error_code=_unless_cancelled(bindparam("code", type_=String()), CANCELLED_CODE),
-    error_message=_unless_cancelled(bindparam("message", type_=Text()), CANCELLED_MESSAGE),
-    finished_at=_unless_cancelled(None, func.now()),
 )
-_CANCEL = _finish(
-    status=QueryStatus.CANCELLED,
-    error_code=CANCELLED_CODE,
-    error_message=CANCELLED_MESSAGE,
-    finished_at=func.now(),
-)
-_RELEASE = _finish(
-    status=_unless_cancelled(QueryStatus.PENDING.value, QueryStatus.CANCELLED.value),
-    next_attempt_at=func.now(),
-    error_code=_unless_cancelled(None, CANCELLED_CODE),
-    error_message=_unless_cancelled(None, CANCELLED_MESSAGE),
-    finished_at=_unless_cancelled(None, func.now()),
-)
+_CANCEL = _finish(QueryStatus.CANCELLED, code=CANCELLED_CODE, message=CANCELLED_MESSAGE)
+_RELEASE = _finish(QueryStatus.PENDING, next_attempt_at=func.now())
 
 
 async def _write(conn: asyncpg.Connection, stmt: CompiledStatement, claim: Claim, **values: Any) -> QueryStatus | None:

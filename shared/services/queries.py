@@ -155,23 +155,23 @@ WAIT_FIRST_CHECK_SECONDS = 0.1
 WAIT_MAX_CHECK_SECONDS = 1.0
 
 
-async def wait_for_query(pool: asyncpg.Pool, user_id: uuid.UUID, query_id: uuid.UUID, wait: float) -> QueryOut:
-    """The caller's query once it is terminal, or as it stands after `wait` seconds.
+async def wait_for_query(pool: asyncpg.Pool, user_id: uuid.UUID, query_id: uuid.UUID, wait: float = 0) -> QueryOut:
+    """The caller's query once it is terminal, or as it stands after `wait` seconds (0: at once).
 
     Each look takes a connection from the pool and gives it back: a waiting client holds no connection,
     so thousands can wait at once. The row is re-read every 0.1 s at first, backing off to every second.
     """
-    async with pool.acquire() as conn:
-        query = await get_query(conn, user_id, query_id)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     delay = WAIT_FIRST_CHECK_SECONDS
-    while query.status not in TERMINAL_STATUSES and (left := deadline - loop.time()) > 0:
-        await asyncio.sleep(min(delay, left))
-        delay = min(delay * 2, WAIT_MAX_CHECK_SECONDS)
+    while True:
         async with pool.acquire() as conn:
             query = await get_query(conn, user_id, query_id)
-    return query
+        left = deadline - loop.time()
+        if query.status in TERMINAL_STATUSES or left <= 0:
+            return query
+        await asyncio.sleep(min(delay, left))
+        delay = min(delay * 2, WAIT_MAX_CHECK_SECONDS)
 
 
 def encode_cursor(query: RowLike) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 from sqlalchemy.engine import Engine
 
-from tests.conftest import Stack, count_rows, free_port, register_and_login, spawn_api
+from tests.conftest import Stack, count_rows, free_port, register_and_login, spawn_api, stop
 
 
 def _submit(client: httpx.Client, headers: dict[str, str], **body: Any) -> httpx.Response:
@@ -169,5 +169,4 @@ def test_database_down_is_503_with_retry_after_not_500(stack: Stack, user: dict[
                 assert r.json()["error"]["code"] == "database_unavailable"
                 assert r.headers["retry-after"]
     finally:
-        api.terminate()
-        api.wait(15)
+        stop(api)
