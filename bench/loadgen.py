@@ -150,7 +150,6 @@ class _Conn(asyncio.Protocol):
 
 class LoadGen:
     def __init__(self, spec: dict[str, Any]) -> None:
-        self.spec = spec
         self.host: str = spec.get("host", "127.0.0.1")
         self.port: int = int(spec["port"])
         self.payloads = [
@@ -184,7 +183,6 @@ class LoadGen:
         self.lat: list[float] = []  # from the scheduled start, measured window only
         self.svc: list[float] = []  # from the actual send, measured window only
         self.done_at: list[float] = []
-        self.first_done = 0.0
         self.last_done = 0.0
         self.collected: list[Any] = []
         self.measure_from = 0.0
@@ -222,7 +220,7 @@ class LoadGen:
             _, conn = await self.loop.create_connection(lambda: _Conn(self), self.host, self.port)
         except OSError as exc:
             self.connecting -= 1
-            self._fail(type(exc).__name__, index, scheduled)
+            self._fail(type(exc).__name__)
             return
         self.connecting -= 1
         self.conns.add(conn)
@@ -246,8 +244,6 @@ class LoadGen:
             self.lat.append(t - scheduled)
             self.svc.append(t - conn.sent_at)
             self.done_at.append(t)
-            if not self.first_done:
-                self.first_done = t
             self.last_done = t
         if self.collect and 200 <= status < 300:
             with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -261,15 +257,14 @@ class LoadGen:
         if conn in self.idle:
             self.idle.remove(conn)
         if conn.req is not None:
-            index, scheduled = conn.req
             conn.req = None
-            self._fail("connection_lost", index, scheduled)
+            self._fail("connection_lost")
         if self.backlog and len(self.conns) + self.connecting < self.max_conns:
             index, scheduled = self.backlog.popleft()
             self.connecting += 1
             self.loop.create_task(self._open(index, scheduled))
 
-    def _fail(self, kind: str, index: int, scheduled: float) -> None:
+    def _fail(self, kind: str) -> None:
         self.errors += 1
         self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
         self._count_done()

@@ -45,6 +45,7 @@ from bench.stack import (
     machine_busy_pct,
     migrate,
     new_secret,
+    pg,
     wait_http,
 )
 
@@ -80,7 +81,6 @@ class Plan:
     m3_count: int
     m2_s: float
     naive_m2: bool
-    naive_m5: bool
     wrk: bool
     quiet_wait_s: float
     gate_budget_s: float
@@ -104,7 +104,6 @@ class Plan:
                 m3_count=1200,
                 m2_s=8,
                 naive_m2=False,
-                naive_m5=False,
                 wrk=False,
                 quiet_wait_s=10,
                 gate_budget_s=15,
@@ -125,7 +124,6 @@ class Plan:
             m3_count=1200,
             m2_s=15,
             naive_m2=True,
-            naive_m5=True,
             wrk=True,
             quiet_wait_s=30,
             gate_budget_s=45,
@@ -149,25 +147,26 @@ class Loadgen:
         self.tmp = tmp
         self.n = 0
 
-    def run(self, spec: dict[str, Any], meter: CpuMeter | None = None) -> dict[str, Any]:
+    def _command(self, spec: dict[str, Any]) -> tuple[list[str], Path]:
+        """Write the spec to a file of its own; the loadgen command line and where its result will be."""
         self.n += 1
         spec_path = self.tmp / f"spec-{self.n}.json"
         out_path = self.tmp / f"result-{self.n}.json"
         spec_path.write_text(json.dumps(spec))
+        return [PY, "-m", "bench.loadgen", str(spec_path), str(out_path)], out_path
+
+    def run(self, spec: dict[str, Any], meter: CpuMeter | None = None) -> dict[str, Any]:
+        cmd, out_path = self._command(spec)
         before = meter.snapshot() if meter else None
-        subprocess.run([PY, "-m", "bench.loadgen", str(spec_path), str(out_path)], cwd=ROOT, check=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
         result: dict[str, Any] = json.loads(out_path.read_text())
         if meter and before:
             result["cpu"] = CpuMeter.delta(before, meter.snapshot(), {"loadgen": result["cpu_s"]})
         return result
 
     def start(self, spec: dict[str, Any]) -> tuple[subprocess.Popen[bytes], Path]:
-        self.n += 1
-        spec_path = self.tmp / f"spec-{self.n}.json"
-        out_path = self.tmp / f"result-{self.n}.json"
-        spec_path.write_text(json.dumps(spec))
-        proc = subprocess.Popen([PY, "-m", "bench.loadgen", str(spec_path), str(out_path)], cwd=ROOT)
-        return proc, out_path
+        cmd, out_path = self._command(spec)
+        return subprocess.Popen(cmd, cwd=ROOT), out_path
 
 
 def passes(result: dict[str, Any], p99_limit: float) -> bool:
@@ -282,7 +281,7 @@ def rate_search(
     run: Callable[[dict[str, Any]], dict[str, Any]],
     p99_limit: float,
     refine: bool,
-    between: Callable[[], None] | None = None,
+    between: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
     """Open-loop steps at increasing rates; the best is the highest rate meeting the P99 and error limits."""
     steps: list[dict[str, Any]] = []
@@ -352,34 +351,21 @@ def rate_search(
 # ---------------------------------------------------------------------------------------------
 
 
-def pg(url: str) -> Any:
-    import psycopg2
-
-    from shared.embedded import _libpq_url
-
-    conn = psycopg2.connect(_libpq_url(url))
-    conn.autocommit = True
-    return conn
-
-
-def rows_for(url: str, table: str, ids: list[str]) -> list[tuple[Any, ...]]:
-    with contextlib.closing(pg(url)) as conn, conn.cursor() as cur:
-        cur.execute(
-            f"SELECT status, created_at, finished_at, llm_latency_ms, started_at FROM {table} "
-            "WHERE id = ANY(%s::uuid[])",
-            (ids,),
-        )
-        return list(cur.fetchall())
-
-
 def wait_terminal(url: str, table: str, ids: list[str], timeout: float) -> list[tuple[Any, ...]]:
+    """The rows of `ids` once all are final (or as they are at the timeout), polled over one connection."""
     deadline = time.monotonic() + timeout
     rows: list[tuple[Any, ...]] = []
-    while time.monotonic() < deadline:
-        rows = rows_for(url, table, ids)
-        if len(rows) == len(ids) and all(r[0] in ("completed", "failed", "cancelled") for r in rows):
-            return rows
-        time.sleep(0.25)
+    with contextlib.closing(pg(url)) as conn, conn.cursor() as cur:
+        while time.monotonic() < deadline:
+            cur.execute(
+                f"SELECT status, created_at, finished_at, llm_latency_ms, started_at FROM {table} "
+                "WHERE id = ANY(%s::uuid[])",
+                (ids,),
+            )
+            rows = list(cur.fetchall())
+            if len(rows) == len(ids) and all(r[0] in ("completed", "failed", "cancelled") for r in rows):
+                return rows
+            time.sleep(0.25)
     return rows
 
 
@@ -551,15 +537,12 @@ class System:
         with contextlib.closing(pg(self.db_url)) as conn, conn.cursor() as cur:
             cur.execute(f"UPDATE {self.table} SET status = 'cancelled', finished_at = now() WHERE status = 'pending'")
 
-    def live(self) -> int:
+    def counts(self) -> tuple[int, int]:
+        """Rows in the table, and how many of them are live (pending or running)."""
         with contextlib.closing(pg(self.db_url)) as conn, conn.cursor() as cur:
-            cur.execute(f"SELECT count(*) FROM {self.table} WHERE status IN ('pending', 'running')")
-            return int(cur.fetchone()[0])
-
-    def rows(self) -> int:
-        with contextlib.closing(pg(self.db_url)) as conn, conn.cursor() as cur:
-            cur.execute(f"SELECT count(*) FROM {self.table}")
-            return int(cur.fetchone()[0])
+            cur.execute(f"SELECT count(*), count(*) FILTER (WHERE status IN ('pending', 'running')) FROM {self.table}")
+            rows, live = cur.fetchone()
+            return int(rows), int(live)
 
     def settle(self, sim: Simulator, timeout: float = 30) -> float:
         """Purge until quiet: no live rows, no call in flight, and no row inserted for a second.
@@ -571,10 +554,10 @@ class System:
         last, stable_since = -1, time.monotonic()
         while time.monotonic() - t0 < timeout:
             self.purge()
-            rows = self.rows()
+            rows, live = self.counts()
             if rows != last:
                 last, stable_since = rows, time.monotonic()
-            if self.live() == 0 and sim.stats()["in_flight"] == 0 and time.monotonic() - stable_since >= 1.0:
+            if live == 0 and sim.stats()["in_flight"] == 0 and time.monotonic() - stable_since >= 1.0:
                 break
             time.sleep(0.25)
         return round(time.monotonic() - t0, 1)
@@ -603,17 +586,12 @@ def start_api(
     connections can all land on one process (measured: every one of them, in a 2-process run).
     """
     n = max(1, args.api_workers)
-    base = [PY, "-m", "uvicorn", app]
-    if args.api_mode == "workers" or n == 1:
-        port = free_port()
-        # The Dockerfile's command; `--workers` only when asked for more than one process.
-        cmd = [*base, "--host", "127.0.0.1", "--port", str(port), *(["--workers", str(n)] if n > 1 else [])]
-        return port, [launcher.start(name, cmd, env, role="api")]
     port = free_port()
-    procs = [
-        launcher.start(f"{name}-{i}", [PY, "-m", "bench.serve", app, "--port", str(port)], env, role="api")
-        for i in range(n)
-    ]
+    if args.api_mode == "workers" or n == 1:
+        # The Dockerfile's command; `--workers` only when asked for more than one process.
+        cmd = [PY, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+        return port, [launcher.start(name, [*cmd, *(["--workers", str(n)] if n > 1 else [])], env)]
+    procs = [launcher.start(f"{name}-{i}", [PY, "-m", "bench.serve", app, "--port", str(port)], env) for i in range(n)]
     return port, procs
 
 
@@ -628,8 +606,10 @@ def wait_api(port: int, path: str, procs: list[Proc], timeout: float = 60) -> No
             time.sleep(0.1)
 
 
-def api_pool_env(args: argparse.Namespace, servers: Servers) -> dict[str, str]:
-    """Pool sizes for the API processes so that every pool fits under PostgreSQL's max_connections.
+def aiq_api_env(args: argparse.Namespace, servers: Servers) -> dict[str, str]:
+    """Extra environment for AIQ's API processes: the pool sizing below, then `--api-env`.
+
+    Pool sizes for the API processes so that every pool fits under PostgreSQL's max_connections.
 
     Every AIQ process may open DB_POOL_SIZE + DB_MAX_OVERFLOW connections through SQLAlchemy plus
     DB_POOL_SIZE through its raw asyncpg pool: 10 + 5 + 10 = 25 at the defaults, so two API processes
@@ -645,12 +625,13 @@ def api_pool_env(args: argparse.Namespace, servers: Servers) -> dict[str, str]:
     per_process = 2 * pool + int(defaults["db_max_overflow"].default)
     limit = servers.max_connections() - 10
     budget = (limit - per_process * args.workers) // max(1, args.api_workers)
-    if per_process <= budget:
-        return {}
-    return {"DB_POOL_SIZE": str(max(2, budget // 2)), "DB_MAX_OVERFLOW": "0"}
+    pool_env = {} if per_process <= budget else {"DB_POOL_SIZE": str(max(2, budget // 2)), "DB_MAX_OVERFLOW": "0"}
+    return {**pool_env, **dict(kv.split("=", 1) for kv in args.api_env)}
 
 
-def start_aiq(launcher: Launcher, servers: Servers, sim: Simulator, args: argparse.Namespace) -> System:
+def start_aiq(
+    launcher: Launcher, servers: Servers, sim: Simulator, args: argparse.Namespace, api_extra_env: dict[str, str]
+) -> System:
     db_url = servers.new_database("aiq_bench")
     migrate(db_url)
     queue = f"aiq.bench.{uuid.uuid4().hex[:8]}"
@@ -674,8 +655,7 @@ def start_aiq(launcher: Launcher, servers: Servers, sim: Simulator, args: argpar
     for key in ("PROMETHEUS_MULTIPROC_DIR", "WORKER_CONCURRENCY", "LOG_LEVEL", "DB_POOL_SIZE", "DB_MAX_OVERFLOW"):
         env.pop(key, None)
     env.update(dict(kv.split("=", 1) for kv in args.aiq_env))
-    api_env = {**env, **api_pool_env(args, servers), **dict(kv.split("=", 1) for kv in args.api_env)}
-    port, api = start_api(launcher, "aiq-api", "api.main:app", api_env, args)
+    port, api = start_api(launcher, "aiq-api", "api.main:app", {**env, **api_extra_env}, args)
     workers = []
     for i in range(args.workers):
         wenv = {**env, "WORKER_METRICS_PORT": str(free_port()) if i else env["WORKER_METRICS_PORT"]}
@@ -684,7 +664,6 @@ def start_aiq(launcher: Launcher, servers: Servers, sim: Simulator, args: argpar
                 f"aiq-worker-{i}",
                 [PY, "-m", "celery", "-A", "worker.celery_app", "worker", "--hostname", f"bench{i}-{port}@%h"],
                 wenv,
-                role="worker",
             )
         )
     wait_api(port, "/readyz", api)
@@ -708,13 +687,14 @@ def start_naive(launcher: Launcher, servers: Servers, sim: Simulator, args: argp
     from shared.config import Settings
 
     db_url = servers.new_database("naive_bench")
+    settings = Settings(database_url=db_url, redis_url=servers.redis)
     queue = f"naive.bench.{uuid.uuid4().hex[:8]}"
     secret = new_secret()
     env = {
         **os.environ,
-        "NAIVE_DATABASE_URL": Settings(database_url=db_url).sync_database_url,
-        "NAIVE_BROKER_URL": servers.broker_url(),
-        "NAIVE_RESULT_BACKEND": servers.broker_url(),
+        "NAIVE_DATABASE_URL": settings.sync_database_url,
+        "NAIVE_BROKER_URL": settings.broker_url,
+        "NAIVE_RESULT_BACKEND": settings.broker_url,
         "NAIVE_QUEUE": queue,
         "NAIVE_JWT_SECRET": secret,
         "NAIVE_MODEL": MODEL,
@@ -741,7 +721,6 @@ def start_naive(launcher: Launcher, servers: Servers, sim: Simulator, args: argp
             f"naive-{port}@%h",
         ],
         env,
-        role="worker",
     )
     wait_api(port, "/healthz", api)
     # Ready when the pool children exist (prefork starts `concurrency` of them).
@@ -1131,11 +1110,7 @@ def profile(system: System, sim: Simulator, lg: Loadgen, rate: float, outdir: Pa
         return {}
     sim.latency(500)
     system.settle(sim)
-    api_pids = [
-        pid
-        for proc in system.api
-        for pid in ([p for p in proc.child_pids() if _is_python(p) and _is_server(p)] or [proc.pid])
-    ]
+    api_pids = [pid for proc in system.api for pid in ([p for p in proc.child_pids() if _is_server(p)] or [proc.pid])]
     seconds = 8
     say(f"profile: py-spy on {len(api_pids)} API process(es) and the worker, submits at {rate:.0f}/s for {seconds} s")
     targets = {f"api{i}": pid for i, pid in enumerate(api_pids)}
@@ -1166,13 +1141,8 @@ def profile(system: System, sim: Simulator, lg: Loadgen, rate: float, outdir: Pa
 def _is_server(pid: int) -> bool:
     # uvicorn --workers N also runs multiprocessing's resource tracker; it serves nothing.
     with contextlib.suppress(psutil.Error):
-        return "resource_tracker" not in " ".join(psutil.Process(pid).cmdline())
-    return False
-
-
-def _is_python(pid: int) -> bool:
-    with contextlib.suppress(psutil.Error):
-        return "python" in psutil.Process(pid).name()
+        p = psutil.Process(pid)
+        return "python" in p.name() and "resource_tracker" not in " ".join(p.cmdline())
     return False
 
 
@@ -1255,7 +1225,7 @@ def _area(frames: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def machine_info(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
+def machine_info(servers: Servers) -> dict[str, Any]:
     pkgs = {}
     for name in (
         "fastapi",
@@ -1507,7 +1477,6 @@ def main(argv: list[str] | None = None) -> int:
     GATE.budget_s = plan.gate_budget_s
     CLOCK.budget_s = plan.budget_s
     CLOCK.started = time.monotonic()
-    started = time.monotonic()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     logdir = RESULTS / "logs" / stamp
     logdir.mkdir(parents=True, exist_ok=True)
@@ -1526,14 +1495,15 @@ def main(argv: list[str] | None = None) -> int:
         base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         sim = Simulator(launcher, base_env)
         lg = Loadgen(tmp)
-        j["machine"] = machine_info(servers, args)
+        j["machine"] = machine_info(servers)
+        api_extra_env = aiq_api_env(args, servers)
         j["config"] = {
             "mode": "quick" if plan.quick else "full",
             "api_workers": args.api_workers,
             "api_mode": args.api_mode,
             "aiq_worker_processes": args.workers,
             "aiq_env_overrides": args.aiq_env,
-            "aiq_api_env": {**api_pool_env(args, servers), **dict(kv.split("=", 1) for kv in args.api_env)},
+            "aiq_api_env": api_extra_env,
             "aiq_worker_config": "default (WORKER_CONCURRENCY unset = 1000, Celery threads pool, LOG_LEVEL INFO)",
             "naive_worker_config": f"Celery defaults: prefork, concurrency {os.cpu_count()}, prefetch 4, redis results",
             "users": USERS,
@@ -1564,7 +1534,7 @@ def main(argv: list[str] | None = None) -> int:
             if plan.naive_m2:
                 rate = max(1.0, round(0.5 * min(n["m1"]["max_rps"] or 1e9, n["m4"]["per_s"] or 1), 1))
                 n["m2"] = measure_m2(plan, naive, sim, lg, rate)
-            if plan.naive_m5:
+            if plan.naive_m5_rates:
                 n["m5"] = measure_m5(plan, naive, sim, lg, plan.naive_m5_rates, refine=False)
             launcher.stop_group([*naive.workers, *naive.api], timeout=10)
             res["naive"] = n
@@ -1584,7 +1554,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if "aiq" in systems:
             say(f"AIQ: starting API ({args.api_workers} process(es)) and {args.workers} worker process(es)")
-            aiq = start_aiq(launcher, servers, sim, args)
+            aiq = start_aiq(launcher, servers, sim, args, api_extra_env)
             warm_up(aiq, sim, lg)
             a: dict[str, Any] = {}
             a["m1"] = measure_m1(plan, aiq, sim, lg, plan.aiq_m1_rates)
@@ -1659,7 +1629,7 @@ def main(argv: list[str] | None = None) -> int:
             "budget_s": GATE.budget_s,
             "idle_machine_busy_pct_before_steps": GATE.checks,
         }
-        j["elapsed_s"] = round(time.monotonic() - started, 1)
+        j["elapsed_s"] = round(time.monotonic() - CLOCK.started, 1)
         j["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     finally:
         launcher.stop_all()

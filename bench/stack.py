@@ -26,24 +26,30 @@ from typing import Any
 
 import psutil
 
+# The kernel SIGTERMs the child when the harness dies (even by SIGKILL), so no orphaned API keeps a
+# port or a worker keeps consuming: the launcher `aiq dev` runs each child through.
+from shared.devstack import DEATH_SIGNAL_LAUNCHER
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 SIM_API_KEY = "sk-bench-simulator-key-0123456789"
-
-# The kernel SIGTERMs the child when the harness dies (even by SIGKILL), so no orphaned API keeps a
-# port or a worker keeps consuming. PR_SET_PDEATHSIG is 1. Same trick as `aiq dev`.
-_DEATH_SIGNAL_LAUNCHER = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
-    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def pg(url: str) -> Any:
+    """An autocommit psycopg2 connection (any SQLAlchemy spelling of the URL)."""
+    import psycopg2
+
+    from shared.embedded import _libpq_url
+
+    conn = psycopg2.connect(_libpq_url(url))
+    conn.autocommit = True
+    return conn
 
 
 def http_json(
@@ -82,7 +88,6 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
-    role: str
 
     @property
     def pid(self) -> int:
@@ -96,10 +101,7 @@ class Proc:
             return []
 
     def child_pids(self) -> list[int]:
-        try:
-            return [p.pid for p in psutil.Process(self.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        return [p.pid for p in self.tree()[1:]]
 
     def rss_mb(self) -> float:
         total = 0
@@ -111,19 +113,6 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def stop(self, timeout: float = 15) -> None:
-        if self.popen.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            for p in reversed(self.tree()):
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
-            self.popen.wait(5)
-
 
 class Launcher:
     """Starts processes with logs under one directory and stops them all at the end."""
@@ -132,18 +121,15 @@ class Launcher:
         self.logdir = logdir
         self.procs: list[Proc] = []
 
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str], role: str | None = None) -> Proc:
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str]) -> Proc:
         log = self.logdir / f"{name}.log"
         handle = log.open("ab")
-        cmd = [PY, "-I", "-S", "-c", _DEATH_SIGNAL_LAUNCHER, str(os.getpid()), *argv]
+        cmd = [PY, "-I", "-S", "-c", DEATH_SIGNAL_LAUNCHER, str(os.getpid()), *argv]
         popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
         handle.close()
-        proc = Proc(name, popen, log, role or name)
+        proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
-
-    def stop(self, proc: Proc) -> None:
-        self.stop_group([proc])
 
     def stop_group(self, procs: Sequence[Proc], timeout: float = 15) -> None:
         """SIGTERM them all at once, then SIGKILL whatever is left after `timeout` (one wait, not one each)."""
@@ -206,23 +192,9 @@ class Servers:
         self.created.clear()
 
     def max_connections(self) -> int:
-        import psycopg2
-
-        from shared.embedded import _libpq_url
-
-        conn = psycopg2.connect(_libpq_url(self.database))
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SHOW max_connections")
-                return int(cur.fetchone()[0])
-        finally:
-            conn.close()
-
-    def broker_url(self) -> str:
-        """Kombu and Celery's result backend spell a unix-socket Redis `redis+socket://`."""
-        if self.redis.startswith("unix://"):
-            return "redis+socket://" + self.redis.removeprefix("unix://")
-        return self.redis
+        with contextlib.closing(pg(self.database)) as conn, conn.cursor() as cur:
+            cur.execute("SHOW max_connections")
+            return int(cur.fetchone()[0])
 
 
 def migrate(database_url: str) -> None:
@@ -253,9 +225,8 @@ def server_processes() -> dict[str, list[psutil.Process]]:
 class CpuMeter:
     """CPU seconds per role (a role is a set of process trees), and the whole machine's busy time."""
 
-    def __init__(self, roles: dict[str, Iterable[Proc]], extra_pids: dict[str, list[int]] | None = None) -> None:
+    def __init__(self, roles: dict[str, Iterable[Proc]]) -> None:
         self.roles = {role: list(procs) for role, procs in roles.items()}
-        self.extra_pids = extra_pids or {}
 
     def _processes(self) -> dict[str, list[psutil.Process]]:
         out: dict[str, list[psutil.Process]] = {}
@@ -264,12 +235,6 @@ class CpuMeter:
         out.update(server_processes())
         with contextlib.suppress(psutil.Error):
             out["harness"] = [psutil.Process(os.getpid())]
-        for role, pids in self.extra_pids.items():
-            ps = []
-            for pid in pids:
-                with contextlib.suppress(psutil.Error):
-                    ps.append(psutil.Process(pid))
-            out[role] = ps
         return out
 
     def snapshot(self) -> dict[str, Any]:

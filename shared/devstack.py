@@ -40,7 +40,7 @@ _COLOURS = {"api": "32", "worker": "35", "beat": "34", "flower": "36", "sim": "3
 # Run before exec'ing each child: ask the kernel to SIGTERM the child when `aiq dev` dies, even by
 # SIGKILL, so no orphaned API keeps port 8000. The flag survives exec. -I -S keeps this fast and
 # free of the checkout on sys.path. PR_SET_PDEATHSIG is 1.
-_DEATH_SIGNAL_LAUNCHER = (
+DEATH_SIGNAL_LAUNCHER = (
     "import ctypes, os, signal, sys\n"
     "ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
     "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
@@ -127,7 +127,7 @@ class Supervisor:
         """Start `argv` in its own process group, its stdout and stderr prefixed with `name`."""
         command = list(argv)
         if sys.platform == "linux":
-            command = [sys.executable, "-I", "-S", "-c", _DEATH_SIGNAL_LAUNCHER, str(os.getpid()), *command]
+            command = [sys.executable, "-I", "-S", "-c", DEATH_SIGNAL_LAUNCHER, str(os.getpid()), *command]
         proc = subprocess.Popen(  # noqa: S603 - argv built by this module, no shell
             command,
             cwd=self.cwd,
