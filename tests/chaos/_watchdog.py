@@ -25,6 +25,12 @@ def _comm(pid: int) -> str | None:
         return None
 
 
+def _runs(pid: int, comm: str) -> bool:
+    """`pid` is alive and runs the expected program (any when `comm` is empty), so it is not a reused pid."""
+    current = _comm(pid)
+    return current is not None and (not comm or current == comm)
+
+
 def main() -> int:
     # Ctrl-C for the terminal's process group is the owner's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -53,7 +59,7 @@ def main() -> int:
         with contextlib.suppress(OSError):
             os.killpg(pgid, signal.SIGKILL)
     # Only pids that still run the expected program: anything else is a reused pid.
-    pids = {pid: comm for pid, comm in pids.items() if _comm(pid) is not None and (not comm or _comm(pid) == comm)}
+    pids = {pid: comm for pid, comm in pids.items() if _runs(pid, comm)}
     for pid in pids:
         # SIGQUIT is PostgreSQL's immediate shutdown; it also stops its backends.
         with contextlib.suppress(OSError):
@@ -62,7 +68,7 @@ def main() -> int:
     while any(_comm(p) is not None for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     for pid, comm in pids.items():
-        if _comm(pid) is not None and (not comm or _comm(pid) == comm):
+        if _runs(pid, comm):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
     for path in paths:

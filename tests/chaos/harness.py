@@ -23,15 +23,18 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.chaos import audit
-from tests.chaos.procs import ROOT, Proc, Reaper, children_of, free_port
+from shared import embedded
+from tests.chaos import audit, report
+from tests.chaos.procs import ROOT, Proc, Reaper, children_of
 from tests.chaos.services import OwnPostgres, OwnRedis
+from tests.conftest import free_port
 
 SIM_API_KEY = "sk-chaos-sim-key-0123456789"
 MODEL = "sim-small"
@@ -223,9 +226,7 @@ class KillRecord:
 class Submission:
     seq: int
     key: str
-    sent_at: float = 0.0
     query_id: str | None = None
-    accepted_at: float | None = None
     http_attempts: int = 0
     replayed: bool = False
     errors: list[str] = field(default_factory=list)
@@ -270,7 +271,6 @@ class ChaosRun:
         self._closed = False
         self.code_digest_start = ""
         self.code_digest_end = ""
-        self._in_window = False
         self._stopping = False
 
     # ------------------------------------------------------------------ output
@@ -296,13 +296,7 @@ class ChaosRun:
         self.pg.start()
         self.redis = OwnRedis(self.base, self.reaper)
         self.redis.start()
-        conn = audit.connect(self.pg.url)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f"CREATE DATABASE {DB_NAME}")
-        finally:
-            conn.close()
-        self.database_url = self.pg.database_url(DB_NAME)
+        self.database_url = embedded.create_database(self.pg.url, DB_NAME)
         env = {**self._base_env(), "DATABASE_URL": self.database_url, "ENVIRONMENT": "development"}
         out = subprocess.run(
             [sys.executable, "-m", "alembic", "upgrade", "head"],
@@ -400,7 +394,7 @@ class ChaosRun:
         await asyncio.gather(
             *(self._wait_http(f"http://127.0.0.1:{s.metrics_port}/healthz", s.proc, 90) for s in self.slots)
         )
-        await self._sim_config({**dict.fromkeys(c.fault_rates(), 0.0)})
+        await self._sim_config(dict.fromkeys(c.fault_rates(), 0.0))
         await self._register_users()
         self.say(
             f"stack up in {time.monotonic() - started:.1f}s: PostgreSQL :{self.pg.port}, Redis :{self.redis.port}, "
@@ -446,7 +440,6 @@ class ChaosRun:
             "metadata": {"chaos_run": self.run_id, "seq": sub.seq},
         }
         headers = {"Authorization": f"Bearer {user['token']}", "Idempotency-Key": sub.key}
-        sub.sent_at = time.time()
         for attempt in range(len(SUBMIT_RETRY_DELAYS) + 1):
             sub.http_attempts += 1
             try:
@@ -457,7 +450,6 @@ class ChaosRun:
             else:
                 if r.status_code == 202:
                     sub.query_id = str(r.json()["query_id"])
-                    sub.accepted_at = time.time()
                     sub.replayed = r.headers.get("Idempotent-Replayed") == "true"
                     return
                 outcome = f"HTTP {r.status_code} {_error_code(r)}"
@@ -486,9 +478,11 @@ class ChaosRun:
             elif kind == "worker_kill":
                 await self._worker_kill("scheduled")
             elif kind == "redis_restart":
-                await self._redis_restart()
+                assert self.redis is not None
+                await self._restart("redis", "SHUTDOWN NOSAVE", self.redis.shutdown_nosave, self.redis.start)
             elif kind == "pg_restart":
-                await self._pg_restart()
+                assert self.pg is not None
+                await self._restart("pg", "pg_ctl -m immediate stop", self.pg.stop_immediate, self.pg.start)
         except Exception as exc:  # noqa: BLE001 - a failed injection is reported, the run goes on
             self.event("fault_error", fault=kind, error=f"{type(exc).__name__}: {exc}")
 
@@ -500,7 +494,7 @@ class ChaosRun:
         if not live:
             self.event("child_kill_skipped", reason="no live worker")
             return
-        slot = await self._busiest(live)
+        slot, claims = await self._busiest(live)
         assert slot.proc is not None
         kids = children_of(slot.proc.pid)
         if kids:
@@ -513,23 +507,28 @@ class ChaosRun:
             return
         # Celery's threads pool has no children: kill the whole worker instead (strictly harsher).
         self.counters["child_kills_substituted_by_worker_kills"] += 1
-        await self._kill_slot(slot, "child_kill_substitute")
+        await self._kill_slot(slot, claims, "child_kill_substitute")
 
     async def _worker_kill(self, why: str) -> None:
         live = self._live_slots()
         if not live:
             self.event("worker_kill_skipped", reason="no live worker")
             return
-        await self._kill_slot(await self._busiest(live), why)
+        slot, claims = await self._busiest(live)
+        await self._kill_slot(slot, claims, why)
 
-    async def _busiest(self, live: list[WorkerSlot]) -> WorkerSlot:
-        """The worker holding the most running claims (the harshest target); random when that is unknown."""
+    async def _busiest(self, live: list[WorkerSlot]) -> tuple[WorkerSlot, int | None]:
+        """The worker holding the most running claims (the harshest target; random when that is unknown),
+        with that count (None when PostgreSQL could not be asked)."""
         try:
-            owners = await asyncio.to_thread(self._running_by_pid)
+            owners: dict[int, int] | None = await asyncio.to_thread(self._running_by_pid)
         except Exception:  # noqa: BLE001 - PostgreSQL may be down right now
-            owners = {}
+            owners = None
+        counts = owners or {}
         self.rng.shuffle(live)
-        return max(live, key=lambda s: owners.get(s.proc.pid, 0) if s.proc else 0)
+        slot = max(live, key=lambda s: counts.get(s.proc.pid, 0) if s.proc else 0)
+        assert slot.proc is not None
+        return slot, None if owners is None else counts.get(slot.proc.pid, 0)
 
     def _running_by_pid(self) -> dict[int, int]:
         conn = audit.connect(self.database_url, timeout=1)
@@ -537,36 +536,31 @@ class ChaosRun:
             with conn.cursor() as cur:
                 cur.execute("SET statement_timeout = 1000")
                 cur.execute("SELECT lease_owner, count(*) FROM queries WHERE status = 'running' GROUP BY lease_owner")
-                out: dict[int, int] = {}
-                for owner, n in cur.fetchall():
-                    tail = str(owner or "").rsplit(":", 1)[-1]
-                    if tail.isdigit():
-                        out[int(tail)] = int(n)
-                return out
+                counts = ((report.owner_pid(owner), int(n)) for owner, n in cur.fetchall())
+                return {pid: n for pid, n in counts if pid is not None}
         finally:
             conn.close()
 
-    async def _kill_slot(self, slot: WorkerSlot, why: str) -> None:
+    async def _kill_slot(self, slot: WorkerSlot, running_claims: int | None, why: str) -> None:
+        """SIGKILL the slot's worker (`running_claims`: its claims at the last look) and schedule its respawn."""
         proc = slot.proc
         assert proc is not None
         slot.respawning = True
         pid = proc.pid
-        in_flight = await asyncio.to_thread(self._claims_of, pid)
         await asyncio.to_thread(proc.kill)
         # Stamped once the process is certainly dead: every claim it made carries an earlier timestamp.
         self.kills.append(KillRecord(pid, proc.started_at, time.time()))
-        self.event("worker_kill", worker=slot.index, pid=pid, why=why, running_claims=in_flight)
-        self._respawns.add(self._spawn(self._respawn(slot, self.config.respawn_delay)))
+        self.event("worker_kill", worker=slot.index, pid=pid, why=why, running_claims=running_claims)
+        self._respawn_later(slot)
 
-    def _claims_of(self, pid: int) -> int | None:
-        """Running claims of `pid` at the last look (None when PostgreSQL could not be asked)."""
-        try:
-            return self._running_by_pid().get(pid, 0)
-        except Exception:  # noqa: BLE001
-            return None
+    def _respawn_later(self, slot: WorkerSlot) -> None:
+        """Bring the slot's worker back after `respawn_delay`, as a supervisor would."""
+        task = self._spawn(self._respawn(slot))
+        self._respawns.add(task)
+        task.add_done_callback(self._respawns.discard)
 
-    async def _respawn(self, slot: WorkerSlot, delay: float) -> None:
-        await asyncio.sleep(delay)
+    async def _respawn(self, slot: WorkerSlot) -> None:
+        await asyncio.sleep(self.config.respawn_delay)
         if self._stopping:
             return
         self._start_worker(slot)
@@ -574,23 +568,14 @@ class ChaosRun:
         assert slot.proc is not None
         self.event("worker_start", worker=slot.index, pid=slot.proc.pid, generation=slot.generation)
 
-    async def _redis_restart(self) -> None:
-        assert self.redis is not None
+    async def _restart(self, server: str, how: str, stop: Callable[[], None], start: Callable[[], None]) -> None:
+        """Stop a server (events `<server>_down` / `<server>_up`), keep it down a random while, start it again."""
         down = round(self.rng.uniform(self.config.down_min, self.config.down_max), 2)
-        await asyncio.to_thread(self.redis.shutdown_nosave)
-        self.event("redis_down", how="SHUTDOWN NOSAVE", down_s=down)
+        await asyncio.to_thread(stop)
+        self.event(f"{server}_down", how=how, down_s=down)
         await asyncio.sleep(down)
-        await asyncio.to_thread(self.redis.start)
-        self.event("redis_up")
-
-    async def _pg_restart(self) -> None:
-        assert self.pg is not None
-        down = round(self.rng.uniform(self.config.down_min, self.config.down_max), 2)
-        await asyncio.to_thread(self.pg.stop_immediate)
-        self.event("pg_down", how="pg_ctl -m immediate stop", down_s=down)
-        await asyncio.sleep(down)
-        await asyncio.to_thread(self.pg.start)
-        self.event("pg_up")
+        await asyncio.to_thread(start)
+        self.event(f"{server}_up")
 
     # ------------------------------------------------------------------ supervision and sampling
 
@@ -598,7 +583,6 @@ class ChaosRun:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        task.add_done_callback(self._respawns.discard)
         return task
 
     async def _supervise(self) -> None:
@@ -612,7 +596,7 @@ class ChaosRun:
                         "worker_exited_unexpectedly", worker=slot.index, pid=proc.pid, code=proc.popen.returncode
                     )
                     slot.respawning = True
-                    self._respawns.add(self._spawn(self._respawn(slot, self.config.respawn_delay)))
+                    self._respawn_later(slot)
             if self.api is not None and not self.api.alive():
                 assert self.api.popen is not None
                 self.event("api_exited_unexpectedly", pid=self.api.pid, code=self.api.popen.returncode)
@@ -689,12 +673,9 @@ class ChaosRun:
     # ------------------------------------------------------------------ the run
 
     async def run(self) -> dict[str, Any]:
-        from tests.chaos import report
-
         c = self.config
         await self.setup()
         self.t0 = time.time()
-        self._in_window = True
         self._spawn(self._supervise())
         self._spawn(self._sample())
         await self._sim_config(c.fault_rates())
@@ -710,7 +691,6 @@ class ChaosRun:
             await faults
             await self._restore_all()
             stopped_at = time.time()
-            self._in_window = False
             self.event("faults_stopped")
             await load
         accepted = sum(1 for s in self.submissions if s.query_id)
@@ -763,7 +743,7 @@ class ChaosRun:
             if proc.popen is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.popen.wait(max(0.0, deadline - time.monotonic()))
-            proc.stop(grace=0)
+            proc.kill()
         if self.redis is not None:
             self.redis.close()
         if self.pg is not None:

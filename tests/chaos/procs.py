@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,6 @@ from pathlib import Path
 from typing import IO
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def children_of(pid: int) -> list[int]:
@@ -149,19 +141,7 @@ class Proc:
             os.killpg(self.popen.pid, sig)
 
     def kill(self) -> None:
-        """SIGKILL the whole group and reap it."""
-        self.signal_group(signal.SIGKILL)
-        self._reap(5)
-
-    def stop(self, grace: float = 3.0) -> None:
-        """SIGTERM, then SIGKILL after `grace` seconds."""
-        if self.popen is None:
-            return
-        if self.popen.poll() is None:
-            self.signal_group(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(grace)
-        # Whatever is left in the group (the leader may be gone already).
+        """SIGKILL the whole group (whatever is left of it; the leader may be gone already) and reap it."""
         self.signal_group(signal.SIGKILL)
         self._reap(5)
 

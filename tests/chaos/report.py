@@ -117,8 +117,7 @@ def build(
     rejected = [s for s in run.submissions if not s.query_id]
     submit_errors: Counter[str] = Counter(e for s in run.submissions for e in s.errors)
     dup_ids = [q for q, n in Counter(accepted).items() if n > 1]
-    run_users_rows = {q for q, r in rows.items()}  # only the harness writes queries in this database
-    orphans = sorted(run_users_rows - accepted_set)
+    orphans = sorted(set(rows) - accepted_set)  # only the harness writes queries in this database
     orphan_states = Counter(rows[q]["status"] for q in orphans)
 
     drain_s = round(drained_at - stopped_at, 2) if drained_at is not None else None
@@ -294,7 +293,7 @@ def kill_accounting(by_query: dict[str, list[Transition]], kills: list[KillRecor
     for qid, trs in by_query.items():
         for i, tr in enumerate(trs):
             if tr.new_status == "running":
-                killed_at = _killed_at(_owner_pid(tr.new_lease_owner), tr.at, kills)
+                killed_at = _killed_at(owner_pid(tr.new_lease_owner), tr.at, kills)
                 if killed_at is None:
                     continue
                 end = next(
@@ -309,7 +308,7 @@ def kill_accounting(by_query: dict[str, list[Transition]], kills: list[KillRecor
                     (c for c in reversed(trs[:i]) if c.new_status == "running" and c.new_attempts == tr.old_attempts),
                     None,
                 )
-                killed_at = _killed_at(_owner_pid(tr.old_lease_owner), claim.at, kills) if claim else None
+                killed_at = _killed_at(owner_pid(tr.old_lease_owner), claim.at, kills) if claim else None
                 if killed_at is not None and killed_at <= tr.at:
                     after_kill += 1
                 else:
@@ -332,7 +331,8 @@ def _killed_at(pid: int | None, claim_at: float, kills: list[KillRecord]) -> flo
     return None
 
 
-def _owner_pid(owner: str | None) -> int | None:
+def owner_pid(owner: str | None) -> int | None:
+    """The pid in a `lease_owner` (`host:pid`), if any."""
     if not owner:
         return None
     tail = owner.rsplit(":", 1)[-1]

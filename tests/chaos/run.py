@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import dataclasses
 import json
 import signal
 import sys
@@ -94,50 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--drain-bound", type=float, help=f"drain time that still passes (default {d.drain_bound:g})")
     p.add_argument("--seed", type=int, help="seed for fault timing, targets and the simulator's random faults")
-    p.add_argument("--report", type=Path, help=f"JSON report path (default {d.report_path})")
+    p.add_argument(
+        "--report", dest="report_path", metavar="REPORT", type=Path, help=f"JSON report path (default {d.report_path})"
+    )
     p.add_argument("--keep-logs", type=Path, help="copy every process's log here at the end")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
 
-FIELD_FOR_ARG = {
-    "queries": "queries",
-    "duration": "duration",
-    "workers": "workers",
-    "concurrency": "concurrency",
-    "users": "users",
-    "child_kill_every": "child_kill_every",
-    "worker_kill_every": "worker_kill_every",
-    "worker_kill_at": "worker_kill_at",
-    "respawn_delay": "respawn_delay",
-    "redis_restarts": "redis_restarts",
-    "redis_restart_at": "redis_restart_at",
-    "pg_restarts": "pg_restarts",
-    "pg_restart_at": "pg_restart_at",
-    "down_min": "down_min",
-    "down_max": "down_max",
-    "rate_429": "rate_429",
-    "rate_500": "rate_500",
-    "rate_hang": "rate_hang",
-    "rate_quota": "rate_quota",
-    "rate_drop": "rate_drop",
-    "latency_ms": "latency_ms",
-    "llm_timeout_seconds": "llm_timeout_seconds",
-    "max_attempts": "max_attempts",
-    "lease_seconds": "lease_seconds",
-    "sweep_interval_seconds": "sweep_interval_seconds",
-    "stale_pending_seconds": "stale_pending_seconds",
-    "drain_timeout": "drain_timeout",
-    "drain_bound": "drain_bound",
-    "seed": "seed",
-    "report": "report_path",
-    "keep_logs": "keep_logs",
-}
-
-
 def config_from_args(args: argparse.Namespace) -> ChaosConfig:
+    # Every option but --smoke, --env and --quiet is stored under the name of the ChaosConfig field it sets.
+    given = vars(args)
     overrides: dict[str, Any] = {
-        field: getattr(args, arg) for arg, field in FIELD_FOR_ARG.items() if getattr(args, arg) is not None
+        f.name: given[f.name] for f in dataclasses.fields(ChaosConfig) if given.get(f.name) is not None
     }
     if args.env:
         overrides["extra_env"] = dict(args.env)
@@ -174,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the harness failed, not AIQ: say so with a distinct status
         print(f"chaos: harness error: {type(exc).__name__}: {exc}", file=sys.stderr)
         keep = config.keep_logs or Path(f"/tmp/aiq-chaos-logs-{run.run_id}")
-        run.copy_logs(keep)
+        if config.keep_logs is None:  # close() copies to --keep-logs itself
+            run.copy_logs(keep)
         print(f"chaos: logs copied to {keep}", file=sys.stderr)
         run.close()
         return 2

@@ -15,7 +15,9 @@ import time
 import warnings
 from pathlib import Path
 
-from tests.chaos.procs import Proc, Reaper, free_port
+from shared import embedded
+from tests.chaos.procs import Proc, Reaper
+from tests.conftest import free_port
 
 # Tried in order; the first directory holding initdb and pg_ctl wins.
 PG_BIN_CANDIDATES = (
@@ -27,6 +29,10 @@ PG_BIN_CANDIDATES = (
 PG_SYSTEM_USERS = ("postgres", "pgserver")
 
 
+def _has_pg_tools(directory: Path) -> bool:
+    return all((directory / exe).is_file() for exe in ("initdb", "pg_ctl", "postgres"))
+
+
 def find_pg_bin() -> Path:
     """Directory with initdb/pg_ctl/postgres: the Debian packages, then PATH, then pgserver's bundle."""
     candidates: list[Path] = [Path(p) for p in PG_BIN_CANDIDATES]
@@ -34,14 +40,14 @@ def find_pg_bin() -> Path:
     if on_path:
         candidates.append(Path(on_path).resolve().parent)
     for directory in candidates:
-        if all((directory / exe).is_file() for exe in ("initdb", "pg_ctl", "postgres")):
+        if _has_pg_tools(directory):
             return directory
     with warnings.catch_warnings(), contextlib.suppress(ImportError):
         warnings.simplefilter("ignore")  # platformdirs warns at import when XDG_RUNTIME_DIR is unset
         import pgserver  # type: ignore[import-untyped]
 
         bundled = Path(pgserver.__file__).parent / "pginstall" / "bin"
-        if all((bundled / exe).is_file() for exe in ("initdb", "pg_ctl", "postgres")):
+        if _has_pg_tools(bundled):
             return bundled
     raise RuntimeError("no PostgreSQL binaries found (initdb, pg_ctl); install postgresql or `pip install pgserver`")
 
@@ -87,9 +93,6 @@ class OwnPostgres:
     def url(self) -> str:
         """Server URL (maintenance database `postgres`)."""
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def database_url(self, name: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
 
     def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -153,11 +156,8 @@ class OwnPostgres:
         try:
             self.stop_immediate()
         except (subprocess.SubprocessError, OSError):
-            with contextlib.suppress(OSError):
-                os.kill(self.postmaster_pid, signal.SIGQUIT)
-            time.sleep(1)
-            with contextlib.suppress(OSError):
-                os.kill(self.postmaster_pid, signal.SIGKILL)
+            # SIGQUIT is PostgreSQL's immediate shutdown; SIGKILL follows if the postmaster outlives it.
+            embedded._terminate(self.postmaster_pid, signal.SIGQUIT, "postgres")
             self.postmaster_pid = None
 
 
@@ -217,12 +217,10 @@ class OwnRedis:
             timeout=10,
         )
         if self.proc is not None:
-            try:
-                assert self.proc.popen is not None
+            assert self.proc.popen is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.proc.stop(grace=0)
+            self.proc.kill()
             self.proc = None
 
     def running(self) -> bool:

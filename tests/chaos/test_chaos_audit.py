@@ -6,10 +6,7 @@ would) and checks that the audit triggers and the report's accounting see exactl
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -20,11 +17,13 @@ from typing import Any
 
 import pytest
 
+from shared import embedded
 from tests.chaos import audit
 from tests.chaos.harness import KillRecord
-from tests.chaos.procs import ROOT, Reaper
+from tests.chaos.procs import Reaper
 from tests.chaos.report import kill_accounting, terminal_double_writes
 from tests.chaos.services import OwnPostgres
+from tests.conftest import migrate
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +35,8 @@ def audited_db() -> Iterator[str]:
     try:
         pg.init()
         pg.start()
-        conn = audit.connect(pg.url)
-        with conn.cursor() as cur:
-            cur.execute("CREATE DATABASE chaos_audit")
-        conn.close()
-        url = pg.database_url("chaos_audit")
-        env = {**os.environ, "DATABASE_URL": url, "ENVIRONMENT": "development"}
-        subprocess.run(
-            [sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env, check=True, capture_output=True
-        )
+        url = embedded.create_database(pg.url, "chaos_audit")
+        migrate(url)
         audit.install(url)
         yield url
     finally:
