@@ -1,4 +1,17 @@
-"""Request dependencies: typed aliases for the session, settings and the authenticated user."""
+"""Request dependencies: typed aliases for what routes use. Only this module reads `app.state`.
+
+Database handles, one per use:
+- `PoolDep`: the raw asyncpg pool, for routes that hold a connection only for their database step
+  (submit releases it before the publish; a long-poll holds none while it waits).
+- `ConnectionDep`: one pooled asyncpg connection; each statement autocommits.
+- `SessionDep`: a session whose transaction commits when the route returns and rolls back when it raises.
+- `ReadSessionDep`: an autocommit session for reads: no BEGIN/ROLLBACK round trips.
+
+The database dependencies exit with `scope="function"`: after the route returns but before the response is
+sent (FastAPI >= 0.121; the default "request" scope would exit after sending). So a commit that fails
+answers an error, never the route's 2xx, and a connection goes back to the pool before the client is served.
+Every dependency here is `async def`: a plain `def` would cost a thread-pool hop per request.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +19,15 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import asyncpg
+import redis.asyncio as aioredis
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.config import Settings
 from shared.errors import Unauthorized
+from shared.metrics import QueueStats
 from shared.queue import Publisher
 from shared.security import decode_token
 
@@ -19,35 +35,62 @@ from shared.security import decode_token
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/login", auto_error=False)
 
 
-async def get_settings(request: Request) -> Settings:
+async def app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """A session per request; handlers commit explicitly, anything else is rolled back.
+async def app_raw_pool(request: Request) -> asyncpg.Pool:
+    pool: asyncpg.Pool = request.app.state.raw_pool
+    return pool
 
-    Every dependency here is `async def`: a plain `def` would cost a thread-pool hop per request.
-    """
+
+async def pool_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
+    """One connection of the raw pool for the whole route; statements autocommit unless it opens a transaction."""
+    async with request.app.state.raw_pool.acquire() as conn:
+        yield conn
+
+
+async def transaction(request: Request) -> AsyncIterator[AsyncSession]:
+    """The request's unit of work: committed when the route returns, rolled back when it raises."""
     async with request.app.state.sessionmaker() as session:
-        yield session
+        try:
+            yield session
+        except BaseException:
+            await session.rollback()
+            raise
+        await session.commit()
 
 
-async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """Autocommit session for single-statement reads: no BEGIN/ROLLBACK round trips."""
+async def read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """Autocommit session for single-statement reads."""
     async with request.app.state.read_sessionmaker() as session:
         yield session
 
 
-async def get_publisher(request: Request) -> Publisher:
+async def app_publisher(request: Request) -> Publisher:
     publisher: Publisher = request.app.state.publisher
     return publisher
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
-ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session)]
-PublisherDep = Annotated[Publisher, Depends(get_publisher)]
+async def app_redis(request: Request) -> aioredis.Redis:
+    client: aioredis.Redis = request.app.state.redis
+    return client
+
+
+async def app_queue_stats(request: Request) -> QueueStats:
+    stats: QueueStats = request.app.state.queue_stats
+    return stats
+
+
+SettingsDep = Annotated[Settings, Depends(app_settings)]
+PoolDep = Annotated[asyncpg.Pool, Depends(app_raw_pool)]
+ConnectionDep = Annotated[asyncpg.Connection, Depends(pool_connection, scope="function")]
+SessionDep = Annotated[AsyncSession, Depends(transaction, scope="function")]
+ReadSessionDep = Annotated[AsyncSession, Depends(read_session, scope="function")]
+PublisherDep = Annotated[Publisher, Depends(app_publisher)]
+RedisDep = Annotated[aioredis.Redis, Depends(app_redis)]
+QueueStatsDep = Annotated[QueueStats, Depends(app_queue_stats)]
 
 
 async def current_user_id(settings: SettingsDep, token: Annotated[str | None, Depends(oauth2_scheme)]) -> uuid.UUID:

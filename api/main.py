@@ -11,23 +11,21 @@ from fastapi import APIRouter, FastAPI
 from api.errors import install_error_handlers
 from api.middleware import MetricsMiddleware, RequestIdMiddleware
 from api.routes import auth, health, queries
-from api.routes.health import QueueStats
 from shared.config import Settings, get_settings
 from shared.db import make_engine, make_raw_pool, make_sessionmaker
 from shared.logging import configure_logging
-from shared.metrics import register_queue_collector, unregister_collector
+from shared.metrics import QueueStats, register_queue_collector, unregister_collector
 from shared.queue import Publisher
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; engines and clients are made in the lifespan, once per process."""
+    """Build the app; its engines and clients are made in the lifespan and reach routes only via `api.deps`."""
     settings = settings or get_settings()
     configure_logging("aiq-api", settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings, "aiq-api")
-        app.state.engine = engine
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.read_sessionmaker = make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
         app.state.raw_pool = await make_raw_pool(settings, "aiq-api")

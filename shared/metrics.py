@@ -12,11 +12,11 @@ deployment (uvicorn single process, Celery threads pool) does not need it; it ex
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -108,7 +108,6 @@ QUERIES_BY_STATUS = "aiq_queries"
 # Live statuses are always exported (0 when the source omits them, as a GROUP BY does for empty groups), so
 # dashboards and alerts see a series instead of a gap. Other statuses appear only if the source reports them.
 ZERO_FILLED_STATUSES = ("pending", "running")
-DEFAULT_QUEUE = "aiq.queries"
 
 # Collectors that must also be exposed in multiprocess mode, where the default registry is not used.
 _extra_collectors: list[Collector] = []
@@ -137,6 +136,15 @@ AgeFn = Callable[[], float | None]
 StatusCountsFn = Callable[[], Mapping[str, float]]
 
 
+@dataclass
+class QueueStats:
+    """The API's last reading of the queue, refreshed at each scrape and read by the `QueueCollector`."""
+
+    depth: int = 0
+    oldest_pending_age: float | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
 class QueueCollector(Collector):
     """Reads queue state at scrape time; each source is guarded so a scrape never fails.
 
@@ -149,7 +157,8 @@ class QueueCollector(Collector):
         depth_fn: DepthFn,
         oldest_pending_age_fn: AgeFn,
         status_counts_fn: StatusCountsFn,
-        queue: str = DEFAULT_QUEUE,
+        *,
+        queue: str,
     ) -> None:
         self._depth_fn = depth_fn
         self._age_fn = oldest_pending_age_fn
@@ -205,7 +214,8 @@ def register_queue_collector(
     depth_fn: DepthFn,
     oldest_pending_age_fn: AgeFn,
     status_counts_fn: StatusCountsFn,
-    queue: str = DEFAULT_QUEUE,
+    *,
+    queue: str,
 ) -> QueueCollector:
     """Export `aiq_queue_depth{queue}`, `aiq_oldest_pending_age_seconds` and `aiq_queries{status}`.
 
@@ -215,7 +225,7 @@ def register_queue_collector(
     running are exported as 0 when missing, other statuses only when present.
     Returns the collector so it can be passed to `unregister_collector()`.
     """
-    collector = QueueCollector(depth_fn, oldest_pending_age_fn, status_counts_fn, queue)
+    collector = QueueCollector(depth_fn, oldest_pending_age_fn, status_counts_fn, queue=queue)
     if MULTIPROC_DIR:
         with _extra_lock:
             _extra_collectors.append(collector)
@@ -233,26 +243,6 @@ def unregister_collector(collector: Collector) -> None:
         return
     with contextlib.suppress(KeyError):
         REGISTRY.unregister(collector)
-
-
-def reset_multiproc_dir() -> None:
-    """Delete value files left by earlier processes (a restarted container keeps its emptyDir).
-
-    Call once in the parent process before any child starts; files of the calling process are kept.
-    """
-    if not MULTIPROC_DIR:
-        return
-    own = f"_{os.getpid()}.db"
-    for path in glob.glob(os.path.join(MULTIPROC_DIR, "*.db")):
-        if not path.endswith(own):
-            os.remove(path)
-
-
-def mark_process_dead(pid: int | None = None) -> None:
-    """Drop a finished child's live gauges (multiprocess mode only); a no-op otherwise."""
-    if MULTIPROC_DIR:
-        target = pid if pid is not None else os.getpid()
-        multiprocess.mark_process_dead(target, MULTIPROC_DIR)  # type: ignore[no-untyped-call]
 
 
 HealthFn = Callable[[], bool]

@@ -118,13 +118,15 @@ class Publisher:
     """Sends `queries.process` by name; a slow or dead broker costs a request at most the timeout.
 
     The async path LPUSHes Celery's own message format straight onto the queue's Redis list: one round
-    trip and no kombu machinery on the API's hot path. `publish_sync` (a real `send_task`) serves the
-    worker's delayed retries, which need Celery's ETA handling.
+    trip and no kombu machinery on the API's hot path and the sweeper. `publish_sync` (a real `send_task`)
+    serves the worker's delayed retries, which need Celery's ETA handling; a worker passes its own app.
     """
 
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
         self._settings = settings
         self._app = app
+        # Only an app made here is closed here; a worker's own app closes with the worker.
+        self._owns_app = app is None
         self._redis: aioredis.Redis | None = None
 
     def _client(self) -> aioredis.Redis:
@@ -163,5 +165,5 @@ class Publisher:
             self._redis = None
 
     def close(self) -> None:
-        if self._app is not None:
+        if self._app is not None and self._owns_app:
             self._app.close()

@@ -13,14 +13,20 @@ from shared.config import get_settings
 from shared.logging import configure_logging, query_id_var
 from shared.metrics import start_worker_metrics_server
 from shared.queue import PROCESS_TASK, make_celery
-from worker import processing
+from worker import processing, recovery
 from worker.broker import guard_dead_channel
-from worker.runtime import current_runtime, get_runtime, shutdown_runtime
+from worker.runtime import BackgroundLoop, StopReason, WorkerRuntime, current_runtime, get_runtime, shutdown_runtime
 
 settings = get_settings()
 app = make_celery(settings)
 guard_dead_channel()
 log = logging.getLogger("worker")
+# What every worker runs beside its tasks: lease renewal with cancel detection, and the recovery sweeper.
+BACKGROUND_LOOPS: tuple[BackgroundLoop, ...] = (
+    (recovery.heartbeat_loop, recovery.sweep_loop)
+    if settings.sweep_interval_seconds > 0
+    else (recovery.heartbeat_loop,)
+)
 
 # ETA messages live in worker memory and come back after the visibility timeout: keep them well inside it.
 MAX_ETA_SECONDS = app.conf.broker_transport_options["visibility_timeout"] / 2
@@ -36,17 +42,22 @@ def _logging(**_: Any) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def runtime() -> WorkerRuntime:
+    """This process's runtime, started with the background loops on first use."""
+    return get_runtime(settings, app, BACKGROUND_LOOPS)
+
+
 @worker_process_init.connect
 def _start_child(**_: Any) -> None:
-    get_runtime(settings)
+    runtime()
 
 
 @worker_init.connect
 def _start(**_: Any) -> None:
     # Before the broker connection: heartbeat and sweeper must run even while Redis is unreachable.
-    runtime = get_runtime(settings)
+    rt = runtime()
     # Liveness means the loop that runs every call still answers, not merely that the process exists.
-    start_worker_metrics_server(settings.worker_metrics_port, health_fn=lambda: runtime.run(_alive(), timeout=5))
+    start_worker_metrics_server(settings.worker_metrics_port, health_fn=lambda: rt.run(_alive(), timeout=5))
 
 
 async def _alive() -> bool:
@@ -56,10 +67,10 @@ async def _alive() -> bool:
 @worker_shutting_down.connect
 def _grace(**_: Any) -> None:
     """Warm shutdown: intake has stopped; calls in flight get a grace period, then are handed back."""
-    runtime = current_runtime()
-    if runtime is None:
+    rt = current_runtime()
+    if rt is None:
         return
-    timer = threading.Timer(settings.shutdown_grace_seconds, runtime.stop_all_calls, args=("shutdown",))
+    timer = threading.Timer(settings.shutdown_grace_seconds, rt.stop_all_calls, args=(StopReason.SHUTDOWN,))
     timer.daemon = True
     timer.start()
 
@@ -79,10 +90,11 @@ def process_query(query_id: str) -> None:
         return
     token = query_id_var.set(str(qid))
     try:
-        outcome = get_runtime(settings).run(processing.process(get_runtime(settings), qid))
+        rt = runtime()
+        outcome = rt.run(processing.process(rt, qid))
         if outcome.retry_in is not None and outcome.retry_in <= MAX_ETA_SECONDS:
             try:
-                app.send_task(PROCESS_TASK, args=[str(qid)], queue=settings.queue_name, countdown=outcome.retry_in)
+                rt.publisher.publish_sync(qid, countdown=outcome.retry_in)
             except Exception as exc:  # noqa: BLE001 - the row is pending and due; the sweeper re-sends it
                 log.warning("retry publish failed", extra={"error": type(exc).__name__})
     finally:

@@ -1,5 +1,8 @@
-"""One attempt at a query: claim, call the model, write the outcome. Each step commits on its own,
-because the claim must be visible to other workers before the slow call starts."""
+"""One attempt at a query: claim, call the model, write the outcome.
+
+Each step is one guarded statement straight from the asyncpg repository, autocommitted on its own: the claim
+must be visible to other workers before the slow call starts.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import StrEnum
 from typing import TypeVar
 
 import asyncpg
@@ -17,10 +21,9 @@ from shared import llm
 from shared.db import DATABASE_UNAVAILABLE
 from shared.metrics import LLM_CALLS_IN_FLIGHT, LLM_ERRORS, LLM_REQUEST_DURATION, LLM_TOKENS, TASK_RETRIES, TASKS
 from shared.models import QueryStatus
-from shared.repositories import queries as repo
-from shared.repositories.queries import Claim
-from shared.services import queries as service
-from worker.runtime import WorkerRuntime
+from shared.repositories import queries_asyncpg as repo
+from shared.repositories.queries_asyncpg import Claim
+from worker.runtime import StopReason, WorkerRuntime
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,30 +32,45 @@ T = TypeVar("T")
 WRITE_RETRY_DELAYS = (0.2, 0.5, 1, 2, 4, 8, 15)
 
 
+class OutcomeKind(StrEnum):
+    """What one delivery did; the values are the `outcome` label of `aiq_tasks_total`."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    RETRIED = "retried"
+    CANCELLED = "cancelled"
+    # Handed back at shutdown.
+    RELEASED = "released"
+    # The row was not claimable: a duplicate or late delivery.
+    SKIPPED = "skipped"
+    # The attempt no longer owned the row: its write was discarded.
+    LOST = "lost"
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    kind: str  # completed | failed | retried | cancelled | released | skipped | lost
+    kind: OutcomeKind
     retry_in: float | None = None
 
 
-def _outcome(status: QueryStatus | None, kind: str, retry_in: float | None = None) -> Outcome:
+def _outcome(status: QueryStatus | None, kind: OutcomeKind, retry_in: float | None = None) -> Outcome:
     """What an outcome write did: nothing (`lost`), or `kind` unless a cancel that came in meanwhile won."""
     if status is None:
-        return Outcome("lost")
+        return Outcome(OutcomeKind.LOST)
     if status is QueryStatus.CANCELLED:
-        return Outcome("cancelled")
+        return Outcome(OutcomeKind.CANCELLED)
     return Outcome(kind, retry_in=retry_in)
 
 
-async def _in_transaction(rt: WorkerRuntime, step: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    """Run one single-statement step (autocommitted), riding out a database restart.
+async def _run_autocommitted(rt: WorkerRuntime, statement: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Run one single-statement step on a pooled connection (it commits on its own), riding out a database restart.
 
     Every step is a guarded UPDATE, so running it again after an unknown outcome is harmless.
     """
     for delay in (*WRITE_RETRY_DELAYS, None):
         try:
             async with rt.raw_pool.acquire() as conn:
-                return await step(conn)
+                return await statement(conn)
         except DATABASE_UNAVAILABLE as exc:
             if delay is None:
                 raise
@@ -71,10 +89,11 @@ async def process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
 async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
     # If the claim committed but its answer was lost to a restart, the retry finds the row running and skips;
     # the lease then expires and the sweeper hands the query back. Nothing is called twice.
-    claim = await _in_transaction(rt, lambda s: service.claim_for_attempt(s, rt.settings, query_id, rt.owner))
+    lease = timedelta(seconds=rt.settings.lease_seconds)
+    claim = await _run_autocommitted(rt, lambda conn: repo.claim(conn, query_id, rt.owner, lease))
     if claim is None:
         log.info("delivery skipped: query is not claimable")
-        return Outcome("skipped")
+        return Outcome(OutcomeKind.SKIPPED)
 
     call = asyncio.ensure_future(
         llm.complete(
@@ -106,10 +125,10 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
     LLM_REQUEST_DURATION.labels(model=claim.model).observe(result.latency_ms / 1000)
     LLM_TOKENS.labels(model=claim.model, kind="prompt").inc(result.prompt_tokens or 0)
     LLM_TOKENS.labels(model=claim.model, kind="completion").inc(result.completion_tokens or 0)
-    written = await _in_transaction(
+    written = await _run_autocommitted(
         rt,
-        lambda s: repo.complete_attempt(
-            s,
+        lambda conn: repo.complete_attempt(
+            conn,
             claim,
             response=result.text,
             prompt_tokens=result.prompt_tokens,
@@ -120,23 +139,23 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
     )
     if written is None:
         log.warning("completion discarded: attempt no longer owns the query", extra={"attempt": claim.attempt})
-        return Outcome("lost")
+        return Outcome(OutcomeKind.LOST)
     log.info("query completed", extra={"attempt": claim.attempt, "latency_ms": result.latency_ms})
-    return _outcome(written, "completed")
+    return _outcome(written, OutcomeKind.COMPLETED)
 
 
-async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: str) -> Outcome:
-    extra = {"attempt": claim.attempt, "outcome": reason}
-    if reason == "cancel":
-        written = await _in_transaction(rt, lambda s: repo.cancel_attempt(s, claim))
+async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: StopReason) -> Outcome:
+    extra = {"attempt": claim.attempt, "outcome": reason.value}
+    if reason is StopReason.CANCEL:
+        written = await _run_autocommitted(rt, lambda conn: repo.cancel_attempt(conn, claim))
         log.info("call stopped: query cancelled", extra=extra)
-        return _outcome(written, "cancelled")
-    if reason == "shutdown":
-        written = await _in_transaction(rt, lambda s: repo.release_attempt(s, claim))
+        return _outcome(written, OutcomeKind.CANCELLED)
+    if reason is StopReason.SHUTDOWN:
+        written = await _run_autocommitted(rt, lambda conn: repo.release_attempt(conn, claim))
         log.info("call stopped: worker shutting down, query handed back", extra=extra)
-        return _outcome(written, "released", retry_in=0)
+        return _outcome(written, OutcomeKind.RELEASED, retry_in=0)
     log.warning("call stopped: lease lost to another worker", extra=extra)
-    return Outcome("lost")
+    return Outcome(OutcomeKind.LOST)
 
 
 async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.UpstreamFailure) -> Outcome:
@@ -144,21 +163,21 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
     extra = {"attempt": claim.attempt, "kind": failure.kind, "code": failure.code}
     if failure.transient and claim.attempt < settings.max_attempts:
         delay = llm.backoff_seconds(settings, claim.attempt, failure.retry_after)
-        written = await _in_transaction(
+        written = await _run_autocommitted(
             rt,
-            lambda s: repo.retry_attempt(
-                s, claim, delay=timedelta(seconds=delay), code=failure.code, message=failure.message
+            lambda conn: repo.retry_attempt(
+                conn, claim, delay=timedelta(seconds=delay), code=failure.code, message=failure.message
             ),
         )
         TASK_RETRIES.labels(reason=failure.kind).inc()
         log.warning("transient upstream error; retry scheduled", extra={**extra, "delay_s": round(delay, 2)})
-        return _outcome(written, "retried", retry_in=delay)
+        return _outcome(written, OutcomeKind.RETRIED, retry_in=delay)
 
     if failure.transient:
         code = "upstream_retries_exhausted"
         message = f"Gave up after {claim.attempt} attempts: {failure.message}"
     else:
         code, message = failure.code, failure.message
-    written = await _in_transaction(rt, lambda s: repo.fail_attempt(s, claim, code=code, message=message))
+    written = await _run_autocommitted(rt, lambda conn: repo.fail_attempt(conn, claim, code=code, message=message))
     log.warning("query failed", extra=extra)
-    return _outcome(written, "failed")
+    return _outcome(written, OutcomeKind.FAILED)

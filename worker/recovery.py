@@ -1,7 +1,8 @@
 """Background duties of every worker: keep leases alive, notice cancels, and sweep for lost work.
 
 Every worker sweeps; `FOR UPDATE SKIP LOCKED` lets any number of them do so at once without stepping on
-each other, and there is no extra process to deploy or to forget.
+each other, and there is no extra process to deploy or to forget. Each step is one session transaction,
+committed when its block ends (rolled back if it raises).
 """
 
 from __future__ import annotations
@@ -11,12 +12,9 @@ import logging
 import random
 import uuid
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
-from shared.repositories import queries as repo
-
-if TYPE_CHECKING:
-    from worker.runtime import WorkerRuntime
+from shared.repositories import queries_session as repo
+from worker.runtime import StopReason, WorkerRuntime
 
 log = logging.getLogger(__name__)
 SWEEP_BATCH = 500
@@ -27,14 +25,13 @@ async def heartbeat_once(rt: WorkerRuntime) -> None:
     snapshot = list(rt.inflight)
     if not snapshot:
         return
-    async with rt.sessionmaker() as session:
+    async with rt.sessionmaker.begin() as session:
         held = await repo.renew_leases(session, snapshot, rt.owner, timedelta(seconds=rt.settings.lease_seconds))
-        await session.commit()
     for key in snapshot:
         if key[0] not in held:
-            rt.stop_call(key, "lost")
+            rt.stop_call(key, StopReason.LOST)
         elif held[key[0]]:
-            rt.stop_call(key, "cancel")
+            rt.stop_call(key, StopReason.CANCEL)
 
 
 async def heartbeat_loop(rt: WorkerRuntime) -> None:
@@ -50,11 +47,10 @@ async def sweep_once(rt: WorkerRuntime) -> int:
     """Hand back expired leases, then re-send due pending rows whose message may be gone; returns how many."""
     settings = rt.settings
     stale = timedelta(seconds=settings.stale_pending_seconds)
-    async with rt.sessionmaker() as session:
+    async with rt.sessionmaker.begin() as session:
         reclaimed = await repo.reclaim_expired_leases(session, settings.max_attempts, stale, SWEEP_BATCH)
         await repo.delete_expired_idempotency_keys(session, SWEEP_BATCH)
-        await session.commit()
-    async with rt.sessionmaker() as session:
+    async with rt.sessionmaker.begin() as session:
         due = await repo.lock_stale_pending(session, stale, SWEEP_BATCH)
         sent: list[uuid.UUID] = []
         for query_id in due:
@@ -63,7 +59,6 @@ async def sweep_once(rt: WorkerRuntime) -> int:
                 break
             sent.append(query_id)
         await repo.mark_resent(session, sent)
-        await session.commit()
     if reclaimed or due:
         log.info("sweep", extra={"count": len(sent), "outcome": f"reclaimed={reclaimed} due={len(due)}"})
     return len(sent)

@@ -2,7 +2,7 @@
 
 Celery's threads pool gives each in-flight message a thread that only waits; the database and LLM I/O of
 all of them runs on this loop, so a thousand calls in flight cost a thousand coroutines, not processes.
-The loop also runs the heartbeat (lease renewal, cancellation) and the recovery sweeper.
+The loop also runs the background loops the worker's start-up hands it (lease renewal, the recovery sweeper).
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import asyncpg
+from celery import Celery
 from openai import AsyncOpenAI
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -25,29 +27,42 @@ from shared.config import Settings
 from shared.db import make_engine, make_raw_pool, make_sessionmaker
 from shared.llm import make_client
 from shared.queue import Publisher
-from shared.repositories.queries import Claim
+from shared.repositories.queries_asyncpg import Claim
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
+class StopReason(StrEnum):
+    """Why a running LLM call was stopped before its answer came."""
+
+    CANCEL = "cancel"
+    SHUTDOWN = "shutdown"
+    # Another worker owns the row now: the lease was not renewed in time.
+    LOST = "lost"
+
+
 @dataclass
 class InFlight:
-    """A running LLM call, and why it was stopped if it was (cancel | shutdown | lost)."""
+    """A running LLM call, and why it was stopped if it was."""
 
     claim: Claim
     task: asyncio.Task[Any]
-    stop_reason: str | None = None
+    stop_reason: StopReason | None = None
+
+
+BackgroundLoop = Callable[["WorkerRuntime"], Coroutine[Any, Any, None]]
 
 
 class WorkerRuntime:
     """The loop thread and the per-process clients that live on it."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, app: Celery, loops: Sequence[BackgroundLoop]) -> None:
         self.settings = settings
         self.owner = _owner_id()
         self.inflight: dict[tuple[uuid.UUID, int], InFlight] = {}
-        self.publisher = Publisher(settings)
+        self.publisher = Publisher(settings, app)
+        self._loops = loops
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="aiq-loop", daemon=True)
         self._thread.start()
@@ -59,16 +74,12 @@ class WorkerRuntime:
         self.run(self._open())
 
     async def _open(self) -> None:
-        from worker import recovery
-
         self.engine = make_engine(self.settings, "aiq-worker")
         self.sessionmaker = make_sessionmaker(self.engine)
         # Claims and outcome writes: one compiled statement each, a round trip and no ORM per step.
         self.raw_pool = await make_raw_pool(self.settings, "aiq-worker")
         self.llm = make_client(self.settings)
-        self._background.append(asyncio.create_task(recovery.heartbeat_loop(self)))
-        if self.settings.sweep_interval_seconds > 0:
-            self._background.append(asyncio.create_task(recovery.sweep_loop(self)))
+        self._background.extend(asyncio.create_task(loop(self)) for loop in self._loops)
 
     async def _close(self) -> None:
         for task in self._background:
@@ -91,14 +102,14 @@ class WorkerRuntime:
     def untrack(self, claim: Claim) -> None:
         self.inflight.pop((claim.query_id, claim.attempt), None)
 
-    def stop_call(self, key: tuple[uuid.UUID, int], reason: str) -> None:
+    def stop_call(self, key: tuple[uuid.UUID, int], reason: StopReason) -> None:
         """Stop waiting on one LLM call; its coroutine records the outcome that fits the reason."""
         entry = self.inflight.get(key)
         if entry is not None and entry.stop_reason is None:
             entry.stop_reason = reason
             entry.task.cancel()
 
-    def stop_all_calls(self, reason: str) -> None:
+    def stop_all_calls(self, reason: StopReason) -> None:
         """Thread-safe: stop every call in flight (graceful shutdown past its grace period)."""
 
         def stop_all() -> None:
@@ -124,13 +135,13 @@ _runtime: WorkerRuntime | None = None
 _lock = threading.Lock()
 
 
-def get_runtime(settings: Settings) -> WorkerRuntime:
-    """The process's runtime, created on first use (after any fork)."""
+def get_runtime(settings: Settings, app: Celery, loops: Sequence[BackgroundLoop]) -> WorkerRuntime:
+    """The process's runtime, created on first use (after any fork) with the background loops to run."""
     global _runtime
     if _runtime is None or _runtime.owner != _owner_id():
         with _lock:
             if _runtime is None or _runtime.owner != _owner_id():
-                _runtime = WorkerRuntime(settings)
+                _runtime = WorkerRuntime(settings, app, loops)
     return _runtime
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Request, status
 from pydantic import ValidationError
 
-from api.deps import CurrentUserId, SessionDep, SettingsDep
+from api.deps import CurrentUserId, ReadSessionDep, SessionDep, SettingsDep
 from shared.errors import InvalidInput, NotFound
 from shared.repositories import users as users_repo
 from shared.schemas import Credentials, RefreshRequest, Registration, TokenPair, UserOut
@@ -38,7 +38,6 @@ _LOGIN_BODY = {
 async def register(body: Registration, session: SessionDep, settings: SettingsDep) -> UserOut:
     """Create an account."""
     user = await auth.register(session, settings, body.email, body.password)
-    await session.commit()
     return UserOut.model_validate(user)
 
 
@@ -66,22 +65,19 @@ async def login(request: Request, session: SessionDep, settings: SettingsDep) ->
     """Exchange email and password for an access and a refresh token."""
     creds = await _read_credentials(request)
     user = await auth.authenticate(session, settings, creds.email, creds.password)
-    pair = await auth.issue_pair(session, settings, user.id)
-    await session.commit()
-    return pair
+    return await auth.issue_pair(session, settings, user.id)
 
 
 @router.post("/auth/refresh", response_model=TokenPair)
 async def refresh(body: RefreshRequest, session: SessionDep, settings: SettingsDep) -> TokenPair:
     """Trade a refresh token for a new pair; the old refresh token stops working."""
     try:
-        pair = await auth.refresh(session, settings, body.refresh_token)
+        return await auth.refresh(session, settings, body.refresh_token)
     except auth.RefreshTokenReused:
-        # The request fails, but the revocation of the whole family must stick.
+        # The one commit a route makes itself: the request fails (and SessionDep rolls back what is left),
+        # but the revocation of the whole family must stick.
         await session.commit()
         raise
-    await session.commit()
-    return pair
 
 
 @router.post("/auth/logout", status_code=status.HTTP_204_NO_CONTENT)
@@ -93,11 +89,10 @@ async def logout(
 ) -> None:
     """Revoke a refresh token. Access tokens stay valid until they expire (ACCESS_TOKEN_TTL_SECONDS)."""
     await auth.logout(session, settings, user_id, body.refresh_token)
-    await session.commit()
 
 
 @router.get("/users/me", response_model=UserOut, tags=["users"])
-async def me(user_id: CurrentUserId, session: SessionDep) -> UserOut:
+async def me(user_id: CurrentUserId, session: ReadSessionDep) -> UserOut:
     """The authenticated user."""
     user = await users_repo.by_id(session, user_id)
     if user is None:

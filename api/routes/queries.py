@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
-from api.deps import CurrentUserId, PublisherDep, ReadSessionDep, SessionDep, SettingsDep
+from api.deps import ConnectionDep, CurrentUserId, PoolDep, PublisherDep, ReadSessionDep, SettingsDep
 from api.middleware import mark_long_request
 from shared.metrics import QUERIES_SUBMITTED
 from shared.models import QueryStatus
@@ -25,10 +25,10 @@ log = logging.getLogger(__name__)
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=QueryAccepted)
 async def submit(
     body: QueryCreate,
-    request: Request,
     response: Response,
     user_id: CurrentUserId,
     settings: SettingsDep,
+    pool: PoolDep,
     publisher: PublisherDep,
     idempotency_key: Annotated[
         str | None,
@@ -36,14 +36,16 @@ async def submit(
     ] = None,
 ) -> QueryAccepted:
     """Accept a query; poll the `Location` for the answer."""
-    if idempotency_key is None:
-        # The common case is one autocommitted INSERT on the raw pool: a single database round trip.
-        async with request.app.state.raw_pool.acquire() as conn:
+    # The connection goes back before the publish: a slow broker must not pin database connections.
+    async with pool.acquire() as conn:
+        if idempotency_key is None:
+            # The common case is one autocommitted INSERT: a single database round trip.
             accepted, replayed = await service.submit_query(conn, settings, user_id, body), False
-    else:
-        async with request.app.state.sessionmaker() as session:
-            accepted, replayed = await service.submit_query_once(session, settings, user_id, body, idempotency_key)
-            await session.commit()
+        else:
+            # This route owns the transaction: the publish below must follow its commit, and a failed
+            # commit must answer an error, not a 202.
+            async with conn.transaction():
+                accepted, replayed = await service.submit_query_once(conn, settings, user_id, body, idempotency_key)
     response.headers["Location"] = f"/api/v1/query/{accepted.query_id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -68,6 +70,7 @@ async def get(
     query_id: uuid.UUID,
     request: Request,
     user_id: CurrentUserId,
+    pool: PoolDep,
     wait: Annotated[
         float,
         Query(
@@ -81,7 +84,7 @@ async def get(
     if wait:
         # Its duration is the client's chosen wait, not latency: keep it out of the latency histogram.
         mark_long_request(request.scope)
-    return await service.wait_for_query(request.app.state.raw_pool, user_id, query_id, wait)
+    return await service.wait_for_query(pool, user_id, query_id, wait)
 
 
 @router.post(
@@ -89,10 +92,9 @@ async def get(
     response_model=QueryOut,
     responses={202: {"model": QueryOut, "description": "Running: the worker is stopping the call"}},
 )
-async def cancel(query_id: uuid.UUID, user_id: CurrentUserId, session: SessionDep) -> JSONResponse:
+async def cancel(query_id: uuid.UUID, user_id: CurrentUserId, conn: ConnectionDep) -> JSONResponse:
     """Cancel: a pending query ends at once (200); a running one stops shortly (202); a finished one is 409."""
-    query = await service.cancel_query(session, user_id, query_id)
-    await session.commit()
+    query = await service.cancel_query(conn, user_id, query_id)
     code = status.HTTP_200_OK if query["status"] == QueryStatus.CANCELLED else status.HTTP_202_ACCEPTED
     return JSONResponse(service.to_out(query).model_dump(mode="json"), status_code=code)
 

@@ -1,4 +1,8 @@
-"""The query lifecycle: submit, read, list, and each worker-side transition."""
+"""The query lifecycle as the API drives it: submit, read, wait, list and cancel.
+
+The worker's transitions (claim, outcome writes, leases, sweeps) are single guarded statements that it
+runs straight from the repositories. Services never commit: the caller owns the transaction.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.config import Settings
 from shared.errors import AppError, Conflict, InvalidInput, NotFound
 from shared.models import TERMINAL_STATUSES, QueryStatus
-from shared.repositories import queries as repo
-from shared.repositories.queries import Claim, RowLike
+from shared.repositories import queries_asyncpg, queries_session
+from shared.repositories.queries_common import RowLike
 from shared.schemas import QueryAccepted, QueryCreate, QueryError, QueryOut, QueryPage, Usage
 
 
@@ -92,9 +96,9 @@ def _new_query(settings: Settings, user_id: uuid.UUID, body: QueryCreate) -> tup
 async def submit_query(
     conn: asyncpg.Connection, settings: Settings, user_id: uuid.UUID, body: QueryCreate
 ) -> QueryAccepted:
-    """Store a pending query (autocommitted); the caller then enqueues its id."""
+    """Store a pending query; the caller enqueues its id once the row is committed."""
     accepted, row = _new_query(settings, user_id, body)
-    await repo.insert(conn, **row)
+    await queries_asyncpg.insert(conn, **row)
     return accepted
 
 
@@ -108,27 +112,28 @@ def request_fingerprint(body: QueryCreate) -> str:
 
 
 async def submit_query_once(
-    session: AsyncSession, settings: Settings, user_id: uuid.UUID, body: QueryCreate, key: str
+    conn: asyncpg.Connection, settings: Settings, user_id: uuid.UUID, body: QueryCreate, key: str
 ) -> tuple[QueryAccepted, bool]:
-    """Submit under an `Idempotency-Key`; returns the response and whether it is a replay."""
+    """Submit under an `Idempotency-Key`, inside the caller's transaction; returns the response and whether it
+    is a replay."""
     if not _IDEMPOTENCY_KEY.match(key):
         raise AppError(
             "Idempotency-Key must be 1-255 visible ASCII characters", status_code=400, code="invalid_idempotency_key"
         )
-    if not await repo.lock_idempotency_key(session, user_id, key):
+    if not await queries_asyncpg.lock_idempotency_key(conn, user_id, key):
         raise Conflict("A request with this Idempotency-Key is still in progress", code="idempotency_key_in_use")
     fingerprint = request_fingerprint(body)
-    existing = await repo.get_idempotency_key(session, user_id, key)
+    existing = await queries_asyncpg.get_idempotency_key(conn, user_id, key)
     if existing is not None:
-        if existing.request_hash != fingerprint:
+        if existing["request_hash"] != fingerprint:
             raise InvalidInput(
                 "This Idempotency-Key was used with a different request body", code="idempotency_key_reused"
             )
-        return QueryAccepted.model_validate(existing.response), True
+        return QueryAccepted.model_validate(existing["response"]), True
     accepted, row = _new_query(settings, user_id, body)
-    await repo.insert_in_session(session, **row)
-    await repo.save_idempotency_key(
-        session,
+    await queries_asyncpg.insert(conn, **row)
+    await queries_asyncpg.save_idempotency_key(
+        conn,
         user_id=user_id,
         key=key,
         request_hash=fingerprint,
@@ -147,7 +152,7 @@ def _found(query: RowLike | None) -> RowLike:
 
 async def get_query(conn: asyncpg.Connection, user_id: uuid.UUID, query_id: uuid.UUID) -> QueryOut:
     """The caller's query, or 404 for a missing one and for anybody else's alike."""
-    return to_out(_found(await repo.fetch_for_user(conn, query_id, user_id)))
+    return to_out(_found(await queries_asyncpg.fetch_for_user(conn, query_id, user_id)))
 
 
 # Long-poll: how often a waiting GET looks at the row again (doubling from the first to the last).
@@ -200,7 +205,7 @@ async def list_queries(
 ) -> QueryPage:
     """One page of the caller's queries, newest first."""
     before = decode_cursor(cursor) if cursor else None
-    rows = await repo.list_for_user(session, user_id, status=status, before=before, limit=limit + 1)
+    rows = await queries_session.list_for_user(session, user_id, status=status, before=before, limit=limit + 1)
     items, more = rows[:limit], len(rows) > limit
     return QueryPage(items=[to_out(q) for q in items], next_cursor=encode_cursor(items[-1]) if more else None)
 
@@ -232,22 +237,16 @@ def to_out(query: RowLike) -> QueryOut:
     )
 
 
-async def claim_for_attempt(
-    conn: asyncpg.Connection, settings: Settings, query_id: uuid.UUID, owner: str
-) -> Claim | None:
-    """pending → running for one attempt, with a lease; None if this delivery must not call the LLM."""
-    return await repo.claim(conn, query_id, owner, timedelta(seconds=settings.lease_seconds))
-
-
-async def cancel_query(session: AsyncSession, user_id: uuid.UUID, query_id: uuid.UUID) -> RowLike:
+async def cancel_query(conn: asyncpg.Connection, user_id: uuid.UUID, query_id: uuid.UUID) -> RowLike:
     """pending → cancelled now; running → cancel requested; terminal → 409; not the caller's → 404."""
     # A query can flip between pending and running (claim, retry) under us: try both transitions again then.
     for _ in range(3):
-        if await repo.cancel_pending(session, query_id, user_id) or await repo.request_cancel(
-            session, query_id, user_id
-        ):
-            return _found(await repo.get_for_user(session, query_id, user_id))
-        query = _found(await repo.get_for_user(session, query_id, user_id))
+        cancelled = await queries_asyncpg.cancel_pending(
+            conn, query_id, user_id
+        ) or await queries_asyncpg.request_cancel(conn, query_id, user_id)
+        if cancelled is not None:
+            return cancelled
+        query = _found(await queries_asyncpg.fetch_for_user(conn, query_id, user_id))
         if query["status"] in TERMINAL_STATUSES:
             raise Conflict(f"Query is already {query['status']}", code="query_not_cancellable")
     raise Conflict("Query is changing state; try again", code="query_busy")

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from shared.repositories import queries as queries_repo
-from shared.repositories.queries import Claim
+from shared.repositories import queries_asyncpg as queries_repo
+from shared.repositories.queries_asyncpg import Claim
 from tests.conftest import Stack, count_rows, insert_query, register_and_login, row, wait_terminal, wait_until
 
 

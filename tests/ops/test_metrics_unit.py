@@ -307,7 +307,9 @@ def test_queue_collector_exports_at_scrape_time(collectors: list[metrics.QueueCo
 
 
 def test_queue_collector_accepts_mapping_and_none(collectors: list[metrics.QueueCollector]) -> None:
-    collectors.append(metrics.register_queue_collector(lambda: {"a": 1, "b": 2}, lambda: None, dict))
+    collectors.append(
+        metrics.register_queue_collector(lambda: {"a": 1, "b": 2}, lambda: None, dict, queue="aiq.queries")
+    )
     assert sample("aiq_queue_depth", queue="a") == 1
     assert sample("aiq_queue_depth", queue="b") == 2
     assert REGISTRY.get_sample_value("aiq_oldest_pending_age_seconds") == 0
@@ -322,6 +324,7 @@ def test_queue_collector_survives_a_raising_source(
             raise_error if broken == "depth" else (lambda: 5),
             raise_error if broken == "age" else (lambda: 1.0),
             raise_error if broken == "counts" else (lambda: {"running": 2}),  # type: ignore[arg-type]
+            queue="aiq.queries",
         )
     )
     body, content_type = metrics.render_metrics()
@@ -383,21 +386,22 @@ def test_multiprocess_mode_aggregates_processes(tmp_path: Path) -> None:
         """
         import multiprocessing as mp
         from shared import metrics
+        from tests.support.metrics import mark_process_dead, reset_multiproc_dir
 
         def child():
             metrics.TASKS.labels("completed").inc(2)
             metrics.LLM_CALLS_IN_FLIGHT.inc()
 
-        metrics.reset_multiproc_dir()
+        reset_multiproc_dir()
         p = mp.get_context("fork").Process(target=child)
         p.start(); p.join()
         metrics.TASKS.labels("completed").inc()
-        metrics.register_queue_collector(lambda: 4, lambda: 1.5, lambda: {})
+        metrics.register_queue_collector(lambda: 4, lambda: 1.5, lambda: {}, queue="aiq.queries")
         body, _ = metrics.render_metrics()
         text = body.decode()
         assert 'aiq_tasks_total{outcome="completed"} 3.0' in text, text
         assert "aiq_llm_calls_in_flight 1.0" in text, text
-        metrics.mark_process_dead(p.pid)
+        mark_process_dead(p.pid)
         text = metrics.render_metrics()[0].decode()
         assert "aiq_llm_calls_in_flight 0.0" in text, text
         assert 'aiq_queue_depth{queue="aiq.queries"} 4.0' in text, text

@@ -1,0 +1,307 @@
+"""The query SQL that runs on a raw asyncpg connection: each statement compiled once from the model.
+
+The request hot path (submit, read, cancel) and every worker transition of an attempt (claim, outcome
+writes). Every state change is one guarded UPDATE; a statement outside `conn.transaction()` autocommits.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+from sqlalchemy import Integer, Interval, String, Text, bindparam, case, delete, func, select, update
+from sqlalchemy import insert as sa_insert
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+
+from shared.models import TERMINAL_STATUSES, IdempotencyKey, Query, QueryStatus
+from shared.repositories.queries_common import (
+    CANCEL_REQUESTED,
+    CANCELLED_CODE,
+    CANCELLED_MESSAGE,
+    PUBLIC_COLUMNS,
+    RowLike,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledStatement:
+    """A Core statement compiled once for asyncpg: the model stays the single source of the SQL."""
+
+    sql: str
+    names: tuple[str, ...]
+    # Values of the binds the statement carries itself (e.g. `status = 'pending'`).
+    fixed: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, stmt: Any) -> CompiledStatement:
+        compiled = stmt.compile(dialect=asyncpg_dialect())  # type: ignore[no-untyped-call]
+        fixed = {k: (v.value if isinstance(v, QueryStatus) else v) for k, v in compiled.params.items()}
+        return cls(compiled.string, tuple(compiled.positiontup or ()), fixed)
+
+    def args(self, values: Mapping[str, Any]) -> list[Any]:
+        return [values[name] if name in values else self.fixed[name] for name in self.names]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a worker needs to run one attempt; `attempt` fences its later writes."""
+
+    query_id: uuid.UUID
+    attempt: int
+    prompt: str
+    system: str | None
+    model: str
+    temperature: float | None
+    max_tokens: int | None
+
+
+_INSERT_COLUMNS = (
+    "id", "user_id", "prompt", "system", "model", "temperature", "max_tokens", "meta", "status", "attempts",
+    "created_at", "updated_at", "next_attempt_at",
+)  # fmt: skip
+_INSERT = CompiledStatement.of(sa_insert(Query).values({name: bindparam(name) for name in _INSERT_COLUMNS}))
+_FETCH_FOR_USER = CompiledStatement.of(
+    select(*PUBLIC_COLUMNS).where(Query.id == bindparam("id"), Query.user_id == bindparam("user_id"))
+)
+
+
+async def insert(conn: asyncpg.Connection, **values: Any) -> None:
+    """One INSERT of a new query: a single round trip on the submit path."""
+    await conn.execute(_INSERT.sql, *_INSERT.args(values))
+
+
+async def fetch_for_user(conn: asyncpg.Connection, query_id: uuid.UUID, user_id: uuid.UUID) -> RowLike | None:
+    """The row if it exists and belongs to the user; another user's row is indistinguishable from none."""
+    row: RowLike | None = await conn.fetchrow(
+        _FETCH_FOR_USER.sql, *_FETCH_FOR_USER.args({"id": query_id, "user_id": user_id})
+    )
+    return row
+
+
+_CANCEL_PENDING = CompiledStatement.of(
+    update(Query)
+    .where(Query.id == bindparam("id"), Query.user_id == bindparam("user_id"), Query.status == QueryStatus.PENDING)
+    .values(
+        status=QueryStatus.CANCELLED,
+        error_code=CANCELLED_CODE,
+        error_message=CANCELLED_MESSAGE,
+        cancel_requested_at=func.now(),
+        finished_at=func.now(),
+        updated_at=func.now(),
+    )
+    .returning(*PUBLIC_COLUMNS)
+)
+_REQUEST_CANCEL = CompiledStatement.of(
+    update(Query)
+    .where(Query.id == bindparam("id"), Query.user_id == bindparam("user_id"), Query.status == QueryStatus.RUNNING)
+    .values(cancel_requested_at=func.coalesce(Query.cancel_requested_at, func.now()), updated_at=func.now())
+    .returning(*PUBLIC_COLUMNS)
+)
+
+
+async def cancel_pending(conn: asyncpg.Connection, query_id: uuid.UUID, user_id: uuid.UUID) -> RowLike | None:
+    """pending → cancelled at once (no worker can claim it afterwards); the row as it now is, else None."""
+    row: RowLike | None = await conn.fetchrow(
+        _CANCEL_PENDING.sql, *_CANCEL_PENDING.args({"id": query_id, "user_id": user_id})
+    )
+    return row
+
+
+async def request_cancel(conn: asyncpg.Connection, query_id: uuid.UUID, user_id: uuid.UUID) -> RowLike | None:
+    """Mark a running query (its worker stops the call and ends it cancelled); the row as it now is, else None."""
+    row: RowLike | None = await conn.fetchrow(
+        _REQUEST_CANCEL.sql, *_REQUEST_CANCEL.args({"id": query_id, "user_id": user_id})
+    )
+    return row
+
+
+_LOCK_IDEMPOTENCY_KEY = CompiledStatement.of(
+    select(func.pg_try_advisory_xact_lock(func.hashtextextended(bindparam("lock_key", type_=String()), 0)))
+)
+_GET_IDEMPOTENCY_KEY = CompiledStatement.of(
+    select(IdempotencyKey.request_hash, IdempotencyKey.response).where(
+        IdempotencyKey.user_id == bindparam("user_id"),
+        IdempotencyKey.key == bindparam("key"),
+        IdempotencyKey.expires_at > func.now(),
+    )
+)
+_DELETE_IDEMPOTENCY_KEY = CompiledStatement.of(
+    delete(IdempotencyKey).where(IdempotencyKey.user_id == bindparam("user_id"), IdempotencyKey.key == bindparam("key"))
+)
+_INSERT_IDEMPOTENCY_KEY = CompiledStatement.of(
+    sa_insert(IdempotencyKey).values(
+        user_id=bindparam("user_id"),
+        key=bindparam("key"),
+        request_hash=bindparam("request_hash"),
+        query_id=bindparam("query_id"),
+        response=bindparam("response"),
+        expires_at=func.now() + bindparam("ttl", type_=Interval()),
+    )
+)
+
+
+async def lock_idempotency_key(conn: asyncpg.Connection, user_id: uuid.UUID, key: str) -> bool:
+    """Transaction-scoped advisory lock; False while another request holds the same key."""
+    stmt = _LOCK_IDEMPOTENCY_KEY
+    return bool(await conn.fetchval(stmt.sql, *stmt.args({"lock_key": f"{user_id}:{key}"})))
+
+
+async def get_idempotency_key(conn: asyncpg.Connection, user_id: uuid.UUID, key: str) -> RowLike | None:
+    """The live record of a key (`request_hash`, `response`), or None."""
+    stmt = _GET_IDEMPOTENCY_KEY
+    row: RowLike | None = await conn.fetchrow(stmt.sql, *stmt.args({"user_id": user_id, "key": key}))
+    return row
+
+
+async def save_idempotency_key(
+    conn: asyncpg.Connection,
+    *,
+    user_id: uuid.UUID,
+    key: str,
+    request_hash: str,
+    query_id: uuid.UUID,
+    response: dict[str, Any],
+    ttl: timedelta,
+) -> None:
+    """Record the response to replay for this key, until `ttl` from now."""
+    # An expired row for the same key may still be there until the sweeper deletes it.
+    await conn.execute(_DELETE_IDEMPOTENCY_KEY.sql, *_DELETE_IDEMPOTENCY_KEY.args({"user_id": user_id, "key": key}))
+    values = {
+        "user_id": user_id,
+        "key": key,
+        "request_hash": request_hash,
+        "query_id": query_id,
+        "response": response,
+        "ttl": ttl,
+    }
+    await conn.execute(_INSERT_IDEMPOTENCY_KEY.sql, *_INSERT_IDEMPOTENCY_KEY.args(values))
+
+
+_CLAIM = CompiledStatement.of(
+    update(Query)
+    .where(Query.id == bindparam("id"), Query.status == QueryStatus.PENDING, Query.next_attempt_at <= func.now())
+    .values(
+        status=QueryStatus.RUNNING,
+        attempts=Query.attempts + 1,
+        lease_owner=bindparam("owner"),
+        lease_expires_at=func.now() + bindparam("lease", type_=Interval()),
+        started_at=func.coalesce(Query.started_at, func.now()),
+        updated_at=func.now(),
+    )
+    .returning(Query.id, Query.attempts, Query.prompt, Query.system, Query.model, Query.temperature, Query.max_tokens)
+)
+
+
+async def claim(conn: asyncpg.Connection, query_id: uuid.UUID, owner: str, lease: timedelta) -> Claim | None:
+    """pending → running in one statement; None when another delivery, a retry delay or a terminal state wins."""
+    row = await conn.fetchrow(_CLAIM.sql, *_CLAIM.args({"id": query_id, "owner": owner, "lease": lease}))
+    return Claim(*row.values()) if row is not None else None
+
+
+def _unless_cancelled(value: Any, cancelled_value: Any) -> Any:
+    return case((CANCEL_REQUESTED, cancelled_value), else_=value)
+
+
+def _finish(status: QueryStatus, *, code: Any = None, message: Any = None, **values: Any) -> CompiledStatement:
+    """An outcome write, guarded by the attempt that owns the row: a stale attempt writes nothing.
+
+    A cancel requested while the call ran wins over every outcome: the row ends cancelled, with no answer
+    but with the usage already spent.
+    """
+    new_status: Any = status.value
+    if status is not QueryStatus.CANCELLED:
+        new_status = _unless_cancelled(new_status, QueryStatus.CANCELLED.value)
+        if "response" in values:
+            values["response"] = _unless_cancelled(values["response"], None)
+        code = _unless_cancelled(code, CANCELLED_CODE)
+        message = _unless_cancelled(message, CANCELLED_MESSAGE)
+    ends = status in TERMINAL_STATUSES
+    return CompiledStatement.of(
+        update(Query)
+        .where(Query.id == bindparam("id"), Query.status == QueryStatus.RUNNING, Query.attempts == bindparam("attempt"))
+        .values(
+            status=new_status,
+            error_code=code,
+            error_message=message,
+            finished_at=func.now() if ends else _unless_cancelled(None, func.now()),
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=func.now(),
+            **values,
+        )
+        .returning(Query.status)
+    )
+
+
+_COMPLETE = _finish(
+    QueryStatus.COMPLETED,
+    response=bindparam("response", type_=Text()),
+    prompt_tokens=bindparam("prompt_tokens", type_=Integer()),
+    completion_tokens=bindparam("completion_tokens", type_=Integer()),
+    total_tokens=bindparam("total_tokens", type_=Integer()),
+    llm_latency_ms=bindparam("latency_ms", type_=Integer()),
+)
+_FAIL = _finish(QueryStatus.FAILED, code=bindparam("code", type_=String()), message=bindparam("message", type_=Text()))
+_RETRY = _finish(
+    QueryStatus.PENDING,
+    code=bindparam("code", type_=String()),
+    message=bindparam("message", type_=Text()),
+    next_attempt_at=func.now() + bindparam("delay", type_=Interval()),
+)
+_CANCEL = _finish(QueryStatus.CANCELLED, code=CANCELLED_CODE, message=CANCELLED_MESSAGE)
+_RELEASE = _finish(QueryStatus.PENDING, next_attempt_at=func.now())
+
+
+async def _write(conn: asyncpg.Connection, stmt: CompiledStatement, claim: Claim, **values: Any) -> QueryStatus | None:
+    """The status the row now has, or None when the attempt no longer owns it and nothing was written."""
+    status = await conn.fetchval(stmt.sql, *stmt.args({"id": claim.query_id, "attempt": claim.attempt, **values}))
+    return QueryStatus(status) if status is not None else None
+
+
+async def complete_attempt(
+    conn: asyncpg.Connection,
+    claim: Claim,
+    *,
+    response: str,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    total_tokens: int | None,
+    latency_ms: int,
+) -> QueryStatus | None:
+    """running → completed (or cancelled, if a cancel came in meanwhile)."""
+    return await _write(
+        conn,
+        _COMPLETE,
+        claim,
+        response=response,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=total_tokens,
+        latency_ms=latency_ms,
+    )
+
+
+async def fail_attempt(conn: asyncpg.Connection, claim: Claim, *, code: str, message: str) -> QueryStatus | None:
+    """running → failed (or cancelled, if a cancel came in meanwhile: the client was told it would be)."""
+    return await _write(conn, _FAIL, claim, code=code, message=message)
+
+
+async def retry_attempt(
+    conn: asyncpg.Connection, claim: Claim, *, delay: timedelta, code: str, message: str
+) -> QueryStatus | None:
+    """running → pending, due after the delay (or cancelled, if a cancel came in meanwhile)."""
+    return await _write(conn, _RETRY, claim, delay=delay, code=code, message=message)
+
+
+async def cancel_attempt(conn: asyncpg.Connection, claim: Claim) -> QueryStatus | None:
+    """running → cancelled, after the worker stopped the call."""
+    return await _write(conn, _CANCEL, claim)
+
+
+async def release_attempt(conn: asyncpg.Connection, claim: Claim) -> QueryStatus | None:
+    """running → pending and due now (or cancelled): a shutting-down worker hands the query back."""
+    return await _write(conn, _RELEASE, claim)
