@@ -63,7 +63,7 @@ def _outcome(status: QueryStatus | None, kind: OutcomeKind, retry_in: float | No
 
 
 async def _run_autocommitted(rt: WorkerRuntime, statement: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    """Run one single-statement step on a pooled connection (it commits on its own), riding out a database restart.
+    """Run one statement on a pooled connection (it commits on its own), riding out a database restart.
 
     Every step is a guarded UPDATE, so running it again after an unknown outcome is harmless.
     """
