@@ -36,16 +36,12 @@ async def submit(
     ] = None,
 ) -> QueryAccepted:
     """Accept a query; poll the `Location` for the answer."""
-    # The connection goes back before the publish: a slow broker must not pin database connections.
-    async with pool.acquire() as conn:
-        if idempotency_key is None:
-            # The common case is one autocommitted INSERT: a single database round trip.
-            accepted, replayed = await service.submit_query(conn, settings, user_id, body), False
-        else:
-            # This route owns the transaction: the publish below must follow its commit, and a failed
-            # commit must answer an error, not a 202.
-            async with conn.transaction():
-                accepted, replayed = await service.submit_query_once(conn, settings, user_id, body, idempotency_key)
+    # Each holds a connection only for its database step, never through the publish: a slow broker must
+    # not pin database connections. Both have committed when they return, so the publish may follow.
+    if idempotency_key is None:
+        accepted, replayed = await service.submit_query(pool, settings, user_id, body), False
+    else:
+        accepted, replayed = await service.submit_query_once(pool, settings, user_id, body, idempotency_key)
     response.headers["Location"] = f"/api/v1/query/{accepted.query_id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"

@@ -93,12 +93,11 @@ def _new_query(settings: Settings, user_id: uuid.UUID, body: QueryCreate) -> tup
     return accepted, row
 
 
-async def submit_query(
-    conn: asyncpg.Connection, settings: Settings, user_id: uuid.UUID, body: QueryCreate
-) -> QueryAccepted:
-    """Store a pending query; the caller enqueues its id once the row is committed."""
+async def submit_query(pool: asyncpg.Pool, settings: Settings, user_id: uuid.UUID, body: QueryCreate) -> QueryAccepted:
+    """Store a pending query in one autocommitted INSERT; the caller then enqueues its id."""
     accepted, row = _new_query(settings, user_id, body)
-    await queries_asyncpg.insert(conn, **row)
+    async with pool.acquire() as conn:
+        await queries_asyncpg.insert(conn, **row)
     return accepted
 
 
@@ -112,14 +111,23 @@ def request_fingerprint(body: QueryCreate) -> str:
 
 
 async def submit_query_once(
-    conn: asyncpg.Connection, settings: Settings, user_id: uuid.UUID, body: QueryCreate, key: str
+    pool: asyncpg.Pool, settings: Settings, user_id: uuid.UUID, body: QueryCreate, key: str
 ) -> tuple[QueryAccepted, bool]:
-    """Submit under an `Idempotency-Key`, inside the caller's transaction; returns the response and whether it
-    is a replay."""
+    """Submit under an `Idempotency-Key` in one transaction; returns the response and whether it is a replay.
+
+    The transaction is this function's own: it has committed when it returns, so the caller may publish.
+    """
     if not _IDEMPOTENCY_KEY.match(key):
         raise AppError(
             "Idempotency-Key must be 1-255 visible ASCII characters", status_code=400, code="invalid_idempotency_key"
         )
+    async with pool.acquire() as conn, conn.transaction():
+        return await _submit_under_key(conn, settings, user_id, body, key)
+
+
+async def _submit_under_key(
+    conn: asyncpg.Connection, settings: Settings, user_id: uuid.UUID, body: QueryCreate, key: str
+) -> tuple[QueryAccepted, bool]:
     if not await queries_asyncpg.lock_idempotency_key(conn, user_id, key):
         raise Conflict("A request with this Idempotency-Key is still in progress", code="idempotency_key_in_use")
     fingerprint = request_fingerprint(body)
