@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 from alembic import command
 from alembic.config import Config
@@ -15,8 +16,11 @@ def alembic_config(database_url: str | None, verbose: bool = False) -> Config:
     """The checkout's alembic.ini aimed at `database_url` (any SQLAlchemy spelling; None: DATABASE_URL)."""
     config = Config(str(find_repo_root() / "alembic.ini"))
     if database_url is not None:
-        # Development: only the URL is wanted here, not the checks a production configuration must pass.
-        settings = Settings(database_url=database_url, environment=Environment.DEVELOPMENT)
+        # Only the URL's SQLAlchemy spelling is wanted: not the checks, nor the warning about a weak
+        # JWT secret, that are meant for processes that sign tokens.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            settings = Settings(database_url=database_url, environment=Environment.DEVELOPMENT)
         config.attributes["database_url"] = settings.sync_database_url
     # alembic.ini's logging setup replaces the calling process's handlers: only for `aiq migrate`-like use.
     config.attributes["configure_logger"] = verbose
