@@ -54,7 +54,7 @@ bench-quick: $(STAMP) ## short benchmark for a smoke check
 	$(BIN)/python -m bench.run --quick
 
 chaos: $(STAMP) ## kill/restart experiments against a running stack
-	$(BIN)/python -m tests.chaos.run
+	$(BIN)/python -m bench.chaos.run
 
 # Best effort: the ops tests use docker-compose (config validation) and promtool when present and
 # skip otherwise, so a failed install must not fail the build. Only root on apt systems tries.

@@ -33,21 +33,19 @@ import psutil
 
 from bench.stack import (
     PY,
-    ROOT,
     SIM_API_KEY,
     CpuMeter,
-    Launcher,
-    Proc,
     Servers,
     busiest_processes,
-    free_port,
     http_json,
     machine_busy_pct,
-    migrate,
     new_secret,
     pg,
     wait_http,
 )
+from devkit.migrations import migrate
+from devkit.paths import ROOT
+from devkit.procs import Launcher, Proc, free_port
 
 RESULTS = ROOT / "bench" / "results"
 KEEP_LOG_RUNS = 5

@@ -11,43 +11,30 @@ import contextlib
 import json
 import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-# The kernel SIGTERMs the child when the harness dies (even by SIGKILL), so no orphaned API keeps a
-# port or a worker keeps consuming: the launcher `aiq dev` runs each child through.
-from shared.devstack import DEATH_SIGNAL_LAUNCHER
+from devkit import embedded
+from devkit.procs import Proc
 
-ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 SIM_API_KEY = "sk-bench-simulator-key-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pg(url: str) -> Any:
     """An autocommit psycopg2 connection (any SQLAlchemy spelling of the URL)."""
     import psycopg2
 
-    from shared.embedded import _libpq_url
-
-    conn = psycopg2.connect(_libpq_url(url))
+    conn = psycopg2.connect(embedded.libpq_url(url))
     conn.autocommit = True
     return conn
 
@@ -82,80 +69,6 @@ def wait_http(url: str, proc: Proc | None = None, timeout: float = 60) -> None:
 
 
 @dataclass
-class Proc:
-    """A started process, its log, and psutil views of its whole tree."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def tree(self) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(self.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def child_pids(self) -> list[int]:
-        return [p.pid for p in self.tree()[1:]]
-
-    def rss_mb(self) -> float:
-        total = 0
-        for p in self.tree():
-            with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
-        return total / 2**20
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-
-class Launcher:
-    """Starts processes with logs under one directory and stops them all at the end."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.procs: list[Proc] = []
-
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str]) -> Proc:
-        log = self.logdir / f"{name}.log"
-        handle = log.open("ab")
-        cmd = [PY, "-I", "-S", "-c", DEATH_SIGNAL_LAUNCHER, str(os.getpid()), *argv]
-        popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
-        handle.close()
-        proc = Proc(name, popen, log)
-        self.procs.append(proc)
-        return proc
-
-    def stop_group(self, procs: Sequence[Proc], timeout: float = 15) -> None:
-        """SIGTERM them all at once, then SIGKILL whatever is left after `timeout` (one wait, not one each)."""
-        for proc in procs:
-            if proc.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in procs:
-            try:
-                proc.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                for p in reversed(proc.tree()):
-                    with contextlib.suppress(psutil.Error):
-                        p.kill()
-                proc.popen.wait(5)
-            if proc in self.procs:
-                self.procs.remove(proc)
-
-    def stop_all(self) -> None:
-        with contextlib.suppress(Exception):
-            self.stop_group(list(reversed(self.procs)))
-        self.procs.clear()
-
-
-@dataclass
 class Servers:
     """PostgreSQL and Redis as `make test` finds them: TEST_* variables, else embedded."""
 
@@ -166,8 +79,6 @@ class Servers:
 
     @classmethod
     def start(cls, base: Path) -> Servers:
-        from shared import embedded
-
         db = os.environ.get("TEST_DATABASE_URL")
         redis = os.environ.get("TEST_REDIS_URL")
         is_embedded = not (db and redis)
@@ -176,16 +87,12 @@ class Servers:
         return cls(db, redis, is_embedded)
 
     def new_database(self, prefix: str) -> str:
-        from shared import embedded
-
         name = f"{prefix}_{uuid.uuid4().hex[:10]}"
         url = embedded.create_database(self.database, name)
         self.created.append(name)
         return url
 
     def drop_all(self) -> None:
-        from shared import embedded
-
         for name in self.created:
             with contextlib.suppress(Exception):
                 embedded.drop_database(self.database, name)
@@ -195,19 +102,6 @@ class Servers:
         with contextlib.closing(pg(self.database)) as conn, conn.cursor() as cur:
             cur.execute("SHOW max_connections")
             return int(cur.fetchone()[0])
-
-
-def migrate(database_url: str) -> None:
-    """`alembic upgrade head`, exactly as the tests do."""
-    from alembic import command
-    from alembic.config import Config
-
-    from shared.config import Settings
-
-    cfg = Config(str(ROOT / "alembic.ini"))
-    cfg.attributes["database_url"] = Settings(database_url=database_url).sync_database_url
-    cfg.attributes["configure_logger"] = False
-    command.upgrade(cfg, "head")
 
 
 def server_processes() -> dict[str, list[psutil.Process]]:

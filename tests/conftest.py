@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,21 +21,15 @@ from typing import Any
 
 import httpx
 import pytest
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
+from devkit import embedded
+from devkit.migrations import migrate
+from devkit.procs import Launcher, free_port, spawn
 from shared.config import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
 TEST_PASSWORD = "correct horse battery staple"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -63,8 +56,6 @@ def tmp_root() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def server_urls(tmp_root: Path) -> dict[str, str]:
     """URLs of a PostgreSQL server (its maintenance database) and a Redis server."""
-    from shared import embedded
-
     db = os.environ.get("TEST_DATABASE_URL") or embedded.start_postgres(tmp_root / "svc")
     redis = os.environ.get("TEST_REDIS_URL") or embedded.start_redis(tmp_root / "svc")
     return {"database": db, "redis": redis}
@@ -73,8 +64,6 @@ def server_urls(tmp_root: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def database_url(server_urls: dict[str, str]) -> Iterator[str]:
     """A throwaway database migrated to head; dropped at the end of the run."""
-    from shared import embedded
-
     name = f"aiq_test_{uuid.uuid4().hex[:12]}"
     url = embedded.create_database(server_urls["database"], name)
     migrate(url)
@@ -82,45 +71,18 @@ def database_url(server_urls: dict[str, str]) -> Iterator[str]:
     embedded.drop_database(server_urls["database"], name)
 
 
-def alembic_config(database_url: str) -> Config:
-    cfg = Config(str(ROOT / "alembic.ini"))
-    cfg.attributes["database_url"] = Settings(database_url=database_url).sync_database_url
-    cfg.attributes["configure_logger"] = False
-    return cfg
-
-
-def migrate(database_url: str) -> None:
-    command.upgrade(alembic_config(database_url), "head")
-
-
 @pytest.fixture(scope="session")
 def simulator(tmp_root: Path) -> Iterator[str]:
     """The project's OpenAI-compatible simulator as a real HTTP server; yields its base URL."""
     port = free_port()
-    log = (tmp_root / "simulator.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "shared.simulator",
-            "--port",
-            str(port),
-            "--latency-ms",
-            "50",
-            "--api-key",
-            "sk-test-sim-key-0123456789",
-        ],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    argv = [sys.executable, "-m", "devkit.simulator", "--port", str(port), "--latency-ms", "50"]
+    proc = spawn("simulator", [*argv, "--api-key", "sk-test-sim-key-0123456789"], log=tmp_root / "simulator.log")
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(f"{base}/healthz", proc=proc)
+        wait_for_http(f"{base}/healthz", proc=proc.popen)
         yield base
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.stop(10)
 
 
 @dataclass
@@ -175,34 +137,23 @@ def stack(database_url: str, server_urls: dict[str, str], simulator: str, tmp_ro
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     port = free_port()
     logs = {"api": tmp_root / "api.log", "worker": tmp_root / "worker.log"}
-    api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=logs["api"].open("wb"),
-        stderr=subprocess.STDOUT,
+    launcher = Launcher(tmp_root)
+    api = launcher.start(
+        "api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)], env
     )
-    worker = subprocess.Popen(
+    worker = launcher.start(
+        "worker",
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--hostname", f"test-{port}@%h"],
-        cwd=ROOT,
-        env=env,
-        stdout=logs["worker"].open("wb"),
-        stderr=subprocess.STDOUT,
+        env,
     )
     api_url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(f"{api_url}/readyz", proc=api)
-        wait_for_http(f"http://127.0.0.1:{values['WORKER_METRICS_PORT']}/healthz", timeout=60, proc=worker)
+        wait_for_http(f"{api_url}/readyz", proc=api.popen)
+        wait_for_http(f"http://127.0.0.1:{values['WORKER_METRICS_PORT']}/healthz", timeout=60, proc=worker.popen)
         settings = Settings(**{k.lower(): v for k, v in values.items()})  # type: ignore[arg-type]
         yield Stack(settings=settings, env=env, api_url=api_url, simulator_url=simulator, logs=logs)
     finally:
-        for proc in (api, worker):
-            proc.terminate()
-        for proc in (api, worker):
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        launcher.stop_all(timeout=20)
 
 
 @pytest.fixture
@@ -261,13 +212,12 @@ def spawn_worker(stack: Stack, log_path: Path, **overrides: str) -> tuple[subpro
     """An extra worker process on the stack's queue; returns it once it is ready, with its metrics URL."""
     port = str(free_port())
     env = {**stack.env, "WORKER_METRICS_PORT": port, **overrides}
-    proc = subprocess.Popen(
+    proc = spawn(
+        "worker",
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--hostname", f"extra-{port}@%h"],
-        cwd=ROOT,
         env=env,
-        stdout=log_path.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+        log=log_path,
+    ).popen
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/healthz", timeout=60, proc=proc)
     return proc, url
@@ -277,13 +227,12 @@ def spawn_api(stack: Stack, log_path: Path, **overrides: str) -> tuple[subproces
     """An extra API process (e.g. pointed at a dead broker)."""
     port = free_port()
     env = {**stack.env, **overrides}
-    proc = subprocess.Popen(
+    proc = spawn(
+        "api",
         [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
         env=env,
-        stdout=log_path.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+        log=log_path,
+    ).popen
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/healthz", proc=proc)
     return proc, url

@@ -23,10 +23,11 @@ import psycopg2
 import pytest
 import redis
 
-from shared import embedded
+from devkit import embedded
+from devkit.paths import ROOT
+from devkit.procs import spawn
 
 pytestmark = pytest.mark.timeout(60)
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -168,7 +169,7 @@ HOLDER = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from shared import embedded
+    from devkit import embedded
     base = Path(sys.argv[1])
     urls = {"pg": embedded.start_postgres(base), "redis": embedded.start_redis(base)}
     pids = {s.kind: s.pid for s in embedded._started.values()}
@@ -234,12 +235,11 @@ def test_celery_threads_worker_over_redis_socket(servers: dict[str, str], tmp_pa
     (tmp_path / "sockapp.py").write_text(CELERY_APP)
     broker = "redis+socket://" + servers["redis"].removeprefix("unix://")
     env = {**os.environ, "BROKER": broker, "PYTHONPATH": str(tmp_path)}
-    worker = subprocess.Popen(
+    worker = spawn(
+        "worker",
         [sys.executable, "-m", "celery", "-A", "sockapp", "worker", "-P", "threads", "-c", "4", "--without-mingle"],
-        cwd=tmp_path,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
     )
     sys.path.insert(0, str(tmp_path))
     os.environ["BROKER"] = broker
@@ -252,8 +252,7 @@ def test_celery_threads_worker_over_redis_socket(servers: dict[str, str], tmp_pa
         finally:
             sockapp.app.close()
     finally:
-        worker.terminate()
-        worker.wait(20)
+        worker.stop(20)
         sys.path.remove(str(tmp_path))
         os.environ.pop("BROKER", None)
         sys.modules.pop("sockapp", None)
@@ -261,9 +260,10 @@ def test_celery_threads_worker_over_redis_socket(servers: dict[str, str], tmp_pa
 
 SUPERVISED = textwrap.dedent(
     """
-    import os, sys
+    import sys
     from pathlib import Path
-    from shared.devstack import Console, StopFlag, Supervisor
+    from devkit.devstack import Console
+    from devkit.procs import Launcher, StopFlag
 
     CHILD = '''
     import os, signal, subprocess, sys, time
@@ -275,11 +275,11 @@ SUPERVISED = textwrap.dedent(
     '''
     flag = StopFlag()
     flag.install()
-    supervisor = Supervisor(Console(sys.stdout, colour=False), dict(os.environ), Path.cwd())
-    supervisor.start("kid", [sys.executable, "-c", CHILD])
+    launcher = Launcher(echo=Console(sys.stdout, colour=False).line, cwd=Path.cwd())
+    launcher.start("kid", [sys.executable, "-c", CHILD])
     while not flag.event.wait(0.1):
         pass
-    supervisor.stop(flag, timeout=3)
+    launcher.stop_all(timeout=3, abort=lambda: flag.force)
     print("stopped", flush=True)
     """
 )

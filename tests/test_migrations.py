@@ -7,9 +7,9 @@ import uuid
 from alembic import command
 from sqlalchemy import create_engine, inspect
 
-from shared import embedded
+from devkit import embedded
+from devkit.migrations import alembic_config
 from shared.config import Settings
-from tests.conftest import alembic_config
 
 
 def test_models_and_migrations_do_not_drift(database_url: str) -> None:

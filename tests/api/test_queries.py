@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 from sqlalchemy.engine import Engine
 
-from tests.conftest import Stack, count_rows, free_port, register_and_login, spawn_api, stop
+from devkit.procs import free_port
+from tests.conftest import Stack, count_rows, register_and_login, spawn_api, stop
 
 
 def _submit(client: httpx.Client, headers: dict[str, str], **body: Any) -> httpx.Response:

@@ -1,5 +1,1 @@
-"""Chaos harness: AIQ under process kills, broker and database restarts and LLM faults.
-
-`python -m tests.chaos.run` (or `make chaos`) runs the full experiment, `--smoke` a short one; see
-docs/chaos.md for what is injected, what is measured and how to read the report.
-"""
+"""Tests of the chaos harness (bench/chaos/): its audit instruments and a short smoke run."""

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-from shared import embedded
-from tests.chaos import audit
-from tests.chaos.harness import KillRecord
-from tests.chaos.procs import Reaper
-from tests.chaos.report import kill_accounting, terminal_double_writes
-from tests.chaos.services import OwnPostgres
-from tests.conftest import migrate
+from bench.chaos import audit
+from bench.chaos._watchdog import Reaper
+from bench.chaos.harness import KillRecord
+from bench.chaos.report import kill_accounting, terminal_double_writes
+from bench.chaos.services import OwnPostgres
+from devkit import embedded
+from devkit.migrations import migrate
 
 
 @pytest.fixture(scope="module")

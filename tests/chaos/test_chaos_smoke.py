@@ -1,7 +1,7 @@
 """The chaos smoke run is part of `make test`: 150 queries through a worker kill, a Redis restart without
 persistence, a PostgreSQL immediate restart and every LLM fault kind, on the harness's own servers.
 
-It runs `python -m tests.chaos.run --smoke` as a subprocess (its own process group, so a timeout here
+It runs `python -m bench.chaos.run --smoke` as a subprocess (its own process group, so a timeout here
 stops every process it started) and reads the JSON report it writes.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.procs import ROOT
+from devkit.paths import ROOT
 
 SMOKE_BUDGET_SECONDS = 170  # the run targets <= 120 s; the rest is slack for a slow machine
 
@@ -27,7 +27,7 @@ def test_chaos_smoke_loses_nothing_and_never_rewrites_a_terminal_row(tmp_path: P
     log_path = tmp_path / "chaos-smoke.out"
     with log_path.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.chaos.run", "--smoke", "--report", str(report_path)],
+            [sys.executable, "-m", "bench.chaos.run", "--smoke", "--report", str(report_path)],
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -651,7 +651,7 @@ def test_dockerignore_keeps_secrets_and_state_out() -> None:
     lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and ln[0] != "#"]
     assert lines[0] == "**", "allow-list style: ignore everything, then re-include"
     included = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
-    assert included == {"pyproject.toml", "README.md", "alembic.ini", "migrations", "api", "worker", "shared"}
+    assert included == {"pyproject.toml", "README.md", "alembic.ini", "migrations", "api", "worker", "shared", "devkit"}
     assert "**/.env" in lines
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 import uuid
@@ -11,7 +10,8 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import ROOT, Stack, free_port, wait_terminal
+from devkit.procs import free_port, spawn
+from tests.conftest import Stack, wait_terminal
 
 
 def test_flower_lists_tasks_by_query_id_behind_auth(
@@ -19,12 +19,13 @@ def test_flower_lists_tasks_by_query_id_behind_auth(
 ) -> None:
     port = free_port()
     password = uuid.uuid4().hex
-    flower = subprocess.Popen(
+    flower = spawn(
+        "flower",
         [
             sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower",
             f"--port={port}", "--address=127.0.0.1", f"--basic-auth=ops:{password}",
         ],
-        cwd=ROOT, env=stack.env, stdout=(tmp_path / "flower.log").open("wb"), stderr=subprocess.STDOUT,
+        env=stack.env, log=tmp_path / "flower.log",
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
@@ -55,5 +56,4 @@ def test_flower_lists_tasks_by_query_id_behind_auth(
         assert ours[0]["name"] == "queries.process"
         assert prompt not in str(tasks)
     finally:
-        flower.terminate()
-        flower.wait(15)
+        flower.stop(15)

@@ -4,55 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from shared.simulator import SimulatorConfig, main, run_in_thread
-from shared.simulator.config import ConfigError, build_parser
-from shared.simulator.directives import DirectiveError, answer_text, parse_directives
-from tests.conftest import stop
+from devkit.procs import free_port, spawn
+from devkit.simulator import SimulatorConfig, main, run_in_thread
+from devkit.simulator.config import ConfigError, build_parser
+from devkit.simulator.directives import DirectiveError, answer_text, parse_directives
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "gpt-4o-mini"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
-def sim_url() -> Iterator[str]:
+def sim_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A simulator subprocess started exactly as `aiq simulate` would start it."""
-    port = _free_port()
-    env = {**os.environ, "SIM_LATENCY_MS": "5", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "shared.simulator",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    port = free_port()
+    env = {**os.environ, "SIM_LATENCY_MS": "5"}
+    log = tmp_path_factory.mktemp("simulator") / "simulator.log"
+    argv = [sys.executable, "-m", "devkit.simulator", "--port", str(port), "--log-level", "warning"]
+    proc = spawn("simulator", argv, env=env, log=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 15
     while True:
@@ -61,15 +38,14 @@ def sim_url() -> Iterator[str]:
                 break
         except httpx.TransportError:
             pass
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if not proc.alive() or time.monotonic() > deadline:
             proc.kill()
-            output = proc.communicate()[0].decode(errors="replace")
-            pytest.fail(f"simulator did not start:\n{output}")
+            pytest.fail(f"simulator did not start:\n{log.read_text(errors='replace')}")
         time.sleep(0.05)
     try:
         yield url
     finally:
-        stop(proc, 10)
+        proc.stop(10)
 
 
 @pytest.fixture

@@ -10,9 +10,8 @@ from typing import Any
 import httpx
 from sqlalchemy.engine import Engine
 
+from bench.chaos.services import OwnRedis
 from shared.queue import Publisher
-from tests.chaos.procs import Reaper
-from tests.chaos.services import OwnRedis
 from tests.conftest import Stack, insert_query, row, spawn_worker, wait_terminal, wait_until
 
 
@@ -27,7 +26,7 @@ def _publish(stack: Stack, redis_url: str, queue: str, query_id: str) -> None:
 def test_worker_survives_a_redis_restart_mid_call(
     client: httpx.Client, stack: Stack, user: dict[str, Any], db: Engine, tmp_path: Path
 ) -> None:
-    own = OwnRedis(tmp_path, Reaper())
+    own = OwnRedis(tmp_path)
     own.start()
     queue = f"aiq.restart.{uuid.uuid4().hex[:6]}"
     worker, _ = spawn_worker(stack, tmp_path / "worker.log", REDIS_URL=own.url, QUEUE_NAME=queue)

@@ -13,9 +13,9 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from devkit.procs import free_port
 from tests.conftest import (
     Stack,
-    free_port,
     insert_query,
     publish_to,
     row,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from shared.simulator.app import SimulatorApp, SimulatorStats, create_app
-from shared.simulator.config import (
+from devkit.simulator.app import SimulatorApp, SimulatorStats, create_app
+from devkit.simulator.config import (
     ConfigError,
     SimulatorConfig,
     build_parser,
     config_from_args,
 )
-from shared.simulator.server import RunningSimulator, run_in_thread, serve
+from devkit.simulator.server import RunningSimulator, run_in_thread, serve
 
 __all__ = [
     "ConfigError",
@@ -27,7 +27,7 @@ __all__ = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `aiq simulate` and `python -m shared.simulator`; returns the exit status."""
+    """Entry point of `aiq simulate` and `python -m devkit.simulator`; returns the exit status."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

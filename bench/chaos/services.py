@@ -15,9 +15,9 @@ import time
 import warnings
 from pathlib import Path
 
-from shared import embedded
-from tests.chaos.procs import Proc, Reaper
-from tests.conftest import free_port
+from bench.chaos._watchdog import Reaper
+from devkit import embedded
+from devkit.procs import Proc, free_port, spawn
 
 # Tried in order; the first directory holding initdb and pg_ctl wins.
 PG_BIN_CANDIDATES = (
@@ -157,18 +157,17 @@ class OwnPostgres:
             self.stop_immediate()
         except (subprocess.SubprocessError, OSError):
             # SIGQUIT is PostgreSQL's immediate shutdown; SIGKILL follows if the postmaster outlives it.
-            embedded._terminate(self.postmaster_pid, signal.SIGQUIT, "postgres")
+            embedded.terminate(self.postmaster_pid, signal.SIGQUIT, "postgres")
             self.postmaster_pid = None
 
 
 class OwnRedis:
     """`redis-server` without persistence on 127.0.0.1:`port`; a restart loses every key, as in production."""
 
-    def __init__(self, base: Path, reaper: Reaper) -> None:
+    def __init__(self, base: Path) -> None:
         self.server_bin, self.cli_bin = find_redis_bin()
         self.base = base
         self.port = free_port()
-        self.reaper = reaper
         self.log_path = base / "redis.log"
         self.proc: Proc | None = None
 
@@ -187,7 +186,7 @@ class OwnRedis:
             "--daemonize", "no",
             "--loglevel", "warning",
         ]  # fmt: skip
-        self.proc = Proc("redis", argv, log_path=self.log_path, reaper=self.reaper, cwd=self.base).start()
+        self.proc = spawn("redis", argv, log=self.log_path, cwd=self.base)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.proc.alive():
@@ -217,7 +216,6 @@ class OwnRedis:
             timeout=10,
         )
         if self.proc is not None:
-            assert self.proc.popen is not None
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.popen.wait(10)
             self.proc.kill()

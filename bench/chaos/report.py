@@ -24,11 +24,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tests.chaos.audit import TERMINAL, Transition
-from tests.chaos.procs import ROOT
+from bench.chaos.audit import TERMINAL, Transition
+from devkit.paths import ROOT
+from devkit.procs import START_MARK
 
 if TYPE_CHECKING:
-    from tests.chaos.harness import ChaosRun, KillRecord
+    from bench.chaos.harness import ChaosRun, KillRecord
 
 # Failures the issue accepts: the provider's quota, or attempts used up (by the LLM or by lost workers).
 EXPECTED_FAILURES = frozenset({"upstream_quota_exceeded", "upstream_retries_exhausted", "worker_lost"})
@@ -396,7 +397,7 @@ def scan_logs(log_dir: Path, *extra: Path | None) -> dict[str, Any]:
             continue
         for line in text.splitlines():
             line = line.strip()
-            if not line or line.startswith("=== chaos harness"):
+            if not line or line.startswith(START_MARK):
                 continue
             if line.startswith("{"):
                 try:

@@ -1,8 +1,8 @@
 """`aiq dev` (`make dev`): the whole service on one machine, with nothing installed by hand.
 
 Embedded PostgreSQL/Redis where DATABASE_URL/REDIS_URL are unset, the LLM simulator where
-OPENAI_API_KEY is unset, migrations, then API, worker, beat (when scheduled) and Flower as child
-processes sharing one environment, their output prefixed by name. Ctrl-C stops everything.
+OPENAI_API_KEY is unset, migrations, then API, worker and Flower as child processes sharing one
+environment, their output prefixed by name. Ctrl-C stops everything.
 """
 
 from __future__ import annotations
@@ -13,39 +13,28 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
-from shared import embedded
-from shared.cli import find_repo_root
+from devkit import embedded
+from devkit.migrations import migrate
+from devkit.paths import find_repo_root
+from devkit.procs import Launcher, StopFlag
 
 LABEL_WIDTH = 6
 STOP_TIMEOUT = 10.0
 READY_TIMEOUT = 90.0
 SIMULATOR_API_KEY = "sk-aiq-dev-simulator"  # the simulator accepts any key; the SDK insists on one
-_COLOURS = {"api": "32", "worker": "35", "beat": "34", "flower": "36", "sim": "33", "db": "90", "aiq": "1"}
-
-# Run before exec'ing each child: ask the kernel to SIGTERM the child when `aiq dev` dies, even by
-# SIGKILL, so no orphaned API keeps port 8000. The flag survives exec. -I -S keeps this fast and
-# free of the checkout on sys.path. PR_SET_PDEATHSIG is 1.
-DEATH_SIGNAL_LAUNCHER = (
-    "import ctypes, os, signal, sys\n"
-    "ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
-    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
+_COLOURS = {"api": "32", "worker": "35", "flower": "36", "sim": "33", "aiq": "1"}
 
 
 class Console:
@@ -84,113 +73,16 @@ def use_colour(stream: IO[str]) -> bool:
     return bool(os.environ.get("FORCE_COLOR")) or stream.isatty()
 
 
-@dataclass
-class StopFlag:
-    """Set by SIGINT/SIGTERM/SIGHUP; a second signal asks for an immediate kill."""
-
-    event: threading.Event = field(default_factory=threading.Event)
-    signum: int | None = None
-    force: bool = False
-
-    def handle(self, signum: int, _frame: FrameType | None) -> None:
-        """Signal handler: record the first signal, escalate on the next."""
-        if self.event.is_set():
-            self.force = True
-        self.signum = self.signum or signum
-        self.event.set()
-
-    def install(self) -> None:
-        """Route SIGINT, SIGTERM and SIGHUP here (so no KeyboardInterrupt hits a half-done step)."""
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, self.handle)
-
-
-@dataclass
-class Child:
-    """One supervised process and the thread copying its output."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    reader: threading.Thread
-
-
-class Supervisor:
-    """Start children with prefixed output; stop them (and their process groups) together."""
-
-    def __init__(self, console: Console, env: dict[str, str], cwd: Path) -> None:
-        self.console = console
-        self.env = env
-        self.cwd = cwd
-        self.children: list[Child] = []
-
-    def start(self, name: str, argv: Sequence[str]) -> Child:
-        """Start `argv` in its own process group, its stdout and stderr prefixed with `name`."""
-        command = list(argv)
-        if sys.platform == "linux":
-            command = [sys.executable, "-I", "-S", "-c", DEATH_SIGNAL_LAUNCHER, str(os.getpid()), *command]
-        proc = subprocess.Popen(  # noqa: S603 - argv built by this module, no shell
-            command,
-            cwd=self.cwd,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            # Own session: the terminal's Ctrl-C reaches only `aiq dev`, which then stops the
-            # children in order; killpg() on the group also reaches grandchildren.
-            start_new_session=True,
-        )
-        reader = threading.Thread(target=self._copy, args=(name, proc), name=f"out-{name}", daemon=True)
-        reader.start()
-        child = Child(name, proc, reader)
-        self.children.append(child)
-        return child
-
-    def _copy(self, name: str, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdout is not None
-        for raw in iter(proc.stdout.readline, b""):
-            self.console.line(name, raw.decode("utf-8", "replace").rstrip("\r\n"))
-        proc.stdout.close()
-
-    def exited(self) -> Child | None:
-        """The first child that has exited, if any."""
-        return next((c for c in self.children if c.proc.poll() is not None), None)
-
-    def stop(self, flag: StopFlag | None = None, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM every child, wait up to `timeout` (less on a second Ctrl-C), then SIGKILL groups."""
-        for child in reversed(self.children):
-            if child.proc.poll() is None:
-                # The leader only: Celery and uvicorn stop their own pools/workers gracefully.
-                with contextlib.suppress(ProcessLookupError):
-                    child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while any(c.proc.poll() is None for c in self.children):
-            if time.monotonic() > deadline or (flag is not None and flag.force):
-                break
-            time.sleep(0.1)
-        for child in self.children:
-            if child.proc.poll() is None:
-                self.console.line("aiq", f"{child.name} did not stop within {timeout:.0f} s: killing it")
-            # Always sweep the group: grandchildren (pool processes, reloaders) must not outlive us.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.proc.pid, signal.SIGKILL)
-        for child in self.children:
-            child.proc.wait()
-            child.reader.join(timeout=2)
-
-
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="aiq dev",
-        description="Run API, worker, beat, Flower and (without OPENAI_API_KEY) the LLM simulator, "
+        description="Run API, worker, Flower and (without OPENAI_API_KEY) the LLM simulator, "
         "on embedded PostgreSQL/Redis where DATABASE_URL/REDIS_URL are unset. Ctrl-C stops everything.",
     )
     parser.add_argument("--api-port", type=int, default=8000)
     parser.add_argument("--flower-port", type=int, default=5555)
     parser.add_argument("--sim-port", type=int, default=8900)
     parser.add_argument("--no-flower", action="store_true", help="do not start Flower")
-    parser.add_argument(
-        "--no-beat", action="store_true", help="do not start beat (started only when a beat_schedule exists)"
-    )
     parser.add_argument("--reload", action="store_true", help="restart the API when its code changes")
     return parser.parse_args(argv)
 
@@ -295,7 +187,7 @@ class _Dev:
         self.seen = {**dotenv, **os.environ}
         self.env = dict(os.environ)
         self.env["PYTHONUNBUFFERED"] = "1"  # children's logs appear line by line, not at exit
-        self.supervisor = Supervisor(self.console, self.env, self.root)
+        self.launcher = Launcher(echo=self.console.line, cwd=self.root)
         self.simulated = False
 
     def say(self, text: str) -> None:
@@ -326,30 +218,24 @@ class _Dev:
             self.env["OPENAI_API_KEY"] = SIMULATOR_API_KEY
             self.env["OPENAI_BASE_URL"] = sim_url
             self.console.block(_simulator_banner(sim_url), "1;33")
-            py_sim = [sys.executable, "-m", "shared.cli", "simulate", "--host", "127.0.0.1"]
-            self.supervisor.start("sim", [*py_sim, "--port", str(args.sim_port)])
+            py_sim = [sys.executable, "-m", "devkit.simulator", "--host", "127.0.0.1"]
+            self.launcher.start("sim", [*py_sim, "--port", str(args.sim_port)], self.env)
             if not self._wait(lambda: _port_open(args.sim_port), 30, "the simulator to listen"):
                 return self._failed()
 
-        migrate = self.supervisor.start(
-            "db", [sys.executable, "-m", "alembic", "-c", str(self.root / "alembic.ini"), "upgrade", "head"]
-        )
-        if not self._wait(lambda: migrate.proc.poll() is not None, 300, "migrations", watch=False):
-            return self._failed()
-        if migrate.proc.returncode != 0:
-            self.say(f"alembic upgrade head failed (exit {migrate.proc.returncode}); see the db | lines above")
-            return 1
-        self.supervisor.children.remove(migrate)  # finished on purpose; not a crash to watch for
+        self.say("applying migrations (alembic upgrade head)")
+        migrate(self.seen["DATABASE_URL"], verbose=True)
+        if self.flag.event.is_set():
+            return 0
 
         celery = [sys.executable, "-m", "celery", "-A", "worker.celery_app"]
         uvicorn = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1"]
-        self.supervisor.start("api", [*uvicorn, "--port", str(args.api_port), *(["--reload"] if args.reload else [])])
-        self.supervisor.start("worker", [*celery, "worker", "--loglevel", "INFO"])
-        if not args.no_beat and self._has_beat_schedule():
-            schedule = str(self.state / "celerybeat-schedule")  # not in the checkout's root
-            self.supervisor.start("beat", [*celery, "beat", "--loglevel", "INFO", "--schedule", schedule])
+        reload = ["--reload"] if args.reload else []
+        self.launcher.start("api", [*uvicorn, "--port", str(args.api_port), *reload], self.env)
+        self.launcher.start("worker", [*celery, "worker", "--loglevel", "INFO"], self.env)
         if not args.no_flower:
-            self.supervisor.start("flower", [*celery, "flower", f"--port={args.flower_port}", "--address=127.0.0.1"])
+            flower = [*celery, "flower", f"--port={args.flower_port}", "--address=127.0.0.1"]
+            self.launcher.start("flower", flower, self.env)
 
         api = f"http://127.0.0.1:{args.api_port}"
         worker_health = f"http://127.0.0.1:{self._metrics_port()}/healthz"
@@ -357,13 +243,13 @@ class _Dev:
             # Also let the worker finish its start-up chatter, so the summary is the last thing on screen.
             self._wait(lambda: _http_ok(worker_health), 30, "the worker's /healthz")
             self._summary(api, sim_url)
-        elif self.flag.event.is_set() or self.supervisor.exited():
+        elif self.flag.event.is_set() or self.launcher.exited():
             return self._failed()
         else:
             self.say(f"{api}/readyz is still not OK after {READY_TIMEOUT:.0f} s; check the lines above")
 
         while not self.flag.event.wait(0.2):
-            if self.supervisor.exited():
+            if self.launcher.exited():
                 return self._failed()
         return 0
 
@@ -384,11 +270,11 @@ class _Dev:
     def _metrics_port(self) -> str:
         return self.seen.get("WORKER_METRICS_PORT") or "9540"
 
-    def _wait(self, ready: Callable[[], bool], timeout: float, what: str, watch: bool = True) -> bool:
-        """Poll `ready()` until true; False on timeout, a stop request or (if `watch`) a dead child."""
+    def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> bool:
+        """Poll `ready()` until true; False on timeout, a stop request or a dead child."""
         deadline = time.monotonic() + timeout
         while not ready():
-            if self.flag.event.is_set() or (watch and self.supervisor.exited()):
+            if self.flag.event.is_set() or self.launcher.exited():
                 return False
             if time.monotonic() > deadline:
                 self.say(f"timed out after {timeout:.0f} s waiting for {what}")
@@ -399,26 +285,10 @@ class _Dev:
     def _failed(self) -> int:
         if self.flag.event.is_set():
             return 0  # asked to stop; not a failure
-        dead = self.supervisor.exited()
+        dead = self.launcher.exited()
         if dead is not None:
-            self.say(f"{dead.name} exited unexpectedly (exit code {dead.proc.returncode}); stopping everything")
+            self.say(f"{dead.name} exited unexpectedly (exit code {dead.popen.returncode}); stopping everything")
         return 1
-
-    def _has_beat_schedule(self) -> bool:
-        # Asked in a child with the same environment: importing the app here would read settings
-        # from this process's environment, which lacks what was generated above.
-        probe = "from worker.celery_app import app; print('yes' if app.conf.beat_schedule else 'no')"
-        result = subprocess.run(  # noqa: S603 - fixed argv
-            [sys.executable, "-c", probe], cwd=self.root, env=self.env, capture_output=True, text=True, timeout=60
-        )
-        answer = result.stdout.strip().splitlines()[-1:] if result.returncode == 0 else []
-        if answer == ["yes"]:
-            return True
-        if result.returncode != 0:
-            self.say("could not import worker.celery_app to look for a beat schedule; not starting beat")
-        else:
-            self.say("worker.celery_app has no beat_schedule; not starting beat")
-        return False
 
     def _summary(self, api: str, sim_url: str) -> None:
         args = self.args
@@ -445,7 +315,8 @@ class _Dev:
         self.flag.install()
         if self.flag.signum is not None:
             self.say(f"received {signal.Signals(self.flag.signum).name}; stopping (Ctrl-C again to kill now)")
-        self.supervisor.stop(self.flag)
+        for proc in self.launcher.stop_all(STOP_TIMEOUT, abort=lambda: self.flag.force):
+            self.say(f"{proc.name} did not stop within {STOP_TIMEOUT:.0f} s: killed it")
         embedded.stop_embedded()
 
 

@@ -2,7 +2,7 @@
 
 Everything runs on 127.0.0.1 with free ports: a PostgreSQL cluster and a Redis server of our own (so they
 can be restarted), the LLM simulator, one uvicorn API and several Celery workers as separate processes.
-`ChaosRun.run()` returns the report (see tests/chaos/report.py and docs/chaos.md); `close()` stops
+`ChaosRun.run()` returns the report (see bench/chaos/report.py and docs/chaos.md); `close()` stops
 everything and is safe to call more than once, from `finally`, atexit or a signal handler.
 """
 
@@ -17,7 +17,6 @@ import random
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,15 +29,17 @@ from typing import Any
 
 import httpx
 
-from shared import embedded
-from tests.chaos import audit, report
-from tests.chaos.procs import ROOT, Proc, Reaper, children_of
-from tests.chaos.services import OwnPostgres, OwnRedis
-from tests.conftest import free_port
+from bench.chaos import audit, report
+from bench.chaos._watchdog import Reaper
+from bench.chaos.services import OwnPostgres, OwnRedis
+from devkit import embedded
+from devkit.migrations import migrate
+from devkit.paths import ROOT
+from devkit.procs import Launcher, Proc, free_port
 
 SIM_API_KEY = "sk-chaos-sim-key-0123456789"
 MODEL = "sim-small"
-PASSWORD = "chaos harness password 0123"
+PASSWORD = "chaos harness password 0123"  # noqa: S105 - users of a throwaway stack
 DB_NAME = "aiq_chaos"
 # A submission is retried with the same Idempotency-Key after a connection error, a timeout or a 5xx,
 # so a restart of PostgreSQL or Redis does not have to turn into a rejected query.
@@ -107,7 +108,7 @@ class ChaosConfig:
     drain_timeout: float = 180.0
     drain_bound: float = 120.0
     seed: int = field(default_factory=lambda: random.SystemRandom().randrange(1, 2**31))
-    report_path: Path = ROOT / "tests" / "chaos" / "results" / "latest.json"
+    report_path: Path = ROOT / "bench" / "chaos" / "results" / "latest.json"
     keep_logs: Path | None = None
     verbose: bool = True
 
@@ -249,6 +250,7 @@ class ChaosRun:
         self.reaper.add_tree(self.base)
         self.logs = self.base / "logs"
         self.logs.mkdir()
+        self.launcher = Launcher(self.logs)
         self.pg: OwnPostgres | None = None
         self.redis: OwnRedis | None = None
         self.sim: Proc | None = None
@@ -294,20 +296,10 @@ class ChaosRun:
         self.pg = OwnPostgres(self.base, self.reaper)
         self.pg.init()
         self.pg.start()
-        self.redis = OwnRedis(self.base, self.reaper)
+        self.redis = OwnRedis(self.base)
         self.redis.start()
         self.database_url = embedded.create_database(self.pg.url, DB_NAME)
-        env = {**self._base_env(), "DATABASE_URL": self.database_url, "ENVIRONMENT": "development"}
-        out = subprocess.run(
-            [sys.executable, "-m", "alembic", "upgrade", "head"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if out.returncode != 0:
-            raise HarnessError(f"alembic upgrade head failed:\n{out.stdout}\n{out.stderr}")
+        migrate(self.database_url)
         audit.install(self.database_url)
 
     def _base_env(self) -> dict[str, str]:
@@ -317,7 +309,7 @@ class ChaosRun:
         c = self.config
         port = free_port()
         argv = [
-            sys.executable, "-m", "shared.simulator",
+            sys.executable, "-m", "devkit.simulator",
             "--host", "127.0.0.1",
             "--port", str(port),
             "--latency-ms", str(c.latency_ms),
@@ -329,10 +321,7 @@ class ChaosRun:
             "--seed", str(c.seed),
             "--log-level", "warning",
         ]  # fmt: skip
-        self.sim = Proc(
-            "simulator", argv, log_path=self.logs / "simulator.log", reaper=self.reaper, env=self._base_env()
-        )
-        self.sim.start()
+        self.sim = self.launcher.start("simulator", argv, self._base_env())
         self.sim_url = f"http://127.0.0.1:{port}"
 
     def _start_api(self, port: int | None = None) -> None:
@@ -342,7 +331,9 @@ class ChaosRun:
             "--host", "127.0.0.1", "--port", str(port),
             "--timeout-graceful-shutdown", "5",
         ]  # fmt: skip
-        self.api = Proc("api", argv, log_path=self.logs / "api.log", reaper=self.reaper, env=self.env).start()
+        if self.api is not None:
+            self.launcher.forget(self.api)
+        self.api = self.launcher.start("api", argv, self.env)
         self.api_url = f"http://127.0.0.1:{port}"
 
     def _start_worker(self, slot: WorkerSlot) -> None:
@@ -353,15 +344,16 @@ class ChaosRun:
             sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
             "--hostname", f"chaos{slot.index}g{slot.generation}@%h",
         ]  # fmt: skip
-        log = self.logs / f"worker-{slot.index}.log"
-        slot.proc = Proc(f"worker-{slot.index}", argv, log_path=log, reaper=self.reaper, env=env).start()
+        if slot.proc is not None:
+            self.launcher.forget(slot.proc)
+        slot.proc = self.launcher.start(f"worker-{slot.index}", argv, env)
 
     async def _wait_http(self, url: str, proc: Proc | None, within: float) -> None:
         deadline = time.monotonic() + within
         async with httpx.AsyncClient(timeout=2) as client:
             while time.monotonic() < deadline:
                 if proc is not None and not proc.alive():
-                    raise HarnessError(f"{proc.name} exited during startup; see {proc.log_path}")
+                    raise HarnessError(f"{proc.name} exited during startup; see {proc.log}")
                 with contextlib.suppress(httpx.HTTPError):
                     if (await client.get(url)).status_code == 200:
                         return
@@ -496,7 +488,7 @@ class ChaosRun:
             return
         slot, claims = await self._busiest(live)
         assert slot.proc is not None
-        kids = children_of(slot.proc.pid)
+        kids = slot.proc.child_pids()
         if kids:
             victim = self.rng.choice(kids)
             with contextlib.suppress(ProcessLookupError):
@@ -548,6 +540,7 @@ class ChaosRun:
         slot.respawning = True
         pid = proc.pid
         await asyncio.to_thread(proc.kill)
+        self.launcher.forget(proc)
         # Stamped once the process is certainly dead: every claim it made carries an earlier timestamp.
         self.kills.append(KillRecord(pid, proc.started_at, time.time()))
         self.event("worker_kill", worker=slot.index, pid=pid, why=why, running_claims=running_claims)
@@ -591,18 +584,15 @@ class ChaosRun:
             for slot in self.slots:
                 proc = slot.proc
                 if proc is not None and not slot.respawning and not proc.alive():
-                    assert proc.popen is not None
                     self.event(
                         "worker_exited_unexpectedly", worker=slot.index, pid=proc.pid, code=proc.popen.returncode
                     )
                     slot.respawning = True
                     self._respawn_later(slot)
             if self.api is not None and not self.api.alive():
-                assert self.api.popen is not None
                 self.event("api_exited_unexpectedly", pid=self.api.pid, code=self.api.popen.returncode)
                 self._start_api(int(self.api_url.rsplit(":", 1)[1]))
             if self.sim is not None and not self.sim.alive():
-                assert self.sim.popen is not None
                 self.event("simulator_exited_unexpectedly", pid=self.sim.pid, code=self.sim.popen.returncode)
             await asyncio.sleep(0.5)
 
@@ -734,16 +724,7 @@ class ChaosRun:
             return
         self._closed = True
         self._stopping = True
-        procs = [s.proc for s in self.slots if s.proc is not None]
-        procs += [p for p in (self.api, self.sim) if p is not None]
-        for proc in procs:
-            proc.signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + 3
-        for proc in procs:
-            if proc.popen is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.popen.wait(max(0.0, deadline - time.monotonic()))
-            proc.kill()
+        self.launcher.stop_all(timeout=3)
         if self.redis is not None:
             self.redis.close()
         if self.pg is not None:

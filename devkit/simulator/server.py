@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from shared.simulator.app import SimulatorApp, create_app
-from shared.simulator.config import SimulatorConfig
+from devkit.simulator.app import SimulatorApp, create_app
+from devkit.simulator.config import SimulatorConfig
 
 logger = logging.getLogger("aiq.simulator")
 

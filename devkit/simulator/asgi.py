@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-from shared.simulator._json import dumps
+from devkit.simulator._json import dumps
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

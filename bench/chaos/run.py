@@ -1,8 +1,8 @@
-"""`python -m tests.chaos.run` (`make chaos`): run the chaos experiment, print a table, write a JSON report.
+"""`python -m bench.chaos.run` (`make chaos`): run the chaos experiment, print a table, write a JSON report.
 
-    python -m tests.chaos.run                      # full run: 2,000 queries, 300 s of faults
-    python -m tests.chaos.run --smoke              # 150 queries, ~40 s of faults, under 2 minutes
-    python -m tests.chaos.run --queries 500 --duration 120 --keep-logs /tmp/chaos-logs
+    python -m bench.chaos.run                      # full run: 2,000 queries, 300 s of faults
+    python -m bench.chaos.run --smoke              # 150 queries, ~40 s of faults, under 2 minutes
+    python -m bench.chaos.run --queries 500 --duration 120 --keep-logs /tmp/chaos-logs
 
 Exit status: 0 when nothing was lost, no terminal row was written twice and the drain stayed within
 its bound; 1 otherwise; 2 when the harness itself could not run; 130 on Ctrl-C.
@@ -22,8 +22,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tests.chaos.harness import ChaosConfig, ChaosRun
-from tests.chaos.report import format_table
+from bench.chaos.harness import ChaosConfig, ChaosRun
+from bench.chaos.report import format_table
 
 
 def _floats(text: str) -> list[float]:
@@ -40,7 +40,7 @@ def _env_pair(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     d = ChaosConfig()
     p = argparse.ArgumentParser(
-        prog="python -m tests.chaos.run",
+        prog="python -m bench.chaos.run",
         description="Run AIQ (API, workers, simulator) on its own PostgreSQL and Redis under kills, restarts and "
         "LLM faults; report lost queries, double terminal writes, extra LLM calls and drain time.",
     )

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
 
-from shared.simulator._json import dumps, loads
-from shared.simulator.asgi import (
+from devkit.simulator._json import dumps, loads
+from devkit.simulator.asgi import (
     SSE_HEADERS,
     BodyTooLarge,
     ClientDisconnected,
@@ -28,8 +28,8 @@ from shared.simulator.asgi import (
     send_json,
     sleep_unless_disconnected,
 )
-from shared.simulator.config import ConfigError, SimulatorConfig
-from shared.simulator.directives import (
+from devkit.simulator.config import ConfigError, SimulatorConfig
+from devkit.simulator.directives import (
     FAIL_KINDS,
     DirectiveError,
     Directives,
