@@ -3,7 +3,7 @@
 Real services: PostgreSQL, Redis, the simulator, the API and a Celery worker. PostgreSQL and Redis come from
 TEST_DATABASE_URL / TEST_REDIS_URL (CI sets them to the machine's servers) or are started embedded. Each run
 gets a throwaway database built by `alembic upgrade head` and its own queue name, so runs never see each
-other's rows or messages.
+other's rows or messages. The repository tests get a second throwaway database that no process touches.
 """
 
 from __future__ import annotations
@@ -11,18 +11,21 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from devkit import embedded
 from devkit.procs import Launcher, free_port, spawn
 from shared.config import Settings
+from shared.db import make_engine, make_raw_pool, make_sessionmaker
 from tests.support.api import register_and_login
 from tests.support.db import throwaway_database
 from tests.support.polling import wait_for_http
@@ -94,6 +97,7 @@ def stack(database_url: str, server_urls: dict[str, str], simulator: str, tmp_ro
 
 @pytest.fixture
 def client(stack: Stack) -> Iterator[httpx.Client]:
+    """An HTTP client on the stack's API."""
     with httpx.Client(base_url=stack.api_url, timeout=10) as c:
         yield c
 
@@ -108,4 +112,48 @@ def db(database_url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def user(client: httpx.Client) -> dict[str, Any]:
+    """A fresh user, registered and logged in (see `register_and_login`)."""
     return register_and_login(client)
+
+
+@pytest.fixture(scope="session")
+def repo_database_url(server_urls: dict[str, str]) -> Iterator[str]:
+    """A second throwaway database for the repository tests: no worker sweeps it, so they see only their rows."""
+    with throwaway_database(server_urls["database"]) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def repo_db(repo_database_url: str) -> Iterator[Engine]:
+    """A plain sync engine on the repository tests' database, to set rows up and look at them."""
+    engine = create_engine(Settings(database_url=repo_database_url).sync_database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """`@pytest.mark.anyio` tests run on asyncio, the only loop asyncpg supports."""
+    return "asyncio"
+
+
+@pytest.fixture
+async def repo_conn(repo_database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A raw asyncpg connection from the API's own pool factory; each statement autocommits."""
+    pool = await make_raw_pool(Settings(database_url=repo_database_url), "aiq-tests")
+    try:
+        async with pool.acquire() as conn:
+            yield conn
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def repo_session(repo_database_url: str) -> AsyncIterator[AsyncSession]:
+    """A SQLAlchemy AsyncSession like the worker's loops use; the test owns the transaction."""
+    engine = make_engine(Settings(database_url=repo_database_url), "aiq-tests")
+    try:
+        async with make_sessionmaker(engine)() as session:
+            yield session
+    finally:
+        await engine.dispose()

@@ -52,3 +52,14 @@ def throwaway_database(server_url: str) -> Iterator[str]:
         yield url
     finally:
         embedded.drop_database(server_url, name)
+
+
+def insert_user(db: Engine) -> str:
+    """A users row with a unique email and no usable password; returns its id."""
+    user_id = str(uuid.uuid4())
+    with db.begin() as conn:
+        conn.execute(
+            text("INSERT INTO users (id, email, password_hash) VALUES (:id, :email, '!')"),
+            {"id": user_id, "email": f"user-{user_id}@example.com"},
+        )
+    return user_id
