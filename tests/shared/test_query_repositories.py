@@ -105,7 +105,7 @@ async def test_a_row_not_yet_due_cannot_be_claimed(
 
 
 @EVERY_WRITE
-async def test_a_stale_attempt_writes_nothing(
+async def test_a_stale_attempt_writes_nothing_and_the_current_one_still_can(
     write: Write, repo_conn: asyncpg.Connection, repo_db: Engine, user_id: str
 ) -> None:
     query_id = _insert(repo_db, user_id)
@@ -119,6 +119,7 @@ async def test_a_stale_attempt_writes_nothing(
     assert await write(repo_conn, first) is None
 
     assert _row(repo_db, query_id) == before
+    assert await _complete(repo_conn, second) == QueryStatus.COMPLETED
 
 
 async def test_the_owning_attempts_answer_lands(repo_conn: asyncpg.Connection, repo_db: Engine, user_id: str) -> None:
