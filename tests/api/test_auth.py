@@ -12,7 +12,9 @@ import httpx
 import jwt
 import pytest
 
-from tests.conftest import TEST_PASSWORD, Stack, count_rows, register_and_login
+from tests.support.api import TEST_PASSWORD, register_and_login
+from tests.support.db import count_rows
+from tests.support.stack import Stack
 
 
 def _unauthorized(r: httpx.Response) -> dict[str, Any]:

@@ -15,7 +15,10 @@ from sqlalchemy.engine import Engine
 
 from shared.repositories import queries_asyncpg as queries_repo
 from shared.repositories.queries_asyncpg import Claim
-from tests.conftest import Stack, count_rows, insert_query, register_and_login, row, wait_terminal, wait_until
+from tests.support.api import register_and_login, wait_terminal
+from tests.support.db import count_rows, insert_query, row
+from tests.support.polling import wait_until
+from tests.support.stack import Stack
 
 
 def _insert_pending(db: Engine, user_id: str) -> str:

@@ -10,7 +10,9 @@ import httpx
 from sqlalchemy.engine import Engine
 
 from devkit.procs import free_port
-from tests.conftest import Stack, count_rows, register_and_login, spawn_api, stop
+from tests.support.api import register_and_login
+from tests.support.db import count_rows
+from tests.support.stack import Stack, spawn_api, stop
 
 
 def _submit(client: httpx.Client, headers: dict[str, str], **body: Any) -> httpx.Response:

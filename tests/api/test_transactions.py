@@ -20,7 +20,7 @@ from shared.db import make_engine, make_sessionmaker
 from shared.errors import Conflict
 from shared.models import User
 from shared.repositories import users as users_repo
-from tests.conftest import count_rows
+from tests.support.db import count_rows
 
 router = APIRouter()
 

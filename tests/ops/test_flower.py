@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 
 from devkit.procs import free_port, spawn
-from tests.conftest import Stack, wait_terminal
+from tests.support.api import wait_terminal
+from tests.support.stack import Stack
 
 
 def test_flower_lists_tasks_by_query_id_behind_auth(

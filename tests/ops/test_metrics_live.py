@@ -8,7 +8,8 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import Stack, wait_terminal
+from tests.support.api import wait_terminal
+from tests.support.stack import Stack
 
 
 def _sample(text: str, name: str, **labels: str) -> float:

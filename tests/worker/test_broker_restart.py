@@ -12,7 +12,10 @@ from sqlalchemy.engine import Engine
 
 from bench.chaos.services import OwnRedis
 from shared.queue import Publisher
-from tests.conftest import Stack, insert_query, row, spawn_worker, wait_terminal, wait_until
+from tests.support.api import wait_terminal
+from tests.support.db import insert_query, row
+from tests.support.polling import wait_until
+from tests.support.stack import Stack, spawn_worker
 
 
 def _publish(stack: Stack, redis_url: str, queue: str, query_id: str) -> None:

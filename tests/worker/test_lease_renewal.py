@@ -12,7 +12,9 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import Stack, insert_query, publish_to, row, sim_calls, spawn_worker, stop, wait_until
+from tests.support.db import insert_query, row
+from tests.support.polling import wait_until
+from tests.support.stack import Stack, publish_to, sim_calls, spawn_worker, stop
 
 LEASE_SECONDS = 2.0
 HEARTBEAT_SECONDS = 0.5  # the validator wants at most half the lease

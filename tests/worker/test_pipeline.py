@@ -10,7 +10,9 @@ import httpx
 from sqlalchemy.engine import Engine
 
 from shared.queue import Publisher
-from tests.conftest import Stack, insert_query, register_and_login, sim_calls, wait_terminal
+from tests.support.api import register_and_login, wait_terminal
+from tests.support.db import insert_query
+from tests.support.stack import Stack, sim_calls
 
 
 def _submit(client: httpx.Client, user: dict[str, Any], prompt: str, **extra: Any) -> str:
@@ -118,8 +120,6 @@ def test_exhausted_retries_fail_after_max_attempts(client: httpx.Client, stack: 
 
 
 def test_secrets_and_prompts_never_reach_the_logs(client: httpx.Client, stack: Stack) -> None:
-    from tests.conftest import register_and_login
-
     password = f"pw-{uuid.uuid4().hex}"
     info = register_and_login(client, password=password)
     client.post("/api/v1/auth/login", json={"email": info["email"], "password": "wrong-" + password})

@@ -14,18 +14,10 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from devkit.procs import free_port
-from tests.conftest import (
-    Stack,
-    insert_query,
-    publish_to,
-    row,
-    sim_calls,
-    spawn_api,
-    spawn_worker,
-    stop,
-    wait_terminal,
-    wait_until,
-)
+from tests.support.api import wait_terminal
+from tests.support.db import insert_query, row
+from tests.support.polling import wait_until
+from tests.support.stack import Stack, publish_to, sim_calls, spawn_api, spawn_worker, stop
 
 # A claim whose worker is gone: running, lease already expired.
 _ORPHANED = {"status": "'running'", "lease_owner": "'dead-host:1'", "lease_expires_at": "now() - interval '1 second'"}

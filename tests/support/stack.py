@@ -1,0 +1,120 @@
+"""The processes under test: the Stack the session fixture starts, extra API/worker processes, the queue."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from devkit.procs import free_port, spawn
+from shared.config import Settings
+from shared.queue import Publisher
+from tests.support.polling import wait_for_http
+
+
+@dataclass
+class Stack:
+    """What the tests talk to, and where the processes log."""
+
+    settings: Settings
+    env: dict[str, str]
+    api_url: str
+    simulator_url: str
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    def read_logs(self) -> str:
+        """Everything the stack's processes have logged so far."""
+        return "\n".join(p.read_text(errors="replace") for p in self.logs.values() if p.exists())
+
+
+def stack_settings(database_url: str, redis_url: str, simulator_url: str) -> dict[str, str]:
+    """The environment of the stack's processes: a queue of its own and timings short enough to watch."""
+    return {
+        "ENVIRONMENT": "test",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "QUEUE_NAME": f"aiq.test.{uuid.uuid4().hex[:8]}",
+        "JWT_SECRET_KEY": secrets.token_urlsafe(48),
+        "OPENAI_API_KEY": "sk-test-sim-key-0123456789",
+        "OPENAI_BASE_URL": f"{simulator_url}/v1",
+        "ALLOWED_MODELS": "sim-small,sim-large",
+        "DEFAULT_MODEL": "sim-small",
+        "MAX_QUERY_CHARS": "2000",
+        "MAX_OUTPUT_TOKENS": "4096",
+        "MAX_ATTEMPTS": "3",
+        "RETRY_BASE_SECONDS": "0.2",
+        "RETRY_MAX_SECONDS": "1",
+        "LLM_TIMEOUT_SECONDS": "3",
+        "BCRYPT_ROUNDS": "4",
+        "WORKER_CONCURRENCY": "50",
+        # Fast recovery so the tests can watch it happen.
+        "LEASE_SECONDS": "3",
+        "HEARTBEAT_SECONDS": "0.5",
+        "SWEEP_INTERVAL_SECONDS": "1",
+        "STALE_PENDING_SECONDS": "3",
+        "SHUTDOWN_GRACE_SECONDS": "2",
+        "WORKER_METRICS_PORT": str(free_port()),
+        "LOG_LEVEL": "INFO",
+    }
+
+
+def spawn_worker(stack: Stack, log_path: Path, **overrides: str) -> tuple[subprocess.Popen[bytes], str]:
+    """An extra worker process on the stack's queue; returns it once it is ready, with its metrics URL."""
+    port = str(free_port())
+    env = {**stack.env, "WORKER_METRICS_PORT": port, **overrides}
+    proc = spawn(
+        "worker",
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--hostname", f"extra-{port}@%h"],
+        env=env,
+        log=log_path,
+    ).popen
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/healthz", timeout=60, proc=proc)
+    return proc, url
+
+
+def spawn_api(stack: Stack, log_path: Path, **overrides: str) -> tuple[subprocess.Popen[bytes], str]:
+    """An extra API process (e.g. pointed at a dead broker)."""
+    port = free_port()
+    env = {**stack.env, **overrides}
+    proc = spawn(
+        "api",
+        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        log=log_path,
+    ).popen
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/healthz", proc=proc)
+    return proc, url
+
+
+def stop(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL when the process has not exited within `timeout`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def sim_calls(stack: Stack, query_id: str) -> int:
+    """How many chat-completion calls the simulator has received for this query."""
+    stats = httpx.get(f"{stack.simulator_url}/_sim/stats").json()
+    return int(stats["calls_by_query"].get(query_id, 0))
+
+
+def publish_to(stack: Stack, queue: str, *query_ids: str) -> None:
+    """Send `queries.process` for these ids to a given queue (e.g. one only a particular worker reads)."""
+    publisher = Publisher(stack.settings.model_copy(update={"queue_name": queue}))
+    try:
+        for query_id in query_ids:
+            publisher.publish_sync(uuid.UUID(query_id))
+    finally:
+        publisher.close()
