@@ -26,9 +26,11 @@ from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.config import Settings
-from shared.errors import Unauthorized
+from shared.errors import Forbidden, Unauthorized
 from shared.metrics import QueueStats
+from shared.models import Role
 from shared.queue import Publisher
+from shared.repositories import users as users_repo
 from shared.security import decode_token
 
 # auto_error=False: a missing token must come out as our JSON 401, not FastAPI's default body.
@@ -101,3 +103,14 @@ async def current_user_id(settings: SettingsDep, token: Annotated[str | None, De
 
 
 CurrentUserId = Annotated[uuid.UUID, Depends(current_user_id)]
+
+
+async def admin_user_id(user_id: CurrentUserId, session: ReadSessionDep) -> uuid.UUID:
+    """The caller's id if they hold the admin role (one read: admin routes are not a hot path)."""
+    user = await users_repo.by_id(session, user_id)
+    if user is None or user.disabled_at is not None or user.role != Role.ADMIN:
+        raise Forbidden("This needs the admin role", code="admin_required")
+    return user_id
+
+
+AdminUserId = Annotated[uuid.UUID, Depends(admin_user_id)]

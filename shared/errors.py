@@ -40,6 +40,11 @@ class Conflict(AppError):
     code = "conflict"
 
 
+class Forbidden(AppError):
+    status_code = 403
+    code = "forbidden"
+
+
 class InvalidInput(AppError):
     status_code = 422
     code = "validation_error"

@@ -35,6 +35,7 @@ class UserOut(BaseModel):
 
     id: uuid.UUID
     email: str
+    role: str
     created_at: datetime
 
 

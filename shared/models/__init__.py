@@ -2,6 +2,6 @@
 
 from shared.models.base import Base
 from shared.models.query import TERMINAL_STATUSES, IdempotencyKey, Query, QueryStatus
-from shared.models.user import RefreshToken, User
+from shared.models.user import RefreshToken, Role, User
 
-__all__ = ["TERMINAL_STATUSES", "Base", "IdempotencyKey", "Query", "QueryStatus", "RefreshToken", "User"]
+__all__ = ["TERMINAL_STATUSES", "Base", "IdempotencyKey", "Query", "QueryStatus", "RefreshToken", "Role", "User"]

@@ -1,10 +1,16 @@
 import uuid
 from datetime import datetime
+from enum import StrEnum
 
-from sqlalchemy import String, func
+from sqlalchemy import CheckConstraint, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.models.base import Base
+
+
+class Role(StrEnum):
+    USER = "user"
+    ADMIN = "admin"
 
 
 class User(Base):
@@ -14,7 +20,12 @@ class User(Base):
     # Stored lower-cased; uniqueness is therefore case-insensitive.
     email: Mapped[str] = mapped_column(String(320), unique=True)
     password_hash: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(16), default=Role.USER.value, server_default=Role.USER.value)
+    # Set while the account is disabled: its tokens and API keys stop working.
+    disabled_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    __table_args__ = (CheckConstraint(f"role IN ('{Role.USER}', '{Role.ADMIN}')", name="role_known"),)
 
 
 class RefreshToken(Base):

@@ -32,7 +32,8 @@ def test_register_returns_user_without_password(client: httpx.Client) -> None:
     assert r.status_code == 201
     body = r.json()
     assert body["email"] == email.lower()
-    assert set(body) == {"id", "email", "created_at"}
+    assert set(body) == {"id", "email", "role", "created_at"}
+    assert body["role"] == "user"
 
 
 def test_register_taken_email_is_409_case_insensitively(client: httpx.Client, user: dict[str, Any]) -> None:
