@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.db import DATABASE_UNAVAILABLE, database_unavailable
 from shared.errors import AppError
+from shared.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,25 @@ _HTTP_CODES = {
     415: "unsupported_media_type",
     429: "rate_limited",
 }
+
+
+_DESCRIPTIONS = {
+    400: "Bad request",
+    401: "Missing, invalid, expired or revoked credentials",
+    403: "Authenticated, but not allowed",
+    404: "Not found (another user's resource looks exactly like a missing one)",
+    409: "Conflicts with the current state",
+    413: "Request body too large",
+    415: "Unsupported media type",
+    422: "Invalid input",
+    429: "Too many requests: wait for Retry-After",
+    503: "A dependency (database, broker) is briefly unavailable: retry after Retry-After",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries declaring the JSON error body for these statuses."""
+    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
 
 
 def error_response(

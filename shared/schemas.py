@@ -95,3 +95,21 @@ class QueryOut(BaseModel):
 class QueryPage(BaseModel):
     items: list[QueryOut]
     next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null on the last page")
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int] = Field(description="Where the problem is, e.g. ['body', 'query']")
+    msg: str
+    type: str
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. `query_not_found`")
+    message: str = Field(description="What went wrong, for humans")
+    details: list[ErrorDetail] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer has this shape."""
+
+    error: ErrorInfo
