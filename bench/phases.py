@@ -63,7 +63,7 @@ def run_aiq(ctx: RunContext) -> dict[str, Any]:
         a["m1_api_only"] = measure_m1_api_only(ctx, aiq, a["m1"]["max_rps"] or 100)
     if plan.wrk and ctx.clock.allows(170, "the wrk cross-check"):
         aiq.settle(ctx.sim)
-        a["m1_wrk_closed_loop"] = measure_wrk(aiq, ctx.tmp, 6, 32)
+        a["m1_wrk_closed_loop"] = measure_wrk(ctx, aiq, 6, 32)
         aiq.settle(ctx.sim)
     a["m4"] = measure_m4(ctx, plan.m4_aiq, aiq, timeout=180)
     max_load = min(a["m1"]["max_rps"] or 1e9, a["m4"]["per_s"] or 1e9)

@@ -22,9 +22,13 @@ def _py_spy() -> str | None:
     return spy if Path(spy).exists() else None
 
 
-def _record(spy: str, targets: dict[str, int], seconds: float, outdir: Path, tag: str) -> dict[str, Any]:
+# Each recording's py-spy process and its output file, by target name.
+Recordings = dict[str, tuple[subprocess.Popen[bytes], Path]]
+
+
+def _record(spy: str, targets: dict[str, int], seconds: float, outdir: Path, tag: str) -> Recordings:
     """Start py-spy on each pid: sampling, non-blocking, only threads holding the GIL (= Python on CPU)."""
-    started = {}
+    started: Recordings = {}
     for name, pid in targets.items():
         raw = outdir / f"profile-{tag}-{name}.txt"
         started[name] = (
@@ -53,7 +57,8 @@ def _record(spy: str, targets: dict[str, int], seconds: float, outdir: Path, tag
     return started
 
 
-def _collect(started: dict[str, Any], seconds: float) -> dict[str, Any]:
+def _collect(started: Recordings, seconds: float) -> dict[str, Any]:
+    """Wait for each recording to end and summarize what it wrote."""
     out = {}
     for name, (p, raw) in started.items():
         with contextlib.suppress(subprocess.TimeoutExpired):

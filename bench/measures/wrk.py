@@ -6,9 +6,9 @@ import json
 import resource
 import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
+from bench.context import RunContext
 from bench.plan import MODEL, PROMPT, say
 from bench.systems import System
 
@@ -30,13 +30,13 @@ end
 """
 
 
-def measure_wrk(system: System, tmp: Path, seconds: int, connections: int) -> dict[str, Any] | None:
+def measure_wrk(ctx: RunContext, system: System, seconds: int, connections: int) -> dict[str, Any] | None:
     """Closed-loop saturation with wrk (C, cheap on CPU) as a cross-check of the Python load generator."""
     wrk = shutil.which("wrk")
     if not wrk:
         say("wrk not installed (apt-get install wrk): skipping the closed-loop cross-check")
         return None
-    script = tmp / "submit.lua"
+    script = ctx.tmp / "submit.lua"
     body = json.dumps({"query": PROMPT, "model": MODEL})
     script.write_text(WRK_LUA % (", ".join(f'"{t}"' for t in system.tokens), body))
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
