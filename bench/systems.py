@@ -31,7 +31,7 @@ from bench.stack import (
 
 @dataclass(frozen=True)
 class Layout:
-    """How many processes of each kind, and the extra environment: the command line's say on the systems."""
+    """The processes to start for a system and their extra environment, as the command line asks."""
 
     api_workers: int
     api_mode: str
