@@ -30,7 +30,7 @@ class Layout:
 
 
 class Simulator:
-    """The LLM simulator (`python -m shared.simulator`), its latency set between phases over HTTP."""
+    """The LLM simulator (`python -m devkit.simulator`), its latency set between phases over HTTP."""
 
     def __init__(self, launcher: Launcher, env: dict[str, str]) -> None:
         self.port = free_port()
@@ -40,7 +40,7 @@ class Simulator:
             [
                 PY,
                 "-m",
-                "shared.simulator",
+                "devkit.simulator",
                 "--port",
                 str(self.port),
                 "--latency-ms",
