@@ -149,7 +149,7 @@ def redact(url: str) -> str:
 
 
 def walkthrough(api: str) -> str:
-    """Copy-paste shell commands that register, log in, submit a query and poll it."""
+    """Copy-paste shell commands that register, log in (keeping both tokens), submit a query and poll it."""
     json_header = "-H 'Content-Type: application/json'"
     creds = '{"email":"dev@example.com","password":"dev-password-123"}'
     extract = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"{}\"])'"
@@ -157,16 +157,17 @@ def walkthrough(api: str) -> str:
         [
             "# 1. register (a 409 on later runs just means the user exists)",
             f"curl -s -X POST {api}/api/v1/auth/register {json_header} -d '{creds}'; echo",
-            "# 2. log in and keep the access token",
-            f"TOKEN=$(curl -s -X POST {api}/api/v1/auth/login {json_header} -d '{creds}' | "
-            + extract.format("access_token")
-            + ")",
+            "# 2. log in and keep the access and refresh tokens",
+            f"LOGIN=$(curl -s -X POST {api}/api/v1/auth/login {json_header} -d '{creds}')",
+            'TOKEN=$(echo "$LOGIN" | ' + extract.format("access_token") + ")",
+            'REFRESH=$(echo "$LOGIN" | ' + extract.format("refresh_token") + ")",
             "# 3. submit a query: 202 with its id",
             f'QID=$(curl -s -X POST {api}/api/v1/query -H "Authorization: Bearer $TOKEN" {json_header} '
             '-d \'{"query":"What is a task queue?"}\' | ' + extract.format("query_id") + ")",
             "# 4. poll until it is completed (or failed)",
             f'until curl -s {api}/api/v1/query/$QID -H "Authorization: Bearer $TOKEN" | tee /dev/stderr | '
             """grep -Eq '"status":"(completed|failed|cancelled)"'; do sleep 1; done; echo""",
+            "# more (refresh, cancel, the simulator's [[sim fail=...]] faults, Flower): README.md, API walk-through",
         ]
     )
 
