@@ -27,12 +27,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-install: $(STAMP) ## create $(VENV) and install AIQ with its dev dependencies
+install: $(STAMP) ## create the virtualenv (.venv, or VENV=...) and install AIQ with its dev dependencies
 
-dev: $(STAMP) ## run API, worker, Flower and simulator on embedded servers (Ctrl-C stops)
+dev: $(STAMP) ## API, worker, Flower, LLM simulator, embedded servers, all on 127.0.0.1 (DEV_ARGS=--monitoring adds Prometheus; Ctrl-C stops)
 	$(BIN)/aiq dev $(DEV_ARGS)
 
-test: tools $(STAMP) ## ruff, mypy, then pytest
+test: tools $(STAMP) ## ruff, mypy, then the whole test suite (alembic check and a chaos smoke run included)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -47,13 +47,13 @@ fmt: $(STAMP) ## format and auto-fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP) ## full benchmark (writes bench/results/)
+bench: $(STAMP) ## full benchmark, under 10 minutes (writes bench/results/)
 	$(BIN)/python -m bench.run
 
-bench-quick: $(STAMP) ## short benchmark for a smoke check
+bench-quick: $(STAMP) ## short benchmark for a smoke check (under 3 minutes)
 	$(BIN)/python -m bench.run --quick
 
-chaos: $(STAMP) ## kill/restart experiments against a running stack
+chaos: $(STAMP) ## fault-injection run (kills, restarts, LLM faults) on its own servers, 6-8 minutes
 	$(BIN)/python -m bench.chaos.run
 
 # Best effort: the ops tests use docker-compose (config validation) and promtool when present and
@@ -69,9 +69,9 @@ tools: ## install docker-compose and prometheus (promtool) via apt when root and
 	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } || \
 		echo "tools: could not install$$missing; the tests that need them will skip"
 
-clean: ## remove caches and build output (keeps $(VENV) and .aiq/ data)
+clean: ## remove caches and build output (keeps .venv and the .aiq/ data)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
-distclean: clean ## also remove $(VENV) and the embedded servers' data in .aiq/ (stop `make dev` first)
+distclean: clean ## also remove .venv and the embedded servers' data in .aiq/ (stop `make dev` first)
 	rm -rf $(VENV) .aiq

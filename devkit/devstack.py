@@ -2,15 +2,19 @@
 
 Embedded PostgreSQL/Redis where DATABASE_URL/REDIS_URL are unset, the LLM simulator where
 OPENAI_API_KEY is unset, migrations, then API, worker and Flower as child processes sharing one
-environment, their output prefixed by name. Ctrl-C stops everything.
+environment, their output prefixed by name; with `--monitoring`, the machine's Prometheus scraping them
+with the repo's alert rules. Every port binds 127.0.0.1 (the embedded servers use unix sockets). Ctrl-C
+stops everything.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -34,7 +38,8 @@ LABEL_WIDTH = 6
 STOP_TIMEOUT = 10.0
 READY_TIMEOUT = 90.0
 SIMULATOR_API_KEY = "sk-aiq-dev-simulator"  # the simulator accepts any key; the SDK insists on one
-_COLOURS = {"api": "32", "worker": "35", "flower": "36", "sim": "33", "aiq": "1"}
+_COLOURS = {"api": "32", "worker": "35", "flower": "36", "sim": "33", "prom": "34", "aiq": "1"}
+SCRAPE_INTERVAL = "5s"  # a dev dashboard should move while you watch it
 
 
 class Console:
@@ -82,7 +87,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-port", type=int, default=8000)
     parser.add_argument("--flower-port", type=int, default=5555)
     parser.add_argument("--sim-port", type=int, default=8900)
+    parser.add_argument("--prometheus-port", type=int, default=9090)
     parser.add_argument("--no-flower", action="store_true", help="do not start Flower")
+    parser.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="also start the machine's Prometheus (`make tools` installs it) on the dev processes, with the "
+        "repo's alert rules",
+    )
     parser.add_argument("--reload", action="store_true", help="restart the API when its code changes")
     return parser.parse_args(argv)
 
@@ -137,7 +149,7 @@ def redact(url: str) -> str:
 
 
 def walkthrough(api: str) -> str:
-    """Copy-paste shell commands that register, log in, submit a query and poll it."""
+    """Copy-paste shell commands that register, log in (keeping both tokens), submit a query and poll it."""
     json_header = "-H 'Content-Type: application/json'"
     creds = '{"email":"dev@example.com","password":"dev-password-123"}'
     extract = "python3 -c 'import json,sys; print(json.load(sys.stdin)[\"{}\"])'"
@@ -145,18 +157,40 @@ def walkthrough(api: str) -> str:
         [
             "# 1. register (a 409 on later runs just means the user exists)",
             f"curl -s -X POST {api}/api/v1/auth/register {json_header} -d '{creds}'; echo",
-            "# 2. log in and keep the access token",
-            f"TOKEN=$(curl -s -X POST {api}/api/v1/auth/login {json_header} -d '{creds}' | "
-            + extract.format("access_token")
-            + ")",
+            "# 2. log in and keep the access and refresh tokens",
+            f"LOGIN=$(curl -s -X POST {api}/api/v1/auth/login {json_header} -d '{creds}')",
+            'TOKEN=$(echo "$LOGIN" | ' + extract.format("access_token") + ")",
+            'REFRESH=$(echo "$LOGIN" | ' + extract.format("refresh_token") + ")",
             "# 3. submit a query: 202 with its id",
             f'QID=$(curl -s -X POST {api}/api/v1/query -H "Authorization: Bearer $TOKEN" {json_header} '
             '-d \'{"query":"What is a task queue?"}\' | ' + extract.format("query_id") + ")",
             "# 4. poll until it is completed (or failed)",
             f'until curl -s {api}/api/v1/query/$QID -H "Authorization: Bearer $TOKEN" | tee /dev/stderr | '
             """grep -Eq '"status":"(completed|failed|cancelled)"'; do sleep 1; done; echo""",
+            "# more (refresh, cancel, the simulator's [[sim fail=...]] faults, Flower): README.md, API walk-through",
         ]
     )
+
+
+def prometheus_config(api_target: str, worker_target: str, rules: Path) -> str:
+    """A Prometheus configuration scraping one API and one worker on this machine, with AIQ's alert rules.
+
+    Job names match monitoring/prometheus.yml, so the rules and the Grafana dashboard work unchanged. JSON is
+    valid YAML: no YAML writer needed.
+    """
+    config = {
+        "global": {
+            "scrape_interval": SCRAPE_INTERVAL,
+            "evaluation_interval": SCRAPE_INTERVAL,
+            "external_labels": {"stack": "aiq-dev"},
+        },
+        "rule_files": [str(rules)],
+        "scrape_configs": [
+            {"job_name": "aiq-api", "metrics_path": "/metrics", "static_configs": [{"targets": [api_target]}]},
+            {"job_name": "aiq-worker", "metrics_path": "/metrics", "static_configs": [{"targets": [worker_target]}]},
+        ],
+    }
+    return json.dumps(config, indent=2) + "\n"
 
 
 def _simulator_banner(sim_url: str) -> str:
@@ -204,6 +238,8 @@ class _Dev:
         self.state.mkdir(exist_ok=True)
         self.set_default("ENVIRONMENT", "development")
         self.set_default("JWT_SECRET_KEY", dev_secret(self.state))
+        # Containers need the worker's metrics on every interface; a developer's machine does not.
+        self.set_default("WORKER_METRICS_HOST", "127.0.0.1")
         if not self._ports_free():
             return 1
 
@@ -236,6 +272,8 @@ class _Dev:
         if not args.no_flower:
             flower = [*celery, "flower", f"--port={args.flower_port}", "--address=127.0.0.1"]
             self.launcher.start("flower", flower, self.env)
+        if args.monitoring:
+            self._start_prometheus()
 
         api = f"http://127.0.0.1:{args.api_port}"
         worker_health = f"http://127.0.0.1:{self._metrics_port()}/healthz"
@@ -260,12 +298,41 @@ class _Dev:
             wanted["--flower-port"] = args.flower_port
         if not self.seen.get("OPENAI_API_KEY"):
             wanted["--sim-port"] = args.sim_port
+        if args.monitoring:
+            wanted["--prometheus-port"] = args.prometheus_port
         if self._metrics_port().isdigit():
             wanted["WORKER_METRICS_PORT"] = int(self._metrics_port())
         busy = {name: port for name, port in wanted.items() if not _port_free(port)}
         for name, port in busy.items():
             self.say(f"port {port} is already in use (another `make dev`?); pick another with {name}")
         return not busy
+
+    def _start_prometheus(self) -> None:
+        """The machine's Prometheus on the dev processes; without one, say how to get it and carry on."""
+        binary = shutil.which("prometheus")
+        if binary is None:
+            self.say("--monitoring: no `prometheus` on PATH (on Debian/Ubuntu `make tools` installs it); skipped")
+            self.args.monitoring = False
+            return
+        home = self.state / "prometheus"
+        (home / "data").mkdir(parents=True, exist_ok=True)
+        config = home / "prometheus.yml"
+        config.write_text(
+            prometheus_config(
+                f"127.0.0.1:{self.args.api_port}",
+                f"127.0.0.1:{self._metrics_port()}",
+                self.root / "monitoring" / "alerts.yml",
+            )
+        )
+        argv = [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={home / 'data'}",
+            "--storage.tsdb.retention.time=2d",
+            f"--web.listen-address=127.0.0.1:{self.args.prometheus_port}",
+            "--log.level=warn",
+        ]
+        self.launcher.start("prom", argv, self.env)
 
     def _metrics_port(self) -> str:
         return self.seen.get("WORKER_METRICS_PORT") or "9540"
@@ -300,6 +367,10 @@ class _Dev:
         ]
         if not args.no_flower:
             rows.append(("Flower", f"http://127.0.0.1:{args.flower_port}"))
+        if args.monitoring:
+            prom = f"http://127.0.0.1:{args.prometheus_port}"
+            rows.append(("Prometheus", f"{prom}/alerts (rules), {prom}/targets, {prom}/graph"))
+            rows.append(("Dashboard", "monitoring/grafana/dashboards/aiq.json: import into any Grafana"))
         if self.simulated:
             rows.append(("Simulator", f"{sim_url} (calls per query: {sim_url.removesuffix('/v1')}/_sim/stats)"))
         rows += [("Database", redact(self.seen["DATABASE_URL"])), ("Redis", redact(self.seen["REDIS_URL"]))]

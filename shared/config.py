@@ -61,6 +61,9 @@ class Settings(BaseSettings):
 
     worker_concurrency: int = Field(default=1000, ge=1)
     worker_metrics_port: int = 9540
+    # Operator visibility (issue 15): where the worker's metrics server listens. All interfaces for containers
+    # (Prometheus scrapes it from outside); `aiq dev` sets 127.0.0.1.
+    worker_metrics_host: str = "0.0.0.0"
     worker_send_task_events: bool = False
 
     jwt_secret_key: SecretStr = SecretStr("")

@@ -69,8 +69,11 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def encode_task_message(query_id: uuid.UUID, queue: str) -> bytes:
-    """The exact envelope Celery's `send_task` puts on a Redis list (protocol 2, JSON, no ETA)."""
-    task_id = str(uuid.uuid4())
+    """The exact envelope Celery's `send_task` puts on a Redis list (protocol 2, JSON, no ETA).
+
+    The task id is the query id: every delivery of a query is the same task to Celery and Flower.
+    """
+    task_id = str(query_id)
     args = [str(query_id)]
     body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
     message = {
@@ -118,8 +121,9 @@ class Publisher:
     """Sends `queries.process` by name; a slow or dead broker costs a request at most the timeout.
 
     The async path LPUSHes Celery's own message format straight onto the queue's Redis list: one round
-    trip and no kombu machinery on the API's hot path and the sweeper. `publish_sync` (a real `send_task`)
-    serves the worker's delayed retries, which need Celery's ETA handling; a worker passes its own app.
+    trip and no kombu machinery on the API's hot path and the sweeper. `publish_sync` is a real `send_task`
+    for tools and tests (the worker's delayed retries go through Celery's own `Task.retry`). Either way the
+    task id is the query id.
     """
 
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
@@ -142,7 +146,13 @@ class Publisher:
         """Blocking `send_task` (workers use it from their own threads)."""
         if self._app is None:
             self._app = make_celery(self._settings)
-        self._app.send_task(PROCESS_TASK, args=[str(query_id)], queue=self._settings.queue_name, countdown=countdown)
+        self._app.send_task(
+            PROCESS_TASK,
+            args=[str(query_id)],
+            task_id=str(query_id),
+            queue=self._settings.queue_name,
+            countdown=countdown,
+        )
 
     async def publish(self, query_id: uuid.UUID) -> bool:
         """Publish without blocking the event loop; False if the broker did not take it in time."""

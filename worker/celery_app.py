@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import uuid
 from typing import Any
 
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry
 from celery.signals import setup_logging, worker_init, worker_process_init, worker_shutdown, worker_shutting_down
 
 from shared.config import get_settings
@@ -57,7 +60,9 @@ def _start(**_: Any) -> None:
     # Before the broker connection: heartbeat and sweeper must run even while Redis is unreachable.
     rt = runtime()
     # Liveness means the loop that runs every call still answers, not merely that the process exists.
-    start_worker_metrics_server(settings.worker_metrics_port, health_fn=lambda: rt.run(_alive(), timeout=5))
+    start_worker_metrics_server(
+        settings.worker_metrics_port, settings.worker_metrics_host, health_fn=lambda: rt.run(_alive(), timeout=5)
+    )
 
 
 async def _alive() -> bool:
@@ -80,22 +85,73 @@ def _stop(**_: Any) -> None:
     shutdown_runtime()
 
 
-@app.task(name=PROCESS_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def process_query(query_id: str) -> None:
-    """Process one delivery of a query id; the row decides whether anything happens."""
+class QueryFailed(Exception):
+    """The query failed for good; the message is its error code and nothing else (never the prompt)."""
+
+
+class AttemptRetried(Exception):
+    """Why an attempt is retried: the error code the row records for it."""
+
+
+def _summary(outcome: processing.Outcome) -> str:
+    """The one line Flower shows as the task's result: status, attempts, tokens; never prompt or answer."""
+    line = f"{outcome.kind} attempts={outcome.attempt}"
+    return line if outcome.total_tokens is None else f"{line} tokens={outcome.total_tokens}"
+
+
+@app.task(
+    bind=True,
+    name=PROCESS_TASK,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    # The row caps attempts (MAX_ATTEMPTS); Celery's own count must never refuse a retry the row allows.
+    max_retries=None,
+    # A failed query is an outcome, not a worker error: logged without a traceback, state FAILURE.
+    throws=(QueryFailed,),
+)
+def process_query(self: Task, query_id: str) -> str:
+    """Process one delivery of a query id; the row decides whether anything happens.
+
+    The task id is the query id, so Flower's task shows the query's course: RETRY for each retried attempt
+    (Celery's own retry re-sends the message, same id, and acks this one), FAILURE with the error code, or
+    SUCCESS with a one-line summary. Deliveries that change nothing (duplicates, stale attempts) end with
+    `Ignore`, so they never overwrite the state the real attempt reported.
+    """
     try:
         qid = uuid.UUID(query_id)
     except (ValueError, TypeError):
         log.error("malformed task argument dropped")
-        return
+        raise Ignore() from None
     token = query_id_var.set(str(qid))
     try:
         rt = runtime()
         outcome = rt.run(processing.process(rt, qid))
-        if outcome.retry_in is not None and outcome.retry_in <= MAX_ETA_SECONDS:
-            try:
-                rt.publisher.publish_sync(qid, countdown=outcome.retry_in)
-            except Exception as exc:  # noqa: BLE001 - the row is pending and due; the sweeper re-sends it
-                log.warning("retry publish failed", extra={"error": type(exc).__name__})
     finally:
         query_id_var.reset(token)
+    kind = outcome.kind
+    if kind in (processing.OutcomeKind.SKIPPED, processing.OutcomeKind.LOST):
+        raise Ignore()
+    if kind is processing.OutcomeKind.FAILED:
+        raise QueryFailed(outcome.error_code)
+    if outcome.retry_in is not None:
+        raise _retry(self, qid, outcome)
+    return _summary(outcome)
+
+
+def _retry(task: Task, query_id: uuid.UUID, outcome: processing.Outcome) -> Retry:
+    """Re-send this task after the retry delay: the row's `next_attempt_at` still guards the claim.
+
+    ETA messages wait in worker memory and come back after the visibility timeout, so a long delay (or a
+    broker that refuses the re-send) is left to the sweeper, which re-sends the due pending row.
+    """
+    # Rounded up (never down: the row's `next_attempt_at` must have passed when the message comes back), so
+    # Flower shows "Retry in 0.11s", not seventeen digits.
+    delay = math.ceil((outcome.retry_in or 0.0) * 100) / 100
+    reason = AttemptRetried(outcome.error_code or outcome.kind.value)
+    if delay <= MAX_ETA_SECONDS:
+        try:
+            return task.retry(countdown=delay, exc=reason, queue=settings.queue_name, throw=False)
+        except Reject as exc:
+            log.warning("retry publish failed", extra={"query_id": str(query_id), "error": type(exc.reason).__name__})
+    return Retry(exc=reason, when=delay)

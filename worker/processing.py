@@ -51,15 +51,27 @@ class OutcomeKind(StrEnum):
 class Outcome:
     kind: OutcomeKind
     retry_in: float | None = None
+    # For the task's state in Flower: the attempt this delivery ran, the error code it wrote, tokens used.
+    attempt: int | None = None
+    error_code: str | None = None
+    total_tokens: int | None = None
 
 
-def _outcome(status: QueryStatus | None, kind: OutcomeKind, retry_in: float | None = None) -> Outcome:
+def _outcome(
+    status: QueryStatus | None,
+    kind: OutcomeKind,
+    retry_in: float | None = None,
+    *,
+    attempt: int | None = None,
+    error_code: str | None = None,
+    total_tokens: int | None = None,
+) -> Outcome:
     """What an outcome write did: nothing (`lost`), or `kind` unless a cancel that came in meanwhile won."""
     if status is None:
-        return Outcome(OutcomeKind.LOST)
+        return Outcome(OutcomeKind.LOST, attempt=attempt)
     if status is QueryStatus.CANCELLED:
-        return Outcome(OutcomeKind.CANCELLED)
-    return Outcome(kind, retry_in=retry_in)
+        return Outcome(OutcomeKind.CANCELLED, attempt=attempt)
+    return Outcome(kind, retry_in=retry_in, attempt=attempt, error_code=error_code, total_tokens=total_tokens)
 
 
 async def _run_autocommitted(rt: WorkerRuntime, statement: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
@@ -141,7 +153,7 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
         log.warning("completion discarded: attempt no longer owns the query", extra={"attempt": claim.attempt})
         return Outcome(OutcomeKind.LOST)
     log.info("query completed", extra={"attempt": claim.attempt, "latency_ms": result.latency_ms})
-    return _outcome(written, OutcomeKind.COMPLETED)
+    return _outcome(written, OutcomeKind.COMPLETED, attempt=claim.attempt, total_tokens=result.total_tokens)
 
 
 async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: StopReason) -> Outcome:
@@ -149,11 +161,11 @@ async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: StopReason) -> O
     if reason is StopReason.CANCEL:
         written = await _run_autocommitted(rt, lambda conn: repo.cancel_attempt(conn, claim))
         log.info("call stopped: query cancelled", extra=extra)
-        return _outcome(written, OutcomeKind.CANCELLED)
+        return _outcome(written, OutcomeKind.CANCELLED, attempt=claim.attempt)
     if reason is StopReason.SHUTDOWN:
         written = await _run_autocommitted(rt, lambda conn: repo.release_attempt(conn, claim))
         log.info("call stopped: worker shutting down, query handed back", extra=extra)
-        return _outcome(written, OutcomeKind.RELEASED, retry_in=0)
+        return _outcome(written, OutcomeKind.RELEASED, retry_in=0, attempt=claim.attempt)
     log.warning("call stopped: lease lost to another worker", extra=extra)
     return Outcome(OutcomeKind.LOST)
 
@@ -171,7 +183,7 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
         )
         TASK_RETRIES.labels(reason=failure.kind).inc()
         log.warning("transient upstream error; retry scheduled", extra={**extra, "delay_s": round(delay, 2)})
-        return _outcome(written, OutcomeKind.RETRIED, retry_in=delay)
+        return _outcome(written, OutcomeKind.RETRIED, retry_in=delay, attempt=claim.attempt, error_code=failure.code)
 
     if failure.transient:
         code = "upstream_retries_exhausted"
@@ -180,4 +192,4 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
         code, message = failure.code, failure.message
     written = await _run_autocommitted(rt, lambda conn: repo.fail_attempt(conn, claim, code=code, message=message))
     log.warning("query failed", extra=extra)
-    return _outcome(written, OutcomeKind.FAILED)
+    return _outcome(written, OutcomeKind.FAILED, attempt=claim.attempt, error_code=code)

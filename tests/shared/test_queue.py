@@ -44,4 +44,6 @@ def test_direct_message_matches_celery_send_task(server_urls: dict[str, str]) ->
         publisher.close()
     ours = json.loads(encode_task_message(query_id, queue))
     assert _shape(ours) == _shape(celery_message)
-    assert ours["headers"]["id"] != json.loads(encode_task_message(query_id, queue))["headers"]["id"]
+    # Every delivery of a query is the same task (Flower's /task/<query_id>), whichever path sent it.
+    assert ours["headers"]["id"] == celery_message["headers"]["id"] == str(query_id)
+    assert ours["properties"]["correlation_id"] == str(query_id)
