@@ -23,7 +23,12 @@ class Credentials(StrictBody):
 
 class Registration(StrictBody):
     email: EmailStr
-    password: str = Field(min_length=8, max_length=1024, description="8+ characters, at most 72 bytes in UTF-8")
+    password: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="At least PASSWORD_MIN_LENGTH (8) characters, at most 72 bytes in UTF-8, not a common password",
+        examples=["correct horse battery staple"],
+    )
 
 
 class RefreshRequest(StrictBody):
