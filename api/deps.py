@@ -31,10 +31,16 @@ from shared.metrics import QueueStats
 from shared.models import Role
 from shared.queue import Publisher
 from shared.repositories import users as users_repo
-from shared.security import decode_token
+from shared.services import credentials
+from shared.services.credentials import READ_SCOPE, WRITE_SCOPE, Principal
 
 # auto_error=False: a missing token must come out as our JSON 401, not FastAPI's default body.
-oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/login", auto_error=False)
+oauth2_scheme = OAuth2PasswordBearer(
+    tokenUrl="/api/v1/auth/login",
+    auto_error=False,
+    description="An access token from login, or an API key (`aiq_…`) as the bearer token",
+)
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 async def app_settings(request: Request) -> Settings:
@@ -95,17 +101,51 @@ RedisDep = Annotated[aioredis.Redis, Depends(app_redis)]
 QueueStatsDep = Annotated[QueueStats, Depends(app_queue_stats)]
 
 
-async def current_user_id(settings: SettingsDep, token: Annotated[str | None, Depends(oauth2_scheme)]) -> uuid.UUID:
-    """The user id of a valid access token; no database round trip on the hot path."""
+async def current_principal(
+    settings: SettingsDep,
+    redis: RedisDep,
+    pool: PoolDep,
+    token: Annotated[str | None, Depends(oauth2_scheme)],
+) -> Principal:
+    """Who is calling: an access token or an API key, checked against revocation state (one Redis MGET)."""
     if not token:
         raise Unauthorized("Not authenticated", code="not_authenticated")
-    return decode_token(settings, token, "access").user_id
+    return await credentials.resolve(settings, redis, pool, token)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+async def current_user_id(request: Request, principal: CurrentPrincipal) -> uuid.UUID:
+    """The caller's user id. An API key needs `queries:read` for reading (GET) routes, `queries:write` for others."""
+    if principal.via == "api_key":
+        needed = READ_SCOPE if request.method in _SAFE_METHODS else WRITE_SCOPE
+        if needed not in principal.scopes:
+            raise Forbidden(f"This API key lacks the {needed} scope", code="insufficient_scope")
+    return principal.user_id
 
 
 CurrentUserId = Annotated[uuid.UUID, Depends(current_user_id)]
 
 
-async def admin_user_id(user_id: CurrentUserId, session: ReadSessionDep) -> uuid.UUID:
+async def session_principal(principal: CurrentPrincipal) -> Principal:
+    """An access token's principal: managing keys, logging out and admin work are not for API keys."""
+    if principal.via != "access_token":
+        raise Forbidden("This needs an access token from login, not an API key", code="access_token_required")
+    return principal
+
+
+SessionPrincipal = Annotated[Principal, Depends(session_principal)]
+
+
+async def session_user_id(principal: SessionPrincipal) -> uuid.UUID:
+    return principal.user_id
+
+
+SessionUserId = Annotated[uuid.UUID, Depends(session_user_id)]
+
+
+async def admin_user_id(user_id: SessionUserId, session: ReadSessionDep) -> uuid.UUID:
     """The caller's id if they hold the admin role (one read: admin routes are not a hot path)."""
     user = await users_repo.by_id(session, user_id)
     if user is None or user.disabled_at is not None or user.role != Role.ADMIN:

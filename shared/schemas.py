@@ -35,6 +35,12 @@ class RefreshRequest(StrictBody):
     refresh_token: str = Field(min_length=1, max_length=4096)
 
 
+class LogoutRequest(StrictBody):
+    refresh_token: str | None = Field(
+        default=None, min_length=1, max_length=4096, description="Optional: its family is revoked too"
+    )
+
+
 class UserOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

@@ -9,11 +9,11 @@ from fastapi import APIRouter, Body, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from api.deps import CurrentUserId, ReadSessionDep, SessionDep, SettingsDep
+from api.deps import CurrentUserId, PoolDep, ReadSessionDep, RedisDep, SessionDep, SessionPrincipal, SettingsDep
 from api.errors import error_responses
 from shared.errors import AppError, InvalidInput, NotFound, Unauthorized
 from shared.repositories import users as users_repo
-from shared.schemas import Credentials, RefreshRequest, Registration, TokenPair, UserOut
+from shared.schemas import Credentials, LogoutRequest, RefreshRequest, Registration, TokenPair, UserOut
 from shared.services import auth
 
 router = APIRouter(tags=["auth"])
@@ -111,15 +111,22 @@ async def login(request: Request, response: Response, session: SessionDep, setti
     return await auth.issue_pair(session, settings, user.id)
 
 
-@router.post("/auth/refresh", response_model=TokenPair, responses=error_responses(401, 422))
-async def refresh(body: RefreshRequest, response: Response, session: SessionDep, settings: SettingsDep) -> TokenPair:
+@router.post("/auth/refresh", response_model=TokenPair, responses=error_responses(401, 422, 503))
+async def refresh(
+    body: RefreshRequest,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    redis: RedisDep,
+    pool: PoolDep,
+) -> TokenPair:
     """Trade a refresh token for a new pair; the old refresh token stops working."""
     response.headers.update(NO_STORE)
     try:
-        return await auth.refresh(session, settings, body.refresh_token)
+        return await auth.refresh(session, settings, redis, pool, body.refresh_token)
     except auth.RefreshTokenReused:
         # The one commit a route makes itself: the request fails (and SessionDep rolls back what is left),
-        # but the revocation of the whole family must stick.
+        # but the revocation of the family must stick.
         await session.commit()
         raise
 
@@ -128,20 +135,22 @@ async def refresh(body: RefreshRequest, response: Response, session: SessionDep,
     "/auth/logout",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    responses=error_responses(401, 422),
+    responses=error_responses(401, 403, 422, 503),
 )
 async def logout(
-    user_id: CurrentUserId,
+    principal: SessionPrincipal,
     session: SessionDep,
     settings: SettingsDep,
-    body: Annotated[RefreshRequest, Body()],
+    redis: RedisDep,
+    body: Annotated[LogoutRequest | None, Body()] = None,
 ) -> Response:
-    """Revoke a refresh token. Access tokens stay valid until they expire (ACCESS_TOKEN_TTL_SECONDS)."""
-    await auth.logout(session, settings, user_id, body.refresh_token)
+    """Revoke this access token at once, and its refresh family (plus that of `refresh_token`, if given)."""
+    assert principal.token is not None  # SessionPrincipal is an access token
+    await auth.logout(session, settings, redis, principal.token, body.refresh_token if body else None)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/users/me", response_model=UserOut, tags=["users"])
+@router.get("/users/me", response_model=UserOut, tags=["users"], responses=error_responses(401, 403, 404, 503))
 async def me(user_id: CurrentUserId, session: ReadSessionDep) -> UserOut:
     """The authenticated user."""
     user = await users_repo.by_id(session, user_id)
