@@ -6,6 +6,12 @@ Database handles, one per use:
 - `ConnectionDep`: one pooled asyncpg connection; each statement autocommits.
 - `SessionDep`: a session whose transaction commits when the route returns and rolls back when it raises.
 - `ReadSessionDep`: an autocommit session for reads: no BEGIN/ROLLBACK round trips.
+- `AutocommitSessionDep`: the same, for writes that must be committed before Redis is told (each statement
+  commits on its own).
+
+Who is calling: `CurrentUserId` (an access token or an API key, with the key's scope checked),
+`SessionUserId`/`SessionPrincipal` (access tokens only), `AdminUserId` (access token of an admin). Each costs
+one Redis MGET of revocation state (shared/services/credentials.py).
 
 The database dependencies exit with `scope="function"`: after the route returns but before the response is
 sent (FastAPI >= 0.121; the default "request" scope would exit after sending). So a commit that fails
@@ -96,6 +102,8 @@ PoolDep = Annotated[asyncpg.Pool, Depends(app_raw_pool)]
 ConnectionDep = Annotated[asyncpg.Connection, Depends(pool_connection, scope="function")]
 SessionDep = Annotated[AsyncSession, Depends(transaction, scope="function")]
 ReadSessionDep = Annotated[AsyncSession, Depends(read_session, scope="function")]
+# The same autocommit session, for the rare write whose commit must precede telling Redis (admin disable).
+AutocommitSessionDep = Annotated[AsyncSession, Depends(read_session, scope="function")]
 PublisherDep = Annotated[Publisher, Depends(app_publisher)]
 RedisDep = Annotated[aioredis.Redis, Depends(app_redis)]
 QueueStatsDep = Annotated[QueueStats, Depends(app_queue_stats)]

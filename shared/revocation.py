@@ -9,8 +9,9 @@ Keys (all carry ids only, never token text):
   a change writes it with a plain SET after the database has committed, so a fill that read the old row
   can never overwrite a newer state.
 
-Redis unreachable: every check fails closed with a 503 (`auth_unavailable`, Retry-After), never a 401 that
-would make clients throw their credentials away. Redis flushed or restarted without persistence: user states
+Redis unreachable: reads fall back to PostgreSQL (shared/services/credentials.py); writes (logout, key
+revocation, disable) fail with a 503 (`auth_unavailable`, Retry-After), never a 401 that would make clients
+throw their credentials away. Redis flushed or restarted without persistence: user states
 refill from PostgreSQL, but logged-out access tokens and revoked families come back to life until they expire
 (at most ACCESS_TOKEN_TTL_SECONDS); refresh tokens and API keys stay revoked (PostgreSQL).
 """

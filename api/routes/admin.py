@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import AdminUserId, ReadSessionDep, RedisDep
+from api.deps import AdminUserId, AutocommitSessionDep, ReadSessionDep, RedisDep
 from api.errors import error_responses
 from shared.models import Role
 from shared.schemas import AdminUserOut, AdminUserPage
@@ -30,12 +30,12 @@ async def list_users(
     return AdminUserPage(items=[AdminUserOut.model_validate(u) for u in users], total=total, limit=limit, offset=offset)
 
 
-# Autocommit session (ReadSessionDep): each write commits before Redis is told (see admin_users.set_disabled).
+# Each write commits on its own, before Redis is told (see admin_users.set_disabled).
 @router.post(
     "/users/{user_id}/disable", response_model=AdminUserOut, responses=error_responses(401, 403, 404, 409, 422, 503)
 )
 async def disable_user(
-    user_id: uuid.UUID, admin_id: AdminUserId, session: ReadSessionDep, redis: RedisDep
+    user_id: uuid.UUID, admin_id: AdminUserId, session: AutocommitSessionDep, redis: RedisDep
 ) -> AdminUserOut:
     """Disable an account: its tokens and API keys stop working on every API process at once."""
     return AdminUserOut.model_validate(await admin_users.set_disabled(session, redis, admin_id, user_id, True))
@@ -43,7 +43,7 @@ async def disable_user(
 
 @router.post("/users/{user_id}/enable", response_model=AdminUserOut, responses=error_responses(401, 403, 404, 422, 503))
 async def enable_user(
-    user_id: uuid.UUID, admin_id: AdminUserId, session: ReadSessionDep, redis: RedisDep
+    user_id: uuid.UUID, admin_id: AdminUserId, session: AutocommitSessionDep, redis: RedisDep
 ) -> AdminUserOut:
     """Enable an account again: the user logs in anew; their API keys work again."""
     return AdminUserOut.model_validate(await admin_users.set_disabled(session, redis, admin_id, user_id, False))

@@ -4,7 +4,13 @@ Cost per request: the JWT's claims come from an in-process cache of verified tok
 API key's facts from an in-process cache (below); then one Redis MGET reads the revocation state (logged-out
 token, revoked family or key, the user's disabled/valid-after state). PostgreSQL is read only on a cache
 miss: a user's state once per USER_STATE_TTL_SECONDS for all processes, a key once per process per
-KEY_CACHE_SECONDS. Redis unreachable: 503 `auth_unavailable` (fail closed, see shared/revocation.py).
+KEY_CACHE_SECONDS.
+
+Redis unreachable: the same checks are answered by PostgreSQL (one query per request while the outage
+lasts), so no revoked credential gets in and the API stays available (submits are accepted and sent later by
+the sweeper). A token revoked by logout or reuse is refused through its family's rows; a token without a
+family claim (issued before families existed) cannot be checked that way and is refused (503) until
+Redis is back. Logout, key revocation and admin disable need Redis and answer 503 `auth_unavailable`.
 """
 
 from __future__ import annotations
@@ -147,13 +153,40 @@ async def resolve(settings: Settings, redis: aioredis.Redis, pool: asyncpg.Pool,
     if claims.family_id is not None:
         keys.append(revocation.family_key(claims.family_id))
     keys.append(revocation.user_key(claims.user_id))
-    *revoked, cached_state = await revocation.read(redis, keys)
+    try:
+        *revoked, cached_state = await revocation.read(redis, keys)
+    except revocation.AuthUnavailable:
+        return await _token_from_database(pool, claims)
     if any(revoked):
         raise Unauthorized("Token has been revoked", code="token_revoked")
     state = await _check_user(redis, pool, claims.user_id, cached_state)
     if state.sessions_valid_after is not None and claims.issued_at < state.sessions_valid_after:
         raise Unauthorized("Token has been revoked", code="token_revoked")
     return Principal(user_id=claims.user_id, via="access_token", scopes=ALL_SCOPES, token=claims)
+
+
+async def _token_from_database(pool: asyncpg.Pool, claims: TokenClaims) -> Principal:
+    if claims.family_id is None:
+        raise revocation.AuthUnavailable
+    row = await repo.token_state(pool, claims.user_id, claims.family_id)
+    if row is None or row[0]:
+        raise Unauthorized("This account is disabled", code="account_disabled")
+    _, valid_after, family_revoked = row
+    if family_revoked or (valid_after is not None and claims.issued_at < valid_after):
+        raise Unauthorized("Token has been revoked", code="token_revoked")
+    return Principal(user_id=claims.user_id, via="access_token", scopes=ALL_SCOPES, token=claims)
+
+
+async def _api_key_from_database(pool: asyncpg.Pool, secret_hash: str) -> Principal:
+    row = await repo.api_key_by_hash(pool, secret_hash)
+    if row is None:
+        raise Unauthorized("Invalid API key", code="invalid_api_key")
+    key_id, user_id, scopes = row
+    state = await repo.user_state(pool, user_id)
+    if state is None or state[0]:
+        raise Unauthorized("This account is disabled", code="account_disabled")
+    _last_used.record(pool, key_id)
+    return Principal(user_id=user_id, via="api_key", scopes=frozenset(scopes), key_id=key_id)
 
 
 async def _resolve_api_key(redis: aioredis.Redis, pool: asyncpg.Pool, secret: str) -> Principal:
@@ -166,9 +199,12 @@ async def _resolve_api_key(redis: aioredis.Redis, pool: asyncpg.Pool, secret: st
         key_id, user_id, scopes = row
         facts = _KeyFacts(key_id=key_id, user_id=user_id, scopes=frozenset(scopes), read_at=time.monotonic())
         _keys.put(secret_hash, facts)
-    revoked, cached_state = await revocation.read(
-        redis, [revocation.api_key_key(facts.key_id), revocation.user_key(facts.user_id)]
-    )
+    try:
+        revoked, cached_state = await revocation.read(
+            redis, [revocation.api_key_key(facts.key_id), revocation.user_key(facts.user_id)]
+        )
+    except revocation.AuthUnavailable:
+        return await _api_key_from_database(pool, secret_hash)
     if revoked:
         _keys.drop(facts.key_id)
         raise Unauthorized("Invalid API key", code="invalid_api_key")

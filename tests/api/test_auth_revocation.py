@@ -115,16 +115,27 @@ def test_user_state_comes_from_postgresql_when_redis_forgot_it(
     r.close()
 
 
-def test_redis_down_fails_closed_with_503(stack: Stack, user: dict[str, Any], tmp_path: Path) -> None:
+def test_redis_down_falls_back_to_postgresql_and_lets_no_revoked_credential_in(
+    client: httpx.Client, stack: Stack, user: dict[str, Any], tmp_path: Path
+) -> None:
+    logged_out = _login(client, user["email"])
+    assert client.post("/api/v1/auth/logout", headers=_bearer(logged_out["access_token"])).status_code == 204
+    key = client.post("/api/v1/keys", json={"name": "k"}, headers=user["headers"]).json()
+    revoked_key = client.post("/api/v1/keys", json={"name": "gone"}, headers=user["headers"]).json()
+    assert client.delete(f"/api/v1/keys/{revoked_key['id']}", headers=user["headers"]).status_code == 204
     dead = f"redis://127.0.0.1:{free_port()}/0"
     proc, url = spawn_api(stack, tmp_path / "api-no-redis.log", REDIS_URL=dead)
     try:
         with httpx.Client(base_url=url, timeout=10) as c:
-            r = c.get("/api/v1/users/me", headers=user["headers"])
+            assert c.get("/api/v1/users/me", headers=user["headers"]).status_code == 200
+            assert c.get("/api/v1/query", headers=_bearer(key["key"])).status_code == 200
+            assert _code(c.get("/api/v1/users/me", headers=_bearer(logged_out["access_token"]))) == "token_revoked"
+            assert _code(c.get("/api/v1/query", headers=_bearer(revoked_key["key"]))) == "invalid_api_key"
+            # Revoking needs Redis: 503 with Retry-After, never a 2xx that did not take effect everywhere.
+            r = c.post("/api/v1/auth/logout", headers=user["headers"])
             assert r.status_code == 503, r.text
             assert r.json()["error"]["code"] == "auth_unavailable"
             assert r.headers["retry-after"]
-            # A missing token is still a plain 401: nothing to look up.
-            assert c.get("/api/v1/users/me").status_code == 401
     finally:
         stop(proc)
+    assert client.get("/api/v1/users/me", headers=user["headers"]).status_code == 200
