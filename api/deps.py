@@ -5,7 +5,12 @@ Database handles, one per use:
   (submit releases it before the publish; a long-poll holds none while it waits).
 - `ConnectionDep`: one pooled asyncpg connection; each statement autocommits.
 - `SessionDep`: a session whose transaction commits when the route returns and rolls back when it raises.
-- `ReadSessionDep`: an autocommit session for reads: no BEGIN/ROLLBACK round trips.
+- `AutocommitSessionDep`: each statement commits on its own: reads without BEGIN/ROLLBACK round trips, and
+  the rare write whose commit must precede telling Redis (admin disable).
+
+Who is calling: `CurrentUserId` (an access token or an API key, with the key's scope checked),
+`SessionUserId`/`SessionPrincipal` (access tokens only), `AdminUserId` (access token of an admin). Each costs
+one Redis MGET of revocation state (shared/services/credentials.py).
 
 The database dependencies exit with `scope="function"`: after the route returns but before the response is
 sent (FastAPI >= 0.121; the default "request" scope would exit after sending). So a commit that fails
@@ -31,10 +36,16 @@ from shared.metrics import QueueStats
 from shared.models import Role
 from shared.queue import Publisher
 from shared.repositories import users as users_repo
-from shared.security import decode_token
+from shared.services import credentials
+from shared.services.credentials import READ_SCOPE, WRITE_SCOPE, Principal
 
 # auto_error=False: a missing token must come out as our JSON 401, not FastAPI's default body.
-oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/login", auto_error=False)
+oauth2_scheme = OAuth2PasswordBearer(
+    tokenUrl="/api/v1/auth/login",
+    auto_error=False,
+    description="An access token from login, or an API key (`aiq_…`) as the bearer token",
+)
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 async def app_settings(request: Request) -> Settings:
@@ -64,9 +75,9 @@ async def transaction(request: Request) -> AsyncIterator[AsyncSession]:
         await session.commit()
 
 
-async def read_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """Autocommit session for single-statement reads."""
-    async with request.app.state.read_sessionmaker() as session:
+async def autocommit_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """A session whose every statement commits on its own."""
+    async with request.app.state.autocommit_sessionmaker() as session:
         yield session
 
 
@@ -89,23 +100,57 @@ SettingsDep = Annotated[Settings, Depends(app_settings)]
 PoolDep = Annotated[asyncpg.Pool, Depends(app_raw_pool)]
 ConnectionDep = Annotated[asyncpg.Connection, Depends(pool_connection, scope="function")]
 SessionDep = Annotated[AsyncSession, Depends(transaction, scope="function")]
-ReadSessionDep = Annotated[AsyncSession, Depends(read_session, scope="function")]
+AutocommitSessionDep = Annotated[AsyncSession, Depends(autocommit_session, scope="function")]
 PublisherDep = Annotated[Publisher, Depends(app_publisher)]
 RedisDep = Annotated[aioredis.Redis, Depends(app_redis)]
 QueueStatsDep = Annotated[QueueStats, Depends(app_queue_stats)]
 
 
-async def current_user_id(settings: SettingsDep, token: Annotated[str | None, Depends(oauth2_scheme)]) -> uuid.UUID:
-    """The user id of a valid access token; no database round trip on the hot path."""
+async def current_principal(
+    settings: SettingsDep,
+    redis: RedisDep,
+    pool: PoolDep,
+    token: Annotated[str | None, Depends(oauth2_scheme)],
+) -> Principal:
+    """Who is calling: an access token or an API key, checked against revocation state (one Redis MGET)."""
     if not token:
         raise Unauthorized("Not authenticated", code="not_authenticated")
-    return decode_token(settings, token, "access").user_id
+    return await credentials.resolve(settings, redis, pool, token)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+async def current_user_id(request: Request, principal: CurrentPrincipal) -> uuid.UUID:
+    """The caller's user id. An API key needs `queries:read` for reading (GET) routes, `queries:write` for others."""
+    if principal.via == "api_key":
+        needed = READ_SCOPE if request.method in _SAFE_METHODS else WRITE_SCOPE
+        if needed not in principal.scopes:
+            raise Forbidden(f"This API key lacks the {needed} scope", code="insufficient_scope")
+    return principal.user_id
 
 
 CurrentUserId = Annotated[uuid.UUID, Depends(current_user_id)]
 
 
-async def admin_user_id(user_id: CurrentUserId, session: ReadSessionDep) -> uuid.UUID:
+async def session_principal(principal: CurrentPrincipal) -> Principal:
+    """An access token's principal: managing keys, logging out and admin work are not for API keys."""
+    if principal.via != "access_token":
+        raise Forbidden("This needs an access token from login, not an API key", code="access_token_required")
+    return principal
+
+
+SessionPrincipal = Annotated[Principal, Depends(session_principal)]
+
+
+async def session_user_id(principal: SessionPrincipal) -> uuid.UUID:
+    return principal.user_id
+
+
+SessionUserId = Annotated[uuid.UUID, Depends(session_user_id)]
+
+
+async def admin_user_id(user_id: SessionUserId, session: AutocommitSessionDep) -> uuid.UUID:
     """The caller's id if they hold the admin role (one read: admin routes are not a hot path)."""
     user = await users_repo.by_id(session, user_id)
     if user is None or user.disabled_at is not None or user.role != Role.ADMIN:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI
 
 from api.errors import install_error_handlers
 from api.middleware import MetricsMiddleware, RequestIdMiddleware
-from api.routes import auth, health, queries
+from api.routes import admin, auth, health, keys, queries
 from shared.config import Settings, get_settings
 from shared.db import make_engine, make_raw_pool, make_sessionmaker
 from shared.logging import configure_logging
@@ -27,7 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings, "aiq-api")
         app.state.sessionmaker = make_sessionmaker(engine)
-        app.state.read_sessionmaker = make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
+        app.state.autocommit_sessionmaker = make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
         app.state.raw_pool = await make_raw_pool(settings, "aiq-api")
         app.state.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         app.state.publisher = Publisher(settings)
@@ -55,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1 = APIRouter(prefix="/api/v1")
     v1.include_router(auth.router)
     v1.include_router(queries.router)
+    v1.include_router(keys.router)
+    v1.include_router(admin.router)
     app.include_router(v1)
     app.include_router(health.router)
     # Outermost last: the request id must be set before metrics and handlers run.

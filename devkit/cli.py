@@ -80,11 +80,18 @@ def _migrate(argv: list[str]) -> int:
     return 0
 
 
+def _admin(argv: list[str]) -> int:
+    from devkit.admin import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, Command] = {
     "dev": Command("run the whole service locally (API, worker, Flower, simulator, embedded servers)", _dev),
     "simulate": Command("run the OpenAI-compatible LLM simulator", _simulate),
     "services": Command("start embedded PostgreSQL/Redis where DATABASE_URL/REDIS_URL are unset", _services),
     "migrate": Command("apply database migrations (alembic upgrade head)", _migrate),
+    "admin": Command("create the first admin, or promote a user: aiq admin create EMAIL", _admin),
 }
 
 

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     refresh_token_ttl_seconds: int = Field(default=14 * 24 * 3600, ge=60)
     bcrypt_rounds: int = Field(default=12, ge=4, le=31)
 
+    # Accounts (issue 10): password policy (NIST SP 800-63B), the floor cannot go under NIST's 8.
+    password_min_length: int = Field(default=8, ge=8, le=64)
+
     @field_validator("allowed_models", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:

@@ -32,6 +32,10 @@ ALLOWED_EXTRA = frozenset(
         "model",
         "count",
         "owner",
+        # Security events (shared/services/auth.py, admin.py): ids only, never token text.
+        "event",
+        "family_id",
+        "actor_id",
     }
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, JsonValue
 
@@ -23,11 +23,22 @@ class Credentials(StrictBody):
 
 class Registration(StrictBody):
     email: EmailStr
-    password: str = Field(min_length=8, max_length=1024, description="8+ characters, at most 72 bytes in UTF-8")
+    password: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="At least PASSWORD_MIN_LENGTH (8) characters, at most 72 bytes in UTF-8, not a common password",
+        examples=["correct horse battery staple"],
+    )
 
 
 class RefreshRequest(StrictBody):
     refresh_token: str = Field(min_length=1, max_length=4096)
+
+
+class LogoutRequest(StrictBody):
+    refresh_token: str | None = Field(
+        default=None, min_length=1, max_length=4096, description="Optional: its family is revoked too"
+    )
 
 
 class UserOut(BaseModel):
@@ -44,6 +55,45 @@ class TokenPair(BaseModel):
     token_type: str = "bearer"  # noqa: S105 - the OAuth2 token type, not a secret
     expires_in: int
     refresh_token: str
+
+
+ApiKeyScope = Literal["queries:read", "queries:write"]
+
+
+class ApiKeyCreate(StrictBody):
+    name: str = Field(min_length=1, max_length=100, examples=["nightly batch"])
+    scopes: list[ApiKeyScope] = Field(
+        default=["queries:read", "queries:write"],
+        min_length=1,
+        max_length=2,
+        description="`queries:read` for GET routes, `queries:write` for submit and cancel",
+    )
+
+
+class ApiKeyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    prefix: str = Field(description="The key's first characters, to recognise it; never the whole key")
+    scopes: list[str]
+    created_at: datetime
+    last_used_at: datetime | None = Field(description="Updated at most once a minute")
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="The secret: shown this once, send it as `Authorization: Bearer <key>`")
+
+
+class AdminUserOut(UserOut):
+    disabled_at: datetime | None
+
+
+class AdminUserPage(BaseModel):
+    items: list[AdminUserOut]
+    total: int
+    limit: int
+    offset: int
 
 
 class QueryCreate(StrictBody):

@@ -44,14 +44,26 @@ class TokenClaims:
     user_id: uuid.UUID
     jti: uuid.UUID
     expires_at: datetime
+    issued_at: datetime
+    # The refresh-token family (one login and its rotations); None in tokens issued before families existed.
+    family_id: uuid.UUID | None = None
 
 
-def issue_token(settings: Settings, user_id: uuid.UUID, kind: TokenKind) -> tuple[str, TokenClaims]:
+def issue_token(
+    settings: Settings, user_id: uuid.UUID, kind: TokenKind, family_id: uuid.UUID | None = None
+) -> tuple[str, TokenClaims]:
     """Sign a token of the given kind; returns it with the claims worth storing."""
-    now = datetime.now(UTC)
+    # Whole seconds: `iat` is compared with a user's revocation instant, which must not fall inside a second.
+    now = datetime.now(UTC).replace(microsecond=0)
     ttl = settings.access_token_ttl_seconds if kind == "access" else settings.refresh_token_ttl_seconds
-    claims = TokenClaims(user_id=user_id, jti=uuid.uuid4(), expires_at=now + timedelta(seconds=ttl))
-    payload = {
+    claims = TokenClaims(
+        user_id=user_id,
+        jti=uuid.uuid4(),
+        expires_at=now + timedelta(seconds=ttl),
+        issued_at=now,
+        family_id=family_id,
+    )
+    payload: dict[str, Any] = {
         "sub": str(user_id),
         "iss": settings.jwt_issuer,
         "aud": settings.jwt_audience,
@@ -60,6 +72,8 @@ def issue_token(settings: Settings, user_id: uuid.UUID, kind: TokenKind) -> tupl
         "exp": claims.expires_at,
         "jti": str(claims.jti),
     }
+    if family_id is not None:
+        payload["fam"] = str(family_id)
     token = jwt.encode(
         payload,
         settings.jwt_secret_key.get_secret_value(),
@@ -135,12 +149,15 @@ def _decode(settings: Settings, token: str, kind: TokenKind) -> TokenClaims:
         if header.get("typ") != _TOKEN_TYP[kind]:
             raise Unauthorized("Invalid token", code="invalid_token")
         payload = _verify(settings, token)
+        family = payload.get("fam")
         return TokenClaims(
             user_id=uuid.UUID(payload["sub"]),
             jti=uuid.UUID(payload["jti"]),
             expires_at=datetime.fromtimestamp(payload["exp"], UTC),
+            issued_at=datetime.fromtimestamp(payload["iat"], UTC),
+            family_id=uuid.UUID(family) if family is not None else None,
         )
     except jwt.ExpiredSignatureError as exc:
         raise Unauthorized("Token expired", code="token_expired") from exc
-    except (jwt.InvalidTokenError, ValueError, TypeError, KeyError) as exc:
+    except (jwt.InvalidTokenError, ValueError, TypeError, KeyError, AttributeError, OverflowError, OSError) as exc:
         raise Unauthorized("Invalid token", code="invalid_token") from exc

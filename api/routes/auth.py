@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Request, status
+from fastapi import APIRouter, Body, Request, Response, status
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from api.deps import CurrentUserId, ReadSessionDep, SessionDep, SettingsDep
-from shared.errors import InvalidInput, NotFound
+from api.deps import AutocommitSessionDep, CurrentUserId, PoolDep, RedisDep, SessionDep, SessionPrincipal, SettingsDep
+from api.errors import error_responses
+from shared.errors import AppError, InvalidInput, NotFound, Unauthorized
 from shared.repositories import users as users_repo
-from shared.schemas import Credentials, RefreshRequest, Registration, TokenPair, UserOut
+from shared.schemas import Credentials, LogoutRequest, RefreshRequest, Registration, TokenPair, UserOut
 from shared.services import auth
 
 router = APIRouter(tags=["auth"])
+# RFC 6749 §5.1: token responses must not be cached by the client or anything in between.
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 _LOGIN_BODY = {
     "content": {
@@ -34,24 +39,30 @@ _LOGIN_BODY = {
 }
 
 
-@router.post("/auth/register", status_code=status.HTTP_201_CREATED, response_model=UserOut)
+@router.post(
+    "/auth/register", status_code=status.HTTP_201_CREATED, response_model=UserOut, responses=error_responses(409, 422)
+)
 async def register(body: Registration, session: SessionDep, settings: SettingsDep) -> UserOut:
     """Create an account."""
     user = await auth.register(session, settings, body.email, body.password)
     return UserOut.model_validate(user)
 
 
+def _is_form(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() in _FORM_TYPES
+
+
 async def _read_credentials(request: Request) -> Credentials:
     """Accept the OAuth2 password form (Swagger's Authorize button) and JSON alike."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     raw: Any
-    if content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+    if _is_form(request):
         form = await request.form()
         raw = {"email": form.get("username"), "password": form.get("password")}
     else:
         try:
             raw = json.loads(await request.body() or b"null")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
+            # RecursionError: a body nested ~1,000 deep exhausts the parser's stack; still the client's fault.
             raise InvalidInput("Request body is not valid JSON", code="malformed_json") from exc
     try:
         return Credentials.model_validate(raw)
@@ -60,39 +71,87 @@ async def _read_credentials(request: Request) -> Credentials:
         raise InvalidInput("Request is invalid", details=details) from exc
 
 
-@router.post("/auth/login", response_model=TokenPair, openapi_extra={"requestBody": _LOGIN_BODY})
-async def login(request: Request, session: SessionDep, settings: SettingsDep) -> TokenPair:
+def _oauth2_error(exc: AppError) -> JSONResponse:
+    """RFC 6749 §5.2's error body, which OAuth2 clients (Swagger's Authorize dialog) understand."""
+    error = "invalid_grant" if exc.status_code == status.HTTP_401_UNAUTHORIZED else "invalid_request"
+    return JSONResponse({"error": error, "error_description": exc.message}, status_code=400, headers=NO_STORE)
+
+
+_OAUTH2_ERROR = {
+    "description": "OAuth2 form only (RFC 6749 §5.2): `invalid_grant` for wrong credentials, "
+    "`invalid_request` for a malformed form. JSON logins get AIQ's error body instead.",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}},
+            }
+        }
+    },
+}
+
+
+@router.post(
+    "/auth/login",
+    response_model=TokenPair,
+    openapi_extra={"requestBody": _LOGIN_BODY},
+    responses={400: _OAUTH2_ERROR, **error_responses(401, 422)},
+)
+async def login(request: Request, response: Response, session: SessionDep, settings: SettingsDep) -> Any:
     """Exchange email and password for an access and a refresh token."""
-    creds = await _read_credentials(request)
-    user = await auth.authenticate(session, settings, creds.email, creds.password)
+    try:
+        creds = await _read_credentials(request)
+        user = await auth.authenticate(session, settings, creds.email, creds.password)
+    except (Unauthorized, InvalidInput) as exc:
+        if _is_form(request):
+            return _oauth2_error(exc)
+        raise
+    response.headers.update(NO_STORE)
     return await auth.issue_pair(session, settings, user.id)
 
 
-@router.post("/auth/refresh", response_model=TokenPair)
-async def refresh(body: RefreshRequest, session: SessionDep, settings: SettingsDep) -> TokenPair:
+@router.post("/auth/refresh", response_model=TokenPair, responses=error_responses(401, 422, 503))
+async def refresh(
+    body: RefreshRequest,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    redis: RedisDep,
+    pool: PoolDep,
+) -> TokenPair:
     """Trade a refresh token for a new pair; the old refresh token stops working."""
+    response.headers.update(NO_STORE)
     try:
-        return await auth.refresh(session, settings, body.refresh_token)
+        return await auth.refresh(session, settings, redis, pool, body.refresh_token)
     except auth.RefreshTokenReused:
         # The one commit a route makes itself: the request fails (and SessionDep rolls back what is left),
-        # but the revocation of the whole family must stick.
+        # but the revocation of the family must stick.
         await session.commit()
         raise
 
 
-@router.post("/auth/logout", status_code=status.HTTP_204_NO_CONTENT)
+@router.post(
+    "/auth/logout",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=error_responses(401, 403, 422, 503),
+)
 async def logout(
-    user_id: CurrentUserId,
+    principal: SessionPrincipal,
     session: SessionDep,
     settings: SettingsDep,
-    body: Annotated[RefreshRequest, Body()],
-) -> None:
-    """Revoke a refresh token. Access tokens stay valid until they expire (ACCESS_TOKEN_TTL_SECONDS)."""
-    await auth.logout(session, settings, user_id, body.refresh_token)
+    redis: RedisDep,
+    body: Annotated[LogoutRequest | None, Body()] = None,
+) -> Response:
+    """Revoke this access token at once, and its refresh family (plus that of `refresh_token`, if given)."""
+    assert principal.token is not None  # SessionPrincipal is an access token
+    await auth.logout(session, settings, redis, principal.token, body.refresh_token if body else None)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/users/me", response_model=UserOut, tags=["users"])
-async def me(user_id: CurrentUserId, session: ReadSessionDep) -> UserOut:
+@router.get("/users/me", response_model=UserOut, tags=["users"], responses=error_responses(401, 403, 404, 503))
+async def me(user_id: CurrentUserId, session: AutocommitSessionDep) -> UserOut:
     """The authenticated user."""
     user = await users_repo.by_id(session, user_id)
     if user is None:

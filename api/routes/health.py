@@ -10,7 +10,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.deps import QueueStatsDep, ReadSessionDep, RedisDep, SettingsDep
+from api.deps import AutocommitSessionDep, QueueStatsDep, RedisDep, SettingsDep
 from shared.metrics import render_metrics
 from shared.repositories import queries_session
 
@@ -34,7 +34,7 @@ async def _ok(check: Awaitable[object]) -> bool:
 
 
 @router.get("/readyz")
-async def readyz(session: ReadSessionDep, redis: RedisDep) -> JSONResponse:
+async def readyz(session: AutocommitSessionDep, redis: RedisDep) -> JSONResponse:
     """Database and broker both reachable."""
     # The session connects on its first statement, inside the guard: a dead database means "down", not 503.
     database, broker = await asyncio.gather(_ok(session.execute(text("SELECT 1"))), _ok(redis.ping()))
@@ -46,7 +46,9 @@ async def readyz(session: ReadSessionDep, redis: RedisDep) -> JSONResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(session: ReadSessionDep, redis: RedisDep, settings: SettingsDep, stats: QueueStatsDep) -> Response:
+async def metrics(
+    session: AutocommitSessionDep, redis: RedisDep, settings: SettingsDep, stats: QueueStatsDep
+) -> Response:
     """Prometheus exposition, with queue depth and the oldest pending age read at scrape time."""
 
     async def from_database() -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
-from api.deps import ConnectionDep, CurrentUserId, PoolDep, PublisherDep, ReadSessionDep, SettingsDep
+from api.deps import AutocommitSessionDep, ConnectionDep, CurrentUserId, PoolDep, PublisherDep, SettingsDep
 from api.middleware import mark_long_request
 from shared.metrics import QUERIES_SUBMITTED
 from shared.models import QueryStatus
@@ -98,7 +98,7 @@ async def cancel(query_id: uuid.UUID, user_id: CurrentUserId, conn: ConnectionDe
 @router.get("", response_model=QueryPage)
 async def list_(
     user_id: CurrentUserId,
-    session: ReadSessionDep,
+    session: AutocommitSessionDep,
     status_: Annotated[QueryStatus | None, Query(alias="status")] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,

@@ -1,7 +1,19 @@
 """Every model, re-exported: API, worker and migrations import from here."""
 
+from shared.models.api_key import ApiKey
 from shared.models.base import Base
 from shared.models.query import TERMINAL_STATUSES, IdempotencyKey, Query, QueryStatus
-from shared.models.user import RefreshToken, Role, User
+from shared.models.user import RefreshToken, RevokedReason, Role, User
 
-__all__ = ["TERMINAL_STATUSES", "Base", "IdempotencyKey", "Query", "QueryStatus", "RefreshToken", "Role", "User"]
+__all__ = [
+    "TERMINAL_STATUSES",
+    "ApiKey",
+    "Base",
+    "IdempotencyKey",
+    "Query",
+    "QueryStatus",
+    "RefreshToken",
+    "RevokedReason",
+    "Role",
+    "User",
+]
