@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI
 
 from api.errors import install_error_handlers
 from api.middleware import MetricsMiddleware, RequestIdMiddleware
-from api.routes import auth, health, queries
+from api.routes import auth, health, limits, queries, usage
 from shared.config import Settings, get_settings
 from shared.db import make_engine, make_raw_pool, make_sessionmaker
 from shared.logging import configure_logging
@@ -55,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1 = APIRouter(prefix="/api/v1")
     v1.include_router(auth.router)
     v1.include_router(queries.router)
+    v1.include_router(usage.router)
+    v1.include_router(limits.router)
     app.include_router(v1)
     app.include_router(health.router)
     # Outermost last: the request id must be set before metrics and handlers run.

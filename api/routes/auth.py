@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, Request, status
 from pydantic import ValidationError
 
 from api.deps import CurrentUserId, ReadSessionDep, SessionDep, SettingsDep
+from api.throttle import LoginThrottle, RegisterThrottle
 from shared.errors import InvalidInput, NotFound
 from shared.repositories import users as users_repo
 from shared.schemas import Credentials, RefreshRequest, Registration, TokenPair, UserOut
@@ -35,7 +36,7 @@ _LOGIN_BODY = {
 
 
 @router.post("/auth/register", status_code=status.HTTP_201_CREATED, response_model=UserOut)
-async def register(body: Registration, session: SessionDep, settings: SettingsDep) -> UserOut:
+async def register(body: Registration, session: SessionDep, settings: SettingsDep, _: RegisterThrottle) -> UserOut:
     """Create an account."""
     user = await auth.register(session, settings, body.email, body.password)
     return UserOut.model_validate(user)
@@ -61,7 +62,7 @@ async def _read_credentials(request: Request) -> Credentials:
 
 
 @router.post("/auth/login", response_model=TokenPair, openapi_extra={"requestBody": _LOGIN_BODY})
-async def login(request: Request, session: SessionDep, settings: SettingsDep) -> TokenPair:
+async def login(request: Request, session: SessionDep, settings: SettingsDep, _: LoginThrottle) -> TokenPair:
     """Exchange email and password for an access and a refresh token."""
     creds = await _read_credentials(request)
     user = await auth.authenticate(session, settings, creds.email, creds.password)
