@@ -314,7 +314,9 @@ _ERASE = CompiledStatement.of(
     .where(
         Query.id == bindparam("id"),
         Query.user_id == bindparam("user_id"),
-        Query.status.in_([s.value for s in TERMINAL_STATUSES]),
+        # Terminal; spelled as two comparisons because an IN list does not compile to a fixed statement.
+        Query.status != QueryStatus.PENDING,
+        Query.status != QueryStatus.RUNNING,
         Query.deleted_at.is_(None),
     )
     .values(prompt="", system=None, response=None, meta=None, deleted_at=func.now(), updated_at=func.now())

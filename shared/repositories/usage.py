@@ -6,18 +6,16 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.models import Query
 
 
-async def usage_by(
-    session: AsyncSession, user_id: uuid.UUID, start: datetime, end: datetime, group_by: str
-) -> list[Any]:
+def usage_statement(user_id: uuid.UUID, start: datetime, end: datetime, group_by: str) -> Select[Any]:
     """Per UTC day or per model: queries and token sums of the user's rows created in [start, end)."""
     key: Any = func.to_char(func.timezone("UTC", Query.created_at), "YYYY-MM-DD") if group_by == "day" else Query.model
-    stmt = (
+    return (
         select(
             key.label("key"),
             func.count().label("queries"),
@@ -30,4 +28,11 @@ async def usage_by(
         .group_by(key)
         .order_by(key)
     )
+
+
+async def usage_by(
+    session: AsyncSession, user_id: uuid.UUID, start: datetime, end: datetime, group_by: str
+) -> list[Any]:
+    """The groups of `usage_statement`, as mappings."""
+    stmt = usage_statement(user_id, start, end, group_by)
     return list((await session.execute(stmt)).mappings().all())
