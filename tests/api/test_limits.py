@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from shared.limits import Limiter, Limits
 from tests.support.api import register_and_login, wait_terminal
+from tests.support.db import insert_query
 from tests.support.limits import key_prefix, limits_redis, make_admin, submit_in_parallel, tight_apis
+from tests.support.polling import wait_until
 from tests.support.stack import Stack, spawn_api, stop
 
 # "hello" is 5 characters: ceil(5 / 4) = 2 prompt tokens, plus the output cap.
@@ -159,3 +164,26 @@ def test_redis_down_refuses_submits_with_503_and_stores_nothing(
     assert r.json()["error"]["code"] == "limits_unavailable"
     assert r.headers["Retry-After"] == "2"
     assert _rows(db, user["user_id"])[0] == 0
+
+
+def test_the_sweeper_settles_a_query_it_ends_worker_lost(
+    stack: Stack, client: httpx.Client, user: dict[str, Any], db: Engine
+) -> None:
+    query_id = insert_query(
+        db,
+        user["user_id"],
+        status="'running'",
+        attempts=str(stack.settings.max_attempts),
+        lease_owner="'worker-gone'",
+        lease_expires_at="now() - interval '1 second'",
+    )
+    prefix, rds = key_prefix(stack.settings.queue_name), limits_redis(stack)
+    limiter = Limiter(aioredis.Redis.from_url(stack.settings.redis_url), stack.settings)
+    asyncio.run(limiter.take_submit(uuid.UUID(user["user_id"]), uuid.UUID(query_id), Limits(0, 0, 10**9, 86400), 500))
+    assert rds.zcard(f"{prefix}pending:{user['user_id']}") == 1
+
+    ended = wait_terminal(client, user["headers"], query_id)
+    assert ended["error"]["code"] == "worker_lost"
+    wait_until(lambda: not rds.exists(f"{prefix}res:{query_id}"), timeout=10)
+    assert rds.zcard(f"{prefix}pending:{user['user_id']}") == 0
+    assert [int(rds.get(k) or 0) for k in rds.keys(f"{prefix}tok:{user['user_id']}:*")] == [0]
