@@ -252,6 +252,9 @@ class Limiter:
 
         `force` takes without checking (an admin's requeue), so the settle still books the real usage.
         """
+        if not (limits.requests_per_minute or limits.max_pending or limits.token_budget or force):
+            # Every limit off for this user: no Redis round trip, nothing to settle later.
+            return {}
         p, u = self._prefix, str(user_id)
         keys = [f"{p}rpm:{u}", f"{p}pending:{u}", f"{p}res:{query_id}", f"{p}tok:{u}:"]
         args = [
