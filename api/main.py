@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI
 
 from api.errors import install_error_handlers
 from api.middleware import MetricsMiddleware, RequestIdMiddleware
-from api.routes import admin, auth, health, keys, queries
+from api.routes import admin, auth, health, keys, limits, queries, usage
 from shared.config import Settings, get_settings
 from shared.db import make_engine, make_raw_pool, make_sessionmaker
 from shared.logging import configure_logging
@@ -57,6 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(queries.router)
     v1.include_router(keys.router)
     v1.include_router(admin.router)
+    v1.include_router(usage.router)
+    v1.include_router(limits.router)
     app.include_router(v1)
     app.include_router(health.router)
     # Outermost last: the request id must be set before metrics and handlers run.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import warnings
 from enum import StrEnum
 from functools import lru_cache
@@ -78,12 +79,38 @@ class Settings(BaseSettings):
 
     # Accounts (issue 10): password policy (NIST SP 800-63B), the floor cannot go under NIST's 8.
     password_min_length: int = Field(default=8, ge=8, le=64)
+    # Limits and accounts (issue 10): per-user submit limits, login/registration throttling, retention.
+    # 0 switches a limit off. Per-user overrides live in the `user_limits` table (admin API).
+    limit_requests_per_minute: int = Field(default=60, ge=0)
+    limit_max_pending: int = Field(default=20, ge=0)
+    limit_token_budget: int = Field(default=2_000_000, ge=0)
+    limit_token_window_seconds: int = Field(default=24 * 3600, ge=60)
+    # How long an API process keeps a user's limits before reading `user_limits` again.
+    limits_cache_seconds: float = Field(default=10.0, ge=0)
+    login_max_failures: int = Field(default=5, ge=1)
+    login_address_max_failures: int = Field(default=20, ge=1)
+    login_failure_window_seconds: int = Field(default=900, ge=1)
+    login_lockout_max_seconds: int = Field(default=900, ge=1)
+    register_per_hour: int = Field(default=10, ge=0)
+    # Proxies whose X-Forwarded-For is believed (CIDRs, comma-separated); empty: the TCP peer is the client.
+    trusted_proxies: Annotated[list[str], NoDecode] = []
+    # Terminal queries finished longer ago than this are deleted by the workers; 0 keeps them forever.
+    retention_days: int = Field(default=0, ge=0)
 
     @field_validator("allowed_models", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [p.strip() for p in value.split(",") if p.strip()]
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
         return value
 
     @field_validator("jwt_previous_secret_keys", mode="before")

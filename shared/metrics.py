@@ -67,6 +67,12 @@ QUERIES_SUBMITTED = Counter(
     ["model"],
 )
 
+LIMIT_REFUSALS = Counter(
+    "aiq_limit_refusals_total",
+    "Requests refused with 429 by a limit or throttle "
+    "(rate_limited|too_many_pending|token_budget_exceeded|login_throttled|register_throttled).",
+    ["limit"],
+)
 TASKS = Counter(
     "aiq_tasks_total",
     "Task deliveries processed by workers, by outcome (completed|failed|retried|cancelled|skipped|released|lost;"

@@ -163,3 +163,44 @@ class ErrorBody(BaseModel):
     """Every 4xx and 5xx answer has this shape."""
 
     error: ErrorInfo
+
+
+class LimitsIn(StrictBody):
+    """A user's overrides; null means "the default" (Settings), 0 switches the limit off for this user."""
+
+    requests_per_minute: int | None = Field(default=None, ge=0, le=1_000_000, examples=[120])
+    max_pending: int | None = Field(default=None, ge=0, le=1_000_000, examples=[50])
+    token_budget: int | None = Field(default=None, ge=0, le=10**12, examples=[5_000_000])
+
+
+class LimitsOut(BaseModel):
+    """The limits in force for a user (overrides applied) and the overrides themselves."""
+
+    user_id: uuid.UUID
+    requests_per_minute: int
+    max_pending: int
+    token_budget: int
+    token_window_seconds: int
+    overrides: LimitsIn
+
+
+class UsageRow(BaseModel):
+    """One group: a UTC day (`2026-11-29`) or a model name."""
+
+    key: str
+    queries: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int = Field(description="Tokens used, as the provider reported them")
+    reserved_tokens: int = Field(description="Tokens held against the budget at submit (estimate + output cap)")
+
+
+class UsageReport(BaseModel):
+    user_id: uuid.UUID
+    start: datetime = Field(alias="from")
+    end: datetime = Field(alias="to")
+    group_by: str
+    items: list[UsageRow]
+    totals: UsageRow
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)

@@ -20,7 +20,7 @@ import asyncpg
 from shared import llm
 from shared.db import DATABASE_UNAVAILABLE
 from shared.metrics import LLM_CALLS_IN_FLIGHT, LLM_ERRORS, LLM_REQUEST_DURATION, LLM_TOKENS, TASK_RETRIES, TASKS
-from shared.models import QueryStatus
+from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.repositories import queries_asyncpg as repo
 from shared.repositories.queries_asyncpg import Claim
 from worker.runtime import StopReason, WorkerRuntime
@@ -91,6 +91,12 @@ async def _run_autocommitted(rt: WorkerRuntime, statement: Callable[[asyncpg.Con
     raise AssertionError("unreachable")
 
 
+async def _settle_if_ended(rt: WorkerRuntime, claim: Claim, status: QueryStatus | None, used_tokens: int = 0) -> None:
+    """A write that ended the query settles its token reservation (once: the reservation is the marker)."""
+    if status in TERMINAL_STATUSES:
+        await rt.limiter.settle_quietly(claim.query_id, used_tokens)
+
+
 async def process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
     """Run at most one LLM call for this delivery; a duplicate or late delivery does nothing."""
     outcome = await _process(rt, query_id)
@@ -149,6 +155,7 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
             latency_ms=result.latency_ms,
         ),
     )
+    await _settle_if_ended(rt, claim, written, result.total_tokens or 0)
     if written is None:
         log.warning("completion discarded: attempt no longer owns the query", extra={"attempt": claim.attempt})
         return Outcome(OutcomeKind.LOST)
@@ -160,10 +167,12 @@ async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: StopReason) -> O
     extra = {"attempt": claim.attempt, "outcome": reason.value}
     if reason is StopReason.CANCEL:
         written = await _run_autocommitted(rt, lambda conn: repo.cancel_attempt(conn, claim))
+        await _settle_if_ended(rt, claim, written)
         log.info("call stopped: query cancelled", extra=extra)
         return _outcome(written, OutcomeKind.CANCELLED, attempt=claim.attempt)
     if reason is StopReason.SHUTDOWN:
         written = await _run_autocommitted(rt, lambda conn: repo.release_attempt(conn, claim))
+        await _settle_if_ended(rt, claim, written)
         log.info("call stopped: worker shutting down, query handed back", extra=extra)
         return _outcome(written, OutcomeKind.RELEASED, retry_in=0, attempt=claim.attempt)
     log.warning("call stopped: lease lost to another worker", extra=extra)
@@ -181,6 +190,7 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
                 conn, claim, delay=timedelta(seconds=delay), code=failure.code, message=failure.message
             ),
         )
+        await _settle_if_ended(rt, claim, written)
         TASK_RETRIES.labels(reason=failure.kind).inc()
         log.warning("transient upstream error; retry scheduled", extra={**extra, "delay_s": round(delay, 2)})
         return _outcome(written, OutcomeKind.RETRIED, retry_in=delay, attempt=claim.attempt, error_code=failure.code)
@@ -191,5 +201,6 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
     else:
         code, message = failure.code, failure.message
     written = await _run_autocommitted(rt, lambda conn: repo.fail_attempt(conn, claim, code=code, message=message))
+    await _settle_if_ended(rt, claim, written)
     log.warning("query failed", extra=extra)
     return _outcome(written, OutcomeKind.FAILED, attempt=claim.attempt, error_code=code)

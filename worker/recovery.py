@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
+from shared.models import TERMINAL_STATUSES
 from shared.repositories import queries_session as repo
 from worker.runtime import StopReason, WorkerRuntime
 
 log = logging.getLogger(__name__)
 SWEEP_BATCH = 500
+# Retention runs with the sweeper but less often; each run deletes at most this many batches.
+PURGE_INTERVAL_SECONDS = 60.0
+PURGE_MAX_BATCHES = 20
 
 
 async def heartbeat_once(rt: WorkerRuntime) -> None:
@@ -50,6 +55,11 @@ async def sweep_once(rt: WorkerRuntime) -> int:
     async with rt.sessionmaker.begin() as session:
         reclaimed = await repo.reclaim_expired_leases(session, settings.max_attempts, stale, SWEEP_BATCH)
         await repo.delete_expired_idempotency_keys(session, SWEEP_BATCH)
+    # After the commit: a `worker_lost` or cancelled end releases its token reservation (the lost attempt's
+    # usage is unknown, so none is booked).
+    for query_id, status in reclaimed:
+        if status in TERMINAL_STATUSES:
+            await rt.limiter.settle_quietly(query_id, 0)
     async with rt.sessionmaker.begin() as session:
         due = await repo.lock_stale_pending(session, stale, SWEEP_BATCH)
         sent: list[uuid.UUID] = []
@@ -60,15 +70,36 @@ async def sweep_once(rt: WorkerRuntime) -> int:
             sent.append(query_id)
         await repo.mark_resent(session, sent)
     if reclaimed or due:
-        log.info("sweep", extra={"count": len(sent), "outcome": f"reclaimed={reclaimed} due={len(due)}"})
+        log.info("sweep", extra={"count": len(sent), "outcome": f"reclaimed={len(reclaimed)} due={len(due)}"})
     return len(sent)
 
 
+async def purge_once(rt: WorkerRuntime) -> int:
+    """Retention: delete terminal rows finished more than RETENTION_DAYS ago, in batches; returns how many."""
+    if not rt.settings.retention_days:
+        return 0
+    cutoff = datetime.now(UTC) - timedelta(days=rt.settings.retention_days)
+    total = 0
+    for _ in range(PURGE_MAX_BATCHES):
+        async with rt.sessionmaker.begin() as session:
+            purged = await repo.purge_finished_before(session, cutoff, SWEEP_BATCH)
+        total += purged
+        if purged < SWEEP_BATCH:
+            break
+    if total:
+        log.info("retention purge", extra={"count": total})
+    return total
+
+
 async def sweep_loop(rt: WorkerRuntime) -> None:
+    last_purge = 0.0
     while True:
         # Jitter keeps a fleet of workers from sweeping in lockstep.
         await asyncio.sleep(rt.settings.sweep_interval_seconds * random.uniform(0.8, 1.2))
         try:
             await sweep_once(rt)
+            if time.monotonic() - last_purge >= PURGE_INTERVAL_SECONDS:
+                last_purge = time.monotonic()
+                await purge_once(rt)
         except Exception as exc:  # noqa: BLE001 - the next sweep tries again
             log.warning("sweep failed", extra={"error": type(exc).__name__})

@@ -19,12 +19,14 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 import asyncpg
+import redis.asyncio as aioredis
 from celery import Celery
 from openai import AsyncOpenAI
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.config import Settings
 from shared.db import make_engine, make_raw_pool, make_sessionmaker
+from shared.limits import Limiter
 from shared.llm import make_client
 from shared.queue import Publisher
 from shared.repositories.queries_asyncpg import Claim
@@ -71,6 +73,8 @@ class WorkerRuntime:
         self.sessionmaker: async_sessionmaker[AsyncSession]
         self.raw_pool: asyncpg.Pool
         self.llm: AsyncOpenAI
+        self.redis: aioredis.Redis
+        self.limiter: Limiter
         self.run(self._open())
 
     async def _open(self) -> None:
@@ -79,6 +83,9 @@ class WorkerRuntime:
         # Claims and outcome writes: one compiled statement each, a round trip and no ORM per step.
         self.raw_pool = await make_raw_pool(self.settings, "aiq-worker")
         self.llm = make_client(self.settings)
+        # Settling a finished query's token reservation (shared/limits.py).
+        self.redis = aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.limiter = Limiter(self.redis, self.settings)
         self._background.extend(asyncio.create_task(loop(self)) for loop in self._loops)
 
     async def _close(self) -> None:
@@ -87,6 +94,7 @@ class WorkerRuntime:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.publisher.aclose()
         await self.llm.close()
+        await self.redis.aclose()
         await self.raw_pool.close()
         await self.engine.dispose()
 

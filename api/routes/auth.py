@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from api.deps import AutocommitSessionDep, CurrentUserId, PoolDep, RedisDep, SessionDep, SessionPrincipal, SettingsDep
 from api.errors import error_responses
+from api.throttle import LoginThrottle, RegisterThrottle
 from shared.errors import AppError, InvalidInput, NotFound, Unauthorized
 from shared.repositories import users as users_repo
 from shared.schemas import Credentials, LogoutRequest, RefreshRequest, Registration, TokenPair, UserOut
@@ -40,9 +41,12 @@ _LOGIN_BODY = {
 
 
 @router.post(
-    "/auth/register", status_code=status.HTTP_201_CREATED, response_model=UserOut, responses=error_responses(409, 422)
+    "/auth/register",
+    status_code=status.HTTP_201_CREATED,
+    response_model=UserOut,
+    responses=error_responses(409, 422, 429, 503),
 )
-async def register(body: Registration, session: SessionDep, settings: SettingsDep) -> UserOut:
+async def register(body: Registration, session: SessionDep, settings: SettingsDep, _: RegisterThrottle) -> UserOut:
     """Create an account."""
     user = await auth.register(session, settings, body.email, body.password)
     return UserOut.model_validate(user)
@@ -96,9 +100,11 @@ _OAUTH2_ERROR = {
     "/auth/login",
     response_model=TokenPair,
     openapi_extra={"requestBody": _LOGIN_BODY},
-    responses={400: _OAUTH2_ERROR, **error_responses(401, 422)},
+    responses={400: _OAUTH2_ERROR, **error_responses(401, 403, 422, 429, 503)},
 )
-async def login(request: Request, response: Response, session: SessionDep, settings: SettingsDep) -> Any:
+async def login(
+    request: Request, response: Response, session: SessionDep, settings: SettingsDep, _: LoginThrottle
+) -> Any:
     """Exchange email and password for an access and a refresh token."""
     try:
         creds = await _read_credentials(request)

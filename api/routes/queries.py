@@ -9,8 +9,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
-from api.deps import AutocommitSessionDep, ConnectionDep, CurrentUserId, PoolDep, PublisherDep, SettingsDep
+from api.deps import AutocommitSessionDep, ConnectionDep, CurrentUserId, PoolDep, PublisherDep, RedisDep, SettingsDep
+from api.errors import error_responses
 from api.middleware import mark_long_request
+from shared.limits import limiter_for
 from shared.metrics import QUERIES_SUBMITTED
 from shared.models import QueryStatus
 from shared.schemas import QueryAccepted, QueryCreate, QueryOut, QueryPage
@@ -22,7 +24,12 @@ MAX_WAIT_SECONDS = 30.0
 log = logging.getLogger(__name__)
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=QueryAccepted)
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=QueryAccepted,
+    responses=error_responses(400, 401, 409, 422, 429, 503),
+)
 async def submit(
     body: QueryCreate,
     response: Response,
@@ -30,6 +37,7 @@ async def submit(
     settings: SettingsDep,
     pool: PoolDep,
     publisher: PublisherDep,
+    redis: RedisDep,
     idempotency_key: Annotated[
         str | None,
         Header(alias="Idempotency-Key", description="Retry-safe submit: same key and body return the original 202"),
@@ -38,10 +46,14 @@ async def submit(
     """Accept a query; poll the `Location` for the answer."""
     # Each holds a connection only for its database step, never through the publish: a slow broker must
     # not pin database connections. Both have committed when they return, so the publish may follow.
+    limiter = limiter_for(redis, settings)
     if idempotency_key is None:
-        accepted, replayed = await service.submit_query(pool, settings, user_id, body), False
+        (accepted, limit_headers), replayed = await service.submit_query(pool, settings, limiter, user_id, body), False
     else:
-        accepted, replayed = await service.submit_query_once(pool, settings, user_id, body, idempotency_key)
+        accepted, replayed, limit_headers = await service.submit_query_once(
+            pool, settings, limiter, user_id, body, idempotency_key
+        )
+    response.headers.update(limit_headers)
     response.headers["Location"] = f"/api/v1/query/{accepted.query_id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -88,11 +100,25 @@ async def get(
     response_model=QueryOut,
     responses={202: {"model": QueryOut, "description": "Running: the worker is stopping the call"}},
 )
-async def cancel(query_id: uuid.UUID, user_id: CurrentUserId, conn: ConnectionDep) -> JSONResponse:
+async def cancel(
+    query_id: uuid.UUID, user_id: CurrentUserId, conn: ConnectionDep, redis: RedisDep, settings: SettingsDep
+) -> JSONResponse:
     """Cancel: a pending query ends at once (200); a running one stops shortly (202); a finished one is 409."""
-    query = await service.cancel_query(conn, user_id, query_id)
+    query = await service.cancel_query(conn, limiter_for(redis, settings), user_id, query_id)
     code = status.HTTP_200_OK if query["status"] == QueryStatus.CANCELLED else status.HTTP_202_ACCEPTED
     return JSONResponse(service.to_out(query).model_dump(mode="json"), status_code=code)
+
+
+@router.delete(
+    "/{query_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(401, 404, 409, 422, 503)
+)
+async def delete(
+    query_id: uuid.UUID, user_id: CurrentUserId, conn: ConnectionDep, redis: RedisDep, settings: SettingsDep
+) -> Response:
+    """Erase a query's prompt, system prompt, answer and metadata (its usage stays counted); afterwards it
+    is a 404. A pending query is cancelled first; a running one is a 409 (`query_running`): cancel it first."""
+    await service.delete_query(conn, limiter_for(redis, settings), user_id, query_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("", response_model=QueryPage)

@@ -2,6 +2,7 @@
 
 from shared.models.api_key import ApiKey
 from shared.models.base import Base
+from shared.models.limits import UserLimits
 from shared.models.query import TERMINAL_STATUSES, IdempotencyKey, Query, QueryStatus
 from shared.models.user import RefreshToken, RevokedReason, Role, User
 
@@ -16,4 +17,5 @@ __all__ = [
     "RevokedReason",
     "Role",
     "User",
+    "UserLimits",
 ]

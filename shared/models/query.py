@@ -36,6 +36,15 @@ class Query(Base):
             "next_attempt_at",
             postgresql_where=text("status IN ('pending', 'running')"),
         ),
+        # Usage per user and period as an index-only scan: the sums' columns ride along in the index.
+        Index(
+            "ix_queries_user_usage",
+            "user_id",
+            "created_at",
+            postgresql_include=["model", "prompt_tokens", "completion_tokens", "total_tokens", "reserved_tokens"],
+        ),
+        # Retention purge: terminal rows by age.
+        Index("ix_queries_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -55,6 +64,8 @@ class Query(Base):
     prompt_tokens: Mapped[int | None]
     completion_tokens: Mapped[int | None]
     total_tokens: Mapped[int | None]
+    # Tokens held against the user's budget at submit (prompt estimate + output cap); kept for usage reports.
+    reserved_tokens: Mapped[int | None]
 
     attempts: Mapped[int] = mapped_column(default=0, server_default="0")
     next_attempt_at: Mapped[datetime] = mapped_column(server_default=func.now())
@@ -68,6 +79,8 @@ class Query(Base):
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # Set by `DELETE /api/v1/query/{id}`: prompt, system, answer and metadata are erased; usage stays.
+    deleted_at: Mapped[datetime | None]
 
 
 class IdempotencyKey(Base):

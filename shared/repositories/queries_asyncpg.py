@@ -61,11 +61,13 @@ class Claim:
 
 _INSERT_COLUMNS = (
     "id", "user_id", "prompt", "system", "model", "temperature", "max_tokens", "meta", "status", "attempts",
-    "created_at", "updated_at", "next_attempt_at",
+    "created_at", "updated_at", "next_attempt_at", "reserved_tokens",
 )  # fmt: skip
 _INSERT = CompiledStatement.of(sa_insert(Query).values({name: bindparam(name) for name in _INSERT_COLUMNS}))
 _FETCH_FOR_USER = CompiledStatement.of(
-    select(*PUBLIC_COLUMNS).where(Query.id == bindparam("id"), Query.user_id == bindparam("user_id"))
+    select(*PUBLIC_COLUMNS).where(
+        Query.id == bindparam("id"), Query.user_id == bindparam("user_id"), Query.deleted_at.is_(None)
+    )
 )
 
 
@@ -75,7 +77,7 @@ async def insert(conn: asyncpg.Connection, **values: Any) -> None:
 
 
 async def fetch_for_user(conn: asyncpg.Connection, query_id: uuid.UUID, user_id: uuid.UUID) -> RowLike | None:
-    """The row if it exists and belongs to the user; another user's row is indistinguishable from none."""
+    """The row if it exists, belongs to the user and was not deleted; anything else is indistinguishable."""
     row: RowLike | None = await conn.fetchrow(
         _FETCH_FOR_USER.sql, *_FETCH_FOR_USER.args({"id": query_id, "user_id": user_id})
     )
@@ -305,3 +307,55 @@ async def cancel_attempt(conn: asyncpg.Connection, claim: Claim) -> QueryStatus 
 async def release_attempt(conn: asyncpg.Connection, claim: Claim) -> QueryStatus | None:
     """running → pending and due now (or cancelled): a shutting-down worker hands the query back."""
     return await _write(conn, _RELEASE, claim)
+
+
+_ERASE = CompiledStatement.of(
+    update(Query)
+    .where(
+        Query.id == bindparam("id"),
+        Query.user_id == bindparam("user_id"),
+        # Terminal; spelled as two comparisons because an IN list does not compile to a fixed statement.
+        Query.status != QueryStatus.PENDING,
+        Query.status != QueryStatus.RUNNING,
+        Query.deleted_at.is_(None),
+    )
+    .values(prompt="", system=None, response=None, meta=None, deleted_at=func.now(), updated_at=func.now())
+    .returning(Query.id)
+)
+
+
+async def erase(conn: asyncpg.Connection, query_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+    """Erase the content of the user's terminal query (usage columns stay); False when none matched."""
+    return await conn.fetchval(_ERASE.sql, *_ERASE.args({"id": query_id, "user_id": user_id})) is not None
+
+
+_FETCH_ANY = CompiledStatement.of(select(Query.user_id, *PUBLIC_COLUMNS).where(Query.id == bindparam("id")))
+
+
+async def fetch_any(conn: asyncpg.Connection, query_id: uuid.UUID) -> RowLike | None:
+    """Any user's query with its owner (admin reads)."""
+    row: RowLike | None = await conn.fetchrow(_FETCH_ANY.sql, *_FETCH_ANY.args({"id": query_id}))
+    return row
+
+
+_REQUEUE = CompiledStatement.of(
+    update(Query)
+    .where(Query.id == bindparam("id"), Query.status == QueryStatus.FAILED, Query.deleted_at.is_(None))
+    .values(
+        status=QueryStatus.PENDING,
+        error_code=None,
+        error_message=None,
+        finished_at=None,
+        lease_owner=None,
+        lease_expires_at=None,
+        next_attempt_at=func.now(),
+        updated_at=func.now(),
+    )
+    .returning(Query.user_id, Query.reserved_tokens)
+)
+
+
+async def requeue_failed(conn: asyncpg.Connection, query_id: uuid.UUID) -> RowLike | None:
+    """failed → pending, due now; `attempts` stays (it fences stale attempts and must never go back)."""
+    row: RowLike | None = await conn.fetchrow(_REQUEUE.sql, *_REQUEUE.args({"id": query_id}))
+    return row

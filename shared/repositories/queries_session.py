@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, case, delete, func, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.models import IdempotencyKey, Query, QueryStatus
+from shared.models import TERMINAL_STATUSES, IdempotencyKey, Query, QueryStatus
 from shared.repositories.queries_common import (
     CANCEL_REQUESTED,
     CANCELLED_CODE,
@@ -30,7 +30,7 @@ async def list_for_user(
     limit: int,
 ) -> list[RowLike]:
     """Newest first, keyset-paginated on (created_at, id)."""
-    stmt = select(*PUBLIC_COLUMNS).where(Query.user_id == user_id)
+    stmt = select(*PUBLIC_COLUMNS).where(Query.user_id == user_id, Query.deleted_at.is_(None))
     if status is not None:
         stmt = stmt.where(Query.status == status)
     if before is not None:
@@ -75,8 +75,11 @@ async def renew_leases(
     return {row[0]: bool(row[1]) for row in (await session.execute(stmt)).all()}
 
 
-async def reclaim_expired_leases(session: AsyncSession, max_attempts: int, stale: timedelta, limit: int) -> int:
-    """Running rows whose worker stopped renewing: back to pending, or to their end. Returns how many.
+async def reclaim_expired_leases(
+    session: AsyncSession, max_attempts: int, stale: timedelta, limit: int
+) -> list[tuple[uuid.UUID, QueryStatus]]:
+    """Running rows whose worker stopped renewing: back to pending, or to their end. Returns each with its
+    new status (the ended ones have a token reservation to settle).
 
     A row handed back is dated `stale` into the past, so the re-send step of the same sweep picks it up.
     """
@@ -111,10 +114,10 @@ async def reclaim_expired_leases(session: AsyncSession, max_attempts: int, stale
                 else_=Query.error_message,
             ),
         )
-        .returning(Query.id)
+        .returning(Query.id, Query.status)
         .execution_options(synchronize_session=False)
     )
-    return len((await session.execute(stmt)).all())
+    return [(row[0], QueryStatus(row[1])) for row in (await session.execute(stmt)).all()]
 
 
 async def lock_stale_pending(session: AsyncSession, stale: timedelta, limit: int) -> list[uuid.UUID]:
@@ -149,4 +152,16 @@ async def delete_expired_idempotency_keys(session: AsyncSession, limit: int) -> 
     )
     stmt = delete(IdempotencyKey).where(tuple_(IdempotencyKey.user_id, IdempotencyKey.key).in_(expired))
     result = await session.execute(stmt.returning(IdempotencyKey.key))
+    return len(result.all())
+
+
+async def purge_finished_before(session: AsyncSession, cutoff: datetime, limit: int) -> int:
+    """Delete up to `limit` terminal rows finished before `cutoff` (retention); returns how many."""
+    old = (
+        select(Query.id)
+        .where(Query.finished_at < cutoff, Query.status.in_([s.value for s in TERMINAL_STATUSES]))
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    result = await session.execute(delete(Query).where(Query.id.in_(old)).returning(Query.id))
     return len(result.all())

@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -21,10 +22,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.config import Settings
 from shared.errors import AppError, Conflict, InvalidInput, NotFound
+from shared.limits import Limiter, estimate_tokens
 from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.repositories import queries_asyncpg, queries_session
 from shared.repositories.queries_common import RowLike
 from shared.schemas import QueryAccepted, QueryCreate, QueryError, QueryOut, QueryPage, Usage
+from shared.services.limits import effective_limits
+
+log = logging.getLogger(__name__)
 
 
 def _invalid(field: str, message: str, code: str) -> InvalidInput:
@@ -93,12 +98,41 @@ def _new_query(settings: Settings, user_id: uuid.UUID, body: QueryCreate) -> tup
     return accepted, row
 
 
-async def submit_query(pool: asyncpg.Pool, settings: Settings, user_id: uuid.UUID, body: QueryCreate) -> QueryAccepted:
-    """Store a pending query in one autocommitted INSERT; the caller then enqueues its id."""
+async def _take_limits(
+    db: asyncpg.Pool | asyncpg.Connection,
+    settings: Settings,
+    limiter: Limiter,
+    user_id: uuid.UUID,
+    body: QueryCreate,
+    row: dict[str, Any],
+) -> dict[str, str]:
+    """Reserve the query's token estimate and take its rate and pending slots; the `RateLimit` headers."""
+    limits = await effective_limits(db, settings, user_id)
+    row["reserved_tokens"] = estimate_tokens(body.query, body.system, body.max_tokens, settings)
+    return await limiter.take_submit(user_id, row["id"], limits, row["reserved_tokens"])
+
+
+async def _give_back(limiter: Limiter, query_id: uuid.UUID) -> None:
+    """The row was not stored: release what was taken for it."""
+    await limiter.settle_quietly(query_id, 0)
+
+
+async def submit_query(
+    pool: asyncpg.Pool, settings: Settings, limiter: Limiter, user_id: uuid.UUID, body: QueryCreate
+) -> tuple[QueryAccepted, dict[str, str]]:
+    """Take the user's limits, then store a pending query in one autocommitted INSERT; the caller enqueues it.
+
+    Returns the 202 body and the `RateLimit` headers. A refusal stores nothing.
+    """
     accepted, row = _new_query(settings, user_id, body)
-    async with pool.acquire() as conn:
-        await queries_asyncpg.insert(conn, **row)
-    return accepted
+    headers = await _take_limits(pool, settings, limiter, user_id, body, row)
+    try:
+        async with pool.acquire() as conn:
+            await queries_asyncpg.insert(conn, **row)
+    except BaseException:
+        await _give_back(limiter, accepted.query_id)
+        raise
+    return accepted, headers
 
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -111,9 +145,10 @@ def request_fingerprint(body: QueryCreate) -> str:
 
 
 async def submit_query_once(
-    pool: asyncpg.Pool, settings: Settings, user_id: uuid.UUID, body: QueryCreate, key: str
-) -> tuple[QueryAccepted, bool]:
-    """Submit under an `Idempotency-Key` in one transaction; returns the response and whether it is a replay.
+    pool: asyncpg.Pool, settings: Settings, limiter: Limiter, user_id: uuid.UUID, body: QueryCreate, key: str
+) -> tuple[QueryAccepted, bool, dict[str, str]]:
+    """Submit under an `Idempotency-Key` in one transaction; returns the response, whether it is a replay and
+    the `RateLimit` headers (none for a replay, which takes no limits).
 
     The transaction is this function's own: it has committed when it returns, so the caller may publish.
     """
@@ -121,13 +156,26 @@ async def submit_query_once(
         raise AppError(
             "Idempotency-Key must be 1-255 visible ASCII characters", status_code=400, code="invalid_idempotency_key"
         )
-    async with pool.acquire() as conn, conn.transaction():
-        return await _submit_under_key(conn, settings, user_id, body, key)
+    taken: list[uuid.UUID] = []
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            return await _submit_under_key(conn, settings, limiter, user_id, body, key, taken)
+    except BaseException:
+        # Limits were taken but the transaction (and its row) did not commit.
+        for query_id in taken:
+            await _give_back(limiter, query_id)
+        raise
 
 
 async def _submit_under_key(
-    conn: asyncpg.Connection, settings: Settings, user_id: uuid.UUID, body: QueryCreate, key: str
-) -> tuple[QueryAccepted, bool]:
+    conn: asyncpg.Connection,
+    settings: Settings,
+    limiter: Limiter,
+    user_id: uuid.UUID,
+    body: QueryCreate,
+    key: str,
+    taken: list[uuid.UUID],
+) -> tuple[QueryAccepted, bool, dict[str, str]]:
     if not await queries_asyncpg.lock_idempotency_key(conn, user_id, key):
         raise Conflict("A request with this Idempotency-Key is still in progress", code="idempotency_key_in_use")
     fingerprint = request_fingerprint(body)
@@ -137,8 +185,10 @@ async def _submit_under_key(
             raise InvalidInput(
                 "This Idempotency-Key was used with a different request body", code="idempotency_key_reused"
             )
-        return QueryAccepted.model_validate(existing["response"]), True
+        return QueryAccepted.model_validate(existing["response"]), True, {}
     accepted, row = _new_query(settings, user_id, body)
+    headers = await _take_limits(conn, settings, limiter, user_id, body, row)
+    taken.append(accepted.query_id)
     await queries_asyncpg.insert(conn, **row)
     await queries_asyncpg.save_idempotency_key(
         conn,
@@ -149,7 +199,7 @@ async def _submit_under_key(
         response=accepted.model_dump(mode="json"),
         ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
     )
-    return accepted, False
+    return accepted, False, headers
 
 
 def _found(query: RowLike | None) -> RowLike:
@@ -245,16 +295,60 @@ def to_out(query: RowLike) -> QueryOut:
     )
 
 
-async def cancel_query(conn: asyncpg.Connection, user_id: uuid.UUID, query_id: uuid.UUID) -> RowLike:
+async def cancel_query(conn: asyncpg.Connection, limiter: Limiter, user_id: uuid.UUID, query_id: uuid.UUID) -> RowLike:
     """pending → cancelled now; running → cancel requested; terminal → 409; not the caller's → 404."""
     # A query can flip between pending and running (claim, retry) under us: try both transitions again then.
     for _ in range(3):
-        cancelled = await queries_asyncpg.cancel_pending(
-            conn, query_id, user_id
-        ) or await queries_asyncpg.request_cancel(conn, query_id, user_id)
+        cancelled = await queries_asyncpg.cancel_pending(conn, query_id, user_id)
         if cancelled is not None:
+            await limiter.settle_quietly(query_id, 0)
             return cancelled
+        requested = await queries_asyncpg.request_cancel(conn, query_id, user_id)
+        if requested is not None:
+            return requested
         query = _found(await queries_asyncpg.fetch_for_user(conn, query_id, user_id))
         if query["status"] in TERMINAL_STATUSES:
             raise Conflict(f"Query is already {query['status']}", code="query_not_cancellable")
     raise Conflict("Query is changing state; try again", code="query_busy")
+
+
+async def delete_query(conn: asyncpg.Connection, limiter: Limiter, user_id: uuid.UUID, query_id: uuid.UUID) -> None:
+    """Erase a query's prompt, system prompt, answer and metadata; its usage stays counted.
+
+    A pending query is cancelled first; a running one is refused (409 `query_running`: cancel it, then
+    delete), because its worker may still write the answer that is to be erased.
+    """
+    if await queries_asyncpg.cancel_pending(conn, query_id, user_id) is not None:
+        await limiter.settle_quietly(query_id, 0)
+    if await queries_asyncpg.erase(conn, query_id, user_id):
+        return
+    _found(await queries_asyncpg.fetch_for_user(conn, query_id, user_id))
+    raise Conflict("Query is running; cancel it, then delete it", code="query_running")
+
+
+async def admin_get_query(conn: asyncpg.Connection, admin_id: uuid.UUID, query_id: uuid.UUID) -> QueryOut:
+    """Any user's query, for an admin; the read is logged with the admin's id (never the prompt)."""
+    query = _found(await queries_asyncpg.fetch_any(conn, query_id))
+    log.info(
+        "admin read a query",
+        extra={"user_id": str(admin_id), "owner": str(query["user_id"]), "query_id": str(query_id)},
+    )
+    return to_out(query)
+
+
+async def requeue_query(
+    conn: asyncpg.Connection, settings: Settings, limiter: Limiter, query_id: uuid.UUID
+) -> QueryOut:
+    """failed → pending (an admin's requeue); 409 unless the query failed.
+
+    `attempts` is not reset: it is the fencing token of every attempt's writes and must never go back, so
+    the query gets one more attempt (requeue again if that fails). Its reservation is taken again without
+    limit checks, so the settle books its real usage against the owner's budget.
+    """
+    row = await queries_asyncpg.requeue_failed(conn, query_id)
+    if row is None:
+        query = _found(await queries_asyncpg.fetch_any(conn, query_id))
+        raise Conflict(f"Only a failed query can be requeued; this one is {query['status']}", code="query_not_failed")
+    limits = await effective_limits(conn, settings, row["user_id"])
+    await limiter.take_submit(row["user_id"], query_id, limits, row["reserved_tokens"] or 0, force=True)
+    return to_out(_found(await queries_asyncpg.fetch_any(conn, query_id)))

@@ -66,12 +66,18 @@ def test_scopes_read_only_key_gets_403_on_submit_and_cancel(client: httpx.Client
     assert client.post("/api/v1/query", json={"query": "y"}, headers=_bearer(write_only)).status_code == 202
 
 
-def test_keys_cannot_manage_keys_or_log_out(client: httpx.Client, user: dict[str, Any]) -> None:
+def test_keys_cannot_manage_keys_log_out_or_delete_the_account(client: httpx.Client, user: dict[str, Any]) -> None:
     key = _key(client, user)["key"]
-    for method, path in (("POST", "/api/v1/keys"), ("GET", "/api/v1/keys"), ("POST", "/api/v1/auth/logout")):
+    for method, path in (
+        ("POST", "/api/v1/keys"),
+        ("GET", "/api/v1/keys"),
+        ("POST", "/api/v1/auth/logout"),
+        ("DELETE", "/api/v1/users/me"),
+    ):
         r = client.request(method, path, headers=_bearer(key), json={"name": "x"} if path.endswith("keys") else None)
         assert r.status_code == 403, (path, r.text)
         assert r.json()["error"]["code"] == "access_token_required"
+    assert client.get("/api/v1/users/me", headers=user["headers"]).status_code == 200
 
 
 def test_revoked_key_stops_at_once_and_others_keys_are_404(client: httpx.Client, user: dict[str, Any]) -> None:

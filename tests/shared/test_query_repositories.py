@@ -227,7 +227,8 @@ async def test_the_sweeper_takes_back_an_expired_lease(
 ) -> None:
     expired = _running(repo_db, user_id, "now() - interval '1 second'", **sql)
 
-    assert await queries_session.reclaim_expired_leases(repo_session, MAX_ATTEMPTS, STALE, BATCH) >= 1
+    reclaimed = dict(await queries_session.reclaim_expired_leases(repo_session, MAX_ATTEMPTS, STALE, BATCH))
+    assert reclaimed[expired] == status
     await repo_session.commit()
 
     swept = _row(repo_db, expired)

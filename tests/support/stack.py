@@ -61,6 +61,15 @@ def stack_settings(database_url: str, redis_url: str, simulator_url: str) -> dic
         "SHUTDOWN_GRACE_SECONDS": "2",
         "WORKER_METRICS_PORT": str(free_port()),
         "LOG_LEVEL": "INFO",
+        # Limits on, but out of the way of tests that are not about them (tests/api/test_limits.py starts
+        # API processes with tight ones). uvicorn must not rewrite the client address: TRUSTED_PROXIES decides.
+        "LIMIT_REQUESTS_PER_MINUTE": "100000",
+        "LIMIT_MAX_PENDING": "100000",
+        "LIMIT_TOKEN_BUDGET": "1000000000",
+        "REGISTER_PER_HOUR": "100000",
+        "LOGIN_MAX_FAILURES": "1000",
+        "LOGIN_ADDRESS_MAX_FAILURES": "1000",
+        "FORWARDED_ALLOW_IPS": "",
     }
 
 

@@ -1,0 +1,49 @@
+"""Usage: the caller's queries and tokens; admins may ask about any user."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+from fastapi.responses import Response
+
+from api.deps import AutocommitSessionDep, CurrentUserId, RedisDep, SessionDep, SessionUserId, SettingsDep
+from api.errors import error_responses
+from shared.errors import Forbidden
+from shared.limits import limiter_for
+from shared.models import Role
+from shared.repositories import users as users_repo
+from shared.schemas import UsageReport
+from shared.services import accounts
+from shared.services.usage import GroupBy, usage_report
+
+router = APIRouter(tags=["usage"])
+
+
+@router.get("/usage", response_model=UsageReport, responses=error_responses(401, 403, 404, 422))
+async def usage(
+    user_id: CurrentUserId,
+    session: AutocommitSessionDep,
+    start: Annotated[datetime | None, Query(alias="from", description="Inclusive; default: `to` - 30 days")] = None,
+    end: Annotated[datetime | None, Query(alias="to", description="Exclusive; default: now")] = None,
+    group_by: GroupBy = "day",
+    of_user: Annotated[uuid.UUID | None, Query(alias="user_id", description="Admins only: another user")] = None,
+) -> UsageReport:
+    """Queries and tokens (prompt, completion, total; reserved vs used) per UTC day or per model."""
+    if of_user is not None and of_user != user_id:
+        caller = await users_repo.by_id(session, user_id)
+        if caller is None or caller.disabled_at is not None or caller.role != Role.ADMIN:
+            raise Forbidden("Reading another user's usage needs the admin role", code="admin_required")
+        return await usage_report(session, of_user, start, end, group_by, check_user=True)
+    return await usage_report(session, user_id, start, end, group_by)
+
+
+@router.delete(
+    "/users/me", status_code=status.HTTP_204_NO_CONTENT, tags=["users"], responses=error_responses(401, 403, 404, 503)
+)
+async def delete_me(user_id: SessionUserId, session: SessionDep, redis: RedisDep, settings: SettingsDep) -> Response:
+    """Delete your account and erase all its queries. Irreversible; an access token only, never an API key."""
+    await accounts.delete_account(session, limiter_for(redis, settings), user_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,20 @@
+import uuid
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, func
+from sqlalchemy.orm import Mapped, mapped_column
+
+from shared.models.base import Base
+
+
+class UserLimits(Base):
+    """An admin's overrides of one user's submit limits; a NULL column means the Settings default."""
+
+    __tablename__ = "user_limits"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    requests_per_minute: Mapped[int | None]
+    max_pending: Mapped[int | None]
+    token_budget: Mapped[int | None]
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_by: Mapped[uuid.UUID | None]
