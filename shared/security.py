@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -53,8 +54,10 @@ def issue_token(
     settings: Settings, user_id: uuid.UUID, kind: TokenKind, family_id: uuid.UUID | None = None
 ) -> tuple[str, TokenClaims]:
     """Sign a token of the given kind; returns it with the claims worth storing."""
-    # Whole seconds: `iat` is compared with a user's revocation instant, which must not fall inside a second.
-    now = datetime.now(UTC).replace(microsecond=0)
+    # `iat` is compared with a user's revocation instant (`sessions_valid_after`), so it keeps milliseconds
+    # (RFC 7519 allows a fractional NumericDate), floored: a token issued in the same second as a disable
+    # is told apart from one issued just after a re-enable. `exp` and `nbf` stay whole seconds.
+    now = datetime.fromtimestamp(math.floor(datetime.now(UTC).timestamp() * 1000) / 1000, UTC)
     ttl = settings.access_token_ttl_seconds if kind == "access" else settings.refresh_token_ttl_seconds
     claims = TokenClaims(
         user_id=user_id,
@@ -67,7 +70,7 @@ def issue_token(
         "sub": str(user_id),
         "iss": settings.jwt_issuer,
         "aud": settings.jwt_audience,
-        "iat": now,
+        "iat": now.timestamp(),
         "nbf": now,
         "exp": claims.expires_at,
         "jti": str(claims.jti),
