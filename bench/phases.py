@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.context import RunContext
+from bench.measures.limits import measure_limits_cost
 from bench.measures.m1 import measure_m1, measure_m1_api_only
 from bench.measures.m2 import measure_m2
 from bench.measures.m3 import measure_m3
@@ -58,6 +59,8 @@ def run_aiq(ctx: RunContext) -> dict[str, Any]:
     warm_up(ctx, aiq)
     a: dict[str, Any] = {}
     a["m1"] = measure_m1(ctx, aiq, plan.aiq_m1_rates)
+    # Half of the M1 maximum: a load the API serves comfortably, so CPU per request is not inflated by queueing.
+    a["limits_cost"] = measure_limits_cost(ctx, aiq, max(100, round(0.5 * (a["m1"]["max_rps"] or 200) / 50) * 50))
     # Still to come after the optional phases: M4, M2, M5, M3 (about 150 s in the full run).
     if not plan.quick and ctx.clock.allows(200, "the API-only M1 sweep"):
         a["m1_api_only"] = measure_m1_api_only(ctx, aiq, a["m1"]["max_rps"] or 100)

@@ -97,6 +97,11 @@ def _aiq_headline(a: dict[str, Any]) -> dict[str, Any]:
         j[f"{phase}_cpu_ms_per_request"] = top_cpu.get("all_ms")
         j[f"{phase}_cpu_ms_per_request_api_path"] = top_cpu.get("request_path_ms")
         j[f"{phase}_cpu_bound_capacity_rps"] = top_cpu.get("cpu_bound_capacity_rps")
+    if a.get("limits_cost"):
+        lc = a["limits_cost"]
+        j["limits_submit_cpu_ms_on"] = lc["on"]["request_path_ms"]
+        j["limits_submit_cpu_ms_off"] = lc["off"]["request_path_ms"]
+        j["limits_submit_cpu_ms_added"] = lc["added_request_path_ms"]
     if a.get("m1_api_only"):
         j["m1_submit_rps_api_only"] = a["m1_api_only"]["max_rps"]
         j["m1_submit_p99_ms_api_only"] = a["m1_api_only"]["p99_ms"]
@@ -300,6 +305,14 @@ def table(j: dict[str, Any], details: dict[str, Any]) -> str:
             "-",
             fmt(j.get("m4_cpu_ms_per_query_naive")),
             fmt(j.get("m4_cpu_ms_per_query")),
+            "report",
+            None,
+        ),
+        (
+            "Submit CPU-ms/request, limits on / off",
+            "-",
+            "-",
+            f"{fmt(j.get('limits_submit_cpu_ms_on'))} / {fmt(j.get('limits_submit_cpu_ms_off'))}",
             "report",
             None,
         ),

@@ -88,6 +88,8 @@ class System:
     queue: str
     redis_url: str
     token_by_user: dict[str, str] = field(default_factory=dict)
+    # Users whose submit limits an admin switched off (AIQ only): the baseline of the limits-cost measure.
+    unlimited_tokens: list[str] = field(default_factory=list)
 
     def submit_spec(
         self, rate: float, duration: float | None = None, count: int | None = None, **kw: Any
@@ -276,6 +278,12 @@ def start_aiq(
         "ACCESS_TOKEN_TTL_SECONDS": "7200",
         "WORKER_METRICS_PORT": str(free_port()),
         "PYTHONUNBUFFERED": "1",
+        # Limits on, but far above any load here: every submit pays for the check and none is refused.
+        "LIMIT_REQUESTS_PER_MINUTE": str(10**9),
+        "LIMIT_MAX_PENDING": str(10**9),
+        "LIMIT_TOKEN_BUDGET": str(10**15),
+        # Setup registers its users from one address; repeated runs within the hour must not be throttled.
+        "REGISTER_PER_HOUR": "0",
     }
     for key in ("PROMETHEUS_MULTIPROC_DIR", "WORKER_CONCURRENCY", "LOG_LEVEL", "DB_POOL_SIZE", "DB_MAX_OVERFLOW"):
         env.pop(key, None)
@@ -294,16 +302,30 @@ def start_aiq(
     wait_api(port, "/readyz", api)
     wait_http(f"http://127.0.0.1:{env['WORKER_METRICS_PORT']}/healthz", workers[0], timeout=90)
     base = f"http://127.0.0.1:{port}/api/v1"
-    tokens, by_user = [], {}
-    for _ in range(USERS):
-        email = f"bench-{uuid.uuid4().hex[:10]}@example.com"
-        password = "bench password 0123456789"  # noqa: S105
-        http_json("POST", f"{base}/auth/register", {"email": email, "password": password})
-        tok = http_json("POST", f"{base}/auth/login", {"email": email, "password": password})["access_token"]
-        me = http_json("GET", f"{base}/users/me", headers={"Authorization": f"Bearer {tok}"})
-        tokens.append(tok)
-        by_user[me["id"]] = tok
-    return System("aiq", port, api, workers, db_url, "queries", tokens, queue, servers.redis, by_user)
+    by_user = {uid: tok for uid, tok in (_new_user(base) for _ in range(USERS))}
+    unlimited = dict(_new_user(base) for _ in range(USERS))
+    # An admin's override of 0 switches all three limits off for these users (as PUT .../limits would).
+    with contextlib.closing(pg(db_url)) as conn, conn.cursor() as cur:
+        for uid in unlimited:
+            cur.execute(
+                "INSERT INTO user_limits (user_id, requests_per_minute, max_pending, token_budget)"
+                " VALUES (%s, 0, 0, 0)",
+                (uid,),
+            )
+    tokens = list(by_user.values())
+    return System(
+        "aiq", port, api, workers, db_url, "queries", tokens, queue, servers.redis, by_user, list(unlimited.values())
+    )
+
+
+def _new_user(base: str) -> tuple[str, str]:
+    """Register and log in a fresh user; their id and access token."""
+    email = f"bench-{uuid.uuid4().hex[:10]}@example.com"
+    password = "bench password 0123456789"  # noqa: S105
+    http_json("POST", f"{base}/auth/register", {"email": email, "password": password})
+    tok = http_json("POST", f"{base}/auth/login", {"email": email, "password": password})["access_token"]
+    me = http_json("GET", f"{base}/users/me", headers={"Authorization": f"Bearer {tok}"})
+    return me["id"], tok
 
 
 def start_naive(launcher: Launcher, servers: Servers, sim: Simulator, layout: Layout) -> System:

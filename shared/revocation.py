@@ -56,7 +56,7 @@ class UserState:
         if self.disabled:
             return DISABLED.decode()
         after = self.sessions_valid_after.timestamp() if self.sessions_valid_after else 0
-        return f"ok:{after:.0f}"
+        return f"ok:{after:.6f}"
 
     @classmethod
     def decode(cls, raw: bytes) -> UserState:

@@ -104,7 +104,8 @@ def test_disabling_revokes_tokens_and_keys_at_once_and_enabling_restores_login(
     login = client.post("/api/v1/auth/login", json={"email": user["email"], "password": TEST_PASSWORD})
     assert login.status_code == 200
     fresh = {"Authorization": f"Bearer {login.json()['access_token']}"}
-    assert client.get("/api/v1/users/me", headers=fresh).status_code == 200
+    me = client.get("/api/v1/users/me", headers=fresh)
+    assert me.status_code == 200, me.text
     # Keys survive a suspension; the tokens from before it stay dead.
     assert client.get("/api/v1/query", headers=key_headers).status_code == 200
     assert client.get("/api/v1/users/me", headers=user["headers"]).json()["error"]["code"] == "token_revoked"
