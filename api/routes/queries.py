@@ -10,6 +10,7 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
 from api.deps import ConnectionDep, CurrentUserId, PoolDep, PublisherDep, ReadSessionDep, SettingsDep
+from api.errors import error_responses
 from api.middleware import mark_long_request
 from shared.metrics import QUERIES_SUBMITTED
 from shared.models import QueryStatus
@@ -22,7 +23,13 @@ MAX_WAIT_SECONDS = 30.0
 log = logging.getLogger(__name__)
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=QueryAccepted)
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=QueryAccepted,
+    summary="Submit a query",
+    responses=error_responses(400, 401, 409, 413, 415, 422, 503),
+)
 async def submit(
     body: QueryCreate,
     response: Response,
@@ -61,7 +68,12 @@ async def submit(
     return accepted
 
 
-@router.get("/{query_id}", response_model=QueryOut)
+@router.get(
+    "/{query_id}",
+    response_model=QueryOut,
+    summary="Get a query (optionally long-poll for its answer)",
+    responses=error_responses(401, 404, 422, 503),
+)
 async def get(
     query_id: uuid.UUID,
     request: Request,
@@ -86,7 +98,11 @@ async def get(
 @router.post(
     "/{query_id}/cancel",
     response_model=QueryOut,
-    responses={202: {"model": QueryOut, "description": "Running: the worker is stopping the call"}},
+    summary="Cancel a query",
+    responses={
+        202: {"model": QueryOut, "description": "Running: the worker is stopping the call"},
+        **error_responses(401, 404, 409, 422, 503),
+    },
 )
 async def cancel(query_id: uuid.UUID, user_id: CurrentUserId, conn: ConnectionDep) -> JSONResponse:
     """Cancel: a pending query ends at once (200); a running one stops shortly (202); a finished one is 409."""
@@ -95,7 +111,7 @@ async def cancel(query_id: uuid.UUID, user_id: CurrentUserId, conn: ConnectionDe
     return JSONResponse(service.to_out(query).model_dump(mode="json"), status_code=code)
 
 
-@router.get("", response_model=QueryPage)
+@router.get("", response_model=QueryPage, summary="List your queries", responses=error_responses(401, 422, 503))
 async def list_(
     user_id: CurrentUserId,
     session: ReadSessionDep,
