@@ -56,12 +56,14 @@ bench-quick: $(STAMP) ## short benchmark for a smoke check (under 3 minutes)
 chaos: $(STAMP) ## fault-injection run (kills, restarts, LLM faults) on its own servers, 6-8 minutes
 	$(BIN)/python -m bench.chaos.run
 
-# Best effort: the ops tests use docker-compose (config validation) and promtool when present and
-# skip otherwise, so a failed install must not fail the build. Only root on apt systems tries.
-tools: ## install docker-compose and prometheus (promtool) via apt when root and missing
+# Best effort: the ops tests use docker-compose (config validation) and promtool, the /docs browser test
+# chromium and chromedriver, when present and skip otherwise, so a failed install must not fail the build. Only root on apt systems tries.
+tools: ## install docker-compose, prometheus (promtool), chromium and chromedriver via apt when root and missing
 	@missing=""; \
 	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
 		echo "tools: missing$$missing (not root or no apt-get); the tests that need them will skip"; exit 0; fi; \

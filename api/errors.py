@@ -62,9 +62,48 @@ def error_response(
     return JSONResponse({"error": body}, status_code=status_code, headers=headers)
 
 
+# Pydantic messages of these types quote the input (a UUID parser names the bad character, an email
+# validator the bad part): say what was expected instead.
+_FIXED_MESSAGES = {
+    "uuid_parsing": "Input should be a valid UUID",
+    "uuid_type": "Input should be a valid UUID",
+    "uuid_version": "Input should be a valid UUID",
+    "value_error": "Value is not valid",
+    "assertion_error": "Value is not valid",
+    "json_invalid": "Request body is not valid JSON",
+}
+# Object keys the client chose (an unknown field, a metadata key) can appear in `loc`: bounded, not dropped.
+_MAX_LOC_PART = 64
+
+
+def _loc_part(part: Any) -> str | int:
+    if isinstance(part, int):
+        return part
+    text = str(part)
+    return text if len(text) <= _MAX_LOC_PART else text[: _MAX_LOC_PART - 1] + "…"
+
+
+def safe_message(error_type: str, msg: str, value: Any) -> str:
+    """A validation message that never echoes the client's input."""
+    if error_type in _FIXED_MESSAGES:
+        return _FIXED_MESSAGES[error_type]
+    quotable = isinstance(value, str | int | float) and not isinstance(value, bool) and len(str(value)) >= 3
+    if quotable and str(value) in msg:
+        return "Value is not valid"
+    return msg
+
+
 def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
-    # `input` and `ctx` can echo the request body (passwords, prompts): leave them out.
-    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+    # `input` and `ctx` can echo the request body (passwords, prompts): leave them out, and the message too
+    # where it quotes the input.
+    return [
+        {
+            "loc": [_loc_part(p) for p in e.get("loc", ())],
+            "msg": safe_message(str(e.get("type", "")), str(e.get("msg", "")), e.get("input")),
+            "type": e.get("type", ""),
+        }
+        for e in exc.errors()
+    ]
 
 
 async def _app_error(_: Request, exc: Exception) -> JSONResponse:

@@ -8,8 +8,11 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI
 
+from api.docs import install_docs
 from api.errors import install_error_handlers
-from api.middleware import MetricsMiddleware, RequestIdMiddleware
+from api.metrics_server import MetricsServer
+from api.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
+from api.openapi import install_openapi
 from api.routes import admin, auth, health, keys, limits, queries, usage
 from shared.config import Settings, get_settings
 from shared.db import make_engine, make_raw_pool, make_sessionmaker
@@ -35,9 +38,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         collector = register_queue_collector(
             lambda: stats.depth, lambda: stats.oldest_pending_age, lambda: stats.counts, queue=settings.queue_name
         )
+        metrics_server = None
+        if settings.api_metrics_port:
+            metrics_server = MetricsServer(app, settings.api_metrics_host, settings.api_metrics_port)
+            await metrics_server.start()
         try:
             yield
         finally:
+            if metrics_server is not None:
+                await metrics_server.stop()
             unregister_collector(collector)
             await app.state.publisher.aclose()
             await app.state.raw_pool.close()
@@ -49,9 +58,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Queue-backed AI queries: submit, get an id at once, poll for the answer.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     install_error_handlers(app)
+    install_docs(app)
     v1 = APIRouter(prefix="/api/v1")
     v1.include_router(auth.router)
     v1.include_router(queries.router)
@@ -61,8 +73,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(limits.router)
     app.include_router(v1)
     app.include_router(health.router)
-    # Outermost last: the request id must be set before metrics and handlers run.
+    install_openapi(app)
+    # Outermost last: the request id must be set before metrics and handlers run; the body limit answers
+    # before any parser; every answer, the limit's own included, gets the security headers.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app
 

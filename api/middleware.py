@@ -1,4 +1,4 @@
-"""Pure ASGI middlewares for request metrics and request ids.
+"""Pure ASGI middlewares: request metrics, request ids, the body limit and content type, security headers.
 
 Pure ASGI rather than `BaseHTTPMiddleware`: the latter wraps every request in extra tasks and memory
 streams, which costs real throughput at the API's >1,000 req/s target and breaks streaming responses.
@@ -12,18 +12,23 @@ import uuid
 from collections.abc import MutableMapping
 from typing import Any
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import internal_error
+from api.errors import error_response, internal_error
 from shared.logging import request_id_var
 from shared.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
 
 __all__ = [
+    "DOCS_CSP",
     "LONG_REQUEST_SCOPE_KEY",
     "REQUEST_ID_HEADER",
     "UNMATCHED_ROUTE",
+    "BodyLimitMiddleware",
     "MetricsMiddleware",
     "RequestIdMiddleware",
+    "SecurityHeadersMiddleware",
     "mark_long_request",
     "request_id_var",
 ]
@@ -154,3 +159,139 @@ class RequestIdMiddleware:
             await internal_error(exc)(scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive` once a body passes the limit; FastAPI re-raises HTTPExceptions from body parsing."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"Request body is larger than {limit} bytes")
+
+
+# Bodies these paths accept besides JSON: the OAuth2 password form of Swagger's Authorize dialog.
+FORM_PATHS = frozenset({"/api/v1/auth/login"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def _is_form(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media in (b"application/x-www-form-urlencoded", b"multipart/form-data")
+
+
+class BodyLimitMiddleware:
+    """The edge of every request body, before any parser sees it.
+
+    - A declared `Content-Length` over `max_bytes` is a 413 at once, without reading the body.
+    - A body without one (chunked) is counted as it arrives; the chunk that passes the limit is a 413, so
+      no more than `max_bytes` is ever buffered.
+    - A non-empty body that is not JSON (`application/json` or `application/*+json`) is a 415
+      `unsupported_media_type`; only the login route also takes the OAuth2 form.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        length: int | None = None
+        chunked = False
+        content_type = b""
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    length = None
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"content-type":
+                content_type = value
+        if length is not None and length > self.max_bytes:
+            # Answered without reading the body; uvicorn closes the connection if the client keeps sending.
+            await _error_response(BodyTooLarge(self.max_bytes))(scope, receive, send)
+            return
+        has_body = chunked or bool(length)
+        if has_body and not _is_json(content_type) and not (scope["path"] in FORM_PATHS and _is_form(content_type)):
+            error = StarletteHTTPException(415, "Send the request body as JSON with Content-Type: application/json")
+            await _error_response(error)(scope, receive, send)
+            return
+
+        received = 0
+        limit = self.max_bytes
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge as exc:
+            # Raised where no handler turned it into a response (a parser outside FastAPI's body reading).
+            if started:
+                raise
+            await _error_response(exc)(scope, receive, send)
+
+
+def _error_response(exc: StarletteHTTPException) -> Response:
+    code = "payload_too_large" if exc.status_code == 413 else "unsupported_media_type"
+    return error_response(exc.status_code, code, str(exc.detail))
+
+
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+# The docs pages load their scripts and styles from this server only (api/static/); Swagger UI and ReDoc
+# set inline styles, ReDoc runs its search in a blob: worker, both draw icons from data: URIs.
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "font-src 'self'; connect-src 'self'; worker-src 'self' blob:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+_HTML_HEADERS = (
+    (b"content-security-policy", DOCS_CSP.encode("ascii")),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+)
+_SECURITY_HEADER_NAMES = frozenset({NOSNIFF[0], *(name for name, _ in _HTML_HEADERS)})
+
+
+class SecurityHeadersMiddleware:
+    """`X-Content-Type-Options: nosniff` on every response; HTML also gets a CSP, frame and referrer protection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in _SECURITY_HEADER_NAMES]
+                headers.append(NOSNIFF)
+                if any(k.lower() == b"content-type" and v.startswith(b"text/html") for k, v in headers):
+                    headers.extend(_HTML_HEADERS)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

@@ -277,6 +277,8 @@ def start_aiq(
         "BCRYPT_ROUNDS": "4",
         "ACCESS_TOKEN_TTL_SECONDS": "7200",
         "WORKER_METRICS_PORT": str(free_port()),
+        # Its own port, shared by this run's API processes (SO_REUSEPORT), never another stack's default.
+        "API_METRICS_PORT": str(free_port()),
         "PYTHONUNBUFFERED": "1",
         # Limits on, but far above any load here: every submit pays for the check and none is refused.
         "LIMIT_REQUESTS_PER_MINUTE": str(10**9),

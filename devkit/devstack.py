@@ -238,8 +238,9 @@ class _Dev:
         self.state.mkdir(exist_ok=True)
         self.set_default("ENVIRONMENT", "development")
         self.set_default("JWT_SECRET_KEY", dev_secret(self.state))
-        # Containers need the worker's metrics on every interface; a developer's machine does not.
+        # Containers need the metrics servers on every interface; a developer's machine does not.
         self.set_default("WORKER_METRICS_HOST", "127.0.0.1")
+        self.set_default("API_METRICS_HOST", "127.0.0.1")
         if not self._ports_free():
             return 1
 
@@ -302,6 +303,8 @@ class _Dev:
             wanted["--prometheus-port"] = args.prometheus_port
         if self._metrics_port().isdigit():
             wanted["WORKER_METRICS_PORT"] = int(self._metrics_port())
+        if self._api_metrics_port().isdigit():
+            wanted["API_METRICS_PORT"] = int(self._api_metrics_port())
         busy = {name: port for name, port in wanted.items() if not _port_free(port)}
         for name, port in busy.items():
             self.say(f"port {port} is already in use (another `make dev`?); pick another with {name}")
@@ -319,7 +322,7 @@ class _Dev:
         config = home / "prometheus.yml"
         config.write_text(
             prometheus_config(
-                f"127.0.0.1:{self.args.api_port}",
+                f"127.0.0.1:{self._api_metrics_port()}",
                 f"127.0.0.1:{self._metrics_port()}",
                 self.root / "monitoring" / "alerts.yml",
             )
@@ -336,6 +339,9 @@ class _Dev:
 
     def _metrics_port(self) -> str:
         return self.seen.get("WORKER_METRICS_PORT") or "9540"
+
+    def _api_metrics_port(self) -> str:
+        return self.seen.get("API_METRICS_PORT") or "9541"
 
     def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> bool:
         """Poll `ready()` until true; False on timeout, a stop request or a dead child."""
@@ -363,7 +369,11 @@ class _Dev:
         rows = [
             ("API", api),
             ("Docs", f"{api}/docs"),
-            ("Metrics", f"{api}/metrics (API), http://127.0.0.1:{metrics_port}/metrics (worker)"),
+            (
+                "Metrics",
+                f"http://127.0.0.1:{self._api_metrics_port()}/metrics (API), "
+                f"http://127.0.0.1:{metrics_port}/metrics (worker)",
+            ),
         ]
         if not args.no_flower:
             rows.append(("Flower", f"http://127.0.0.1:{args.flower_port}"))

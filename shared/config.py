@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     worker_metrics_host: str = "0.0.0.0"
     worker_send_task_events: bool = False
 
+    # The edge (issue 10.7/10.8): request bodies are refused (413) above this many bytes before they are
+    # parsed; the API's Prometheus /metrics is served on this port only (never on the public API port),
+    # 0 turns it off.
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    api_metrics_port: int = Field(default=9541, ge=0, le=65535)
+    api_metrics_host: str = "0.0.0.0"
+
     jwt_secret_key: SecretStr = SecretStr("")
     # Still accepted for verification (never for signing) while tokens signed with them may be alive.
     jwt_previous_secret_keys: Annotated[list[SecretStr], NoDecode] = []

@@ -16,12 +16,24 @@ class StrictBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Request examples are what Swagger UI's "Try it out" sends: each must succeed as it stands.
+_PASSPHRASE_EXAMPLE = "correct horse battery staple, 2026"  # noqa: S105 - a documentation example
+
+
 class Credentials(StrictBody):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"email": "ada@example.com", "password": _PASSPHRASE_EXAMPLE}]}
+    )
+
     email: EmailStr
     password: str = Field(min_length=1, max_length=1024)
 
 
 class Registration(StrictBody):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"email": "ada@example.com", "password": _PASSPHRASE_EXAMPLE}]}
+    )
+
     email: EmailStr
     password: str = Field(
         min_length=1,
@@ -97,7 +109,20 @@ class AdminUserPage(BaseModel):
 
 
 class QueryCreate(StrictBody):
-    query: str = Field(min_length=1, description="The user prompt; bounded by MAX_QUERY_CHARS")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "query": "Explain in two sentences what an idempotency key is.",
+                    "max_tokens": 200,
+                    "metadata": {"ticket": "T-1042"},
+                }
+            ]
+        }
+    )
+
+    # No min_length here: an empty and a blank query are both refused as `query_blank` (shared/services).
+    query: str = Field(description="The user prompt, not blank; bounded by MAX_QUERY_CHARS")
     model: str | None = Field(default=None, max_length=200, description="Defaults to DEFAULT_MODEL")
     system: str | None = Field(default=None, description="Optional system prompt; bounded by MAX_QUERY_CHARS")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -134,7 +159,7 @@ class QueryOut(BaseModel):
     metadata: dict[str, Any] | None
     response: str | None
     error: QueryError | None
-    usage: Usage
+    usage: Usage | None = Field(description="Token counts once the model answered; null until then and when it did not")
     attempts: int
     cancel_requested: bool = Field(description="A cancel was asked for; a running query ends cancelled shortly")
     created_at: datetime

@@ -1,4 +1,4 @@
-"""Liveness, readiness and metrics."""
+"""Liveness and readiness (public port); metrics (`metrics_router`, served on API_METRICS_PORT only)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from shared.metrics import render_metrics
 from shared.repositories import queries_session
 
 router = APIRouter(tags=["operations"])
+# Not part of the public app: api/metrics_server.py serves it on its own port.
+metrics_router = APIRouter()
 log = logging.getLogger(__name__)
 CHECK_TIMEOUT_SECONDS = 2.0
 
 
-@router.get("/healthz")
+@router.get("/healthz", summary="Liveness")
 async def healthz() -> dict[str, str]:
     """The process is alive."""
     return {"status": "ok"}
@@ -33,7 +35,11 @@ async def _ok(check: Awaitable[object]) -> bool:
     return True
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    summary="Readiness",
+    responses={503: {"description": "The database or the broker is unreachable (same body, status `unavailable`)"}},
+)
 async def readyz(session: AutocommitSessionDep, redis: RedisDep) -> JSONResponse:
     """Database and broker both reachable."""
     # The session connects on its first statement, inside the guard: a dead database means "down", not 503.
@@ -45,7 +51,7 @@ async def readyz(session: AutocommitSessionDep, redis: RedisDep) -> JSONResponse
     )
 
 
-@router.get("/metrics", include_in_schema=False)
+@metrics_router.get("/metrics", include_in_schema=False)
 async def metrics(
     session: AutocommitSessionDep, redis: RedisDep, settings: SettingsDep, stats: QueueStatsDep
 ) -> Response:

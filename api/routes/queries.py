@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=QueryAccepted,
-    responses=error_responses(400, 401, 409, 422, 429, 503),
+    summary="Submit a query",
+    responses=error_responses(400, 401, 409, 413, 415, 422, 429, 503),
 )
 async def submit(
     body: QueryCreate,
@@ -73,7 +74,12 @@ async def submit(
     return accepted
 
 
-@router.get("/{query_id}", response_model=QueryOut)
+@router.get(
+    "/{query_id}",
+    response_model=QueryOut,
+    summary="Get a query (optionally long-poll for its answer)",
+    responses=error_responses(401, 404, 422, 503),
+)
 async def get(
     query_id: uuid.UUID,
     request: Request,
@@ -98,7 +104,11 @@ async def get(
 @router.post(
     "/{query_id}/cancel",
     response_model=QueryOut,
-    responses={202: {"model": QueryOut, "description": "Running: the worker is stopping the call"}},
+    summary="Cancel a query",
+    responses={
+        202: {"model": QueryOut, "description": "Running: the worker is stopping the call"},
+        **error_responses(401, 404, 409, 422, 503),
+    },
 )
 async def cancel(
     query_id: uuid.UUID, user_id: CurrentUserId, conn: ConnectionDep, redis: RedisDep, settings: SettingsDep
@@ -110,7 +120,10 @@ async def cancel(
 
 
 @router.delete(
-    "/{query_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(401, 404, 409, 422, 503)
+    "/{query_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a query's text",
+    responses=error_responses(401, 404, 409, 422, 503),
 )
 async def delete(
     query_id: uuid.UUID, user_id: CurrentUserId, conn: ConnectionDep, redis: RedisDep, settings: SettingsDep
@@ -121,7 +134,7 @@ async def delete(
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("", response_model=QueryPage)
+@router.get("", response_model=QueryPage, summary="List your queries", responses=error_responses(401, 422, 503))
 async def list_(
     user_id: CurrentUserId,
     session: AutocommitSessionDep,

@@ -56,6 +56,7 @@ STRIPPED_ENV = (
     "OPENAI_BASE_URL",
     "QUEUE_NAME",
     "WORKER_METRICS_PORT",
+    "API_METRICS_PORT",
 )
 
 
@@ -171,6 +172,14 @@ class ChaosConfig:
             "SWEEP_INTERVAL_SECONDS": str(self.sweep_interval_seconds),
             "STALE_PENDING_SECONDS": str(self.stale_pending_seconds),
             "SHUTDOWN_GRACE_SECONDS": str(self.shutdown_grace_seconds),
+            # Nothing here scrapes the API; its metrics port would clash between stacks on one host.
+            "API_METRICS_PORT": "0",
+            # Limits on (the settle path runs under the faults too) but above this load; the harness's users
+            # register from one address.
+            "LIMIT_REQUESTS_PER_MINUTE": str(10**9),
+            "LIMIT_MAX_PENDING": str(10**9),
+            "LIMIT_TOKEN_BUDGET": str(10**15),
+            "REGISTER_PER_HOUR": "0",
             "PYTHONUNBUFFERED": "1",
         }
         env.update(self.extra_env)

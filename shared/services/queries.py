@@ -50,11 +50,9 @@ def validate_submission(settings: Settings, body: QueryCreate) -> str:
     """Checks that depend on configuration; returns the model to use."""
     model = body.model or settings.default_model
     if model not in settings.allowed_models:
-        raise _invalid(
-            "model", f"Model {model!r} is not allowed; choose one of {settings.allowed_models}", "model_not_allowed"
-        )
+        raise _invalid("model", f"Model is not allowed; choose one of {settings.allowed_models}", "model_not_allowed")
     if not body.query.strip():
-        raise _invalid("query", "Query must not be blank", "query_blank")
+        raise _invalid("query", "Query must not be empty or blank", "query_blank")
     # PostgreSQL text and jsonb cannot hold U+0000: refuse it here rather than fail the INSERT.
     for field, value in (("query", body.query), ("system", body.system), ("metadata", body.metadata)):
         if _has_nul(value):
@@ -282,11 +280,14 @@ def to_out(query: RowLike) -> QueryOut:
         metadata=query["meta"],
         response=query["response"],
         error=QueryError(code=code, message=query["error_message"] or "") if code else None,
+        # An object of nulls says nothing: usage is null until (and unless) the model reported it.
         usage=Usage(
             prompt_tokens=query["prompt_tokens"],
             completion_tokens=query["completion_tokens"],
             total_tokens=query["total_tokens"],
-        ),
+        )
+        if query["total_tokens"] is not None or query["prompt_tokens"] is not None
+        else None,
         attempts=query["attempts"],
         cancel_requested=query["cancel_requested_at"] is not None,
         created_at=query["created_at"],

@@ -216,10 +216,11 @@ def test_compose_secrets_come_from_the_environment() -> None:
 # Settings compose decides itself; every other one is a bare `NAME:` that passes the host's value through.
 COMPOSE_SET_SETTINGS = {
     "ENVIRONMENT", "DATABASE_URL", "REDIS_URL", "OPENAI_BASE_URL", "OPENAI_API_KEY", "JWT_SECRET_KEY",
-    "WORKER_METRICS_PORT",
+    "WORKER_METRICS_PORT", "API_METRICS_PORT",
 }  # fmt: skip
-# Only the worker serves WORKER_METRICS_PORT, pinned to 9540 (Prometheus and the image's HEALTHCHECK use it).
-NOT_FOR_SERVICE = {"api": {"WORKER_METRICS_PORT"}, "worker": set[str]()}
+# Only the worker serves WORKER_METRICS_PORT, pinned to 9540 (Prometheus and the image's HEALTHCHECK use it);
+# only the API serves API_METRICS_PORT, pinned to 9541 (Prometheus scrapes it).
+NOT_FOR_SERVICE = {"api": {"WORKER_METRICS_PORT"}, "worker": {"API_METRICS_PORT"}}
 
 
 def setting_names() -> set[str]:
@@ -240,6 +241,10 @@ def test_compose_reaches_every_setting(name: str) -> None:
     if name == "worker":
         assert env["WORKER_METRICS_PORT"] == "9540"
         assert service(name)["expose"] == ["9540"]
+    if name == "api":
+        assert env["API_METRICS_PORT"] == "9541"
+        assert service(name)["expose"] == ["9541"]
+        assert all("9541" not in str(p) for p in service(name)["ports"]), "metrics must not be published"
 
 
 def test_compose_passes_host_settings_through() -> None:
@@ -399,6 +404,13 @@ def test_k8s_processes_probes_and_shutdown() -> None:
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert probe_port(api, "livenessProbe") == 8000
+    # /metrics is on its own port, scraped on the pod, never behind the Service or the Ingress.
+    assert int(config["API_METRICS_PORT"]) == 9541
+    api_pod = by_kind(docs, "Deployment")["aiq-api"]["spec"]["template"]["metadata"]["annotations"]
+    assert api_pod["prometheus.io/port"] == "9541"
+    assert all(
+        p["port"] != 9541 and p.get("targetPort") != 9541 for p in by_kind(docs, "Service")["aiq-api"]["spec"]["ports"]
+    )
 
     worker = container(docs, "aiq-worker")
     assert " ".join(worker["command"]) == "celery -A worker.celery_app worker"

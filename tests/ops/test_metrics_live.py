@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from tests.support.api import wait_terminal
-from tests.support.stack import Stack
+from tests.support.stack import Stack, api_metrics
 
 
 def _sample(text: str, name: str, **labels: str) -> float:
@@ -30,7 +30,7 @@ def _worker_metrics(stack: Stack) -> str:
 
 
 def test_api_and_worker_series_move(client: httpx.Client, stack: Stack, user: dict[str, Any]) -> None:
-    api_before = client.get("/metrics").text
+    api_before = api_metrics(stack)
     worker_before = _worker_metrics(stack)
 
     ok = client.post("/api/v1/query", json={"query": f"count me {uuid.uuid4()}"}, headers=user["headers"])
@@ -43,7 +43,7 @@ def test_api_and_worker_series_move(client: httpx.Client, stack: Stack, user: di
     for r in (ok, failing, flaky):
         wait_terminal(client, user["headers"], r.json()["query_id"])
 
-    api_after = client.get("/metrics").text
+    api_after = api_metrics(stack)
     worker_after = _worker_metrics(stack)
 
     def moved(before: str, after: str, name: str, by: float = 1, **labels: str) -> bool:

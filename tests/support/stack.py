@@ -60,6 +60,8 @@ def stack_settings(database_url: str, redis_url: str, simulator_url: str) -> dic
         "STALE_PENDING_SECONDS": "3",
         "SHUTDOWN_GRACE_SECONDS": "2",
         "WORKER_METRICS_PORT": str(free_port()),
+        "API_METRICS_PORT": str(free_port()),
+        "API_METRICS_HOST": "127.0.0.1",
         "LOG_LEVEL": "INFO",
         # Limits on, but out of the way of tests that are not about them (tests/api/test_limits.py starts
         # API processes with tight ones). uvicorn must not rewrite the client address: TRUSTED_PROXIES decides.
@@ -91,7 +93,8 @@ def spawn_worker(stack: Stack, log_path: Path, **overrides: str) -> tuple[subpro
 def spawn_api(stack: Stack, log_path: Path, **overrides: str) -> tuple[subprocess.Popen[bytes], str]:
     """An extra API process (e.g. pointed at a dead broker)."""
     port = free_port()
-    env = {**stack.env, **overrides}
+    # A metrics port of its own: a shared one (SO_REUSEPORT) would hand scrapes to either process.
+    env = {**stack.env, "API_METRICS_PORT": str(free_port()), **overrides}
     proc = spawn(
         "api",
         [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
@@ -101,6 +104,11 @@ def spawn_api(stack: Stack, log_path: Path, **overrides: str) -> tuple[subproces
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/healthz", proc=proc)
     return proc, url
+
+
+def api_metrics(stack: Stack) -> str:
+    """The session API's Prometheus exposition, from its metrics port (never the public one)."""
+    return httpx.get(f"http://127.0.0.1:{stack.env['API_METRICS_PORT']}/metrics").text
 
 
 def stop(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
