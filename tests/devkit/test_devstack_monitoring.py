@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -29,7 +28,7 @@ def _needs(tool: str) -> str:
 
 def test_dev_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     config = tmp_path / "prometheus.yml"
-    config.write_text(prometheus_config("127.0.0.1:8000", "127.0.0.1:9540", RULES))
+    config.write_text(prometheus_config("127.0.0.1:9541", "127.0.0.1:9540", RULES))
     result = subprocess.run(
         [_needs("promtool"), "check", "config", str(config)], capture_output=True, text=True, timeout=60
     )
@@ -40,7 +39,7 @@ def test_dev_prometheus_config_passes_promtool(tmp_path: Path) -> None:
 
 def test_dev_prometheus_scrapes_the_api_and_the_worker_and_loads_the_alerts(stack: Stack, tmp_path: Path) -> None:
     port = free_port()
-    api_target = urlsplit(stack.api_url).netloc
+    api_target = f"127.0.0.1:{stack.env['API_METRICS_PORT']}"
     worker_target = f"127.0.0.1:{stack.settings.worker_metrics_port}"
     config = tmp_path / "prometheus.yml"
     config.write_text(prometheus_config(api_target, worker_target, RULES))
