@@ -23,7 +23,7 @@ def upgrade() -> None:
     sa.Column('user_id', sa.Uuid(), nullable=False),
     sa.Column('requests_per_minute', sa.Integer(), nullable=True),
     sa.Column('max_pending', sa.Integer(), nullable=True),
-    sa.Column('token_budget', sa.Integer(), nullable=True),
+    sa.Column('token_budget', sa.BigInteger(), nullable=True),
     sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.Column('updated_by', sa.Uuid(), nullable=True),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_user_limits_user_id_users'), ondelete='CASCADE'),

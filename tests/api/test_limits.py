@@ -142,6 +142,12 @@ def test_an_admin_sets_a_users_limits(stack: Stack, client: httpx.Client, db: En
     assert missing.status_code == 404
     bad = client.put(url, json={"max_pending": -1}, headers=admin["headers"])
     assert bad.status_code == 422
+    # The largest budget the API accepts is stored whole (more than a 32-bit column holds).
+    big = client.put(url, json={"max_pending": 1, "token_budget": 10**12}, headers=admin["headers"])
+    assert big.status_code == 200, big.text
+    assert big.json()["token_budget"] == 10**12
+    r = client.put(url, json={"max_pending": 1, "token_budget": 0}, headers=admin["headers"])
+    assert r.status_code == 200, r.text
     with tight_apis(stack, tmp_path, 1) as (api_url,), httpx.Client(base_url=api_url) as api:
         slow = {"query": "hold [[sim latency_ms=3000]]"}
         assert api.post("/api/v1/query", json=slow, headers=someone["headers"]).status_code == 202
