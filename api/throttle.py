@@ -39,6 +39,12 @@ async def _login_email(request: Request) -> str | None:
     return normalize_email(raw) if isinstance(raw, str) and raw.strip() else None
 
 
+def mark_login_succeeded(request: Request) -> None:
+    """The login route calls this once it issues tokens: only then is the failure taken up front given back.
+    (A route that returns rather than raises its refusal, as the OAuth2 form's 400 does, still counts.)"""
+    request.state.login_succeeded = True
+
+
 async def throttle_login(request: Request, redis: RedisDep, settings: SettingsDep) -> AsyncIterator[None]:
     """429 while this account or this address is locked out; each attempt counts as a failure up front (so
     parallel guesses cannot slip through) and a success gives it back, clearing this address's count."""
@@ -49,7 +55,8 @@ async def throttle_login(request: Request, redis: RedisDep, settings: SettingsDe
     limiter, address = limiter_for(redis, settings), request_address(request, settings)
     await limiter.login_attempt(email, address)
     yield
-    await limiter.login_succeeded(email, address)
+    if getattr(request.state, "login_succeeded", False):
+        await limiter.login_succeeded(email, address)
 
 
 async def throttle_register(request: Request, redis: RedisDep, settings: SettingsDep) -> None:
