@@ -35,8 +35,19 @@ async def _login_email(request: Request) -> str | None:
             raw = body.get("email") if isinstance(body, dict) else None
     except (ValueError, RecursionError):
         return None
-    # Without a usable email the route answers 422 and checks no password: nothing to throttle.
-    return normalize_email(raw) if isinstance(raw, str) and raw.strip() else None
+    # Without a usable email the route answers 422 and checks no password: nothing to throttle (a lone
+    # surrogate, which no UTF-8 encoder takes, is not one either).
+    if not isinstance(raw, str) or not raw.strip() or not _is_utf8(raw):
+        return None
+    return normalize_email(raw)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def mark_login_succeeded(request: Request) -> None:
