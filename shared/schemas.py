@@ -82,6 +82,14 @@ class ApiKeyCreate(StrictBody):
         description="`queries:read` for GET routes, `queries:write` for submit and cancel",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        # PostgreSQL text cannot hold U+0000.
+        if "\x00" in value:
+            raise PydanticCustomError("nul_character", "name must not contain NUL (U+0000) characters")
+        return value
+
 
 class ApiKeyOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
