@@ -86,6 +86,15 @@ def test_only_admins_read_another_users_usage(client: httpx.Client, user: dict[s
     assert missing.status_code == 404
 
 
+@pytest.mark.parametrize("params", [{"to": "0001-01-01T00:00:00Z"}, {"to": "0001-01-10T00:00:00-14:00"}])
+def test_a_period_before_the_calendar_starts_is_422(
+    client: httpx.Client, user: dict[str, Any], params: dict[str, str]
+) -> None:
+    # The default `from` is `to` minus 30 days: before year 1 it cannot be represented.
+    r = client.get("/api/v1/usage", params=params, headers=user["headers"])
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_period")
+
+
 def test_an_admins_api_key_cannot_read_another_users_usage(
     client: httpx.Client, user: dict[str, Any], db: Engine
 ) -> None:
