@@ -229,7 +229,8 @@ class LimitsIn(StrictBody):
 
     requests_per_minute: int | None = Field(default=None, ge=0, le=1_000_000, examples=[120])
     max_pending: int | None = Field(default=None, ge=0, le=1_000_000, examples=[50])
-    token_budget: int | None = Field(default=None, ge=0, le=10**12, examples=[5_000_000])
+    # The override columns are 32-bit integers (migration 0005).
+    token_budget: int | None = Field(default=None, ge=0, le=2**31 - 1, examples=[5_000_000])
 
 
 class LimitsOut(BaseModel):

@@ -152,6 +152,19 @@ def test_an_admin_sets_a_users_limits(stack: Stack, client: httpx.Client, db: En
         assert refused.headers["RateLimit-Policy"] == '"rpm";q=100000;w=60, "pending";q=1;qu="concurrent-requests"'
 
 
+def test_limit_overrides_are_bounded_by_what_the_table_holds(client: httpx.Client, db: Engine) -> None:
+    # The columns are 32-bit integers: a larger override is a 422, never a 500 from the INSERT.
+    admin, someone = register_and_login(client), register_and_login(client)
+    make_admin(db, admin["user_id"])
+    url = f"/api/v1/admin/users/{someone['user_id']}/limits"
+    biggest = client.put(url, json={"token_budget": 2**31 - 1}, headers=admin["headers"])
+    assert biggest.status_code == 200, biggest.text
+    for field in ("token_budget", "requests_per_minute", "max_pending"):
+        r = client.put(url, json={field: 2**31}, headers=admin["headers"])
+        assert r.status_code == 422, (field, r.text)
+    assert client.get(url, headers=admin["headers"]).json()["token_budget"] == 2**31 - 1
+
+
 def test_redis_down_refuses_submits_with_503_and_stores_nothing(
     stack: Stack, user: dict[str, Any], db: Engine, tmp_path: Path
 ) -> None:
