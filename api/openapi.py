@@ -3,7 +3,8 @@
 FastAPI declares its own `HTTPValidationError` for 422 and nothing for the errors the edge and the
 dependencies send. `custom_openapi()` rewrites the generated document once:
 - every 422 uses `ErrorBody`, and FastAPI's `HTTPValidationError`/`ValidationError` schemas are dropped;
-- errors that follow from an operation's shape are declared where the route did not: 401 (it needs a token),
+- errors that follow from an operation's shape are declared where the route did not: 401 and 403 (it needs a
+  token; an API key may lack the scope or not be accepted there),
   413/415/422 (it takes a body), 422 (it takes parameters), 503 (it reaches the database);
 - an operation is listed under one tag (its own route's), so Swagger UI shows it once;
 - an operation without an explicit summary gets the first line of its docstring.
@@ -31,7 +32,8 @@ def _error_entry(status: int) -> dict[str, Any]:
 def _implied_errors(path: str, operation: dict[str, Any]) -> set[int]:
     statuses: set[int] = set()
     if operation.get("security"):
-        statuses.add(401)
+        # 403: an API key lacking the route's scope, or an API key where an access token is needed.
+        statuses.update({401, 403})
     if "requestBody" in operation:
         statuses.update({413, 415, 422})
     if operation.get("parameters"):

@@ -35,8 +35,25 @@ async def _login_email(request: Request) -> str | None:
             raw = body.get("email") if isinstance(body, dict) else None
     except (ValueError, RecursionError):
         return None
-    # Without a usable email the route answers 422 and checks no password: nothing to throttle.
-    return normalize_email(raw) if isinstance(raw, str) and raw.strip() else None
+    # Without a usable email the route answers 422 and checks no password: nothing to throttle (a lone
+    # surrogate, which no UTF-8 encoder takes, is not one either).
+    if not isinstance(raw, str) or not raw.strip() or not _is_utf8(raw):
+        return None
+    return normalize_email(raw)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def mark_login_succeeded(request: Request) -> None:
+    """The login route calls this once it issues tokens: only then is the failure taken up front given back.
+    (A route that returns rather than raises its refusal, as the OAuth2 form's 400 does, still counts.)"""
+    request.state.login_succeeded = True
 
 
 async def throttle_login(request: Request, redis: RedisDep, settings: SettingsDep) -> AsyncIterator[None]:
@@ -49,7 +66,8 @@ async def throttle_login(request: Request, redis: RedisDep, settings: SettingsDe
     limiter, address = limiter_for(redis, settings), request_address(request, settings)
     await limiter.login_attempt(email, address)
     yield
-    await limiter.login_succeeded(email, address)
+    if getattr(request.state, "login_succeeded", False):
+        await limiter.login_succeeded(email, address)
 
 
 async def throttle_register(request: Request, redis: RedisDep, settings: SettingsDep) -> None:

@@ -6,7 +6,8 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, JsonValue, field_validator
+from pydantic_core import PydanticCustomError
 
 from shared.models import QueryStatus
 
@@ -81,6 +82,14 @@ class ApiKeyCreate(StrictBody):
         description="`queries:read` for GET routes, `queries:write` for submit and cancel",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        # PostgreSQL text cannot hold U+0000.
+        if "\x00" in value:
+            raise PydanticCustomError("nul_character", "name must not contain NUL (U+0000) characters")
+        return value
+
 
 class ApiKeyOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -108,6 +117,23 @@ class AdminUserPage(BaseModel):
     offset: int
 
 
+def _is_text(value: object) -> bool:
+    """No lone surrogates (JSON's `"\\ud800"` parses, but no UTF-8 encoder or PostgreSQL takes it)."""
+    if isinstance(value, str):
+        if value.isascii():
+            return True
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_is_text(k) and _is_text(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_is_text(v) for v in value)
+    return True
+
+
 class QueryCreate(StrictBody):
     model_config = ConfigDict(
         json_schema_extra={
@@ -128,6 +154,14 @@ class QueryCreate(StrictBody):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1)
     metadata: dict[str, JsonValue] | None = Field(default=None, description="Opaque client data, echoed back")
+
+    @field_validator("query", "system", "metadata")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        # Unconstrained strings skip pydantic's own UTF-8 check; the others get it (`string_unicode`).
+        if not _is_text(value):
+            raise PydanticCustomError("invalid_unicode", "Text must be valid Unicode (no lone surrogates)")
+        return value
 
 
 class QueryAccepted(BaseModel):
@@ -195,6 +229,7 @@ class LimitsIn(StrictBody):
 
     requests_per_minute: int | None = Field(default=None, ge=0, le=1_000_000, examples=[120])
     max_pending: int | None = Field(default=None, ge=0, le=1_000_000, examples=[50])
+    # The override columns are 32-bit integers (migration 0005).
     token_budget: int | None = Field(default=None, ge=0, le=10**12, examples=[5_000_000])
 
 

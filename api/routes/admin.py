@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 
 from api.deps import AdminUserId, AutocommitSessionDep, RedisDep
 from api.errors import error_responses
+from shared.errors import InvalidInput
 from shared.models import Role
 from shared.schemas import AdminUserOut, AdminUserPage
 from shared.services import admin_users
@@ -26,6 +27,12 @@ async def list_users(
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> AdminUserPage:
     """Users, oldest first, optionally filtered by email and role; `total` counts every match."""
+    if q is not None and "\x00" in q:
+        # PostgreSQL text cannot hold U+0000 (and no email contains it).
+        message = "q must not contain NUL (U+0000) characters"
+        raise InvalidInput(
+            message, code="nul_character", details=[{"loc": ["query", "q"], "msg": message, "type": "nul_character"}]
+        )
     users, total = await admin_users.search(session, q, role, limit, offset)
     return AdminUserPage(items=[AdminUserOut.model_validate(u) for u in users], total=total, limit=limit, offset=offset)
 

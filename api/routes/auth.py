@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from api.deps import AutocommitSessionDep, CurrentUserId, PoolDep, RedisDep, SessionDep, SessionPrincipal, SettingsDep
 from api.errors import error_responses
-from api.throttle import LoginThrottle, RegisterThrottle
+from api.throttle import LoginThrottle, RegisterThrottle, mark_login_succeeded
 from shared.errors import AppError, InvalidInput, NotFound, Unauthorized
 from shared.repositories import users as users_repo
 from shared.schemas import Credentials, LogoutRequest, RefreshRequest, Registration, TokenPair, UserOut
@@ -114,7 +114,9 @@ async def login(
             return _oauth2_error(exc)
         raise
     response.headers.update(NO_STORE)
-    return await auth.issue_pair(session, settings, user.id)
+    pair = await auth.issue_pair(session, settings, user.id)
+    mark_login_succeeded(request)
+    return pair
 
 
 @router.post("/auth/refresh", response_model=TokenPair, responses=error_responses(401, 422, 503))

@@ -9,7 +9,15 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 from fastapi.responses import Response
 
-from api.deps import AutocommitSessionDep, CurrentUserId, RedisDep, SessionDep, SessionUserId, SettingsDep
+from api.deps import (
+    AutocommitSessionDep,
+    CurrentPrincipal,
+    CurrentUserId,
+    RedisDep,
+    SessionDep,
+    SessionUserId,
+    SettingsDep,
+)
 from api.errors import error_responses
 from shared.errors import Forbidden
 from shared.limits import limiter_for
@@ -25,14 +33,20 @@ router = APIRouter(tags=["usage"])
 @router.get("/usage", response_model=UsageReport, responses=error_responses(401, 403, 404, 422))
 async def usage(
     user_id: CurrentUserId,
+    principal: CurrentPrincipal,
     session: AutocommitSessionDep,
     start: Annotated[datetime | None, Query(alias="from", description="Inclusive; default: `to` - 30 days")] = None,
     end: Annotated[datetime | None, Query(alias="to", description="Exclusive; default: now")] = None,
     group_by: GroupBy = "day",
     of_user: Annotated[uuid.UUID | None, Query(alias="user_id", description="Admins only: another user")] = None,
 ) -> UsageReport:
-    """Queries and tokens (prompt, completion, total; reserved vs used) per UTC day or per model."""
+    """Queries and tokens (prompt, completion, total; reserved vs used) per UTC day or per model.
+
+    Another user's (`user_id`) needs the admin role and an access token, not an API key."""
     if of_user is not None and of_user != user_id:
+        # Admin work, as on every admin route: an access token from login, never an API key.
+        if principal.via != "access_token":
+            raise Forbidden("This needs an access token from login, not an API key", code="access_token_required")
         caller = await users_repo.by_id(session, user_id)
         if caller is None or caller.disabled_at is not None or caller.role != Role.ADMIN:
             raise Forbidden("Reading another user's usage needs the admin role", code="admin_required")

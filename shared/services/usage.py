@@ -21,6 +21,14 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+def _invalid_period(field: str, msg: str) -> InvalidInput:
+    return InvalidInput(
+        f"`{field}` {msg}",
+        code="invalid_period",
+        details=[{"loc": ["query", field], "msg": msg, "type": "invalid_period"}],
+    )
+
+
 async def usage_report(
     session: AsyncSession,
     user_id: uuid.UUID,
@@ -32,13 +40,13 @@ async def usage_report(
 ) -> UsageReport:
     """The user's queries and tokens in [start, end) (default: the last 30 days), grouped by day or model."""
     end = _utc(end) if end is not None else datetime.now(UTC)
-    start = _utc(start) if start is not None else end - DEFAULT_PERIOD
+    try:
+        start = _utc(start) if start is not None else end - DEFAULT_PERIOD
+    except OverflowError:
+        # `to` within 30 days of year 1: the default `from` cannot be represented.
+        raise _invalid_period("from", "must be given when `to` is this early") from None
     if start >= end:
-        raise InvalidInput(
-            "`from` must be before `to`",
-            code="invalid_period",
-            details=[{"loc": ["query", "from"], "msg": "must be before `to`", "type": "invalid_period"}],
-        )
+        raise _invalid_period("from", "must be before `to`")
     if check_user and await users_repo.by_id(session, user_id) is None:
         raise NotFound("User not found", code="user_not_found")
     items = [UsageRow.model_validate(dict(row)) for row in await usage_by(session, user_id, start, end, group_by)]

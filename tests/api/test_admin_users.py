@@ -76,6 +76,9 @@ def test_admin_lists_and_searches_users_paginated(client: httpx.Client, stack: S
     admins = client.get("/api/v1/admin/users", params={"role": "admin"}, headers=admin["headers"]).json()
     assert admin["email"] in [u["email"] for u in admins["items"]] or admins["total"] > len(admins["items"])
     assert client.get("/api/v1/admin/users", params={"limit": 0}, headers=admin["headers"]).status_code == 422
+    # PostgreSQL text cannot hold U+0000: a 422, not a 500.
+    nul = client.get("/api/v1/admin/users", params={"q": "a\x00b"}, headers=admin["headers"])
+    assert (nul.status_code, nul.json()["error"]["code"]) == (422, "nul_character")
 
 
 def test_disabling_revokes_tokens_and_keys_at_once_and_enabling_restores_login(

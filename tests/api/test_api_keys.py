@@ -149,7 +149,7 @@ def test_last_used_is_recorded_without_a_write_per_request(
 
 
 def test_name_and_scopes_are_validated(client: httpx.Client, user: dict[str, Any]) -> None:
-    for body in ({"name": ""}, {"name": "x", "scopes": ["admin"]}, {"name": "x", "scopes": []}, {}):
+    for body in ({"name": ""}, {"name": "x", "scopes": ["admin"]}, {"name": "x", "scopes": []}, {}, {"name": "a\x00b"}):
         r = client.post("/api/v1/keys", json=body, headers=user["headers"])
         assert r.status_code == 422, body
     assert client.get("/api/v1/keys", headers=user["headers"]).json() == []

@@ -146,6 +146,41 @@ def test_deeply_nested_json_is_a_4xx_on_every_json_route(
         assert r.json()["error"]["code"]
 
 
+# `"\ud800"` is valid JSON syntax but no Unicode text: PostgreSQL and UTF-8 encoders cannot take it.
+_LONE_SURROGATE = "\\ud800"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"query": "a%sb"}',
+        '{"query": "hi", "system": "%s"}',
+        '{"query": "hi", "metadata": {"k": "%s"}}',
+        '{"query": "hi", "metadata": {"%s": 1}}',
+        '{"query": "hi", "metadata": {"k": ["x", {"deeper": "%s"}]}}',
+    ],
+)
+@pytest.mark.parametrize("idempotent", [False, True])
+def test_a_lone_surrogate_in_a_submit_is_422_and_stores_nothing(
+    client: httpx.Client, user: dict[str, Any], db: Engine, body: str, idempotent: bool
+) -> None:
+    h = {**user["headers"], "content-type": "application/json"}
+    if idempotent:
+        h["Idempotency-Key"] = str(uuid.uuid4())
+    before = _rows(db, user)
+    r = client.post("/api/v1/query", content=(body % _LONE_SURROGATE).encode(), headers=h)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["details"][0]["type"] == "invalid_unicode"
+    assert _rows(db, user) == before
+
+
+@pytest.mark.parametrize("email", ['"%s@example.com"', '"%s"'])
+def test_a_lone_surrogate_in_a_login_is_4xx(client: httpx.Client, email: str) -> None:
+    body = '{"email": %s, "password": "correct horse battery staple"}' % (email % _LONE_SURROGATE)
+    r = client.post("/api/v1/auth/login", content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+
+
 def test_a_failed_querys_usage_is_null(client: httpx.Client, user: dict[str, Any]) -> None:
     r = client.post("/api/v1/query", json={"query": f"[[sim fail=400]] {uuid.uuid4()}"}, headers=user["headers"])
     done = wait_terminal(client, user["headers"], r.json()["query_id"])

@@ -52,6 +52,25 @@ def test_login_locks_out_after_failures_growing_and_per_address(stack: Stack, tm
         assert int(growing.headers["Retry-After"]) > first_wait
 
 
+def test_form_logins_count_as_failures_too(stack: Stack, tmp_path: Path) -> None:
+    # The OAuth2 form answers a wrong password with a returned 400 (RFC 6749), not a raised error: it must
+    # still count, or the form is an unthrottled way to guess passwords.
+    with (
+        tight_apis(stack, tmp_path, LOGIN_MAX_FAILURES="3") as (url,),
+        httpx.Client(base_url=url, timeout=10) as api,
+    ):
+        email, r = _register(api)
+        assert r.status_code == 201
+        for i in range(3):
+            wrong = api.post("/api/v1/auth/login", data={"username": email, "password": f"wrong {i}"})
+            assert (wrong.status_code, wrong.json()["error"]) == (400, "invalid_grant")
+        locked = api.post("/api/v1/auth/login", data={"username": email, "password": TEST_PASSWORD})
+        assert locked.status_code == 429
+        assert locked.json()["error"]["code"] == "login_throttled"
+        assert int(locked.headers["Retry-After"]) >= 1
+        assert _login(api, email, TEST_PASSWORD).status_code == 429
+
+
 def test_unknown_and_known_emails_get_the_same_answer(stack: Stack, tmp_path: Path) -> None:
     with (
         tight_apis(stack, tmp_path, LOGIN_MAX_FAILURES="3") as (url,),

@@ -86,6 +86,31 @@ def test_only_admins_read_another_users_usage(client: httpx.Client, user: dict[s
     assert missing.status_code == 404
 
 
+@pytest.mark.parametrize("params", [{"to": "0001-01-01T00:00:00Z"}, {"to": "0001-01-10T00:00:00-14:00"}])
+def test_a_period_before_the_calendar_starts_is_422(
+    client: httpx.Client, user: dict[str, Any], params: dict[str, str]
+) -> None:
+    # The default `from` is `to` minus 30 days: before year 1 it cannot be represented.
+    r = client.get("/api/v1/usage", params=params, headers=user["headers"])
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_period")
+
+
+def test_an_admins_api_key_cannot_read_another_users_usage(
+    client: httpx.Client, user: dict[str, Any], db: Engine
+) -> None:
+    # Admin work needs an access token, as on every admin route: a leaked key must not reach other users.
+    other = register_and_login(client)
+    make_admin(db, user["user_id"])
+    key = client.post("/api/v1/keys", json={"name": "reports"}, headers=user["headers"]).json()["key"]
+    as_key = {"Authorization": f"Bearer {key}"}
+    refused = client.get("/api/v1/usage", params={"user_id": other["user_id"]}, headers=as_key)
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "access_token_required"
+    own = client.get("/api/v1/usage", params={"user_id": user["user_id"]}, headers=as_key)
+    assert own.status_code == 200
+    assert client.get("/api/v1/usage", headers=as_key).status_code == 200
+
+
 def test_delete_erases_the_content_and_keeps_the_usage(client: httpx.Client, user: dict[str, Any], db: Engine) -> None:
     r = client.post("/api/v1/query", json={"query": "secret plans", "metadata": {"k": "v"}}, headers=user["headers"])
     query_id = r.json()["query_id"]
