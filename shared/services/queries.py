@@ -346,10 +346,22 @@ async def requeue_query(
     the query gets one more attempt (requeue again if that fails). Its reservation is taken again without
     limit checks, so the settle books its real usage against the owner's budget.
     """
-    row = await queries_asyncpg.requeue_failed(conn, query_id)
-    if row is None:
-        query = _found(await queries_asyncpg.fetch_any(conn, query_id))
-        raise Conflict(f"Only a failed query can be requeued; this one is {query['status']}", code="query_not_failed")
-    limits = await effective_limits(conn, settings, row["user_id"])
-    await limiter.take_submit(row["user_id"], query_id, limits, row["reserved_tokens"] or 0, force=True)
+    # One transaction: when Redis cannot take the reservation (503), the row stays failed rather than going
+    # back to pending with its usage never booked; when the commit fails, the reservation is given back.
+    taken = False
+    try:
+        async with conn.transaction():
+            row = await queries_asyncpg.requeue_failed(conn, query_id)
+            if row is None:
+                query = _found(await queries_asyncpg.fetch_any(conn, query_id))
+                raise Conflict(
+                    f"Only a failed query can be requeued; this one is {query['status']}", code="query_not_failed"
+                )
+            limits = await effective_limits(conn, settings, row["user_id"])
+            await limiter.take_submit(row["user_id"], query_id, limits, row["reserved_tokens"] or 0, force=True)
+            taken = True
+    except BaseException:
+        if taken:
+            await _give_back(limiter, query_id)
+        raise
     return to_out(_found(await queries_asyncpg.fetch_any(conn, query_id)))

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 
 from shared.limits import Limiter, Limits
 from tests.support.api import register_and_login, wait_terminal
-from tests.support.db import insert_query
+from tests.support.db import insert_query, row
 from tests.support.limits import key_prefix, limits_redis, make_admin, submit_in_parallel, tight_apis
 from tests.support.polling import wait_until
 from tests.support.stack import Stack, spawn_api, stop
@@ -182,6 +182,22 @@ def test_redis_down_refuses_submits_with_503_and_stores_nothing(
     assert r.json()["error"]["code"] == "limits_unavailable"
     assert r.headers["Retry-After"] == "2"
     assert _rows(db, user["user_id"])[0] == 0
+
+
+def test_a_requeue_that_redis_refuses_leaves_the_query_failed(
+    stack: Stack, user: dict[str, Any], db: Engine, tmp_path: Path
+) -> None:
+    query_id = insert_query(
+        db, user["user_id"], status="'failed'", attempts="3", error_code="'upstream_retries_exhausted'"
+    )
+    make_admin(db, user["user_id"])
+    proc, url = spawn_api(stack, tmp_path / "api.log", REDIS_URL="redis://127.0.0.1:1/0")
+    try:
+        r = httpx.post(f"{url}/api/v1/admin/queries/{query_id}/requeue", headers=user["headers"], timeout=20)
+    finally:
+        stop(proc)
+    assert r.status_code == 503, r.text
+    assert row(db, query_id)["status"] == "failed"
 
 
 def test_the_sweeper_settles_a_query_it_ends_worker_lost(
