@@ -17,12 +17,12 @@ from api.deps import (
     SessionDep,
     SessionUserId,
     SettingsDep,
+    admin_user_id,
+    session_principal,
+    session_user_id,
 )
 from api.errors import error_responses
-from shared.errors import Forbidden
 from shared.limits import limiter_for
-from shared.models import Role
-from shared.repositories import users as users_repo
 from shared.schemas import UsageReport
 from shared.services import accounts
 from shared.services.usage import GroupBy, usage_report
@@ -44,12 +44,8 @@ async def usage(
 
     Another user's (`user_id`) needs the admin role and an access token, not an API key."""
     if of_user is not None and of_user != user_id:
-        # Admin work, as on every admin route: an access token from login, never an API key.
-        if principal.via != "access_token":
-            raise Forbidden("This needs an access token from login, not an API key", code="access_token_required")
-        caller = await users_repo.by_id(session, user_id)
-        if caller is None or caller.disabled_at is not None or caller.role != Role.ADMIN:
-            raise Forbidden("Reading another user's usage needs the admin role", code="admin_required")
+        # Admin work: the same checks as every admin route's `AdminUserId` (an access token, the admin role).
+        await admin_user_id(await session_user_id(await session_principal(principal)), session)
         return await usage_report(session, of_user, start, end, group_by, check_user=True)
     return await usage_report(session, user_id, start, end, group_by)
 
