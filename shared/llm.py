@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import random
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,12 +40,76 @@ def make_client(settings: Settings) -> AsyncOpenAI:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitInfo:
+    """What a provider advertised in its `x-ratelimit-*` headers; None where a header was missing."""
+
+    limit_requests: int | None = None
+    limit_tokens: int | None = None
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+    # Seconds until the limit is fully replenished.
+    reset_requests: float | None = None
+    reset_tokens: float | None = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.limit_requests, self.limit_tokens))
+
+
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
+_GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(value: str | None) -> float | None:
+    """A Go duration (`1s`, `6m0s`, `20ms`, `1h2m3.5s`) or plain seconds, in seconds; None if unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    total, pos = 0.0, 0
+    for match in _GO_DURATION_PART.finditer(value):
+        if match.start() != pos:
+            return None
+        total += float(match.group(1)) * _GO_UNITS[match.group(2)]
+        pos = match.end()
+    return total if pos == len(value) and pos > 0 else None
+
+
+def _int_header(get: object, name: str) -> int | None:
+    raw = get(name) if callable(get) else None
+    try:
+        return max(0, int(float(raw))) if raw else None
+    except ValueError:
+        return None
+
+
+def parse_ratelimit_headers(headers: object) -> RateLimitInfo | None:
+    """OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`; None when none is present."""
+    get = getattr(headers, "get", None)
+    if get is None:
+        return None
+    info = RateLimitInfo(
+        limit_requests=_int_header(get, "x-ratelimit-limit-requests"),
+        limit_tokens=_int_header(get, "x-ratelimit-limit-tokens"),
+        remaining_requests=_int_header(get, "x-ratelimit-remaining-requests"),
+        remaining_tokens=_int_header(get, "x-ratelimit-remaining-tokens"),
+        reset_requests=parse_duration(get("x-ratelimit-reset-requests")),
+        reset_tokens=parse_duration(get("x-ratelimit-reset-tokens")),
+    )
+    return info if info else None
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     text: str
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None
     latency_ms: int
+    # The provider's advertised limits with this answer (learned budgets read them).
+    ratelimit: RateLimitInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +121,9 @@ class UpstreamFailure:
     message: str
     transient: bool
     retry_after: float | None = None
+    ratelimit: RateLimitInfo | None = None
+    # For a 429: which limit the provider says was hit ("requests" or "tokens"), when it says so.
+    limit_type: str | None = None
 
 
 async def complete(
@@ -74,13 +142,14 @@ async def complete(
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": prompt})
     started = time.perf_counter()
-    result = await client.chat.completions.create(
+    raw = await client.chat.completions.with_raw_response.create(
         model=model,
         messages=messages,
         temperature=openai.omit if temperature is None else temperature,
         max_tokens=openai.omit if max_tokens is None else max_tokens,
         extra_headers=headers,
     )
+    result = raw.parse()
     latency_ms = round((time.perf_counter() - started) * 1000)
     text = result.choices[0].message.content or "" if result.choices else ""
     usage = result.usage
@@ -90,6 +159,7 @@ async def complete(
         completion_tokens=usage.completion_tokens if usage else None,
         total_tokens=usage.total_tokens if usage else None,
         latency_ms=latency_ms,
+        ratelimit=parse_ratelimit_headers(raw.headers),
     )
 
 
@@ -127,12 +197,15 @@ def classify(exc: BaseException) -> UpstreamFailure:
     if isinstance(exc, openai.RateLimitError):
         if exc.code == "insufficient_quota" or _error_type(exc) == "insufficient_quota":
             return UpstreamFailure("quota", "upstream_quota_exceeded", "The model provider's quota is exhausted", False)
+        limit_type = _error_type(exc)
         return UpstreamFailure(
             "rate_limit",
             "upstream_rate_limited",
             "The model provider is rate limiting requests",
             True,
             retry_after_seconds(exc.response.headers),
+            parse_ratelimit_headers(exc.response.headers),
+            limit_type if limit_type in ("requests", "tokens") else None,
         )
     if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
         return UpstreamFailure(

@@ -108,6 +108,30 @@ LLM_CALLS_IN_FLIGHT = Gauge(
     multiprocess_mode="livesum",
 )
 
+# Flow control (issue 11): the shared upstream budget, per model.
+UPSTREAM_BUDGET_LEVEL = Gauge(
+    "aiq_upstream_budget_level",
+    "What the shared upstream budget had left at this worker's last look, by model and kind (requests|tokens).",
+    ["model", "kind"],
+    multiprocess_mode="livemin",
+)
+UPSTREAM_WAITS = Counter(
+    "aiq_upstream_waits_total",
+    "Times work waited for the upstream budget, by model and reason (closed|requests|tokens|concurrency|queued).",
+    ["model", "reason"],
+)
+UPSTREAM_WAIT_SECONDS = Histogram(
+    "aiq_upstream_wait_seconds",
+    "How long a query waited for the upstream budget before its call, by model.",
+    ["model"],
+    buckets=(0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0),
+)
+UPSTREAM_THROTTLED = Counter(
+    "aiq_upstream_throttled_total",
+    "Calls the provider refused with a 429 rate limit (the budget then closes until its retry-after).",
+    ["model"],
+)
+
 QUEUE_DEPTH = "aiq_queue_depth"
 OLDEST_PENDING_AGE = "aiq_oldest_pending_age_seconds"
 QUERIES_BY_STATUS = "aiq_queries"

@@ -3,7 +3,7 @@
 from shared.models.api_key import ApiKey
 from shared.models.base import Base
 from shared.models.limits import UserLimits
-from shared.models.query import TERMINAL_STATUSES, IdempotencyKey, Query, QueryStatus
+from shared.models.query import TERMINAL_STATUSES, IdempotencyKey, Query, QueryPriority, QueryStatus
 from shared.models.user import RefreshToken, RevokedReason, Role, User
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Base",
     "IdempotencyKey",
     "Query",
+    "QueryPriority",
     "QueryStatus",
     "RefreshToken",
     "RevokedReason",

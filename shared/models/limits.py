@@ -17,5 +17,9 @@ class UserLimits(Base):
     max_pending: Mapped[int | None]
     # Up to 10^12 tokens (LimitsIn): more than a 32-bit integer holds.
     token_budget: Mapped[int | None] = mapped_column(BigInteger)
+    # Flow control: this user's weight in fair turns (default 1), and the most of a model's calls in flight
+    # it may hold while other users wait (a fraction, NULL: no cap).
+    fair_weight: Mapped[int | None]
+    max_share: Mapped[float | None]
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_by: Mapped[uuid.UUID | None]

@@ -60,7 +60,7 @@ class Claim:
 
 
 _INSERT_COLUMNS = (
-    "id", "user_id", "prompt", "system", "model", "temperature", "max_tokens", "meta", "status", "attempts",
+    "id", "user_id", "prompt", "system", "model", "temperature", "max_tokens", "meta", "priority", "status", "attempts",
     "created_at", "updated_at", "next_attempt_at", "reserved_tokens",
 )  # fmt: skip
 _INSERT = CompiledStatement.of(sa_insert(Query).values({name: bindparam(name) for name in _INSERT_COLUMNS}))
@@ -198,9 +198,79 @@ _CLAIM = CompiledStatement.of(
 )
 
 
+_PENDING_MODEL = CompiledStatement.of(
+    select(Query.model).where(Query.id == bindparam("id"), Query.status == QueryStatus.PENDING)
+)
+
+
+async def pending_model(conn: asyncpg.Connection, query_id: uuid.UUID) -> str | None:
+    """The model of a pending query (None when it is not pending): a read, where a claim would write."""
+    model: str | None = await conn.fetchval(_PENDING_MODEL.sql, *_PENDING_MODEL.args({"id": query_id}))
+    return model
+
+
 async def claim(conn: asyncpg.Connection, query_id: uuid.UUID, owner: str, lease: timedelta) -> Claim | None:
     """pending → running in one statement; None when another delivery, a retry delay or a terminal state wins."""
     row = await conn.fetchrow(_CLAIM.sql, *_CLAIM.args({"id": query_id, "owner": owner, "lease": lease}))
+    return Claim(*row.values()) if row is not None else None
+
+
+# Flow control: the next due row of a model in fair order, claimed like `_CLAIM`. Users take turns: the user
+# with the fewest calls in flight per unit of admin-set weight goes first (then the one waiting longest);
+# interactive rows before batch rows unless these waited BATCH_AGEING_SECONDS; a user over its admin-set share
+# cap comes last (the cap never leaves the budget idle). SKIP LOCKED: claimers never wait on each other.
+_CLAIM_FAIR_SQL = """
+WITH due AS (
+  SELECT q.user_id,
+    min(CASE WHEN q.priority = 'interactive' OR q.created_at <= now() - $3::interval THEN 0 ELSE 1 END) AS klass,
+    min(q.next_attempt_at) AS oldest
+  FROM queries q
+  WHERE q.status = 'pending' AND q.model = $1 AND q.next_attempt_at <= now()
+  GROUP BY q.user_id
+), busy AS (
+  SELECT user_id, count(*) AS n FROM queries WHERE status = 'running' AND model = $1 GROUP BY user_id
+), total AS (
+  SELECT coalesce(sum(n), 0) AS n FROM busy
+), pick AS (
+  SELECT d.user_id
+  FROM due d
+  LEFT JOIN busy b ON b.user_id = d.user_id
+  LEFT JOIN user_limits l ON l.user_id = d.user_id
+  CROSS JOIN total t
+  ORDER BY
+    (l.max_share IS NOT NULL AND coalesce(b.n, 0) >= l.max_share * (t.n + 1)),
+    d.klass,
+    coalesce(b.n, 0)::float8 / coalesce(l.fair_weight, 1),
+    d.oldest
+  LIMIT 1
+), next AS (
+  SELECT q.id
+  FROM queries q JOIN pick p ON q.user_id = p.user_id
+  WHERE q.status = 'pending' AND q.model = $1 AND q.next_attempt_at <= now()
+  ORDER BY CASE WHEN q.priority = 'interactive' OR q.created_at <= now() - $3::interval THEN 0 ELSE 1 END,
+    q.next_attempt_at, q.created_at
+  LIMIT 1
+  FOR UPDATE OF q SKIP LOCKED
+)
+UPDATE queries SET
+  status = 'running',
+  attempts = queries.attempts + 1,
+  lease_owner = $2,
+  lease_expires_at = now() + $4::interval,
+  started_at = coalesce(queries.started_at, now()),
+  updated_at = now()
+FROM next
+WHERE queries.id = next.id AND queries.status = 'pending'
+RETURNING queries.id, queries.attempts, queries.prompt, queries.system, queries.model, queries.temperature,
+  queries.max_tokens
+"""
+
+
+async def claim_next_fair(
+    conn: asyncpg.Connection, model: str, owner: str, lease: timedelta, batch_ageing: timedelta
+) -> Claim | None:
+    """Claim the model's next due pending row in fair order (see `_CLAIM_FAIR_SQL`); None when none is free."""
+    row = await conn.fetchrow(_CLAIM_FAIR_SQL, model, owner, batch_ageing, lease)
     return Claim(*row.values()) if row is not None else None
 
 
@@ -256,6 +326,13 @@ _RETRY = _finish(
 )
 _CANCEL = _finish(QueryStatus.CANCELLED, code=CANCELLED_CODE, message=CANCELLED_MESSAGE)
 _RELEASE = _finish(QueryStatus.PENDING, next_attempt_at=func.now())
+# Waiting for the upstream budget is not an attempt: the claim's count is given back. No call was made under
+# this attempt number, so no late write can carry it.
+_UNCLAIM = _finish(
+    QueryStatus.PENDING,
+    attempts=Query.attempts - 1,
+    next_attempt_at=func.now() + bindparam("delay", type_=Interval()),
+)
 
 
 async def _write(conn: asyncpg.Connection, stmt: CompiledStatement, claim: Claim, **values: Any) -> QueryStatus | None:
@@ -307,6 +384,12 @@ async def cancel_attempt(conn: asyncpg.Connection, claim: Claim) -> QueryStatus 
 async def release_attempt(conn: asyncpg.Connection, claim: Claim) -> QueryStatus | None:
     """running → pending and due now (or cancelled): a shutting-down worker hands the query back."""
     return await _write(conn, _RELEASE, claim)
+
+
+async def unclaim_attempt(conn: asyncpg.Connection, claim: Claim, *, delay: timedelta) -> QueryStatus | None:
+    """running → pending, due after `delay`, with `attempts` back as it was: the claim made no call (it waits
+    for the upstream budget). Cancelled instead if a cancel came in meanwhile."""
+    return await _write(conn, _UNCLAIM, claim, delay=delay)
 
 
 _ERASE = CompiledStatement.of(
