@@ -60,7 +60,7 @@ local function limits(cfg_rpm, cfg_tpm, cfg_conc)
   if rpm < 0 then rpm = tonumber(L[1] or '0') end
   if tpm < 0 then tpm = tonumber(L[2] or '0') end
   if conc < 0 then conc = tonumber(L[3] or '0') end
-  local known = L[4] or (cfg_rpm >= 0 and cfg_tpm >= 0 and cfg_conc >= 0)
+  local known = L[4] or cfg_rpm >= 0 or cfg_tpm >= 0 or cfg_conc >= 0
   return rpm, tpm, conc, known
 end
 """

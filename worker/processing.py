@@ -148,9 +148,16 @@ async def defer(rt: WorkerRuntime, claim: Claim, refusal: Refusal) -> Outcome:
     return Outcome(OutcomeKind.DEFERRED, attempt=claim.attempt - 1)
 
 
-async def _within_budget(rt: WorkerRuntime, grant: Grant, call: Awaitable[llm.Completion]) -> llm.Completion:
+async def _within_budget(
+    rt: WorkerRuntime, grant: Grant, capped: bool, call: Awaitable[llm.Completion]
+) -> llm.Completion:
     """Await the call, then settle its budget: real usage, learned limits, or a 429's closing. The settle
-    runs beside the outcome write, never before it."""
+    runs beside the outcome write, never before it.
+
+    What the provider counted is booked: OpenAI counts a call on arrival as its prompt estimate plus
+    `max_tokens`, so a capped call's reservation stands (plus any excess); an uncapped one is trued up to its
+    real usage. A call the provider refused is refunded in full.
+    """
     try:
         result = await call
     except asyncio.CancelledError:
@@ -195,6 +202,7 @@ async def run_attempt(rt: WorkerRuntime, claim: Claim, grant: Grant) -> Outcome:
         _within_budget(
             rt,
             grant,
+            claim.max_tokens is not None,
             llm.complete(
                 rt.llm,
                 model=claim.model,

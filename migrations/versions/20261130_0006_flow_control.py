@@ -32,5 +32,5 @@ def downgrade() -> None:
     op.drop_column('user_limits', 'max_share')
     op.drop_column('user_limits', 'fair_weight')
     op.drop_index('ix_queries_fair', table_name='queries', postgresql_where=sa.text("status = 'pending'"))
-    op.drop_constraint('ck_queries_priority_valid', 'queries', type_='check')
+    op.drop_constraint('priority_valid', 'queries', type_='check')
     op.drop_column('queries', 'priority')
