@@ -12,8 +12,10 @@ Each step is one Lua script, so check-and-take is atomic across processes (no re
 Limits come from `UPSTREAM_LIMITS` where configured, and are learned otherwise: every answer's
 `x-ratelimit-limit-*` set the capacity, `x-ratelimit-remaining-*` pull the bucket down to what the provider
 says is left. While nothing is known of a model (first start, or Redis lost its state) at most
-UPSTREAM_PROBE_CONCURRENCY calls run at once, until the first answer teaches the limits (or shows there are
-none: an answer without the headers means "no advertised limit").
+UPSTREAM_PROBE_CONCURRENCY calls run at once, configured or not, until the first answer teaches the limits
+and the provider's current level (an answer without the headers means "no advertised limit"). So a Redis
+restart costs one round of probing, not a burst of 429s against a provider whose window is already spent.
+The size of a bucket (the provider's burst) is learned from the reset headers: level + reset * rate.
 
 A refusal says how long to wait, so a waiter sleeps exactly that long (no polling storm). A waiters marker
 per model makes new deliveries queue behind the waiting work instead of jumping it (see worker/dispatcher.py).
@@ -45,23 +47,25 @@ log = logging.getLogger(__name__)
 _PRELUDE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function level(key, cap)
+-- A bucket of `cap` refilled at `limit` per minute; missing, it starts full.
+local function level(key, cap, limit)
   local v = redis.call('HMGET', key, 'l', 't')
   if not v[1] then return cap end
-  return math.min(cap, tonumber(v[1]) + (now - tonumber(v[2])) * cap / 60000)
+  return math.min(cap, tonumber(v[1]) + (now - tonumber(v[2])) * limit / 60000)
 end
 local function put(key, l)
   redis.call('HSET', key, 'l', tostring(l), 't', now)
   redis.call('PEXPIRE', key, 120000)
 end
+-- Configured limits win (-1: learn); the burst a bucket holds is learned from the reset headers, else a minute.
 local function limits(cfg_rpm, cfg_tpm, cfg_conc)
-  local L = redis.call('HMGET', KEYS[5], 'rpm', 'tpm', 'conc', 'seen')
+  local L = redis.call('HMGET', KEYS[5], 'rpm', 'tpm', 'conc', 'seen', 'rcap', 'tcap')
   local rpm, tpm, conc = cfg_rpm, cfg_tpm, cfg_conc
   if rpm < 0 then rpm = tonumber(L[1] or '0') end
   if tpm < 0 then tpm = tonumber(L[2] or '0') end
   if conc < 0 then conc = tonumber(L[3] or '0') end
-  local known = L[4] or cfg_rpm >= 0 or cfg_tpm >= 0 or cfg_conc >= 0
-  return rpm, tpm, conc, known
+  local rcap, tcap = math.min(rpm, tonumber(L[5] or rpm)), math.min(tpm, tonumber(L[6] or tpm))
+  return rpm, tpm, conc, L[4], math.max(1, rcap), math.max(1, tcap)
 end
 """
 
@@ -72,7 +76,7 @@ end
 _ACQUIRE = (
     _PRELUDE
     + """
-local rpm, tpm, conc, known = limits(tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+local rpm, tpm, conc, known, rcap, tcap = limits(tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
 local tokens, fresh = tonumber(ARGV[4]), ARGV[8] == '1'
 if fresh and redis.call('EXISTS', KEYS[6]) == 1 then return {0, 0, 5, 0, 0, -1, -1, 1} end
 local closed = redis.call('PTTL', KEYS[4])
@@ -87,13 +91,13 @@ if conc > 0 then
 end
 local lr, lt = -1, -1
 if rpm > 0 then
-  lr = level(KEYS[1], rpm)
+  lr = level(KEYS[1], rcap, rpm)
   if lr < 1 then return {0, math.ceil((1 - lr) * 60000 / rpm), 2, 0, 0, 0, -1, 1} end
 end
 if tpm > 0 then
   -- A call larger than the whole bucket waits for a full bucket, not for ever.
-  if tokens > tpm then tokens = tpm end
-  lt = level(KEYS[2], tpm)
+  if tokens > tcap then tokens = tcap end
+  lt = level(KEYS[2], tcap, tpm)
   if lt < tokens then return {0, math.ceil((tokens - lt) * 60000 / tpm), 3, 0, 0, math.floor(lr), math.floor(lt), 1} end
 else
   tokens = 0
@@ -114,29 +118,38 @@ return {1, 0, 0, tokens, slot, math.floor(lr), math.floor(lt), k}
 
 # KEYS: rq, tk, fly, closed, learn. ARGV: slot, reserved, used (-1: unknown, keep the reservation),
 # throttled retry ms (-1: not a 429), throttled kind (requests|tokens|''), learned limit rpm, tpm,
-# remaining requests, tokens (-1: not sent), answered (1: a provider answer, headers or not), cfg rpm, tpm, conc.
+# remaining requests, tokens (-1: not sent), answered (1: a provider answer, headers or not), cfg rpm, tpm, conc,
+# reset requests, tokens in ms (-1: not sent).
 _SETTLE = (
     _PRELUDE
     + """
 redis.call('ZREM', KEYS[3], ARGV[1])
 local reserved, used, throttled = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local lim_rpm, lim_tpm, rem_rq, rem_tk = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local reset_rq, reset_tk = tonumber(ARGV[14]), tonumber(ARGV[15])
 if ARGV[10] == '1' then
   if lim_rpm > 0 then redis.call('HSET', KEYS[5], 'rpm', lim_rpm) end
   if lim_tpm > 0 then redis.call('HSET', KEYS[5], 'tpm', lim_tpm) end
+  -- A bucket's level plus what refills until it is full is its size: the provider's burst.
+  if lim_rpm > 0 and rem_rq >= 0 and reset_rq >= 0 then
+    redis.call('HSET', KEYS[5], 'rcap', math.ceil(rem_rq + reset_rq * lim_rpm / 60000))
+  end
+  if lim_tpm > 0 and rem_tk >= 0 and reset_tk >= 0 then
+    redis.call('HSET', KEYS[5], 'tcap', math.ceil(rem_tk + reset_tk * lim_tpm / 60000))
+  end
   redis.call('HSET', KEYS[5], 'seen', 1)
   redis.call('PEXPIRE', KEYS[5], 86400000)
 end
-local rpm, tpm = limits(tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]))
+local rpm, tpm, _, _, rcap, tcap = limits(tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]))
 if tpm > 0 then
-  local lt = level(KEYS[2], tpm)
-  if reserved > 0 and used >= 0 then lt = math.min(tpm, lt + reserved - used) end
+  local lt = level(KEYS[2], tcap, tpm)
+  if reserved > 0 and used >= 0 then lt = math.min(tcap, lt + reserved - used) end
   if rem_tk >= 0 and rem_tk < lt then lt = rem_tk end
   if throttled >= 0 and ARGV[5] == 'tokens' then lt = 0 end
   put(KEYS[2], lt)
 end
 if rpm > 0 then
-  local lr = level(KEYS[1], rpm)
+  local lr = level(KEYS[1], rcap, rpm)
   if rem_rq >= 0 and rem_rq < lr then lr = rem_rq end
   if throttled >= 0 and ARGV[5] ~= 'tokens' then lr = 0 end
   put(KEYS[1], lr)
@@ -281,6 +294,8 @@ class UpstreamBudget:
             -1 if info.remaining_tokens is None else info.remaining_tokens,
             int(answered),
             *self.limits_for(grant.model).args(),
+            -1 if info.reset_requests is None else math.ceil(info.reset_requests * 1000),
+            -1 if info.reset_tokens is None else math.ceil(info.reset_tokens * 1000),
         ]
         try:
             await self._settle(keys=self.keys(grant.model)[:5], args=args)

@@ -137,7 +137,13 @@ def test_an_admin_sets_a_users_limits(stack: Stack, client: httpx.Client, db: En
     r = client.put(url, json={"max_pending": 1, "token_budget": 0}, headers=admin["headers"])
     assert r.status_code == 200, r.text
     assert r.json()["max_pending"] == 1
-    assert r.json()["overrides"] == {"requests_per_minute": None, "max_pending": 1, "token_budget": 0}
+    assert r.json()["overrides"] == {
+        "requests_per_minute": None,
+        "max_pending": 1,
+        "token_budget": 0,
+        "fair_weight": None,
+        "max_share": None,
+    }
     missing = client.put(f"/api/v1/admin/users/{uuid.uuid4()}/limits", json={}, headers=admin["headers"])
     assert missing.status_code == 404
     bad = client.put(url, json={"max_pending": -1}, headers=admin["headers"])

@@ -69,8 +69,6 @@ def test_jitter_spreads_waiters_but_never_wakes_them_early() -> None:
     assert max(waits) - min(waits) > 0.3
 
 
-
-
 @pytest.fixture
 async def redis_client(server_urls: dict[str, str]) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(server_urls["redis"])
@@ -89,6 +87,14 @@ def _budget(client: aioredis.Redis, server_urls: dict[str, str], **settings: Any
     return UpstreamBudget(client, Settings(**values))
 
 
+async def _first_answer(budget: UpstreamBudget) -> None:
+    """One call answered without headers: the model is no longer unknown (no probing)."""
+    grant = await budget.acquire(MODEL, 1)
+    assert isinstance(grant, Grant)
+    assert grant.learning
+    await budget.settle(grant, used_tokens=0, answered=True)
+
+
 async def _wipe(client: aioredis.Redis, budget: UpstreamBudget) -> None:
     """What a Redis restart does to the budget: every key of the namespace gone (never FLUSHDB here)."""
     await client.delete(*budget.keys(MODEL))
@@ -99,7 +105,8 @@ async def test_configured_requests_per_minute_grant_a_burst_then_say_how_long_to
     redis_client: aioredis.Redis, server_urls: dict[str, str]
 ) -> None:
     budget = _budget(redis_client, server_urls, upstream_limits={MODEL: {"rpm": 60}})
-    grants = [await budget.acquire(MODEL, 10) for _ in range(60)]
+    await _first_answer(budget)
+    grants = [await budget.acquire(MODEL, 10) for _ in range(59)]
     assert all(isinstance(g, Grant) for g in grants)
     refusal = await budget.acquire(MODEL, 10)
     assert isinstance(refusal, Refusal)
@@ -113,10 +120,14 @@ async def test_tokens_reserved_then_settled_with_usage_after_failure_and_cancel(
     redis_client: aioredis.Redis, server_urls: dict[str, str]
 ) -> None:
     budget = _budget(redis_client, server_urls, upstream_limits={MODEL: {"tpm": 1000, "concurrency": 5}})
+    await _first_answer(budget)
     first = await budget.acquire(MODEL, 600)
-    assert isinstance(first, Grant) and first.reserved_tokens == 600 and first.slot
+    assert isinstance(first, Grant)
+    assert first.reserved_tokens == 600
+    assert first.slot
     refused = await budget.acquire(MODEL, 600)
-    assert isinstance(refused, Refusal) and refused.reason == "tokens"
+    assert isinstance(refused, Refusal)
+    assert refused.reason == "tokens"
     # The provider refused the call (an error answer): the whole reservation comes back.
     await budget.settle(first, used_tokens=0)
     second = await budget.acquire(MODEL, 600)
@@ -134,10 +145,13 @@ async def test_calls_in_flight_are_capped_and_a_dead_workers_slot_expires(
     redis_client: aioredis.Redis, server_urls: dict[str, str]
 ) -> None:
     budget = _budget(redis_client, server_urls, upstream_limits={MODEL: {"concurrency": 2}}, llm_timeout_seconds=0.1)
+    await _first_answer(budget)
     a, b = await budget.acquire(MODEL, 1), await budget.acquire(MODEL, 1)
-    assert isinstance(a, Grant) and isinstance(b, Grant)
+    assert isinstance(a, Grant)
+    assert isinstance(b, Grant)
     third = await budget.acquire(MODEL, 1)
-    assert isinstance(third, Refusal) and third.reason == "concurrency"
+    assert isinstance(third, Refusal)
+    assert third.reason == "concurrency"
     await budget.settle(a, used_tokens=1)
     assert isinstance(await budget.acquire(MODEL, 1), Grant)
     # Nobody settles `b` (its worker was SIGKILLed): its slot lapses after LLM_TIMEOUT_SECONDS + 5 s.
@@ -157,6 +171,7 @@ async def test_unknown_limits_probe_then_learn_from_headers_and_close_on_429(
     assert isinstance(probes[0], Grant)
     await budget.settle(probes[0], used_tokens=100, ratelimit=info, answered=True)
     # Learned: 120 rpm, but the provider says only 3 requests are left, so only about 3 go now.
+    assert await redis_client.hget(budget.keys(MODEL)[4], "rpm") == b"120"
     taken = 0
     while isinstance(await budget.acquire(MODEL, 100), Grant):
         taken += 1
@@ -166,7 +181,8 @@ async def test_unknown_limits_probe_then_learn_from_headers_and_close_on_429(
     # A 429 closes the budget for its retry-after, whatever the buckets hold.
     await budget.settle(probes[1], used_tokens=0, answered=True, throttled_after=2.0, throttled_kind="requests")
     closed = await budget.acquire(MODEL, 1)
-    assert isinstance(closed, Refusal) and closed.reason == "closed"
+    assert isinstance(closed, Refusal)
+    assert closed.reason == "closed"
     assert 1.5 <= closed.wait_seconds <= 3.1
 
 
@@ -185,9 +201,29 @@ async def test_after_redis_loses_the_state_the_budget_starts_conservative_and_re
     after = [await budget.acquire(MODEL, 1) for _ in range(3)]
     assert [isinstance(g, Grant) for g in after] == [True, True, False]
     first = after[0]
-    assert isinstance(first, Grant) and first.learning
+    assert isinstance(first, Grant)
+    assert first.learning
     await budget.settle(first, used_tokens=1, ratelimit=RateLimitInfo(limit_requests=6000), answered=True)
     assert isinstance(await budget.acquire(MODEL, 1), Grant)
+
+
+@pytest.mark.anyio
+async def test_the_providers_burst_is_learned_from_its_reset_headers(
+    redis_client: aioredis.Redis, server_urls: dict[str, str]
+) -> None:
+    budget = _budget(redis_client, server_urls)
+    grant = await budget.acquire(MODEL, 1)
+    assert isinstance(grant, Grant)
+    # 600 rpm refills 10 a second: 5 left and 0.5 s to full means the provider holds a burst of 10, not 600.
+    info = RateLimitInfo(limit_requests=600, remaining_requests=5, reset_requests=0.5)
+    await budget.settle(grant, used_tokens=1, ratelimit=info, answered=True)
+    assert await redis_client.hget(budget.keys(MODEL)[4], "rcap") == b"10"
+    await redis_client.delete(budget.keys(MODEL)[0])
+    granted = 0
+    while isinstance(await budget.acquire(MODEL, 1), Grant):
+        granted += 1
+        assert granted <= 12
+    assert granted >= 9
 
 
 @pytest.mark.anyio
@@ -196,7 +232,8 @@ async def test_an_answer_without_headers_means_no_advertised_limit(
 ) -> None:
     budget = _budget(redis_client, server_urls)
     grant = await budget.acquire(MODEL, 1)
-    assert isinstance(grant, Grant) and grant.needs_settle()
+    assert isinstance(grant, Grant)
+    assert grant.needs_settle()
     await budget.settle(grant, used_tokens=1, answered=True)
     later = [await budget.acquire(MODEL, 1) for _ in range(50)]
     # The idle path: granted, holding nothing, so the call needs no second round trip.
@@ -208,9 +245,12 @@ async def test_waiters_marker_makes_new_deliveries_queue_but_not_the_dispatcher(
     redis_client: aioredis.Redis, server_urls: dict[str, str]
 ) -> None:
     budget = _budget(redis_client, server_urls, upstream_limits={MODEL: {"rpm": 1000}})
+    await _first_answer(budget)
     await budget.mark_waiting(MODEL, 5)
     fresh = await budget.acquire(MODEL, 1, fresh=True)
-    assert isinstance(fresh, Refusal) and fresh.reason == "queued" and fresh.wait_seconds == 0
+    assert isinstance(fresh, Refusal)
+    assert fresh.reason == "queued"
+    assert fresh.wait_seconds == 0
     assert isinstance(await budget.acquire(MODEL, 1), Grant)
     await budget.clear_waiting(MODEL)
     assert isinstance(await budget.acquire(MODEL, 1, fresh=True), Grant)
@@ -221,6 +261,8 @@ async def test_redis_down_fails_open(server_urls: dict[str, str]) -> None:
     dead = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
     budget = _budget(dead, server_urls, upstream_limits={MODEL: {"rpm": 1}})
     grant = await budget.acquire(MODEL, 1)
-    assert isinstance(grant, Grant) and grant.offline and not grant.needs_settle()
+    assert isinstance(grant, Grant)
+    assert grant.offline
+    assert not grant.needs_settle()
     await budget.settle(grant, used_tokens=1)
     await dead.aclose()
