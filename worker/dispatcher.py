@@ -15,9 +15,11 @@ re-sends them (STALE_PENDING_SECONDS); a Redis wipe loses only the budget's stat
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from datetime import timedelta
 
+from shared.logging import query_id_var
 from shared.metrics import TASKS, UPSTREAM_WAIT_SECONDS, UPSTREAM_WAITS
 from shared.repositories import queries_asyncpg as repo
 from shared.repositories.queries_asyncpg import Claim
@@ -81,6 +83,7 @@ async def _wait(rt: WorkerRuntime, claim: Claim, refusal: Refusal) -> None:
     """Give the claim back (not an attempt) and sleep until the budget says it may have room."""
     UPSTREAM_WAITS.labels(model=claim.model, reason=refusal.reason).inc()
     await processing._run_autocommitted(rt, lambda conn: repo.unclaim_attempt(conn, claim, delay=timedelta(0)))
+    await processing._run_autocommitted(rt, lambda conn: repo.return_turn(conn, claim.query_id))
     await rt.budget.mark_waiting(claim.model, MARKER_SECONDS + refusal.wait_seconds)
     UPSTREAM_WAIT_SECONDS.labels(model=claim.model).observe(refusal.wait_seconds)
     await asyncio.sleep(refusal.wait_seconds)
@@ -88,6 +91,7 @@ async def _wait(rt: WorkerRuntime, claim: Claim, refusal: Refusal) -> None:
 
 def _start(rt: WorkerRuntime, claim: Claim, grant: Grant) -> None:
     async def attempt() -> None:
+        query_id_var.set(str(claim.query_id))
         try:
             outcome = await processing.run_attempt(rt, claim, grant)
         finally:
@@ -99,6 +103,6 @@ def _start(rt: WorkerRuntime, claim: Claim, grant: Grant) -> None:
             await asyncio.sleep(outcome.retry_in)
             await rt.publisher.publish(claim.query_id)
 
-    task = asyncio.create_task(attempt())
+    task = asyncio.create_task(attempt(), context=contextvars.Context())
     rt.dispatched.add(task)
     task.add_done_callback(rt.dispatched.discard)

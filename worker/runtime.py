@@ -8,6 +8,7 @@ The loop also runs the background loops the worker's start-up hands it (lease re
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import socket
@@ -105,7 +106,8 @@ class WorkerRuntime:
         task = self.draining.get(model)
         if self._drain is None or (task is not None and not task.done()):
             return
-        self.draining[model] = asyncio.create_task(self._drain(self, model))
+        # A context of its own: not the one of the delivery that woke it (its query id would tag every log line).
+        self.draining[model] = asyncio.create_task(self._drain(self, model), context=contextvars.Context())
 
     async def _close(self) -> None:
         for task in self.draining.values():

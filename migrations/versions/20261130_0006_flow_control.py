@@ -26,9 +26,20 @@ def upgrade() -> None:
     )
     op.add_column('user_limits', sa.Column('fair_weight', sa.Integer(), nullable=True))
     op.add_column('user_limits', sa.Column('max_share', sa.Float(), nullable=True))
+    op.create_table(
+        'fair_turns',
+        sa.Column('model', sa.String(length=200), nullable=False),
+        sa.Column('user_id', sa.Uuid(), nullable=False),
+        sa.Column('vtime', sa.Float(), server_default='0', nullable=False),
+        sa.ForeignKeyConstraint(
+            ['user_id'], ['users.id'], name=op.f('fk_fair_turns_user_id_users'), ondelete='CASCADE'
+        ),
+        sa.PrimaryKeyConstraint('model', 'user_id', name=op.f('pk_fair_turns')),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table('fair_turns')
     op.drop_column('user_limits', 'max_share')
     op.drop_column('user_limits', 'fair_weight')
     op.drop_index('ix_queries_fair', table_name='queries', postgresql_where=sa.text("status = 'pending'"))

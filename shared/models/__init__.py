@@ -2,7 +2,7 @@
 
 from shared.models.api_key import ApiKey
 from shared.models.base import Base
-from shared.models.limits import UserLimits
+from shared.models.limits import FairTurn, UserLimits
 from shared.models.query import TERMINAL_STATUSES, IdempotencyKey, Query, QueryPriority, QueryStatus
 from shared.models.user import RefreshToken, RevokedReason, Role, User
 
@@ -10,6 +10,7 @@ __all__ = [
     "TERMINAL_STATUSES",
     "ApiKey",
     "Base",
+    "FairTurn",
     "IdempotencyKey",
     "Query",
     "QueryPriority",

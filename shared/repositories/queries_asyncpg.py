@@ -215,10 +215,12 @@ async def claim(conn: asyncpg.Connection, query_id: uuid.UUID, owner: str, lease
     return Claim(*row.values()) if row is not None else None
 
 
-# Flow control: the next due row of a model in fair order, claimed like `_CLAIM`. Users take turns: the user
-# with the fewest calls in flight per unit of admin-set weight goes first (then the one waiting longest);
-# interactive rows before batch rows unless these waited BATCH_AGEING_SECONDS; a user over its admin-set share
-# cap comes last (the cap never leaves the budget idle). SKIP LOCKED: claimers never wait on each other.
+# Flow control: the next due row of a model in fair order, claimed like `_CLAIM`. Weighted fair queuing by
+# user (`fair_turns`): the user with due work and the smallest virtual time goes first (a newcomer, or a user
+# back after a pause, starts one turn before the smallest among those waiting: it goes next) and its time advances by
+# 1/weight (admin-set, `user_limits.fair_weight`). Interactive rows come before batch rows unless these waited
+# BATCH_AGEING_SECONDS; a user holding more than its admin-set share of the model's calls in flight comes last
+# (the cap never leaves the budget idle). SKIP LOCKED: claimers never wait on each other.
 _CLAIM_FAIR_SQL = """
 WITH due AS (
   SELECT q.user_id,
@@ -231,16 +233,20 @@ WITH due AS (
   SELECT user_id, count(*) AS n FROM queries WHERE status = 'running' AND model = $1 GROUP BY user_id
 ), total AS (
   SELECT coalesce(sum(n), 0) AS n FROM busy
+), floor AS (
+  SELECT coalesce(min(f.vtime), 0) AS v FROM fair_turns f JOIN due d ON d.user_id = f.user_id WHERE f.model = $1
 ), pick AS (
-  SELECT d.user_id
+  SELECT d.user_id, coalesce(l.fair_weight, 1) AS w, greatest(coalesce(f.vtime, 0), fl.v - 1) AS vt
   FROM due d
   LEFT JOIN busy b ON b.user_id = d.user_id
   LEFT JOIN user_limits l ON l.user_id = d.user_id
+  LEFT JOIN fair_turns f ON f.model = $1 AND f.user_id = d.user_id
   CROSS JOIN total t
+  CROSS JOIN floor fl
   ORDER BY
     (l.max_share IS NOT NULL AND coalesce(b.n, 0) >= l.max_share * (t.n + 1)),
     d.klass,
-    coalesce(b.n, 0)::float8 / coalesce(l.fair_weight, 1),
+    greatest(coalesce(f.vtime, 0), fl.v - 1),
     d.oldest
   LIMIT 1
 ), next AS (
@@ -251,18 +257,30 @@ WITH due AS (
     q.next_attempt_at, q.created_at
   LIMIT 1
   FOR UPDATE OF q SKIP LOCKED
+), claimed AS (
+  UPDATE queries SET
+    status = 'running',
+    attempts = queries.attempts + 1,
+    lease_owner = $2,
+    lease_expires_at = now() + $4::interval,
+    started_at = coalesce(queries.started_at, now()),
+    updated_at = now()
+  FROM next
+  WHERE queries.id = next.id AND queries.status = 'pending'
+  RETURNING queries.id, queries.attempts, queries.prompt, queries.system, queries.model, queries.temperature,
+    queries.max_tokens
+), turn AS (
+  INSERT INTO fair_turns (model, user_id, vtime)
+  SELECT $1, p.user_id, p.vt + 1.0 / p.w FROM pick p WHERE EXISTS (SELECT 1 FROM claimed)
+  ON CONFLICT (model, user_id) DO UPDATE SET vtime = excluded.vtime
 )
-UPDATE queries SET
-  status = 'running',
-  attempts = queries.attempts + 1,
-  lease_owner = $2,
-  lease_expires_at = now() + $4::interval,
-  started_at = coalesce(queries.started_at, now()),
-  updated_at = now()
-FROM next
-WHERE queries.id = next.id AND queries.status = 'pending'
-RETURNING queries.id, queries.attempts, queries.prompt, queries.system, queries.model, queries.temperature,
-  queries.max_tokens
+SELECT * FROM claimed
+"""
+# A claim given back to wait for the budget gives its turn back too: waiting must not cost a user its turn.
+_RETURN_TURN_SQL = """
+UPDATE fair_turns f SET vtime = f.vtime - 1.0 / coalesce(l.fair_weight, 1)
+FROM queries q LEFT JOIN user_limits l ON l.user_id = q.user_id
+WHERE q.id = $1 AND f.model = q.model AND f.user_id = q.user_id
 """
 
 
@@ -390,6 +408,11 @@ async def unclaim_attempt(conn: asyncpg.Connection, claim: Claim, *, delay: time
     """running → pending, due after `delay`, with `attempts` back as it was: the claim made no call (it waits
     for the upstream budget). Cancelled instead if a cancel came in meanwhile."""
     return await _write(conn, _UNCLAIM, claim, delay=delay)
+
+
+async def return_turn(conn: asyncpg.Connection, query_id: uuid.UUID) -> None:
+    """Undo the fair turn a claim took (`claim_next_fair`) when the claim is given back unused."""
+    await conn.execute(_RETURN_TURN_SQL, query_id)
 
 
 _ERASE = CompiledStatement.of(
