@@ -135,6 +135,7 @@ UPSTREAM_THROTTLED = Counter(
 QUEUE_DEPTH = "aiq_queue_depth"
 OLDEST_PENDING_AGE = "aiq_oldest_pending_age_seconds"
 QUERIES_BY_STATUS = "aiq_queries"
+USERS_WAITING = "aiq_users_with_queued_work"
 # Live statuses are always exported (0 when the source omits them, as a GROUP BY does for empty groups), so
 # dashboards and alerts see a series instead of a gap. Other statuses appear only if the source reports them.
 ZERO_FILLED_STATUSES = ("pending", "running")
@@ -173,6 +174,7 @@ class QueueStats:
     depth: int = 0
     oldest_pending_age: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    users_waiting: int = 0
 
 
 class QueueCollector(Collector):
@@ -189,11 +191,13 @@ class QueueCollector(Collector):
         status_counts_fn: StatusCountsFn,
         *,
         queue: str,
+        users_waiting_fn: Callable[[], float] | None = None,
     ) -> None:
         self._depth_fn = depth_fn
         self._age_fn = oldest_pending_age_fn
         self._counts_fn = status_counts_fn
         self._queue = queue
+        self._users_fn = users_waiting_fn
 
     def describe(self) -> Iterable[Metric]:
         # Without describe() the registry would call collect() (and hit Redis/PostgreSQL) at registration.
@@ -201,6 +205,7 @@ class QueueCollector(Collector):
             GaugeMetricFamily(QUEUE_DEPTH, "", labels=["queue"]),
             GaugeMetricFamily(OLDEST_PENDING_AGE, ""),
             GaugeMetricFamily(QUERIES_BY_STATUS, "", labels=["status"]),
+            *([GaugeMetricFamily(USERS_WAITING, "")] if self._users_fn is not None else []),
         ]
 
     def collect(self) -> Iterator[Metric]:
@@ -231,6 +236,15 @@ class QueueCollector(Collector):
                 family.add_metric([status], value)
             yield family
 
+        if self._users_fn is not None:
+            ok, users = _guarded(USERS_WAITING, self._users_fn)
+            if ok:
+                yield GaugeMetricFamily(
+                    USERS_WAITING,
+                    "Users with pending queries: how many take turns for the upstream budget.",
+                    value=float(users),
+                )
+
 
 def _guarded(name: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
     try:
@@ -246,6 +260,7 @@ def register_queue_collector(
     status_counts_fn: StatusCountsFn,
     *,
     queue: str,
+    users_waiting_fn: Callable[[], float] | None = None,
 ) -> QueueCollector:
     """Export `aiq_queue_depth{queue}`, `aiq_oldest_pending_age_seconds` and `aiq_queries{status}`.
 
@@ -255,7 +270,9 @@ def register_queue_collector(
     running are exported as 0 when missing, other statuses only when present.
     Returns the collector so it can be passed to `unregister_collector()`.
     """
-    collector = QueueCollector(depth_fn, oldest_pending_age_fn, status_counts_fn, queue=queue)
+    collector = QueueCollector(
+        depth_fn, oldest_pending_age_fn, status_counts_fn, queue=queue, users_waiting_fn=users_waiting_fn
+    )
     if MULTIPROC_DIR:
         with _extra_lock:
             _extra_collectors.append(collector)

@@ -59,6 +59,7 @@ async def metrics(
 
     async def from_database() -> None:
         stats.counts, stats.oldest_pending_age = await queries_session.live_stats(session)
+        stats.users_waiting = await queries_session.users_with_queued_work(session)
 
     async def from_broker() -> None:
         stats.depth = int(await redis.llen(settings.queue_name))
