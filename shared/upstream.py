@@ -81,7 +81,12 @@ local tokens, fresh = tonumber(ARGV[4]), ARGV[8] == '1'
 if fresh and redis.call('EXISTS', KEYS[6]) == 1 then return {0, 0, 5, 0, 0, -1, -1, 1} end
 local closed = redis.call('PTTL', KEYS[4])
 if closed > 0 then return {0, closed, 1, 0, 0, 0, 0, 1} end
-if not known then conc = tonumber(ARGV[7]) end
+if known then
+  -- What was learned lasts while the model is in use (the idle path never settles).
+  redis.call('PEXPIRE', KEYS[5], 604800000)
+else
+  conc = tonumber(ARGV[7])
+end
 local n = 0
 if conc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
@@ -138,7 +143,7 @@ if ARGV[10] == '1' then
     redis.call('HSET', KEYS[5], 'tcap', math.ceil(rem_tk + reset_tk * lim_tpm / 60000))
   end
   redis.call('HSET', KEYS[5], 'seen', 1)
-  redis.call('PEXPIRE', KEYS[5], 86400000)
+  redis.call('PEXPIRE', KEYS[5], 604800000)
 end
 local rpm, tpm, _, _, rcap, tcap = limits(tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13]))
 if tpm > 0 then
@@ -206,9 +211,10 @@ class Refusal:
 REASONS = {1: "closed", 2: "requests", 3: "tokens", 4: "concurrency", 5: "queued"}
 
 
-def jittered(wait_ms: float, rng: random.Random | None = None) -> float:
-    """A refusal's wait in seconds, spread so that waiters do not all wake in the same millisecond."""
-    spread = min(1000.0, 20.0 + wait_ms * 0.25)
+def jittered(wait_ms: float, rng: random.Random | None = None, *, reopening: bool = True) -> float:
+    """A refusal's wait in seconds, spread so that waiters do not all wake in the same millisecond: widely
+    when the budget reopens after a 429 (no stampede), narrowly for a bucket's next token."""
+    spread = min(1000.0, 20.0 + wait_ms * 0.25) if reopening else 5.0 + wait_ms * 0.05
     uniform = rng.uniform if rng is not None else random.uniform
     return (wait_ms + uniform(0, spread)) / 1000
 
@@ -262,7 +268,7 @@ class UpstreamBudget:
             UPSTREAM_BUDGET_LEVEL.labels(model=model, kind="tokens").set(tpm_left)
         if granted:
             return Grant(model, slot if slot_taken else "", reserved, learning=not known)
-        return Refusal(0.0 if reason == 5 else jittered(wait_ms), REASONS.get(reason, "other"))
+        return Refusal(0.0 if reason == 5 else jittered(wait_ms, reopening=reason == 1), REASONS.get(reason, "other"))
 
     async def settle(
         self,

@@ -96,6 +96,8 @@ def _one_mode(
         "provider_429": throttled,
         "provider_429_share": round(throttled / calls, 4) if calls else None,
         "a_drain_s": drain,
+        # Part of the drain: how long A's submits took through the API (the clock starts at the first).
+        "a_submit_s": _submit_span(a_rows),
         "a_ideal_drain_s": round(ideal, 2),
         "a_drain_vs_ideal": round(drain / ideal, 3) if drain is not None and ideal else None,
         "late_slowest_s": {user: _slowest([rows[i] for i in ids if i in rows]) for user, ids in late.items()},
@@ -147,6 +149,12 @@ def _span(rows: list[dict[str, Any]]) -> float | None:
         return None
     span = max(r["finished_at"] for r in rows) - min(r["created_at"] for r in rows)
     return round(float(span.total_seconds()), 2)
+
+
+def _submit_span(rows: list[dict[str, Any]]) -> float | None:
+    if not rows:
+        return None
+    return round(float((max(r["created_at"] for r in rows) - min(r["created_at"] for r in rows)).total_seconds()), 2)
 
 
 def _slowest(rows: list[dict[str, Any]]) -> float | None:
