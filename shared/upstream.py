@@ -70,7 +70,7 @@ end
 """
 
 # KEYS: rq, tk, fly, closed, learn, wait. ARGV: cfg rpm, tpm, conc (-1: learn), tokens, slot, slot ttl ms,
-# probe concurrency, fresh (1: a new delivery, which must not jump waiting work).
+# probe concurrency, fresh (1: a new delivery, which must not jump waiting work), dry (1: only look).
 # Returns {granted, wait_ms, reason, reserved_tokens, slot_taken, rpm_left, tpm_left, known}.
 # Reasons: 0 ok, 1 closed after a 429, 2 requests, 3 tokens, 4 concurrency, 5 others are waiting.
 _ACQUIRE = (
@@ -107,6 +107,9 @@ if tpm > 0 then
 else
   tokens = 0
 end
+local k = 0
+if known then k = 1 end
+if ARGV[9] == '1' then return {1, 0, 0, 0, 0, math.floor(lr), math.floor(lt), k} end
 if rpm > 0 then lr = lr - 1; put(KEYS[1], lr) end
 if tpm > 0 then lt = lt - tokens; put(KEYS[2], lt) end
 local slot = 0
@@ -115,8 +118,6 @@ if conc > 0 then
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6]) + 60000)
   slot = 1
 end
-local k = 0
-if known then k = 1 end
 return {1, 0, 0, tokens, slot, math.floor(lr), math.floor(lt), k}
 """
 )
@@ -250,12 +251,15 @@ class UpstreamBudget:
             max_tokens or self._settings.upstream_output_estimate
         )
 
-    async def acquire(self, model: str, tokens: int, *, fresh: bool = False) -> Grant | Refusal:
+    async def acquire(self, model: str, tokens: int, *, fresh: bool = False, dry: bool = False) -> Grant | Refusal:
         """Take one call's budget, or say how long to wait. Redis down: the call goes ahead (fail open,
-        logged): the queue must keep working, and a provider's 429s still pace it through the retries."""
+        logged): the queue must keep working, and a provider's 429s still pace it through the retries.
+
+        `dry` only looks (nothing is taken, the Grant holds nothing): a dispatcher asks before it claims a row.
+        """
         slot = uuid.uuid4().hex
         args: list[Any] = [*self.limits_for(model).args(), tokens, slot, self._slot_ttl_ms]
-        args += [self._settings.upstream_probe_concurrency, int(fresh)]
+        args += [self._settings.upstream_probe_concurrency, int(fresh), int(dry)]
         try:
             reply = [int(v) for v in await self._acquire(keys=self.keys(model), args=args)]
         except RedisError as exc:
@@ -267,6 +271,8 @@ class UpstreamBudget:
         if tpm_left >= 0:
             UPSTREAM_BUDGET_LEVEL.labels(model=model, kind="tokens").set(tpm_left)
         if granted:
+            if dry:
+                return Grant(model, "", 0, offline=True)
             return Grant(model, slot if slot_taken else "", reserved, learning=not known)
         return Refusal(0.0 if reason == 5 else jittered(wait_ms, reopening=reason == 1), REASONS.get(reason, "other"))
 

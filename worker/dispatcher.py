@@ -5,6 +5,7 @@ and the message is acked: waiting holds no thread, no connection and no message.
 model per worker process, on the runtime's loop, then repeats: sleep exactly as long as the budget says
 (with jitter: no polling storm, no stampede at reopen), claim the model's next due row in fair order
 (`claim_next_fair`: users take turns, interactive before batch), take its budget, and start its attempt
+(it looks at the budget before claiming, so a refusal costs no database write)
 under the worker's concurrency. It stops when no row is due. While it runs, a waiters marker in Redis makes
 every worker's new deliveries of the model join the wait instead of jumping the queue.
 
@@ -52,11 +53,21 @@ async def _drain(rt: WorkerRuntime, model: str) -> None:
     lease = timedelta(seconds=settings.lease_seconds)
     ageing = timedelta(seconds=settings.batch_ageing_seconds)
     misses = 0
+    # What the last row reserved: the look before a claim asks for about as much.
+    hint = settings.upstream_output_estimate
     while True:
         await rt.budget.mark_waiting(model, MARKER_SECONDS)
         await rt.dispatch_slots.acquire()
         started = False
         try:
+            # Look before claiming: a refusal here costs no database write (no claim to give back).
+            look = await rt.budget.acquire(model, hint, dry=True)
+            if isinstance(look, Refusal):
+                UPSTREAM_WAITS.labels(model=model, reason=look.reason).inc()
+                UPSTREAM_WAIT_SECONDS.labels(model=model).observe(look.wait_seconds)
+                await rt.budget.mark_waiting(model, MARKER_SECONDS + look.wait_seconds)
+                await asyncio.sleep(look.wait_seconds)
+                continue
             claim = await processing._run_autocommitted(
                 rt, lambda conn: repo.claim_next_fair(conn, model, rt.owner, lease, ageing)
             )
@@ -68,7 +79,8 @@ async def _drain(rt: WorkerRuntime, model: str) -> None:
                 await asyncio.sleep(0.05 * misses)
                 continue
             misses = 0
-            budget = await rt.budget.acquire(model, rt.budget.estimate(claim.prompt, claim.system, claim.max_tokens))
+            hint = rt.budget.estimate(claim.prompt, claim.system, claim.max_tokens)
+            budget = await rt.budget.acquire(model, hint)
             if isinstance(budget, Refusal):
                 await _wait(rt, claim, budget)
                 continue

@@ -266,3 +266,14 @@ async def test_redis_down_fails_open(server_urls: dict[str, str]) -> None:
     assert not grant.needs_settle()
     await budget.settle(grant, used_tokens=1)
     await dead.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_dry_look_takes_nothing(redis_client: aioredis.Redis, server_urls: dict[str, str]) -> None:
+    budget = _budget(redis_client, server_urls, upstream_limits={MODEL: {"rpm": 60, "concurrency": 1}})
+    await _first_answer(budget)
+    looks = [await budget.acquire(MODEL, 1, dry=True) for _ in range(100)]
+    assert all(isinstance(g, Grant) and not g.needs_settle() for g in looks)
+    assert await redis_client.zcard(budget.keys(MODEL)[2]) == 0
+    assert isinstance(await budget.acquire(MODEL, 1), Grant)
+    assert isinstance(await budget.acquire(MODEL, 1, dry=True), Refusal)
