@@ -31,8 +31,9 @@ import hashlib
 import logging
 import math
 import random
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -125,14 +126,14 @@ return {1, 0, 0, tokens, slot, math.floor(lr), math.floor(lt), k}
 # KEYS: rq, tk, fly, closed, learn. ARGV: slot, reserved, used (-1: unknown, keep the reservation),
 # throttled retry ms (-1: not a 429), throttled kind (requests|tokens|''), learned limit rpm, tpm,
 # remaining requests, tokens (-1: not sent), answered (1: a provider answer, headers or not), cfg rpm, tpm, conc,
-# reset requests, tokens in ms (-1: not sent).
+# reset requests, tokens in ms (-1: not sent), ms since the call started.
 _SETTLE = (
     _PRELUDE
     + """
 redis.call('ZREM', KEYS[3], ARGV[1])
 local reserved, used, throttled = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local lim_rpm, lim_tpm, rem_rq, rem_tk = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local reset_rq, reset_tk = tonumber(ARGV[14]), tonumber(ARGV[15])
+local reset_rq, reset_tk, elapsed = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
 if ARGV[10] == '1' then
   if lim_rpm > 0 then redis.call('HSET', KEYS[5], 'rpm', lim_rpm) end
   if lim_tpm > 0 then redis.call('HSET', KEYS[5], 'tpm', lim_tpm) end
@@ -150,13 +151,20 @@ local rpm, tpm, _, _, rcap, tcap = limits(tonumber(ARGV[11]), tonumber(ARGV[12])
 if tpm > 0 then
   local lt = level(KEYS[2], tcap, tpm)
   if reserved > 0 and used >= 0 then lt = math.min(tcap, lt + reserved - used) end
-  if rem_tk >= 0 and rem_tk < lt then lt = rem_tk end
+  -- `remaining` was counted when the call arrived: what refilled since is the provider's too.
+  if rem_tk >= 0 then
+    local now_left = rem_tk + elapsed * tpm / 60000
+    if now_left < lt then lt = now_left end
+  end
   if throttled >= 0 and ARGV[5] == 'tokens' then lt = 0 end
   put(KEYS[2], lt)
 end
 if rpm > 0 then
   local lr = level(KEYS[1], rcap, rpm)
-  if rem_rq >= 0 and rem_rq < lr then lr = rem_rq end
+  if rem_rq >= 0 then
+    local now_left = rem_rq + elapsed * rpm / 60000
+    if now_left < lr then lr = now_left end
+  end
   if throttled >= 0 and ARGV[5] ~= 'tokens' then lr = 0 end
   put(KEYS[1], lr)
 end
@@ -193,6 +201,7 @@ class Grant:
     learning: bool = False
     # Redis was unreachable: nothing was taken, nothing to settle.
     offline: bool = False
+    taken_at: float = field(default_factory=time.monotonic)
 
     def needs_settle(self, ratelimit: RateLimitInfo | None = None) -> bool:
         """Whether settling does anything; the idle path (nothing to hold, nothing to learn) skips it."""
@@ -308,6 +317,7 @@ class UpstreamBudget:
             *self.limits_for(grant.model).args(),
             -1 if info.reset_requests is None else math.ceil(info.reset_requests * 1000),
             -1 if info.reset_tokens is None else math.ceil(info.reset_tokens * 1000),
+            max(0, math.floor((time.monotonic() - grant.taken_at) * 1000)),
         ]
         try:
             await self._settle(keys=self.keys(grant.model)[:5], args=args)
