@@ -139,10 +139,10 @@ if ARGV[10] == '1' then
   if lim_tpm > 0 then redis.call('HSET', KEYS[5], 'tpm', lim_tpm) end
   -- A bucket's level plus what refills until it is full is its size: the provider's burst.
   if lim_rpm > 0 and rem_rq >= 0 and reset_rq >= 0 then
-    redis.call('HSET', KEYS[5], 'rcap', math.ceil(rem_rq + reset_rq * lim_rpm / 60000))
+    redis.call('HSET', KEYS[5], 'rcap', math.floor(rem_rq + reset_rq * lim_rpm / 60000))
   end
   if lim_tpm > 0 and rem_tk >= 0 and reset_tk >= 0 then
-    redis.call('HSET', KEYS[5], 'tcap', math.ceil(rem_tk + reset_tk * lim_tpm / 60000))
+    redis.call('HSET', KEYS[5], 'tcap', math.floor(rem_tk + reset_tk * lim_tpm / 60000))
   end
   redis.call('HSET', KEYS[5], 'seen', 1)
   redis.call('PEXPIRE', KEYS[5], 604800000)
