@@ -186,7 +186,10 @@ async def _within_budget(
             _spawn(rt, rt.budget.settle(grant, used_tokens=0 if answered else None))
         raise
     if grant.needs_settle(result.ratelimit):
-        _spawn(rt, rt.budget.settle(grant, used_tokens=result.total_tokens, ratelimit=result.ratelimit, answered=True))
+        used = result.total_tokens
+        if capped or used is None:
+            used = max(grant.reserved_tokens, used or 0)
+        _spawn(rt, rt.budget.settle(grant, used_tokens=used, ratelimit=result.ratelimit, answered=True))
     return result
 
 
