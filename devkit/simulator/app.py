@@ -543,7 +543,7 @@ class SimulatorApp:
                     return
                 latency_ms = 0
             else:
-                raise self._fault_error(fault, model, directives, config)
+                raise self._fault_error(fault, model, directives, config, limit_headers)
 
         if latency_ms > 0:
             await asyncio.sleep(latency_ms / 1000)
@@ -577,7 +577,9 @@ class SimulatorApp:
             draw -= rate
         return None
 
-    def _fault_error(self, fault: str, model: str, directives: Directives, config: SimulatorConfig) -> RequestError:
+    def _fault_error(
+        self, fault: str, model: str, directives: Directives, config: SimulatorConfig, limit_headers: Headers
+    ) -> RequestError:
         if fault == "429":
             if directives.retry_after is not None:
                 seconds = float(directives.retry_after)
@@ -586,12 +588,12 @@ class SimulatorApp:
                 seconds = self.rng.uniform(config.retry_after_min, config.retry_after_max)
                 # Retry-After carries whole seconds (RFC 9110); the exact value rides in retry-after-ms.
                 header = str(math.ceil(seconds))
+            # An injected 429 advertises the model's real limits (none when it has none): a client that learns
+            # limits from headers must not learn a made-up one from a fault.
             headers = (
                 (b"retry-after", header.encode()),
                 (b"retry-after-ms", str(round(seconds * 1000)).encode()),
-                (b"x-ratelimit-limit-requests", b"500"),
-                (b"x-ratelimit-remaining-requests", b"0"),
-                (b"x-ratelimit-reset-requests", f"{seconds:g}s".encode()),
+                *limit_headers,
             )
             message = (
                 f"Rate limit reached for {model} in organization org-aiqsim on requests per min (RPM): "

@@ -190,6 +190,14 @@ def test_tokens_per_minute_and_request_too_large() -> None:
         )
         assert raw.headers["x-ratelimit-remaining-tokens"] == str(100 - 1 - 16)
 
+        # An injected 429 carries the model's real limits.
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(
+                model="gpt-4.1-mini", messages=[{"role": "user", "content": "[[sim fail=429 retry_after=1]]"}]
+            )
+        assert info.value.response.headers["x-ratelimit-limit-tokens"] == "100"
+        assert "x-ratelimit-limit-requests" not in info.value.response.headers
+
         # A request larger than the whole per-minute limit can never run: no Retry-After.
         with pytest.raises(openai.RateLimitError) as info:
             client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=500)
@@ -265,6 +273,11 @@ def test_limits_are_off_by_default_and_live_configurable() -> None:
         client = _sdk(sim.base_url)
         raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=_prompt())
         assert not [name for name in raw.headers if name.startswith("x-ratelimit-")]
+        # An injected 429 does not make up limits either: a client learning limits from headers learns none.
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(model=MODEL, messages=_prompt("[[sim fail=429 retry_after=1]]"))
+        assert info.value.response.headers["retry-after"] == "1"
+        assert not [name for name in info.value.response.headers if name.startswith("x-ratelimit-")]
 
         updated = httpx.post(sim.url + "/_sim/config", json={"limit_rpm": 1, "model_limits": {"gpt-4o": {"rpm": 0}}})
         assert updated.status_code == 200
