@@ -39,7 +39,7 @@ from devkit.simulator.directives import (
     parse_directives,
     prompt_chars,
 )
-from devkit.simulator.limits import RateLimited, RateLimiter
+from devkit.simulator.limits import MAX_TRACKED_MODELS, RateLimited, RateLimiter
 
 MODELS: tuple[str, ...] = (
     "gpt-4o-mini",
@@ -53,7 +53,6 @@ DEFAULT_COMPLETION_TOKENS = 16
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_TRACKED_QUERIES = 200_000
 MAX_TRACKED_PROMPTS = 200_000
-MAX_TRACKED_MODELS = 1_000
 # The Retry-After hint of a concurrency 429 when the configured latency is (near) zero.
 MIN_CONCURRENCY_RETRY_SECONDS = 0.01
 VALID_ROLES = ("system", "assistant", "user", "function", "tool", "developer")
