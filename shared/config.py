@@ -24,6 +24,13 @@ class Environment(StrEnum):
     PRODUCTION = "production"
 
 
+class CacheScope(StrEnum):
+    """Who shares cached answers: each user their own, or everybody."""
+
+    USER = "user"
+    GLOBAL = "global"
+
+
 class Settings(BaseSettings):
     """Every knob of API, worker and sweeper; names match the environment variables."""
 
@@ -103,6 +110,12 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = []
     # Terminal queries finished longer ago than this are deleted by the workers; 0 keeps them forever.
     retention_days: int = Field(default=0, ge=0)
+
+    # Response cache (issue 11.4), read by the API at submit: whether a query without `cache` uses it, how long
+    # an answer stays, and whether identical requests of different users share answers (`global`) or not.
+    response_cache_default: bool = False
+    response_cache_ttl_seconds: int = Field(default=3600, ge=1)
+    response_cache_scope: CacheScope = CacheScope.USER
 
     @field_validator("allowed_models", mode="before")
     @classmethod
