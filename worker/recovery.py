@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from shared.models import TERMINAL_STATUSES
 from shared.repositories import queries_session as repo
+from shared.services import webhooks
 from worker.runtime import StopReason, WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ async def sweep_once(rt: WorkerRuntime) -> int:
     for query_id, status in reclaimed:
         if status in TERMINAL_STATUSES:
             await rt.limiter.settle_quietly(query_id, 0)
+            await webhooks.on_query_ended(rt.raw_pool, rt.publisher, query_id)
     async with rt.sessionmaker.begin() as session:
         due = await repo.lock_stale_pending(session, stale, SWEEP_BATCH)
         sent: list[uuid.UUID] = []
