@@ -52,9 +52,9 @@ FROM webhook_endpoints WHERE user_id = $1
 """
 _RECORD = """
 UPDATE webhook_deliveries
-SET status = $2, last_status_code = $3, last_error = $4, locked_until = NULL,
-    next_attempt_at = CASE WHEN $2 = 'pending' THEN now() + $5::interval ELSE next_attempt_at END,
-    delivered_at = CASE WHEN $2 = 'delivered' THEN now() END
+SET status = $2::text, last_status_code = $3, last_error = $4, locked_until = NULL,
+    next_attempt_at = CASE WHEN $2::text = 'pending' THEN now() + $5::interval ELSE next_attempt_at END,
+    delivered_at = CASE WHEN $2::text = 'delivered' THEN now() END
 WHERE id = $1 AND attempts = $6
 """
 _DISABLE_ENDPOINT = """

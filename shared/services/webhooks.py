@@ -26,6 +26,8 @@ from shared.webhooks import new_secret, now_timestamp, send, signature_headers, 
 
 log = logging.getLogger(__name__)
 SWEEP_BATCH = 500
+# A receiver's Retry-After is honoured up to this (the whole retry schedule spans about a day).
+RETRY_AFTER_CAP_SECONDS = 24 * 3600.0
 
 
 class DeliveryOutcome:
@@ -78,8 +80,7 @@ def retry_delay(settings: Settings, attempt: int, retry_after: float | None) -> 
         return None
     delay = delays[attempt - 1] * random.uniform(0.8, 1.2)
     if retry_after is not None:
-        # Honoured, but never beyond the longest step of the schedule.
-        delay = max(delay, min(retry_after, max(delays)))
+        delay = max(delay, min(retry_after, RETRY_AFTER_CAP_SECONDS))
     return delay
 
 
