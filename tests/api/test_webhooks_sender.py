@@ -7,6 +7,8 @@ import asyncio
 import ipaddress
 import json
 import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -222,3 +224,69 @@ def test_retry_after_formats() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480 - 60) == 60
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+
+
+def _self_signed(tmp: Any, name: str) -> tuple[str, str]:
+    key, cert = str(tmp / f"{name}.key"), str(tmp / f"{name}.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name}", "-keyout", key, "-out", cert],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.parametrize(("cert_name", "ok"), [("hooks.example.test", True), ("someone-else.test", False)])
+def test_https_goes_to_the_vetted_address_and_still_verifies_the_host_name(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, cert_name: str, ok: bool
+) -> None:
+    cert, key = _self_signed(tmp_path, cert_name)
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            seen.append(self.headers.get("host"))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    snis: list[str | None] = []
+    server_ctx.sni_callback = lambda sock, name, ctx: snis.append(name)  # type: ignore[assignment,func-returns-value]
+    server.socket = server_ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    client_ctx = ssl.create_default_context(cafile=cert)
+    monkeypatch.setattr("shared.webhooks._tls_context", lambda: client_ctx)
+    resolved: list[str] = []
+
+    async def fake_getaddrinfo(host: str, port_: int, **_: Any) -> list[Any]:
+        # The name resolves to the allow-listed loopback address; the request must go there, named by its host.
+        resolved.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port_))]
+
+    async def run() -> Any:
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", fake_getaddrinfo)
+        settings = Settings(environment="production", jwt_secret_key="x" * 40, webhook_allowed_hosts="127.0.0.1")
+        return await send(settings, f"https://hooks.example.test:{port}/h", {}, b"{}")
+
+    try:
+        result = asyncio.run(run())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert resolved == ["hooks.example.test"]
+    if ok:
+        assert result.ok, result
+        assert seen == [f"hooks.example.test:{port}"]
+        assert snis == ["hooks.example.test"]
+    else:
+        assert not result.ok
+        assert result.error is not None
+        assert result.error.startswith("connection")
+        assert seen == []
