@@ -16,6 +16,7 @@ from shared.config import get_settings
 from shared.logging import configure_logging, query_id_var
 from shared.metrics import start_worker_metrics_server
 from shared.queue import DELIVER_WEBHOOK_TASK, PROCESS_TASK, make_celery
+from shared.services.webhooks import DeliveryOutcome
 from worker import processing, recovery, webhooks
 from worker.broker import guard_dead_channel
 from worker.runtime import BackgroundLoop, StopReason, WorkerRuntime, current_runtime, get_runtime, shutdown_runtime
@@ -167,6 +168,6 @@ def deliver_webhook(delivery_id: str) -> str:
         raise Ignore() from None
     rt = runtime()
     outcome = rt.run(webhooks.deliver(rt, did))
-    if outcome == "skipped":
+    if outcome is DeliveryOutcome.SKIPPED:
         raise Ignore()
-    return outcome
+    return outcome.value

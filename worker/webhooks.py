@@ -14,7 +14,7 @@ from worker.runtime import WorkerRuntime
 log = logging.getLogger(__name__)
 
 
-async def deliver(rt: WorkerRuntime, delivery_id: uuid.UUID) -> str:
+async def deliver(rt: WorkerRuntime, delivery_id: uuid.UUID) -> webhooks.DeliveryOutcome:
     """One attempt; the row decides whether anything is sent."""
     return await webhooks.deliver(rt.raw_pool, rt.settings, delivery_id)
 

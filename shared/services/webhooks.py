@@ -11,6 +11,7 @@ import logging
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,7 +31,7 @@ SWEEP_BATCH = 500
 RETRY_AFTER_CAP_SECONDS = 24 * 3600.0
 
 
-class DeliveryOutcome:
+class DeliveryOutcome(StrEnum):
     """The `outcome` label of `aiq_webhook_deliveries_total`, one per attempt."""
 
     DELIVERED = "delivered"
@@ -84,7 +85,7 @@ def retry_delay(settings: Settings, attempt: int, retry_after: float | None) -> 
     return delay
 
 
-async def deliver(pool: asyncpg.Pool, settings: Settings, delivery_id: uuid.UUID) -> str:
+async def deliver(pool: asyncpg.Pool, settings: Settings, delivery_id: uuid.UUID) -> DeliveryOutcome:
     """One attempt at a delivery: claim, sign, POST, record; returns the outcome. No connection is held
     while the receiver answers."""
     lock = timedelta(seconds=settings.webhook_timeout_seconds * 2 + 30)
@@ -123,10 +124,10 @@ async def deliver(pool: asyncpg.Pool, settings: Settings, delivery_id: uuid.UUID
             error=error,
             retry_in=timedelta(seconds=delay),
         )
-        if outcome == DeliveryOutcome.GONE and row["to_endpoint"]:
+        if outcome is DeliveryOutcome.GONE and row["to_endpoint"]:
             await repo.disable_endpoint(conn, row["user_id"], row["url"], "gone")
     WEBHOOK_DELIVERIES.labels(outcome=outcome).inc()
-    if outcome == DeliveryOutcome.DELIVERED:
+    if outcome is DeliveryOutcome.DELIVERED:
         WEBHOOK_DELIVERY_LAG.observe(max(0.0, (datetime.now(UTC) - row["created_at"]).total_seconds()))
     # The URL may carry a token of the receiver's: log the delivery and the outcome, not where it went.
     log.info(
@@ -135,7 +136,7 @@ async def deliver(pool: asyncpg.Pool, settings: Settings, delivery_id: uuid.UUID
             "query_id": str(row["query_id"]),
             "outcome": outcome,
             "attempt": attempt,
-            "status": result.status_code,
+            "status_code": result.status_code,
             "error": error,
             "delay_s": round(delay, 1),
         },

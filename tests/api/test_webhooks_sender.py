@@ -290,3 +290,22 @@ def test_https_goes_to_the_vetted_address_and_still_verifies_the_host_name(
         assert result.error is not None
         assert result.error.startswith("connection")
         assert seen == []
+
+
+def test_retry_schedule_spans_about_a_day_with_jitter_and_honours_retry_after() -> None:
+    from shared.services.webhooks import retry_delay
+
+    settings = Settings()
+    delays = [retry_delay(settings, n, None) for n in range(1, 9)]
+    assert delays[-1] is None
+    steps = [d for d in delays if d is not None]
+    assert len(steps) == 7
+    for got, nominal in zip(steps, settings.webhook_retry_delays_seconds, strict=True):
+        assert 0.8 * nominal <= got <= 1.2 * nominal
+    assert 20 * 3600 <= sum(steps) <= 34 * 3600
+    first = retry_delay(settings, 1, 120)
+    assert first is not None
+    assert first >= 120
+    capped = retry_delay(settings, 1, 10**9)
+    assert capped is not None
+    assert capped <= 24 * 3600
