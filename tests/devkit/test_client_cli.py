@@ -161,3 +161,59 @@ def test_ctrl_c_cancels_the_query(logged_in: dict[str, Any], stack: Stack, db: E
     assert proc.returncode == 130, rest
     assert "cancel requested" in rest
     wait_until(lambda: row(db, query_id)["status"] == "cancelled", timeout=20)
+
+
+def test_ask_stream_prints_the_answer_as_it_is_written(logged_in: dict[str, Any], stack: Stack) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "devkit.cli",
+            "ask",
+            f"[[sim tokens=30 chunk_ms=100]] stream {uuid.uuid4()}",
+            "--stream",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(stack, logged_in["home"]),
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.read(1)
+        first_at = time.monotonic()
+        rest = proc.stdout.read()
+        proc.wait(timeout=60)
+        ended_at = time.monotonic()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    # 30 chunks 0.1 s apart: the first words are on the terminal long before the last.
+    assert ended_at - first_at > 1.0
+    assert proc.stderr is not None
+    query_id = proc.stderr.read().decode().split()[1]
+    stored = json.loads(aiq(stack, logged_in["home"], "get", query_id, "--json").stdout)
+    assert (first + rest).decode() == stored["response"] + "\n"
+
+
+def test_ask_stream_json_is_one_event_per_line(logged_in: dict[str, Any], stack: Stack) -> None:
+    r = aiq(
+        stack, logged_in["home"], "ask", f"[[sim tokens=12 chunk_ms=20]] events {uuid.uuid4()}", "--stream", "--json"
+    )
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(set(seqs))
+    assert events[-1]["type"] == "completed"
+    assert "started" in {e["type"] for e in events}
+    text = "".join(e["text"] for e in events if e["type"] == "delta")
+    query_id = json.loads(aiq(stack, logged_in["home"], "list", "--json", "--limit", "1").stdout)[0]["query_id"]
+    stored = json.loads(aiq(stack, logged_in["home"], "get", query_id, "--json").stdout)
+    assert text == stored["response"]
+
+
+def test_ask_stream_of_a_failing_query_exits_1(logged_in: dict[str, Any], stack: Stack) -> None:
+    r = aiq(stack, logged_in["home"], "ask", f"[[sim fail=400]] no {uuid.uuid4()}", "--stream")
+    assert r.returncode == 1, r.stderr
+    assert "failed" in r.stderr
