@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     # Delay before each retry of a failed delivery (comma-separated seconds, each with +-20 % jitter); the
     # default spreads 8 attempts over about 27 hours. Then the delivery is failed for good.
     webhook_retry_delays_seconds: Annotated[list[float], NoDecode] = [5, 300, 1800, 7200, 18000, 36000, 36000]
-    # Connect and read timeout of one delivery attempt (the whole attempt is bounded by twice this).
+    # Resolve, connect and read timeout of one delivery attempt (the request as a whole: at most twice this).
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
 
     @field_validator("allowed_models", mode="before")

@@ -204,16 +204,23 @@ def _tls_context() -> ssl.SSLContext:
 
 
 async def send(settings: Settings, url: str, headers: dict[str, str], body: bytes) -> SendResult:
-    """POST `body` to `url` once, SSRF-safe; never raises for what the network or the receiver does."""
+    """POST `body` to `url` once, SSRF-safe; never raises for what the network or the receiver does.
+
+    Bounded in time: resolving by WEBHOOK_TIMEOUT_SECONDS, connect and each read by it, the request by twice it.
+    """
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     secure = parts.scheme == "https"
     port = parts.port or (443 if secure else 80)
+    timeout = settings.webhook_timeout_seconds
     try:
         validate_url(settings, url)
-        ip = await resolve(settings, host, port)
+        async with asyncio.timeout(timeout):
+            ip = await resolve(settings, host, port)
     except (ValueError, RefusedDestination) as exc:
         return SendResult(None, error=f"refused: {exc}"[:200], refused=True)
+    except TimeoutError:
+        return SendResult(None, error="timeout: resolving the host name")
     netloc = f"[{ip}]" if ip.version == 6 else str(ip)
     target = f"{parts.scheme}://{netloc}:{port}{parts.path or '/'}" + (f"?{parts.query}" if parts.query else "")
     default_port = port == (443 if secure else 80)
@@ -223,7 +230,6 @@ async def send(settings: Settings, url: str, headers: dict[str, str], body: byte
         "host": host if default_port else f"{host}:{port}",
         **headers,
     }
-    timeout = settings.webhook_timeout_seconds
     extensions = {"sni_hostname": host} if secure else {}
     try:
         async with (

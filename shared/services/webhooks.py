@@ -88,7 +88,9 @@ def retry_delay(settings: Settings, attempt: int, retry_after: float | None) -> 
 async def deliver(pool: asyncpg.Pool, settings: Settings, delivery_id: uuid.UUID) -> DeliveryOutcome:
     """One attempt at a delivery: claim, sign, POST, record; returns the outcome. No connection is held
     while the receiver answers."""
-    lock = timedelta(seconds=settings.webhook_timeout_seconds * 2 + 30)
+    # Longer than an attempt can take (shared/webhooks.send: at most 3x the timeout), so a held row is never
+    # sent twice at once; a worker that died mid-attempt lets go when it expires.
+    lock = timedelta(seconds=settings.webhook_timeout_seconds * 3 + 30)
     async with pool.acquire() as conn:
         row = await repo.claim(conn, delivery_id, lock)
         if row is None:

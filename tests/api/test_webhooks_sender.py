@@ -309,3 +309,19 @@ def test_retry_schedule_spans_about_a_day_with_jitter_and_honours_retry_after() 
     capped = retry_delay(settings, 1, 10**9)
     assert capped is not None
     assert capped <= 24 * 3600
+
+
+def test_a_resolver_that_hangs_costs_at_most_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def slow_getaddrinfo(host: str, port: int, **_: Any) -> list[Any]:
+        await asyncio.sleep(30)
+        return []
+
+    async def run() -> Any:
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", slow_getaddrinfo)
+        settings = Settings(environment="development", webhook_timeout_seconds=0.3)
+        return await asyncio.wait_for(send(settings, "http://hooks.example.com/x", {}, b"{}"), timeout=10)
+
+    result = asyncio.run(run())
+    assert result.error is not None
+    assert result.error.startswith("timeout")
+    assert not result.refused
