@@ -25,6 +25,13 @@ class Environment(StrEnum):
     PRODUCTION = "production"
 
 
+class CacheScope(StrEnum):
+    """Who shares cached answers: each user their own, or everybody."""
+
+    USER = "user"
+    GLOBAL = "global"
+
+
 class Settings(BaseSettings):
     """Every knob of API, worker and sweeper; names match the environment variables."""
 
@@ -104,6 +111,33 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = []
     # Terminal queries finished longer ago than this are deleted by the workers; 0 keeps them forever.
     retention_days: int = Field(default=0, ge=0)
+    # Streams (issue 12): the per-query event log behind `GET /api/v1/query/{id}/events`. Its TTL is refreshed
+    # by every append; past it, a finished query's stream replays the row. Deltas are coalesced to one append
+    # per EVENT_FLUSH_MS. A waiting stream or long-poll re-reads at least every WAKEUP_FALLBACK_SECONDS while
+    # the API's wake-up subscriber is disconnected. LLM_STREAM=false for a provider that cannot stream.
+    event_log_ttl_seconds: int = Field(default=3600, ge=10)
+    event_flush_ms: float = Field(default=20.0, ge=0)
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0)
+    max_streams_per_user: int = Field(default=20, ge=0)
+    wakeup_fallback_seconds: float = Field(default=5.0, gt=0, le=30)
+    llm_stream: bool = True
+
+    # Webhooks (issue 12): after a secret rotation the previous secret keeps signing (a second signature) this
+    # long; receivers on either secret keep verifying. Hosts, IPs or CIDRs a webhook may reach although they
+    # are private, loopback, link-local or metadata addresses (comma-separated; empty: public addresses only).
+    webhook_secret_grace_seconds: int = Field(default=24 * 3600, ge=0)
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = []
+    # Delay before each retry of a failed delivery (comma-separated seconds, each with +-20 % jitter); the
+    # default spreads 8 attempts over about 27 hours. Then the delivery is failed for good.
+    webhook_retry_delays_seconds: Annotated[list[float], NoDecode] = [5, 300, 1800, 7200, 18000, 36000, 36000]
+    # Resolve, connect and read timeout of one delivery attempt (the request as a whole: at most twice this).
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+
+    # Response cache (issue 11.4), read by the API at submit: whether a query without `cache` uses it, how long
+    # an answer stays, and whether identical requests of different users share answers (`global`) or not.
+    response_cache_default: bool = False
+    response_cache_ttl_seconds: int = Field(default=3600, ge=1)
+    response_cache_scope: CacheScope = CacheScope.USER
 
     # Flow control (issue 11): the upstream budget every worker shares, per (OPENAI_BASE_URL, model).
     # `model=rpm:3000,tpm:90000,concurrency:50;*=concurrency:64` or the same as JSON; a limit left out is
@@ -135,6 +169,22 @@ class Settings(BaseSettings):
             value = [p.strip() for p in value.split(",") if p.strip()]
         for cidr in value:
             ipaddress.ip_network(cidr, strict=False)
+        return value
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @field_validator("webhook_retry_delays_seconds", mode="before")
+    @classmethod
+    def _split_delays(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [float(d) for d in value.split(",") if d.strip()]
+        if any(d < 0 for d in value):
+            raise ValueError("WEBHOOK_RETRY_DELAYS_SECONDS must be non-negative numbers")
         return value
 
     @field_validator("jwt_previous_secret_keys", mode="before")

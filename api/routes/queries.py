@@ -9,14 +9,27 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
-from api.deps import AutocommitSessionDep, ConnectionDep, CurrentUserId, PoolDep, PublisherDep, RedisDep, SettingsDep
+from api.deps import (
+    AutocommitSessionDep,
+    ConnectionDep,
+    CurrentUserId,
+    EventLogDep,
+    PoolDep,
+    PublisherDep,
+    RedisDep,
+    SettingsDep,
+    WakeupDep,
+)
 from api.errors import error_responses
 from api.middleware import mark_long_request
+from shared.cache import response_cache_for
+from shared.events import EventType
 from shared.limits import limiter_for
 from shared.metrics import QUERIES_SUBMITTED
 from shared.models import QueryStatus
 from shared.schemas import QueryAccepted, QueryCreate, QueryOut, QueryPage
 from shared.services import queries as service
+from shared.services import webhooks
 
 router = APIRouter(prefix="/query", tags=["queries"])
 # Long-polls end within this, well inside common proxy and load balancer idle timeouts (60 s).
@@ -39,6 +52,7 @@ async def submit(
     pool: PoolDep,
     publisher: PublisherDep,
     redis: RedisDep,
+    events: EventLogDep,
     idempotency_key: Annotated[
         str | None,
         Header(alias="Idempotency-Key", description="Retry-safe submit: same key and body return the original 202"),
@@ -47,18 +61,27 @@ async def submit(
     """Accept a query; poll the `Location` for the answer."""
     # Each holds a connection only for its database step, never through the publish: a slow broker must
     # not pin database connections. Both have committed when they return, so the publish may follow.
-    limiter = limiter_for(redis, settings)
+    limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
     if idempotency_key is None:
-        (accepted, limit_headers), replayed = await service.submit_query(pool, settings, limiter, user_id, body), False
+        submitted = await service.submit_query(pool, settings, limiter, cache, user_id, body)
+        (accepted, limit_headers), replayed = submitted, False
     else:
         accepted, replayed, limit_headers = await service.submit_query_once(
-            pool, settings, limiter, user_id, body, idempotency_key
+            pool, settings, limiter, cache, user_id, body, idempotency_key
         )
     response.headers.update(limit_headers)
     response.headers["Location"] = f"/api/v1/query/{accepted.query_id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
         return accepted
+    if accepted.cached:
+        # Answered from the response cache: the row is already completed, there is nothing to run.
+        QUERIES_SUBMITTED.labels(model=accepted.model).inc()
+        log.info("query answered from cache", extra={"query_id": str(accepted.query_id), "model": accepted.model})
+        return accepted
+    # The log's first event, before the publish so that it precedes the worker's `started`. Redis is up
+    # (the limits just used it); a failure here is logged and the stream replays the row instead.
+    await events.append_quietly(accepted.query_id, EventType.QUEUED, {"model": accepted.model})
     # After commit, so a worker never looks for a row that is not there yet. A failed publish leaves the
     # row pending for the recovery sweeper; the client's 202 stays true.
     published = await publisher.publish(accepted.query_id)
@@ -85,6 +108,7 @@ async def get(
     request: Request,
     user_id: CurrentUserId,
     pool: PoolDep,
+    wakeup: WakeupDep,
     wait: Annotated[
         float,
         Query(
@@ -98,7 +122,7 @@ async def get(
     if wait:
         # Its duration is the client's chosen wait, not latency: keep it out of the latency histogram.
         mark_long_request(request.scope)
-    return await service.wait_for_query(pool, user_id, query_id, wait)
+    return await service.wait_for_query(pool, user_id, query_id, wait, wakeup)
 
 
 @router.post(
@@ -111,11 +135,19 @@ async def get(
     },
 )
 async def cancel(
-    query_id: uuid.UUID, user_id: CurrentUserId, conn: ConnectionDep, redis: RedisDep, settings: SettingsDep
+    query_id: uuid.UUID,
+    user_id: CurrentUserId,
+    conn: ConnectionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    publisher: PublisherDep,
+    events: EventLogDep,
 ) -> JSONResponse:
     """Cancel: a pending query ends at once (200); a running one stops shortly (202); a finished one is 409."""
-    query = await service.cancel_query(conn, limiter_for(redis, settings), user_id, query_id)
+    query = await service.cancel_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
     code = status.HTTP_200_OK if query["status"] == QueryStatus.CANCELLED else status.HTTP_202_ACCEPTED
+    if code == status.HTTP_200_OK:
+        await webhooks.on_query_ended(conn, publisher, query_id)
     return JSONResponse(service.to_out(query).model_dump(mode="json"), status_code=code)
 
 
@@ -126,11 +158,16 @@ async def cancel(
     responses=error_responses(401, 404, 409, 422, 503),
 )
 async def delete(
-    query_id: uuid.UUID, user_id: CurrentUserId, conn: ConnectionDep, redis: RedisDep, settings: SettingsDep
+    query_id: uuid.UUID,
+    user_id: CurrentUserId,
+    conn: ConnectionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    events: EventLogDep,
 ) -> Response:
     """Erase a query's prompt, system prompt, answer and metadata (its usage stays counted); afterwards it
     is a 404. A pending query is cancelled first; a running one is a 409 (`query_running`): cancel it first."""
-    await service.delete_query(conn, limiter_for(redis, settings), user_id, query_id)
+    await service.delete_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

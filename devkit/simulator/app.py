@@ -39,7 +39,7 @@ from devkit.simulator.directives import (
     parse_directives,
     prompt_chars,
 )
-from devkit.simulator.limits import RateLimited, RateLimiter
+from devkit.simulator.limits import MAX_TRACKED_MODELS, RateLimited, RateLimiter
 
 MODELS: tuple[str, ...] = (
     "gpt-4o-mini",
@@ -53,7 +53,6 @@ DEFAULT_COMPLETION_TOKENS = 16
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_TRACKED_QUERIES = 200_000
 MAX_TRACKED_PROMPTS = 200_000
-MAX_TRACKED_MODELS = 1_000
 # The Retry-After hint of a concurrency 429 when the configured latency is (near) zero.
 MIN_CONCURRENCY_RETRY_SECONDS = 0.01
 VALID_ROLES = ("system", "assistant", "user", "function", "tool", "developer")
@@ -543,7 +542,7 @@ class SimulatorApp:
                     return
                 latency_ms = 0
             else:
-                raise self._fault_error(fault, model, directives, config)
+                raise self._fault_error(fault, model, directives, config, limit_headers)
 
         if latency_ms > 0:
             await asyncio.sleep(latency_ms / 1000)
@@ -577,7 +576,9 @@ class SimulatorApp:
             draw -= rate
         return None
 
-    def _fault_error(self, fault: str, model: str, directives: Directives, config: SimulatorConfig) -> RequestError:
+    def _fault_error(
+        self, fault: str, model: str, directives: Directives, config: SimulatorConfig, limit_headers: Headers
+    ) -> RequestError:
         if fault == "429":
             if directives.retry_after is not None:
                 seconds = float(directives.retry_after)
@@ -586,12 +587,12 @@ class SimulatorApp:
                 seconds = self.rng.uniform(config.retry_after_min, config.retry_after_max)
                 # Retry-After carries whole seconds (RFC 9110); the exact value rides in retry-after-ms.
                 header = str(math.ceil(seconds))
+            # An injected 429 advertises the model's real limits (none when it has none): a client that learns
+            # limits from headers must not learn a made-up one from a fault.
             headers = (
                 (b"retry-after", header.encode()),
                 (b"retry-after-ms", str(round(seconds * 1000)).encode()),
-                (b"x-ratelimit-limit-requests", b"500"),
-                (b"x-ratelimit-remaining-requests", b"0"),
-                (b"x-ratelimit-reset-requests", f"{seconds:g}s".encode()),
+                *limit_headers,
             )
             message = (
                 f"Rate limit reached for {model} in organization org-aiqsim on requests per min (RPM): "
@@ -683,6 +684,7 @@ class SimulatorApp:
                 n,
                 usage,
                 bool(options.get("include_usage")),
+                directives.chunk_ms,
             )
         else:
             choice_list: list[dict[str, Any]] = [
@@ -728,6 +730,7 @@ class SimulatorApp:
         n: int,
         usage: dict[str, Any],
         include_usage: bool,
+        chunk_ms: float | None = None,
     ) -> None:
         def event(choices: list[dict[str, Any]], chunk_usage: dict[str, Any] | None = None) -> bytes:
             chunk: dict[str, Any] = {
@@ -774,7 +777,12 @@ class SimulatorApp:
                     ]
                 )
             )
-            if len(events) >= STREAM_BATCH:
+            if chunk_ms is not None:
+                # A slow stream (`chunk_ms` directive): every word on its own, after a pause.
+                await asyncio.sleep(chunk_ms / 1000)
+                await send({"type": "http.response.body", "body": b"".join(events), "more_body": True})
+                events = []
+            elif len(events) >= STREAM_BATCH:
                 await send(
                     {
                         "type": "http.response.body",

@@ -5,11 +5,13 @@ from shared.models.base import Base
 from shared.models.limits import FairTurn, UserLimits
 from shared.models.query import TERMINAL_STATUSES, IdempotencyKey, Query, QueryPriority, QueryStatus
 from shared.models.user import RefreshToken, RevokedReason, Role, User
+from shared.models.webhook import DeliveryStatus, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 __all__ = [
     "TERMINAL_STATUSES",
     "ApiKey",
     "Base",
+    "DeliveryStatus",
     "FairTurn",
     "IdempotencyKey",
     "Query",
@@ -20,4 +22,7 @@ __all__ = [
     "Role",
     "User",
     "UserLimits",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookEvent",
 ]

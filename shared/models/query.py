@@ -49,7 +49,14 @@ class Query(Base):
             "ix_queries_user_usage",
             "user_id",
             "created_at",
-            postgresql_include=["model", "prompt_tokens", "completion_tokens", "total_tokens", "reserved_tokens"],
+            postgresql_include=[
+                "model",
+                "prompt_tokens",
+                "completion_tokens",
+                "total_tokens",
+                "reserved_tokens",
+                "cached",
+            ],
         ),
         # The fair claim (flow control): per model, the due pending rows of each user in due order.
         Index(
@@ -72,6 +79,8 @@ class Query(Base):
     max_tokens: Mapped[int | None]
     # `metadata` is reserved on declarative classes, hence the attribute name.
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
+    # Where to POST the signed `query.*` event when the query ends (else the account's endpoint, if any).
+    webhook_url: Mapped[str | None] = mapped_column(Text)
 
     status: Mapped[str] = mapped_column(String(16), default=QueryStatus.PENDING, server_default="pending")
     priority: Mapped[str] = mapped_column(Text, default=QueryPriority.INTERACTIVE, server_default="interactive")
@@ -83,6 +92,8 @@ class Query(Base):
     total_tokens: Mapped[int | None]
     # Tokens held against the user's budget at submit (prompt estimate + output cap); kept for usage reports.
     reserved_tokens: Mapped[int | None]
+    # Answered from the response cache at submit: no provider call, no worker, no token budget.
+    cached: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
 
     attempts: Mapped[int] = mapped_column(default=0, server_default="0")
     next_attempt_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -20,14 +20,18 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.cache import CachedAnswer, ResponseCache
 from shared.config import Settings
 from shared.errors import AppError, Conflict, InvalidInput, NotFound
+from shared.events import EventLog, EventType
 from shared.limits import Limiter, estimate_tokens
 from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.repositories import queries_asyncpg, queries_session
 from shared.repositories.queries_common import RowLike
 from shared.schemas import QueryAccepted, QueryCreate, QueryError, QueryOut, QueryPage, Usage
 from shared.services.limits import effective_limits
+from shared.wakeup import Wakeup
+from shared.webhooks import validate_url
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,11 @@ def validate_submission(settings: Settings, body: QueryCreate) -> str:
         )
     if body.max_tokens is not None and body.max_tokens > settings.max_output_tokens:
         raise _invalid("max_tokens", f"max_tokens must be at most {settings.max_output_tokens}", "max_tokens_too_large")
+    if body.webhook_url is not None:
+        try:
+            validate_url(settings, body.webhook_url)
+        except ValueError as exc:
+            raise _invalid("webhook_url", str(exc), "webhook_url_invalid") from None
     if body.metadata is not None and len(json.dumps(body.metadata)) > settings.max_metadata_bytes:
         raise _invalid(
             "metadata", f"metadata must serialize to at most {settings.max_metadata_bytes} bytes", "metadata_too_large"
@@ -88,13 +97,58 @@ def _new_query(settings: Settings, user_id: uuid.UUID, body: QueryCreate) -> tup
         "max_tokens": body.max_tokens,
         "meta": body.metadata,
         "priority": body.priority,
+        "webhook_url": body.webhook_url,
         "status": QueryStatus.PENDING.value,
         "attempts": 0,
         "created_at": now,
         "updated_at": now,
         "next_attempt_at": now,
+        "response": None,
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "total_tokens": None,
+        "cached": False,
+        "started_at": None,
+        "finished_at": None,
     }
     return accepted, row
+
+
+def _answered_from_cache(accepted: QueryAccepted, row: dict[str, Any], answer: CachedAnswer) -> QueryAccepted:
+    """Make the new row a completed query with the cached answer and usage; nothing is reserved for it."""
+    row.update(
+        status=QueryStatus.COMPLETED.value,
+        response=answer.response,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        total_tokens=answer.total_tokens,
+        cached=True,
+        reserved_tokens=0,
+        started_at=row["created_at"],
+        finished_at=row["created_at"],
+    )
+    return accepted.model_copy(update={"status": QueryStatus.COMPLETED, "cached": True})
+
+
+async def _take_limits_or_answer(
+    db: asyncpg.Pool | asyncpg.Connection,
+    settings: Settings,
+    limiter: Limiter,
+    cache: ResponseCache,
+    user_id: uuid.UUID,
+    body: QueryCreate,
+    accepted: QueryAccepted,
+    row: dict[str, Any],
+) -> tuple[QueryAccepted, dict[str, str], str | None]:
+    """A cache hit takes only the per-minute limit and completes the row at once; anything else takes every
+    limit. Returns the 202 body, the `RateLimit` headers and, for a cache-enabled miss, the answer's key."""
+    key = cache.answer_key(user_id, row) if cache.wanted(body.cache) else None
+    answer = await cache.lookup(key) if key is not None else None
+    if answer is None:
+        return accepted, await _take_limits(db, settings, limiter, user_id, body, row), key
+    # A hit costs no provider call: it is not charged to the token budget and holds no pending slot.
+    headers = await limiter.take_request(user_id, await effective_limits(db, settings, user_id))
+    return _answered_from_cache(accepted, row, answer), headers, None
 
 
 async def _take_limits(
@@ -117,20 +171,30 @@ async def _give_back(limiter: Limiter, query_id: uuid.UUID) -> None:
 
 
 async def submit_query(
-    pool: asyncpg.Pool, settings: Settings, limiter: Limiter, user_id: uuid.UUID, body: QueryCreate
+    pool: asyncpg.Pool,
+    settings: Settings,
+    limiter: Limiter,
+    cache: ResponseCache,
+    user_id: uuid.UUID,
+    body: QueryCreate,
 ) -> tuple[QueryAccepted, dict[str, str]]:
-    """Take the user's limits, then store a pending query in one autocommitted INSERT; the caller enqueues it.
+    """Take the user's limits, then store a pending query in one autocommitted INSERT; the caller enqueues it
+    unless the response cache answered it (then the row is stored completed).
 
     Returns the 202 body and the `RateLimit` headers. A refusal stores nothing.
     """
     accepted, row = _new_query(settings, user_id, body)
-    headers = await _take_limits(pool, settings, limiter, user_id, body, row)
+    accepted, headers, cache_key = await _take_limits_or_answer(
+        pool, settings, limiter, cache, user_id, body, accepted, row
+    )
     try:
         async with pool.acquire() as conn:
             await queries_asyncpg.insert(conn, **row)
     except BaseException:
         await _give_back(limiter, accepted.query_id)
         raise
+    if cache_key is not None:
+        await cache.expect(accepted.query_id, cache_key)
     return accepted, headers
 
 
@@ -144,7 +208,13 @@ def request_fingerprint(body: QueryCreate) -> str:
 
 
 async def submit_query_once(
-    pool: asyncpg.Pool, settings: Settings, limiter: Limiter, user_id: uuid.UUID, body: QueryCreate, key: str
+    pool: asyncpg.Pool,
+    settings: Settings,
+    limiter: Limiter,
+    cache: ResponseCache,
+    user_id: uuid.UUID,
+    body: QueryCreate,
+    key: str,
 ) -> tuple[QueryAccepted, bool, dict[str, str]]:
     """Submit under an `Idempotency-Key` in one transaction; returns the response, whether it is a replay and
     the `RateLimit` headers (none for a replay, which takes no limits).
@@ -158,7 +228,7 @@ async def submit_query_once(
     taken: list[uuid.UUID] = []
     try:
         async with pool.acquire() as conn, conn.transaction():
-            return await _submit_under_key(conn, settings, limiter, user_id, body, key, taken)
+            return await _submit_under_key(conn, settings, limiter, cache, user_id, body, key, taken)
     except BaseException:
         # Limits were taken but the transaction (and its row) did not commit.
         for query_id in taken:
@@ -170,6 +240,7 @@ async def _submit_under_key(
     conn: asyncpg.Connection,
     settings: Settings,
     limiter: Limiter,
+    cache: ResponseCache,
     user_id: uuid.UUID,
     body: QueryCreate,
     key: str,
@@ -186,9 +257,14 @@ async def _submit_under_key(
             )
         return QueryAccepted.model_validate(existing["response"]), True, {}
     accepted, row = _new_query(settings, user_id, body)
-    headers = await _take_limits(conn, settings, limiter, user_id, body, row)
+    accepted, headers, cache_key = await _take_limits_or_answer(
+        conn, settings, limiter, cache, user_id, body, accepted, row
+    )
     taken.append(accepted.query_id)
     await queries_asyncpg.insert(conn, **row)
+    if cache_key is not None:
+        # Before the commit is harmless: an intent whose row never commits lapses unused.
+        await cache.expect(accepted.query_id, cache_key)
     await queries_asyncpg.save_idempotency_key(
         conn,
         user_id=user_id,
@@ -212,28 +288,26 @@ async def get_query(conn: asyncpg.Connection, user_id: uuid.UUID, query_id: uuid
     return to_out(_found(await queries_asyncpg.fetch_for_user(conn, query_id, user_id)))
 
 
-# Long-poll: how often a waiting GET looks at the row again (doubling from the first to the last).
-WAIT_FIRST_CHECK_SECONDS = 0.1
-WAIT_MAX_CHECK_SECONDS = 1.0
-
-
-async def wait_for_query(pool: asyncpg.Pool, user_id: uuid.UUID, query_id: uuid.UUID, wait: float = 0) -> QueryOut:
+async def wait_for_query(
+    pool: asyncpg.Pool, user_id: uuid.UUID, query_id: uuid.UUID, wait: float, wakeup: Wakeup
+) -> QueryOut:
     """The caller's query once it is terminal, or as it stands after `wait` seconds (0: at once).
 
-    Each look takes a connection from the pool and gives it back: a waiting client holds no connection,
-    so thousands can wait at once. The row is re-read every 0.1 s at first, backing off to every second.
+    One read when it starts and one when the wake-up says the query ended (or at the deadline); in between
+    it holds no connection and costs nothing. While the wake-up subscriber is disconnected, a bounded
+    fallback re-read (WAKEUP_FALLBACK_SECONDS) stands in for the notices it may miss.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    delay = WAIT_FIRST_CHECK_SECONDS
-    while True:
-        async with pool.acquire() as conn:
-            query = await get_query(conn, user_id, query_id)
-        left = deadline - loop.time()
-        if query.status in TERMINAL_STATUSES or left <= 0:
-            return query
-        await asyncio.sleep(min(delay, left))
-        delay = min(delay * 2, WAIT_MAX_CHECK_SECONDS)
+    # Watch before the first read, so an end between the read and the wait still wakes us.
+    with wakeup.watch(query_id, only_terminal=True) as waiter:
+        while True:
+            async with pool.acquire() as conn:
+                query = await get_query(conn, user_id, query_id)
+            left = deadline - loop.time()
+            if query.status in TERMINAL_STATUSES or left <= 0:
+                return query
+            await waiter.wait(wakeup.timeout(left))
 
 
 def encode_cursor(query: RowLike) -> str:
@@ -283,6 +357,7 @@ def to_out(query: RowLike) -> QueryOut:
         response=query["response"],
         error=QueryError(code=code, message=query["error_message"] or "") if code else None,
         # An object of nulls says nothing: usage is null until (and unless) the model reported it.
+        cached=query["cached"],
         usage=Usage(
             prompt_tokens=query["prompt_tokens"],
             completion_tokens=query["completion_tokens"],
@@ -298,13 +373,24 @@ def to_out(query: RowLike) -> QueryOut:
     )
 
 
-async def cancel_query(conn: asyncpg.Connection, limiter: Limiter, user_id: uuid.UUID, query_id: uuid.UUID) -> RowLike:
-    """pending → cancelled now; running → cancel requested; terminal → 409; not the caller's → 404."""
+async def cancel_query(
+    conn: asyncpg.Connection,
+    limiter: Limiter,
+    user_id: uuid.UUID,
+    query_id: uuid.UUID,
+    *,
+    events: EventLog,
+) -> RowLike:
+    """pending → cancelled now; running → cancel requested; terminal → 409; not the caller's → 404.
+
+    A pending query's end is told to its event log here; a running one's by its worker when the call stops.
+    """
     # A query can flip between pending and running (claim, retry) under us: try both transitions again then.
     for _ in range(3):
         cancelled = await queries_asyncpg.cancel_pending(conn, query_id, user_id)
         if cancelled is not None:
             await limiter.settle_quietly(query_id, 0)
+            await events.append_quietly(query_id, EventType.CANCELLED, {}, cancelled["attempts"] or None)
             return cancelled
         requested = await queries_asyncpg.request_cancel(conn, query_id, user_id)
         if requested is not None:
@@ -315,15 +401,24 @@ async def cancel_query(conn: asyncpg.Connection, limiter: Limiter, user_id: uuid
     raise Conflict("Query is changing state; try again", code="query_busy")
 
 
-async def delete_query(conn: asyncpg.Connection, limiter: Limiter, user_id: uuid.UUID, query_id: uuid.UUID) -> None:
+async def delete_query(
+    conn: asyncpg.Connection,
+    limiter: Limiter,
+    user_id: uuid.UUID,
+    query_id: uuid.UUID,
+    *,
+    events: EventLog,
+) -> None:
     """Erase a query's prompt, system prompt, answer and metadata; its usage stays counted.
 
     A pending query is cancelled first; a running one is refused (409 `query_running`: cancel it, then
-    delete), because its worker may still write the answer that is to be erased.
+    delete), because its worker may still write the answer that is to be erased. Its event log, which
+    holds the answer's text, goes too.
     """
     if await queries_asyncpg.cancel_pending(conn, query_id, user_id) is not None:
         await limiter.settle_quietly(query_id, 0)
     if await queries_asyncpg.erase(conn, query_id, user_id):
+        await events.discard(query_id)
         return
     _found(await queries_asyncpg.fetch_for_user(conn, query_id, user_id))
     raise Conflict("Query is running; cancel it, then delete it", code="query_running")
@@ -340,7 +435,7 @@ async def admin_get_query(conn: asyncpg.Connection, admin_id: uuid.UUID, query_i
 
 
 async def requeue_query(
-    conn: asyncpg.Connection, settings: Settings, limiter: Limiter, query_id: uuid.UUID
+    conn: asyncpg.Connection, settings: Settings, limiter: Limiter, query_id: uuid.UUID, *, events: EventLog
 ) -> QueryOut:
     """failed → pending (an admin's requeue); 409 unless the query failed.
 
@@ -366,4 +461,7 @@ async def requeue_query(
         if taken:
             await _give_back(limiter, query_id)
         raise
+    # The log told a `failed` end: the story starts again, so the earlier events are trimmed (a follower from
+    # the start must not stop at the old end) and the sequence numbers go on.
+    await events.append_quietly(query_id, EventType.QUEUED, {"requeued": True}, reset=True)
     return to_out(_found(await queries_asyncpg.fetch_any(conn, query_id)))

@@ -174,17 +174,29 @@ def test_tokens_per_minute_and_request_too_large() -> None:
         assert info.value.type == "tokens"
         assert info.value.code == "rate_limit_exceeded"
         message = info.value.response.json()["error"]["message"]
-        assert "on tokens per min (TPM): Limit 100, Used 60, Requested 60. Please try again in " in message
-        # 20 tokens short at 100/min: 12 s.
-        retry_ms = int(info.value.response.headers["retry-after-ms"])
-        assert 11_000 < retry_ms <= 12_000
-        assert info.value.response.headers["retry-after"] == "12"
-
-        # Without max_tokens the simulator counts the answer it writes (16 tokens by default).
-        raw = client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}]
+        used = re.search(
+            r"on tokens per min \(TPM\): Limit 100, Used (\d+), Requested 60\. Please try again in ", message
         )
-        assert int(raw.headers["x-ratelimit-remaining-tokens"]) <= 40 - 17
+        assert used is not None
+        # About 20 tokens short at 100/min: up to 12 s (less what came back while the test ran).
+        retry_ms = int(info.value.response.headers["retry-after-ms"])
+        assert 6_000 < retry_ms <= 12_000
+        assert 50 < int(used.group(1)) <= 60
+        assert int(info.value.response.headers["retry-after"]) == -(-retry_ms // 1000)
+
+        # Without max_tokens the simulator counts the answer it writes (16 tokens by default), per model.
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4.1", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert raw.headers["x-ratelimit-remaining-tokens"] == str(100 - 1 - 16)
+
+        # An injected 429 carries the model's real limits.
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(
+                model="gpt-4.1-mini", messages=[{"role": "user", "content": "[[sim fail=429 retry_after=1]]"}]
+            )
+        assert info.value.response.headers["x-ratelimit-limit-tokens"] == "100"
+        assert "x-ratelimit-limit-requests" not in info.value.response.headers
 
         # A request larger than the whole per-minute limit can never run: no Retry-After.
         with pytest.raises(openai.RateLimitError) as info:
@@ -199,24 +211,24 @@ def test_tokens_per_minute_and_request_too_large() -> None:
 
 
 def test_short_burst_refills_continuously() -> None:
-    # 60/min with a 1 s burst holds one request and gives one back every second.
-    config = SimulatorConfig(port=0, latency_ms=0, limit_rpm=60, limit_burst_seconds=1)
+    # 12/min with a 5 s burst holds one request and gives one back every 5 s.
+    config = SimulatorConfig(port=0, latency_ms=0, limit_rpm=12, limit_burst_seconds=5)
     with run_in_thread(config) as sim:
         client = _sdk(sim.base_url)
         client.chat.completions.create(model=MODEL, messages=_prompt())
         with pytest.raises(openai.RateLimitError) as info:
             client.chat.completions.create(model=MODEL, messages=_prompt())
         retry_ms = int(info.value.response.headers["retry-after-ms"])
-        assert 0 < retry_ms <= 1000
-        assert info.value.response.headers["retry-after"] == "1"
+        assert 0 < retry_ms <= 5000
+        assert int(info.value.response.headers["retry-after"]) == -(-retry_ms // 1000)
         time.sleep(retry_ms / 1000 + 0.05)
         raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=_prompt())
-        assert raw.headers["x-ratelimit-limit-requests"] == "60"
+        assert raw.headers["x-ratelimit-limit-requests"] == "12"
         assert raw.headers["x-ratelimit-remaining-requests"] == "0"
 
 
 def test_concurrency_limit_is_a_429_and_slots_come_back() -> None:
-    config = SimulatorConfig(port=0, latency_ms=600, limit_concurrency=2)
+    config = SimulatorConfig(port=0, latency_ms=1500, limit_concurrency=2)
     with run_in_thread(config) as sim:
 
         async def burst() -> tuple[Any, ...]:
@@ -227,7 +239,7 @@ def test_concurrency_limit_is_a_429_and_slots_come_back() -> None:
                     return await sdk.chat.completions.create(model=MODEL, messages=_prompt())
 
                 # The third call arrives while the first two are still running.
-                return await asyncio.gather(call(0), call(0), call(0.3), return_exceptions=True)
+                return await asyncio.gather(call(0), call(0), call(0.5), return_exceptions=True)
 
         results = asyncio.run(burst())
         errors = [r for r in results if isinstance(r, Exception)]
@@ -237,7 +249,8 @@ def test_concurrency_limit_is_a_429_and_slots_come_back() -> None:
         assert error.type == "requests"
         assert "on concurrent requests: Limit 2, Used 2, Requested 1." in error.response.json()["error"]["message"]
         # The hint is the simulator's latency: about when a slot frees up.
-        assert error.response.headers["retry-after-ms"] == "600"
+        assert error.response.headers["retry-after-ms"] == "1500"
+        assert error.response.headers["retry-after"] == "2"
         assert sim.app.stats.rate_limited[MODEL]["concurrency"] == 1
         # Finished calls gave their slots back.
         client = _sdk(sim.base_url)
@@ -260,6 +273,11 @@ def test_limits_are_off_by_default_and_live_configurable() -> None:
         client = _sdk(sim.base_url)
         raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=_prompt())
         assert not [name for name in raw.headers if name.startswith("x-ratelimit-")]
+        # An injected 429 does not make up limits either: a client learning limits from headers learns none.
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(model=MODEL, messages=_prompt("[[sim fail=429 retry_after=1]]"))
+        assert info.value.response.headers["retry-after"] == "1"
+        assert not [name for name in info.value.response.headers if name.startswith("x-ratelimit-")]
 
         updated = httpx.post(sim.url + "/_sim/config", json={"limit_rpm": 1, "model_limits": {"gpt-4o": {"rpm": 0}}})
         assert updated.status_code == 200
