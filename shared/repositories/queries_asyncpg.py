@@ -350,6 +350,8 @@ _RELEASE = _finish(QueryStatus.PENDING, next_attempt_at=func.now())
 _UNCLAIM = _finish(
     QueryStatus.PENDING,
     attempts=Query.attempts - 1,
+    # A first claim given back never started: the row shows no start until a call really begins.
+    started_at=case((Query.attempts == 1, None), else_=Query.started_at),
     next_attempt_at=func.now() + bindparam("delay", type_=Interval()),
 )
 
