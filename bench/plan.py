@@ -14,6 +14,8 @@ MODEL = "gpt-4o-mini"
 USERS = 8
 M1_P99_MS = 50.0
 M5_P99_MS = 20.0
+# The client-side scenario's bound: the highest rate whose clients see at most this P99 over the upstream.
+CLIENT_P99_MS = 250.0
 MAX_ERROR_RATE = 0.001
 # A failed step is run again once when other processes used more than this (% of one core) meanwhile.
 FOREIGN_RETRY_PCT = 25.0
@@ -42,6 +44,9 @@ class Plan:
     wrk: bool
     quiet_wait_s: float
     gate_budget_s: float
+    client_rates: tuple[int, ...]
+    client_step_s: float
+    client_timeout_s: float
     budget_s: float  # optional phases and retries are skipped when the run would overrun this
 
     @classmethod
@@ -66,6 +71,9 @@ class Plan:
                 wrk=False,
                 quiet_wait_s=10,
                 gate_budget_s=15,
+                client_rates=(25, 50, 100, 150, 200, 250, 300),
+                client_step_s=4,
+                client_timeout_s=15,
                 budget_s=160,
             )
         return cls(
@@ -86,6 +94,9 @@ class Plan:
             wrk=True,
             quiet_wait_s=30,
             gate_budget_s=45,
+            client_rates=(20, 40, 60, 80, 100, 125, 150, 200, 250, 300, 400),
+            client_step_s=8,
+            client_timeout_s=30,
             budget_s=560,
         )
 
