@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 TERMINAL = {"completed", "failed", "cancelled"}
+# uvicorn closes a keep-alive connection after 5 s idle; older ones are not reused.
+IDLE_S = 4.0
 
 
 class HttpError(Exception):
@@ -44,8 +46,17 @@ class Pool:
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
         self.opened = 0
+
+    def _idle_conn(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The most recently used idle connection; those idle past the server's keep-alive are closed."""
+        while self.idle:
+            reader, writer, since = self.idle.pop()
+            if time.monotonic() - since < IDLE_S:
+                return reader, writer
+            writer.close()
+        return None
 
     async def request(self, method: str, path: str, headers: dict[str, str], body: bytes | None = None) -> Any:
         """One request; (status, body bytes). A connection the server closed is retried once on a fresh one."""
@@ -55,21 +66,22 @@ class Pool:
             head += f"Content-Length: {len(body)}\r\n"
         raw = head.encode() + b"\r\n" + (body or b"")
         for attempt in (0, 1):
-            fresh = not self.idle
-            reader, writer = self.idle.pop() if self.idle else await self._open()
+            conn = self._idle_conn() if attempt == 0 else None
+            fresh = conn is None
+            reader, writer = conn or await self._open()
             try:
                 writer.write(raw)
                 status, resp_headers = await _read_head(reader)
                 payload = await _read_body(reader, resp_headers)
             except (ConnectionError, asyncio.IncompleteReadError):
                 writer.close()
-                if fresh or attempt:
+                if fresh:
                     raise
-                continue
+                continue  # the server closed an idle keep-alive connection: once more on a new one
             if resp_headers.get("connection", "").lower() == "close":
                 writer.close()
             else:
-                self.idle.append((reader, writer))
+                self.idle.append((reader, writer, time.monotonic()))
             return status, payload
         raise AssertionError("unreachable")
 
@@ -82,7 +94,7 @@ class Pool:
         return await asyncio.open_connection(self.host, self.port, limit=1 << 20)
 
     def close(self) -> None:
-        for _, writer in self.idle:
+        for _, writer, _ in self.idle:
             writer.close()
         self.idle.clear()
 
