@@ -245,14 +245,11 @@ class Run:
 
 
 def _last_sse_status(payload: bytes) -> str:
-    """The status of the last event in an SSE stream that carries one (its `data:` JSON)."""
+    """The terminal status an SSE stream ended with: the type (`event:`) of its last terminal event."""
     status = "failed"
     for line in payload.decode("utf-8", "replace").splitlines():
-        if line.startswith("data:"):
-            with contextlib.suppress(ValueError, AttributeError):
-                found = json.loads(line[5:]).get("status")
-                if found in TERMINAL:
-                    status = found
+        if line.startswith("event:") and line[6:].strip() in TERMINAL:
+            status = line[6:].strip()
     return status
 
 
