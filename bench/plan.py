@@ -25,7 +25,10 @@ SATURATED_PCT = 85.0
 
 @dataclass(frozen=True)
 class Plan:
-    """Durations and sizes; `--quick` keeps the whole run under 3 minutes, the full one under 10."""
+    """Durations and sizes; `--quick` keeps the whole run to 4 to 5 minutes, the full one to about 12.
+
+    The budget covers M1 to M5 and their optional phases; the client-side phase (with its LiteLLM peer) runs after it.
+    """
 
     quick: bool
     step_s: float
