@@ -32,7 +32,7 @@ def ensure_venv() -> tuple[Path | None, str]:
         if not (VENV / "bin" / "python").exists():
             subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=120)
         subprocess.run(
-            [str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", PACKAGE],
+            [str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet", "--timeout", "30", PACKAGE],
             check=True,
             timeout=900,
             stdout=subprocess.DEVNULL,
