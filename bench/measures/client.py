@@ -15,6 +15,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+from bench import profiling
 from bench.context import RunContext
 from bench.peers import litellm
 from bench.plan import CLIENT_P99_MS, MAX_ERROR_RATE, MODEL, PROMPT, say
@@ -38,6 +39,8 @@ def run_client(ctx: RunContext) -> dict[str, Any]:
     base = {"port": aiq.api_port, "tokens": aiq.tokens, "body": body, "wait_s": 30}
     _clients(ctx, {**base, "mode": "longpoll", "rate": 10, "duration_s": 1})  # warm-up
     out["aiq_longpoll"] = _steps(ctx, "AIQ long-poll", {**base, "mode": "longpoll"}, meter, lambda: aiq.settle(ctx.sim))
+    if ctx.profile:
+        out["aiq_worker_profile"] = _profile_worker(ctx, aiq, {**base, "mode": "longpoll"}, out["aiq_longpoll"])
     if _serves_events(aiq):
         out["aiq_sse"] = _steps(ctx, "AIQ SSE", {**base, "mode": "sse"}, meter, lambda: aiq.settle(ctx.sim))
     else:
@@ -68,6 +71,20 @@ def _litellm(ctx: RunContext, body: str) -> dict[str, Any]:
         return {"version": litellm.version(), **_steps(ctx, "LiteLLM", spec, meter, ctx.sim.wait_idle)}
     finally:
         ctx.launcher.stop_group([peer.proc], timeout=10)
+
+
+def _profile_worker(ctx: RunContext, aiq: System, spec: dict[str, Any], steps: dict[str, Any]) -> dict[str, Any]:
+    """py-spy on the worker under a steady trickle of clients (half the top rate): per-message costs show here."""
+    spy = profiling.py_spy()
+    if spy is None:
+        return {"skipped": "py-spy not installed"}
+    rate = (steps.get("half_step") or {}).get("rate") or ctx.plan.client_rates[0]
+    seconds = ctx.plan.client_step_s + 4
+    aiq.settle(ctx.sim)
+    say(f"client: py-spy on the worker for {seconds:.0f} s of clients at {rate}/s")
+    started = profiling.record(spy, {"worker": aiq.workers[0].pid}, seconds, ctx.logdir, "aiq-steady")
+    _clients(ctx, {**spec, "rate": rate, "duration_s": seconds})
+    return {"rate": rate, "processes": profiling.collect(started, seconds)}
 
 
 def _serves_events(system: System) -> bool:
