@@ -12,6 +12,7 @@ from typing import Any
 
 import psutil
 
+from bench.measures.sse import sse_headline
 from bench.measures.steps import foreign_pct
 from bench.plan import FOREIGN_RETRY_PCT, USERS, Plan
 from bench.stack import Servers, pg
@@ -45,6 +46,9 @@ def headline(details: dict[str, Any]) -> dict[str, Any]:
         j["p0_completions_per_s"] = details["p0"]["m4"]["completions_per_s"]
     if "naive" in details:
         j.update(_naive_headline(details["naive"]))
+    sse = (details.get("aiq") or {}).get("sse") or (details.get("sse") or {}).get("sse")
+    if sse:
+        j.update(sse_headline(sse))
     if "aiq" in details:
         j.update(_aiq_headline(details["aiq"]))
         j["ratios"] = {

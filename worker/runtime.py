@@ -25,7 +25,7 @@ from openai import AsyncOpenAI
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.config import Settings
-from shared.db import make_engine, make_raw_pool, make_sessionmaker
+from shared.db import make_engine, make_raw_pool, make_redis, make_sessionmaker
 from shared.events import EventLog
 from shared.limits import Limiter
 from shared.llm import make_client
@@ -87,7 +87,7 @@ class WorkerRuntime:
         self.raw_pool = await make_raw_pool(self.settings, "aiq-worker")
         self.llm = make_client(self.settings)
         # Settling a finished query's token reservation (shared/limits.py).
-        self.redis = aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.redis = make_redis(self.settings)
         self.limiter = Limiter(self.redis, self.settings)
         # Each query's event log (streams, wake-ups): appended to from every step of an attempt.
         self.events = EventLog(self.redis, self.settings)
