@@ -12,6 +12,7 @@ from typing import Any
 
 import psutil
 
+from bench.measures.sse import sse_headline
 from bench.measures.steps import foreign_pct
 from bench.plan import FOREIGN_RETRY_PCT, USERS, Plan
 from bench.stack import Servers, pg
@@ -45,12 +46,18 @@ def headline(details: dict[str, Any]) -> dict[str, Any]:
         j["p0_completions_per_s"] = details["p0"]["m4"]["completions_per_s"]
     if "naive" in details:
         j.update(_naive_headline(details["naive"]))
+    sse = (details.get("aiq") or {}).get("sse") or (details.get("sse") or {}).get("sse")
+    if sse:
+        j.update(sse_headline(sse))
     if "aiq" in details:
         j.update(_aiq_headline(details["aiq"]))
         j["ratios"] = {
             "m1_vs_naive": ratio(j.get("m1_submit_rps"), j.get("m1_submit_rps_naive")),
             "m4_vs_naive": ratio(j.get("m4_completions_per_s"), j.get("m4_completions_per_s_naive")),
         }
+    if "client" in details:
+        # The client-side scenario (bench/measures/client.py): answers as clients get them, AIQ beside LiteLLM.
+        j.update({f"client_{k}": v for k, v in details["client"]["summary"].items()})
     return j
 
 
@@ -336,6 +343,7 @@ def table(j: dict[str, Any], details: dict[str, Any]) -> str:
             None,
         ),
     ]
+    rows += _client_rows(j)
     head = ("metric", "P0 sim direct", "P1 naive", "AIQ", "goal", "met")
     widths = [max(len(str(r[i])) for r in [head, *[(*r[:5], _mark(r[5])) for r in rows]]) for i in range(6)]
     lines = [" | ".join(str(h).ljust(w) for h, w in zip(head, widths, strict=True))]
@@ -344,6 +352,40 @@ def table(j: dict[str, Any], details: dict[str, Any]) -> str:
         cells = (*r[:5], _mark(r[5]))
         lines.append(" | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)))
     return "\n".join(lines)
+
+
+def _client_rows(j: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool | None]]:
+    """The client-side scenario's rows (LiteLLM in the P1 column: it is that scenario's peer)."""
+    if "client_aiq_answers_per_s" not in j:
+        return []
+    aiq, peer = j.get("client_aiq_answers_per_s"), j.get("client_litellm_answers_per_s")
+    half = j.get("client_aiq_half_rate_overhead_ms") or {}
+    return [
+        (
+            "Client answers/s (P99 over 0.5 s <=250ms; P1 col = LiteLLM)",
+            "-",
+            fmt(peer),
+            fmt(aiq),
+            ">=200 and >=4x LiteLLM",
+            _ok(aiq, 200) and (aiq or 0) >= 4 * (peer or 1e9),
+        ),
+        (
+            f"Client overhead P50 / P99 at half rate ({fmt(half.get('rate'))}/s, ms)",
+            "-",
+            "-",
+            f"{fmt(half.get('p50'))} / {fmt(half.get('p99'))}",
+            "<=10 / <=50",
+            half.get("p50") is not None and half["p50"] <= 10 and (half.get("p99") or 1e9) <= 50,
+        ),
+        (
+            "Client CPU-ms per answer (API+worker; LiteLLM)",
+            "-",
+            fmt(j.get("client_litellm_cpu_ms_per_answer")),
+            fmt(j.get("client_aiq_cpu_ms_per_answer_api_worker")),
+            "<=4",
+            (j.get("client_aiq_cpu_ms_per_answer_api_worker") or 1e9) <= 4,
+        ),
+    ]
 
 
 def _ok(v: float | None, goal: float) -> bool:

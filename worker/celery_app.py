@@ -18,12 +18,13 @@ from shared.metrics import start_worker_metrics_server
 from shared.queue import DELIVER_WEBHOOK_TASK, PROCESS_TASK, make_celery
 from shared.services.webhooks import DeliveryOutcome
 from worker import processing, recovery, webhooks
-from worker.broker import guard_dead_channel
+from worker.broker import guard_dead_channel, reuse_sync_client
 from worker.runtime import BackgroundLoop, StopReason, WorkerRuntime, current_runtime, get_runtime, shutdown_runtime
 
 settings = get_settings()
 app = make_celery(settings)
 guard_dead_channel()
+reuse_sync_client()
 log = logging.getLogger("worker")
 # What every worker runs beside its tasks: lease renewal with cancel detection, and the recovery sweeper.
 BACKGROUND_LOOPS: tuple[BackgroundLoop, ...] = (
