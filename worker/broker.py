@@ -1,4 +1,4 @@
-"""A guard around one kombu failure mode, applied in worker processes only.
+"""A guard around one kombu failure mode of the Redis transport, applied in worker processes only.
 
 When the Redis connection dies (a broker restart), kombu tears down the channel's connection object, but
 two paths still use that channel afterwards: restoring unacknowledged messages while the channel closes,
@@ -11,6 +11,10 @@ there instead lets kombu handle it as it handles any broker outage (`ignore_erro
 Skipping that restore or ack loses nothing: the message is either still in Redis' unacked set (restored
 after the visibility timeout; the row's claim then makes it a no-op) or gone with a restarted Redis, and
 AIQ's sweeper re-sends every due pending row from PostgreSQL either way.
+
+On RabbitMQ (py-amqp transport) there is no such path: a lost connection closes its channels, RabbitMQ
+requeues the unacked deliveries itself, and an ack on the dead channel is a connection error kombu already
+logs and ignores. The guard is not installed there.
 """
 
 from __future__ import annotations
@@ -23,12 +27,16 @@ from typing import Any
 import redis
 from kombu.transport import redis as kombu_redis
 
+from shared.config import Settings
+
 log = logging.getLogger(__name__)
 _GUARDED = "_aiq_guarded"
 
 
-def guard_dead_channel() -> None:
-    """Make a Redis client request on a torn-down channel an ordinary connection error."""
+def guard_dead_channel(settings: Settings) -> None:
+    """On Redis, make a client request on a torn-down channel an ordinary connection error."""
+    if settings.broker_is_amqp:
+        return
     original: Callable[..., Any] = kombu_redis.Channel._connparams
     if getattr(original, _GUARDED, False):
         return
