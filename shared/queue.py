@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
@@ -27,6 +28,7 @@ PROCESS_TASK = "queries.process"
 # RabbitMQ: replicated and durable; quorum queues have no per-message priority (flow control's choice of the
 # next query is made in PostgreSQL, not on the broker).
 QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
+RECONNECT_INTERVAL_SECONDS = 0.5
 log = logging.getLogger(__name__)
 
 
@@ -233,6 +235,7 @@ class _AmqpBroker:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
+        self._next_connect = 0.0
 
     async def _ready(self) -> AbstractChannel:
         channel = self._channel
@@ -241,6 +244,11 @@ class _AmqpBroker:
         async with self._lock:
             if self._channel is None or self._channel.is_closed:
                 await self._drop()
+                # While the broker is down, one connection attempt per interval, not one per request: the
+                # others fail at once (their rows wait for the sweeper) instead of each paying for a connect.
+                if time.monotonic() < self._next_connect:
+                    raise ConnectionError("broker unreachable; next connection attempt shortly")
+                self._next_connect = time.monotonic() + RECONNECT_INTERVAL_SECONDS
                 # Plain (not robust) connection: a dead one is replaced on the next use, under the caller's
                 # timeout, rather than by a background reconnect loop whose publishes would wait unbounded.
                 connection = await aio_pika.connect(
@@ -248,6 +256,7 @@ class _AmqpBroker:
                 )
                 self._connection = connection  # type: ignore[assignment]
                 self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                self._next_connect = 0.0
             return self._channel
 
     async def _drop(self) -> None:
