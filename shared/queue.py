@@ -236,6 +236,8 @@ class _AmqpBroker:
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
         self._next_connect = 0.0
+        self._last_confirm = 0.0
+        self._closing: set[asyncio.Future[None]] = set()
 
     async def _ready(self) -> AbstractChannel:
         channel = self._channel
@@ -243,7 +245,7 @@ class _AmqpBroker:
             return channel
         async with self._lock:
             if self._channel is None or self._channel.is_closed:
-                await self._drop()
+                self._drop_soon()
                 # While the broker is down, one connection attempt per interval, not one per request: the
                 # others fail at once (their rows wait for the sweeper) instead of each paying for a connect.
                 if time.monotonic() < self._next_connect:
@@ -257,6 +259,7 @@ class _AmqpBroker:
                 self._connection = connection  # type: ignore[assignment]
                 self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
                 self._next_connect = 0.0
+                self._last_confirm = time.monotonic()
             return self._channel
 
     async def _drop(self) -> None:
@@ -265,6 +268,18 @@ class _AmqpBroker:
             # It is being replaced: a close that fails changes nothing.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), self._timeout)
+
+    def _drop_soon(self) -> None:
+        """Forget the connection now and close it in the background: the caller's timeout stays its bound."""
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            closing = asyncio.ensure_future(self._close_quietly(connection))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
+    async def _close_quietly(self, connection: AbstractRobustConnection) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(connection.close(), self._timeout)
 
     async def send(self, queue: str, task: str, args: list[Any], task_id: str) -> None:
         channel = await self._ready()
@@ -280,23 +295,29 @@ class _AmqpBroker:
         except aio_pika.exceptions.DeliveryError:
             raise  # nacked or returned: the channel is still good
         except BaseException:
-            # Timeout or a dead connection: start afresh next time.
-            await asyncio.shield(self._drop())
+            # A timeout while other publishes are being confirmed is a slow broker: keep the connection (dropping
+            # it would fail them all). Nothing confirmed for a whole timeout: a dead connection, start afresh.
+            if time.monotonic() - self._last_confirm > self._timeout:
+                self._drop_soon()
             raise
+        self._last_confirm = time.monotonic()
 
     async def ping(self) -> None:
         await self._ready()
 
     async def depth(self, queue: str) -> int:
         await self._ready()
-        assert self._connection is not None
+        connection = self._connection
+        if connection is None:
+            raise ConnectionError("broker connection lost")
         # A channel of its own: a passive declare of a missing queue closes the channel it runs on.
-        async with self._connection.channel(publisher_confirms=False) as probe:
+        async with connection.channel(publisher_confirms=False) as probe:
             declared = await probe.declare_queue(queue, passive=True)
             return int(declared.declaration_result.message_count or 0)
 
     async def aclose(self) -> None:
         await self._drop()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 class Publisher:

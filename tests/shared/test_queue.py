@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from kombu import Connection
@@ -95,3 +97,72 @@ def test_direct_amqp_message_matches_celery_send_task(amqp_url: str) -> None:
 
     assert shape(ours, our_id) == shape(theirs, celery_id)
     assert json.loads(ours.body)[0] == [str(our_id)]
+
+
+class _CuttableProxy:
+    """A TCP relay to the broker whose connections the test can cut, as a broker restart or a network cut does."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+
+    async def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+
+
+def test_amqp_publisher_reconnects_after_its_connection_dies(amqp_url: str) -> None:
+    """A cut connection (broker restart, network) costs at most the publishes in flight, then it reconnects."""
+    queue = f"aiq.reconnect.{uuid.uuid4().hex[:8]}"
+    url = urlsplit(amqp_url)
+
+    async def scenario() -> tuple[bool, list[bool], int]:
+        proxy = _CuttableProxy(url.hostname or "127.0.0.1", url.port or 5672)
+        port = await proxy.start()
+        through_proxy = url._replace(netloc=f"{url.netloc.rpartition('@')[0]}@127.0.0.1:{port}").geturl()
+        settings = Settings(broker_url=through_proxy, queue_name=queue, jwt_secret_key="k" * 48)  # type: ignore[arg-type]
+        publisher = Publisher(settings)
+        try:
+            first = await publisher.publish(uuid.uuid4())
+            proxy.cut()
+            later = []
+            for _ in range(10):
+                later.append(await publisher.publish(uuid.uuid4()))
+                await asyncio.sleep(0.2)
+            return first, later, await publisher.depth()
+        finally:
+            await publisher.aclose()
+            await proxy.close()
+
+    try:
+        first, later, depth = asyncio.run(scenario())
+    finally:
+        delete_amqp_queues(amqp_url, queue)
+    assert first
+    # Within about a second of the cut every publish is confirmed again, and every confirmed one is queued.
+    assert all(later[5:]), later
+    assert depth == 1 + sum(later)
