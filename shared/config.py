@@ -15,11 +15,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIN_JWT_SECRET_BYTES = 32
 DEVELOPMENT_JWT_SECRET = "aiq-insecure-development-key-never-use-in-production"  # noqa: S105 - dev only, refused elsewhere
-# Values that ship in examples or in this code and must never sign production tokens.
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 BROKER_SCHEMES = AMQP_SCHEMES | {"redis", "rediss", "redis+socket"}
 # Read by Celery itself (celery/app/utils.py), whatever the app's configuration says.
 CELERY_BROKER_VARIABLES = ("CELERY_BROKER_URL", "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL")
+# Values that ship in examples or in this code and must never sign production tokens.
 KNOWN_DEFAULT_SECRETS = frozenset({"", "change-me", "changeme", "secret", "dev", "development", DEVELOPMENT_JWT_SECRET})
 
 
