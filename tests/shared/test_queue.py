@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
@@ -166,3 +167,44 @@ def test_amqp_publisher_reconnects_after_its_connection_dies(amqp_url: str) -> N
     # Within about a second of the cut every publish is confirmed again, and every confirmed one is queued.
     assert all(later[5:]), later
     assert depth == 1 + sum(later)
+
+
+def test_any_task_travels_by_name_on_both_brokers(server_urls: dict[str, str]) -> None:
+    """The direct publish is not tied to `queries.process`: another task (e.g. a webhook delivery) goes by name."""
+    brokers = {"redis": server_urls["redis"]}
+    if os.environ.get("TEST_AMQP_URL"):
+        brokers["amqp"] = os.environ["TEST_AMQP_URL"]
+    task_id = str(uuid.uuid4())
+    for kind, url in brokers.items():
+        queue = f"aiq.byname.{uuid.uuid4().hex[:8]}"
+        settings = Settings(redis_url=server_urls["redis"], broker_url=url, queue_name=queue, jwt_secret_key="k" * 48)  # type: ignore[arg-type]
+        publisher = Publisher(settings)
+
+        async def send(p: Publisher = publisher) -> bool:
+            try:
+                return await p.send("webhooks.deliver", [task_id, 3], task_id)
+            finally:
+                await p.aclose()
+
+        try:
+            assert asyncio.run(send()), kind
+            if kind == "redis":
+                client = redis.Redis.from_url(url)
+                raw = client.rpop(queue)
+                client.close()
+                assert isinstance(raw, bytes)
+                message = json.loads(raw)
+                headers, body = message["headers"], json.loads(base64.b64decode(message["body"]))
+            else:
+                with Connection(url) as conn, conn.channel() as channel:
+                    got = channel.basic_get(queue, no_ack=True)
+                assert got is not None
+                headers, body = dict(got.headers), json.loads(got.body)
+        finally:
+            if kind == "redis":
+                redis.Redis.from_url(url).delete(queue)
+            else:
+                delete_amqp_queues(url, queue)
+        assert headers["task"] == "webhooks.deliver", kind
+        assert headers["id"] == task_id, kind
+        assert body[0] == [task_id, 3], kind
