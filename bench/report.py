@@ -112,6 +112,14 @@ def _aiq_headline(a: dict[str, Any]) -> dict[str, Any]:
         j["limits_submit_cpu_ms_on"] = lc["on"]["request_path_ms"]
         j["limits_submit_cpu_ms_off"] = lc["off"]["request_path_ms"]
         j["limits_submit_cpu_ms_added"] = lc["added_request_path_ms"]
+    for broker, figures in (a.get("publish") or {}).items():
+        if "skipped" in figures:
+            j[f"publish_{broker}_skipped"] = figures["skipped"]
+            continue
+        j[f"publish_{broker}_p50_ms"] = figures["p50_ms"]
+        j[f"publish_{broker}_p99_ms"] = figures["p99_ms"]
+        j[f"publish_{broker}_cpu_ms"] = figures["cpu_ms_per_publish"]
+        j[f"publish_{broker}_per_s_concurrent"] = figures["concurrent_per_s"]
     if a.get("m1_api_only"):
         j["m1_submit_rps_api_only"] = a["m1_api_only"]["max_rps"]
         j["m1_submit_p99_ms_api_only"] = a["m1_api_only"]["p99_ms"]
@@ -237,6 +245,11 @@ def binding(step: dict[str, Any] | None) -> str:
     return f"{head}; CPU by role, % of one core: {parts}"
 
 
+def _ms(v: float | None) -> str:
+    """Sub-millisecond figures need two decimals."""
+    return "-" if v is None else f"{v:.2f}"
+
+
 def fmt(v: Any, unit: str = "") -> str:
     """A table cell: thousands separated, one decimal for floats, `-` for nothing."""
     if v is None:
@@ -323,6 +336,17 @@ def table(j: dict[str, Any], details: dict[str, Any]) -> str:
             "-",
             "-",
             f"{fmt(j.get('limits_submit_cpu_ms_on'))} / {fmt(j.get('limits_submit_cpu_ms_off'))}",
+            "report",
+            None,
+        ),
+        (
+            "Publish p50 ms / CPU-ms, Redis | RabbitMQ",
+            "-",
+            "-",
+            " | ".join(
+                f"{_ms(j.get(f'publish_{b}_p50_ms'))} / {_ms(j.get(f'publish_{b}_cpu_ms'))}"
+                for b in ("redis", "rabbitmq")
+            ),
             "report",
             None,
         ),

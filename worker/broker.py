@@ -13,6 +13,10 @@ there instead lets kombu handle it as it handles any broker outage (`ignore_erro
 Skipping that restore or ack loses nothing: the message is either still in Redis' unacked set (restored
 after the visibility timeout; the row's claim then makes it a no-op) or gone with a restarted Redis, and
 AIQ's sweeper re-sends every due pending row from PostgreSQL either way.
+
+On RabbitMQ (py-amqp transport) neither applies: a lost connection closes its channels, RabbitMQ requeues the
+unacked deliveries itself, and an ack on the dead channel is a connection error kombu already logs and ignores.
+Neither adjustment is installed there.
 """
 
 from __future__ import annotations
@@ -26,12 +30,16 @@ from typing import Any
 import redis
 from kombu.transport import redis as kombu_redis
 
+from shared.config import Settings
+
 log = logging.getLogger(__name__)
 _GUARDED = "_aiq_guarded"
 
 
-def guard_dead_channel() -> None:
-    """Make a Redis client request on a torn-down channel an ordinary connection error."""
+def guard_dead_channel(settings: Settings) -> None:
+    """On Redis, make a client request on a torn-down channel an ordinary connection error."""
+    if settings.broker_is_amqp:
+        return
     original: Callable[..., Any] = kombu_redis.Channel._connparams
     if getattr(original, _GUARDED, False):
         return
@@ -47,8 +55,8 @@ def guard_dead_channel() -> None:
     setattr(kombu_redis.Channel, "_connparams", _connparams)  # noqa: B010 - mypy forbids assigning methods
 
 
-def reuse_sync_client() -> None:
-    """Give each kombu Redis channel one synchronous client instead of a new one per acknowledgement.
+def reuse_sync_client(settings: Settings) -> None:
+    """On Redis, give each kombu channel one synchronous client instead of a new one per acknowledgement.
 
     With `acks_late`, every message costs two Redis pipelines outside the BRPOP: one when it is delivered
     (recorded in the unacked set) and one when it is acknowledged. kombu builds a fresh `redis.Redis` for each
@@ -58,6 +66,8 @@ def reuse_sync_client() -> None:
     is enough; a reconnect makes a new pool and with it a new client, and a torn-down channel still goes
     through `_connparams` (see `guard_dead_channel`).
     """
+    if settings.broker_is_amqp:
+        return
     original: Callable[..., Any] = kombu_redis.Channel.conn_or_acquire
     if getattr(original, _GUARDED, False):
         return

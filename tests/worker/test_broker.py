@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 from kombu import Connection
 
+from shared.config import Settings
 from worker.broker import guard_dead_channel, reuse_sync_client
 
 
 @pytest.fixture
 def channel(server_urls: dict[str, str]) -> Iterator[Any]:
-    guard_dead_channel()
-    reuse_sync_client()
+    guard_dead_channel(Settings())
+    reuse_sync_client(Settings())
     with Connection(server_urls["redis"]) as conn:
         ch = conn.channel()
         try:
