@@ -41,7 +41,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         wakeup.start()
         stats = app.state.queue_stats = QueueStats()
         collector = register_queue_collector(
-            lambda: stats.depth, lambda: stats.oldest_pending_age, lambda: stats.counts, queue=settings.queue_name
+            lambda: stats.depth,
+            lambda: stats.oldest_pending_age,
+            lambda: stats.counts,
+            queue=settings.queue_name,
+            users_waiting_fn=lambda: stats.users_waiting,
         )
         metrics_server = None
         if settings.api_metrics_port:

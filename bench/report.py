@@ -46,6 +46,11 @@ def headline(details: dict[str, Any]) -> dict[str, Any]:
         j["p0_completions_per_s"] = details["p0"]["m4"]["completions_per_s"]
     if "naive" in details:
         j.update(_naive_headline(details["naive"]))
+    if "provider" in details:
+        # Issue 11's provider-limited scenario: learned and configured upstream limits.
+        j["provider_limited"] = {
+            m: details["provider"][m] for m in ("learned", "configured") if m in details["provider"]
+        }
     sse = (details.get("aiq") or {}).get("sse") or (details.get("sse") or {}).get("sse")
     if sse:
         j.update(sse_headline(sse))

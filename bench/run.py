@@ -21,6 +21,7 @@ from bench import report
 from bench.context import Loadgen, RunContext
 from bench.measures.client import run_client
 from bench.measures.p0 import measure_p0
+from bench.measures.provider import run_provider
 from bench.pacing import Clock, QuietGate, wait_quiet
 from bench.phases import run_aiq, run_naive, run_sse
 from bench.plan import KEEP_LOG_RUNS, RESULTS, Plan, say
@@ -30,7 +31,14 @@ from devkit.paths import ROOT
 from devkit.procs import Launcher
 
 # The systems a run may measure, in the order it measures them.
-PHASES = {"p0": measure_p0, "naive": run_naive, "aiq": run_aiq, "sse": run_sse, "client": run_client}
+PHASES = {
+    "p0": measure_p0,
+    "naive": run_naive,
+    "aiq": run_aiq,
+    "sse": run_sse,
+    "client": run_client,
+    "provider": run_provider,
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,9 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--systems",
-        default="p0,naive,aiq,client",
-        help="comma-separated subset of p0,naive,aiq,sse,client (sse: only the SSE measures, on a fresh AIQ; "
-        "client: the client-side scenario with LiteLLM beside AIQ)",
+        default="p0,naive,aiq,client,provider",
+        help="comma-separated subset of p0,naive,aiq,sse,client,provider (sse: only the SSE measures, on a fresh AIQ; "
+        "client: the client-side scenario with LiteLLM beside AIQ; provider: issue 11's provider-limited scenario)",
     )
     ap.add_argument(
         "--profile",

@@ -8,6 +8,7 @@ import os
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,11 +33,13 @@ class Layout:
 class Simulator:
     """The LLM simulator (`python -m devkit.simulator`), its latency set between phases over HTTP."""
 
-    def __init__(self, launcher: Launcher, env: dict[str, str]) -> None:
+    def __init__(
+        self, launcher: Launcher, env: dict[str, str], name: str = "simulator", extra_args: Sequence[str] = ()
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = launcher.start(
-            "simulator",
+            name,
             [
                 PY,
                 "-m",
@@ -49,6 +52,8 @@ class Simulator:
                 "warning",
                 "--api-key",
                 SIM_API_KEY,
+                # Later flags win (e.g. a strict provider's limits and its own latency).
+                *extra_args,
             ],
             env,
         )

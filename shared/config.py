@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import warnings
 from enum import StrEnum
@@ -146,12 +147,28 @@ class Settings(BaseSettings):
     response_cache_ttl_seconds: int = Field(default=3600, ge=1)
     response_cache_scope: CacheScope = CacheScope.USER
 
+    # Flow control (issue 11): the upstream budget every worker shares, per (OPENAI_BASE_URL, model).
+    # `model=rpm:3000,tpm:90000,concurrency:50;*=concurrency:64` or the same as JSON; a limit left out is
+    # learned from the provider's x-ratelimit-* headers and 429s. Empty: everything is learned.
+    upstream_limits: Annotated[dict[str, dict[str, int]], NoDecode] = {}
+    # Calls in flight per model while nothing is known about its limits (first start, after a Redis wipe).
+    upstream_probe_concurrency: int = Field(default=8, ge=1)
+    # What a call reserves of a tokens-per-minute budget for its answer when the query sets no max_tokens.
+    upstream_output_estimate: int = Field(default=512, ge=1)
+    # Batch work waiting longer than this ranks with interactive work (it never starves).
+    batch_ageing_seconds: float = Field(default=300.0, ge=0)
+
     @field_validator("allowed_models", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [m.strip() for m in value.split(",") if m.strip()]
         return value
+
+    @field_validator("upstream_limits", mode="before")
+    @classmethod
+    def _parse_upstream_limits(cls, value: Any) -> Any:
+        return parse_upstream_limits(value) if isinstance(value, str) else value
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -278,6 +295,42 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc.rpartition("@")[2]
     user = parts.username or ""
     return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+UPSTREAM_LIMIT_KINDS = frozenset({"rpm", "tpm", "concurrency"})
+
+
+def parse_upstream_limits(value: str) -> dict[str, dict[str, int]]:
+    """`UPSTREAM_LIMITS`: JSON `{"model": {"rpm": 3000}}` or `model=rpm:3000,tpm:90000;*=concurrency:64`."""
+    value = value.strip()
+    if not value:
+        return {}
+    parsed: Any
+    if value.startswith("{"):
+        parsed = json.loads(value)
+    else:
+        parsed = {}
+        for entry in filter(None, (e.strip() for e in value.split(";"))):
+            model, sep, spec = entry.partition("=")
+            if not sep or not model.strip():
+                raise ValueError(f"UPSTREAM_LIMITS entry {entry!r} must look like model=rpm:3000,tpm:90000")
+            limits: dict[str, Any] = {}
+            for item in filter(None, (i.strip() for i in spec.split(","))):
+                kind, sep, number = item.partition(":")
+                if not sep:
+                    raise ValueError(f"UPSTREAM_LIMITS item {item!r} must look like rpm:3000")
+                limits[kind.strip()] = number.strip()
+            parsed[model.strip()] = limits
+    if not isinstance(parsed, dict):
+        raise ValueError("UPSTREAM_LIMITS must map models to limits")
+    result: dict[str, dict[str, int]] = {}
+    for model, limits in parsed.items():
+        if not isinstance(limits, dict) or not set(limits) <= UPSTREAM_LIMIT_KINDS:
+            raise ValueError(f"UPSTREAM_LIMITS for {model!r}: limits are rpm, tpm and concurrency")
+        result[str(model)] = {kind: int(n) for kind, n in limits.items()}
+        if any(n < 0 for n in result[str(model)].values()):
+            raise ValueError(f"UPSTREAM_LIMITS for {model!r}: limits must not be negative")
+    return result
 
 
 def _weak(secret: str) -> bool:

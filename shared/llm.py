@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,12 +44,76 @@ def make_client(settings: Settings) -> AsyncOpenAI:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitInfo:
+    """What a provider advertised in its `x-ratelimit-*` headers; None where a header was missing."""
+
+    limit_requests: int | None = None
+    limit_tokens: int | None = None
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+    # Seconds until the limit is fully replenished.
+    reset_requests: float | None = None
+    reset_tokens: float | None = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.limit_requests, self.limit_tokens))
+
+
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
+_GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(value: str | None) -> float | None:
+    """A Go duration (`1s`, `6m0s`, `20ms`, `1h2m3.5s`) or plain seconds, in seconds; None if unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    total, pos = 0.0, 0
+    for match in _GO_DURATION_PART.finditer(value):
+        if match.start() != pos:
+            return None
+        total += float(match.group(1)) * _GO_UNITS[match.group(2)]
+        pos = match.end()
+    return total if pos == len(value) and pos > 0 else None
+
+
+def _int_header(get: object, name: str) -> int | None:
+    raw = get(name) if callable(get) else None
+    try:
+        return max(0, int(float(raw))) if raw else None
+    except ValueError:
+        return None
+
+
+def parse_ratelimit_headers(headers: object) -> RateLimitInfo | None:
+    """OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`; None when none is present."""
+    get = getattr(headers, "get", None)
+    if get is None:
+        return None
+    info = RateLimitInfo(
+        limit_requests=_int_header(get, "x-ratelimit-limit-requests"),
+        limit_tokens=_int_header(get, "x-ratelimit-limit-tokens"),
+        remaining_requests=_int_header(get, "x-ratelimit-remaining-requests"),
+        remaining_tokens=_int_header(get, "x-ratelimit-remaining-tokens"),
+        reset_requests=parse_duration(get("x-ratelimit-reset-requests")),
+        reset_tokens=parse_duration(get("x-ratelimit-reset-tokens")),
+    )
+    return info if info else None
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     text: str
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None
     latency_ms: int
+    # The provider's advertised limits with this answer (learned budgets read them).
+    ratelimit: RateLimitInfo | None = None
     # Streamed calls: from the start of the call to its first content delta.
     first_token_ms: int | None = None
 
@@ -62,6 +127,9 @@ class UpstreamFailure:
     message: str
     transient: bool
     retry_after: float | None = None
+    ratelimit: RateLimitInfo | None = None
+    # For a 429: which limit the provider says was hit ("requests" or "tokens"), when it says so.
+    limit_type: str | None = None
 
 
 async def complete(
@@ -114,6 +182,7 @@ async def complete(
         completion_tokens=usage.completion_tokens if usage else None,
         total_tokens=usage.total_tokens if usage else None,
         latency_ms=latency_ms,
+        ratelimit=parse_ratelimit_headers(raw.headers),
     )
 
 
@@ -161,6 +230,7 @@ async def _streamed(
         total_tokens=usage.total_tokens if usage else None,
         latency_ms=round((time.perf_counter() - started) * 1000),
         first_token_ms=first_token_ms,
+        ratelimit=parse_ratelimit_headers(raw.headers),
     )
 
 
@@ -198,12 +268,15 @@ def classify(exc: BaseException) -> UpstreamFailure:
     if isinstance(exc, openai.RateLimitError):
         if exc.code == "insufficient_quota" or _error_type(exc) == "insufficient_quota":
             return UpstreamFailure("quota", "upstream_quota_exceeded", "The model provider's quota is exhausted", False)
+        limit_type = _error_type(exc)
         return UpstreamFailure(
             "rate_limit",
             "upstream_rate_limited",
             "The model provider is rate limiting requests",
             True,
             retry_after_seconds(exc.response.headers),
+            parse_ratelimit_headers(exc.response.headers),
+            limit_type if limit_type in ("requests", "tokens") else None,
         )
     if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
         return UpstreamFailure(

@@ -149,9 +149,34 @@ TIME_TO_FIRST_TOKEN = Histogram(
     buckets=TTFT_BUCKETS,
 )
 
+# Flow control (issue 11): the shared upstream budget, per model.
+UPSTREAM_BUDGET_LEVEL = Gauge(
+    "aiq_upstream_budget_level",
+    "What the shared upstream budget had left at this worker's last look, by model and kind (requests|tokens).",
+    ["model", "kind"],
+    multiprocess_mode="livemin",
+)
+UPSTREAM_WAITS = Counter(
+    "aiq_upstream_waits_total",
+    "Times work waited for the upstream budget, by model and reason (closed|requests|tokens|concurrency|queued).",
+    ["model", "reason"],
+)
+UPSTREAM_WAIT_SECONDS = Histogram(
+    "aiq_upstream_wait_seconds",
+    "How long a query waited for the upstream budget before its call, by model.",
+    ["model"],
+    buckets=(0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0),
+)
+UPSTREAM_THROTTLED = Counter(
+    "aiq_upstream_throttled_total",
+    "Calls the provider refused with a 429 rate limit (the budget then closes until its retry-after).",
+    ["model"],
+)
+
 QUEUE_DEPTH = "aiq_queue_depth"
 OLDEST_PENDING_AGE = "aiq_oldest_pending_age_seconds"
 QUERIES_BY_STATUS = "aiq_queries"
+USERS_WAITING = "aiq_users_with_queued_work"
 # Live statuses are always exported (0 when the source omits them, as a GROUP BY does for empty groups), so
 # dashboards and alerts see a series instead of a gap. Other statuses appear only if the source reports them.
 ZERO_FILLED_STATUSES = ("pending", "running")
@@ -190,6 +215,7 @@ class QueueStats:
     depth: int = 0
     oldest_pending_age: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    users_waiting: int = 0
 
 
 class QueueCollector(Collector):
@@ -206,11 +232,13 @@ class QueueCollector(Collector):
         status_counts_fn: StatusCountsFn,
         *,
         queue: str,
+        users_waiting_fn: Callable[[], float] | None = None,
     ) -> None:
         self._depth_fn = depth_fn
         self._age_fn = oldest_pending_age_fn
         self._counts_fn = status_counts_fn
         self._queue = queue
+        self._users_fn = users_waiting_fn
 
     def describe(self) -> Iterable[Metric]:
         # Without describe() the registry would call collect() (and hit Redis/PostgreSQL) at registration.
@@ -218,6 +246,7 @@ class QueueCollector(Collector):
             GaugeMetricFamily(QUEUE_DEPTH, "", labels=["queue"]),
             GaugeMetricFamily(OLDEST_PENDING_AGE, ""),
             GaugeMetricFamily(QUERIES_BY_STATUS, "", labels=["status"]),
+            *([GaugeMetricFamily(USERS_WAITING, "")] if self._users_fn is not None else []),
         ]
 
     def collect(self) -> Iterator[Metric]:
@@ -248,6 +277,15 @@ class QueueCollector(Collector):
                 family.add_metric([status], value)
             yield family
 
+        if self._users_fn is not None:
+            ok, users = _guarded(USERS_WAITING, self._users_fn)
+            if ok:
+                yield GaugeMetricFamily(
+                    USERS_WAITING,
+                    "Users with pending queries: how many take turns for the upstream budget.",
+                    value=float(users),
+                )
+
 
 def _guarded(name: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
     try:
@@ -263,6 +301,7 @@ def register_queue_collector(
     status_counts_fn: StatusCountsFn,
     *,
     queue: str,
+    users_waiting_fn: Callable[[], float] | None = None,
 ) -> QueueCollector:
     """Export `aiq_queue_depth{queue}`, `aiq_oldest_pending_age_seconds` and `aiq_queries{status}`.
 
@@ -272,7 +311,9 @@ def register_queue_collector(
     running are exported as 0 when missing, other statuses only when present.
     Returns the collector so it can be passed to `unregister_collector()`.
     """
-    collector = QueueCollector(depth_fn, oldest_pending_age_fn, status_counts_fn, queue=queue)
+    collector = QueueCollector(
+        depth_fn, oldest_pending_age_fn, status_counts_fn, queue=queue, users_waiting_fn=users_waiting_fn
+    )
     if MULTIPROC_DIR:
         with _extra_lock:
             _extra_collectors.append(collector)

@@ -154,6 +154,10 @@ class QueryCreate(StrictBody):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1)
     metadata: dict[str, JsonValue] | None = Field(default=None, description="Opaque client data, echoed back")
+    priority: Literal["interactive", "batch"] = Field(
+        default="interactive",
+        description="`batch` runs only on the upstream budget interactive work leaves (aged, so never starved)",
+    )
     cache: bool | None = Field(
         default=None,
         description="Answer from the response cache when an identical request (model, system, query, temperature, "
@@ -204,6 +208,7 @@ class QueryOut(BaseModel):
     temperature: float | None
     max_tokens: int | None
     metadata: dict[str, Any] | None
+    priority: Literal["interactive", "batch"]
     response: str | None
     error: QueryError | None
     usage: Usage | None = Field(description="Token counts once the model answered; null until then and when it did not")
@@ -245,6 +250,10 @@ class LimitsIn(StrictBody):
     max_pending: int | None = Field(default=None, ge=0, le=1_000_000, examples=[50])
     # The override columns are 32-bit integers (migration 0005).
     token_budget: int | None = Field(default=None, ge=0, le=10**12, examples=[5_000_000])
+    # Flow control: this user's weight in fair turns (null: 1), and the largest share of a model's calls in
+    # flight the user may hold while other users wait (null: no cap).
+    fair_weight: int | None = Field(default=None, ge=1, le=1000, examples=[2])
+    max_share: float | None = Field(default=None, gt=0, le=1, examples=[0.5])
 
 
 class LimitsOut(BaseModel):
@@ -255,6 +264,8 @@ class LimitsOut(BaseModel):
     max_pending: int
     token_budget: int
     token_window_seconds: int
+    fair_weight: int
+    max_share: float | None
     overrides: LimitsIn
 
 

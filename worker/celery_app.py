@@ -17,7 +17,7 @@ from shared.logging import configure_logging, query_id_var
 from shared.metrics import start_worker_metrics_server
 from shared.queue import DELIVER_WEBHOOK_TASK, PROCESS_TASK, make_celery, max_eta_seconds
 from shared.services.webhooks import DeliveryOutcome
-from worker import processing, recovery, webhooks
+from worker import dispatcher, processing, recovery, webhooks
 from worker.broker import guard_dead_channel, reuse_sync_client
 from worker.runtime import BackgroundLoop, StopReason, WorkerRuntime, current_runtime, get_runtime, shutdown_runtime
 
@@ -49,7 +49,7 @@ def _logging(**_: Any) -> None:
 
 def runtime() -> WorkerRuntime:
     """This process's runtime, started with the background loops on first use."""
-    return get_runtime(settings, app, BACKGROUND_LOOPS)
+    return get_runtime(settings, app, BACKGROUND_LOOPS, dispatcher.drain)
 
 
 @worker_process_init.connect
@@ -132,7 +132,8 @@ def process_query(self: Task, query_id: str) -> str:
     finally:
         query_id_var.reset(token)
     kind = outcome.kind
-    if kind in (processing.OutcomeKind.SKIPPED, processing.OutcomeKind.LOST):
+    # A deferred query waits for the upstream budget in this worker's dispatcher: the message has done its job.
+    if kind in (processing.OutcomeKind.SKIPPED, processing.OutcomeKind.LOST, processing.OutcomeKind.DEFERRED):
         raise Ignore()
     if kind is processing.OutcomeKind.FAILED:
         raise QueryFailed(outcome.error_code)

@@ -20,11 +20,20 @@ import asyncpg
 from shared import llm
 from shared.cache import CachedAnswer, response_cache_for
 from shared.db import DATABASE_UNAVAILABLE
-from shared.metrics import LLM_CALLS_IN_FLIGHT, LLM_ERRORS, LLM_REQUEST_DURATION, LLM_TOKENS, TASK_RETRIES, TASKS
+from shared.metrics import (
+    LLM_CALLS_IN_FLIGHT,
+    LLM_ERRORS,
+    LLM_REQUEST_DURATION,
+    LLM_TOKENS,
+    TASK_RETRIES,
+    TASKS,
+    UPSTREAM_WAITS,
+)
 from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.repositories import queries_asyncpg as repo
 from shared.repositories.queries_asyncpg import Claim
 from shared.services import webhooks
+from shared.upstream import Grant, Refusal
 from worker.runtime import StopReason, WorkerRuntime
 from worker.streaming import DeltaSink, tell_end
 
@@ -48,6 +57,8 @@ class OutcomeKind(StrEnum):
     SKIPPED = "skipped"
     # The attempt no longer owned the row: its write was discarded.
     LOST = "lost"
+    # The upstream budget said "not now": the row waits, pending, for this worker's dispatcher (no attempt).
+    DEFERRED = "deferred"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +121,13 @@ async def process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
 
 
 async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
+    if rt.draining:
+        # This process already runs a dispatcher for waiting work: a delivery of that model joins the wait
+        # (the dispatcher picks rows in fair order) at the cost of a read, not a claim and its undoing.
+        model = await _run_autocommitted(rt, lambda conn: repo.pending_model(conn, query_id))
+        if model is not None and model in rt.draining and not rt.draining[model].done():
+            UPSTREAM_WAITS.labels(model=model, reason="queued").inc()
+            return Outcome(OutcomeKind.DEFERRED)
     # If the claim committed but its answer was lost to a restart, the retry finds the row running and skips;
     # the lease then expires and the sweeper hands the query back. Nothing is called twice.
     lease = timedelta(seconds=rt.settings.lease_seconds)
@@ -117,19 +135,94 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
     if claim is None:
         log.info("delivery skipped: query is not claimable")
         return Outcome(OutcomeKind.SKIPPED)
+    budget = await rt.budget.acquire(claim.model, _estimate(rt, claim), fresh=True)
+    if isinstance(budget, Refusal):
+        return await defer(rt, claim, budget)
+    return await run_attempt(rt, claim, budget)
 
+
+def _estimate(rt: WorkerRuntime, claim: Claim) -> int:
+    return rt.budget.estimate(claim.prompt, claim.system, claim.max_tokens)
+
+
+async def defer(rt: WorkerRuntime, claim: Claim, refusal: Refusal) -> Outcome:
+    """No budget now: give the claim back (waiting is not an attempt) and leave the row to the dispatcher."""
+    UPSTREAM_WAITS.labels(model=claim.model, reason=refusal.reason).inc()
+    await _run_autocommitted(rt, lambda conn: repo.unclaim_attempt(conn, claim, delay=timedelta(0)))
+    rt.wake(claim.model)
+    return Outcome(OutcomeKind.DEFERRED, attempt=claim.attempt - 1)
+
+
+async def _within_budget(
+    rt: WorkerRuntime, grant: Grant, capped: bool, call: Awaitable[llm.Completion]
+) -> llm.Completion:
+    """Await the call, then settle its budget: real usage, learned limits, or a 429's closing. The settle
+    runs beside the outcome write, never before it.
+
+    What the provider counted is booked: OpenAI counts a call on arrival as its prompt estimate plus
+    `max_tokens`, so a capped call's reservation stands (plus any excess); an uncapped one is trued up to its
+    real usage. A call the provider refused is refunded in full.
+    """
+    try:
+        result = await call
+    except asyncio.CancelledError:
+        # The provider counted the call when it started: its reservation stands, its slot frees.
+        if grant.needs_settle():
+            _spawn(rt, rt.budget.settle(grant, used_tokens=None))
+        raise
+    except Exception as exc:
+        failure = llm.classify(exc)
+        if failure.kind == "rate_limit":
+            retry_after = failure.retry_after if failure.retry_after is not None else 1.0
+            _spawn(
+                rt,
+                rt.budget.settle(
+                    grant,
+                    used_tokens=0,
+                    ratelimit=failure.ratelimit,
+                    answered=True,
+                    throttled_after=retry_after,
+                    throttled_kind=failure.limit_type,
+                ),
+            )
+        elif grant.needs_settle():
+            # An error answer used no tokens; a timeout or lost connection may have (the reservation stands).
+            answered = failure.kind not in ("timeout", "connection", "other")
+            _spawn(rt, rt.budget.settle(grant, used_tokens=0 if answered else None))
+        raise
+    if grant.needs_settle(result.ratelimit):
+        used = result.total_tokens
+        if capped or used is None:
+            used = max(grant.reserved_tokens, used or 0)
+        _spawn(rt, rt.budget.settle(grant, used_tokens=used, ratelimit=result.ratelimit, answered=True))
+    return result
+
+
+def _spawn(rt: WorkerRuntime, work: Awaitable[None]) -> None:
+    task = asyncio.ensure_future(work)
+    rt.dispatched.add(task)
+    task.add_done_callback(rt.dispatched.discard)
+
+
+async def run_attempt(rt: WorkerRuntime, claim: Claim, grant: Grant) -> Outcome:
+    """The claimed attempt's call, within the budget it holds, and its outcome write."""
     sink = DeltaSink(rt.events, claim, rt.settings.event_flush_ms / 1000)
     call = asyncio.ensure_future(
-        llm.complete(
-            rt.llm,
-            model=claim.model,
-            prompt=claim.prompt,
-            system=claim.system,
-            temperature=claim.temperature,
-            max_tokens=claim.max_tokens,
-            headers={"X-AIQ-Query-Id": str(claim.query_id), "X-AIQ-Attempt": str(claim.attempt)},
-            on_delta=sink.push,
-            stream=rt.settings.llm_stream,
+        _within_budget(
+            rt,
+            grant,
+            claim.max_tokens is not None,
+            llm.complete(
+                rt.llm,
+                model=claim.model,
+                prompt=claim.prompt,
+                system=claim.system,
+                temperature=claim.temperature,
+                max_tokens=claim.max_tokens,
+                headers={"X-AIQ-Query-Id": str(claim.query_id), "X-AIQ-Attempt": str(claim.attempt)},
+                on_delta=sink.push,
+                stream=rt.settings.llm_stream,
+            ),
         )
     )
     entry = rt.track(claim, call)

@@ -8,6 +8,7 @@ The loop also runs the background loops the worker's start-up hands it (lease re
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import socket
@@ -31,6 +32,7 @@ from shared.limits import Limiter
 from shared.llm import make_client
 from shared.queue import Publisher
 from shared.repositories.queries_asyncpg import Claim
+from shared.upstream import UpstreamBudget
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -55,12 +57,16 @@ class InFlight:
 
 
 BackgroundLoop = Callable[["WorkerRuntime"], Coroutine[Any, Any, None]]
+# A model's dispatcher (worker/dispatcher.py): runs its waiting work as the upstream budget allows.
+DrainFn = Callable[["WorkerRuntime", str], Coroutine[Any, Any, None]]
 
 
 class WorkerRuntime:
     """The loop thread and the per-process clients that live on it."""
 
-    def __init__(self, settings: Settings, app: Celery, loops: Sequence[BackgroundLoop]) -> None:
+    def __init__(
+        self, settings: Settings, app: Celery, loops: Sequence[BackgroundLoop], drain: DrainFn | None = None
+    ) -> None:
         self.settings = settings
         self.owner = _owner_id()
         self.pid = os.getpid()
@@ -71,12 +77,18 @@ class WorkerRuntime:
         self._thread = threading.Thread(target=self.loop.run_forever, name="aiq-loop", daemon=True)
         self._thread.start()
         self._background: list[asyncio.Task[None]] = []
+        self._drain = drain
+        # Models whose dispatcher runs in this process, and the attempts dispatchers started.
+        self.draining: dict[str, asyncio.Task[None]] = {}
+        self.dispatched: set[asyncio.Task[Any]] = set()
+        self.dispatch_slots = asyncio.Semaphore(settings.worker_concurrency)
         self.engine: AsyncEngine
         self.sessionmaker: async_sessionmaker[AsyncSession]
         self.raw_pool: asyncpg.Pool
         self.llm: AsyncOpenAI
         self.redis: aioredis.Redis
         self.limiter: Limiter
+        self.budget: UpstreamBudget
         self.events: EventLog
         self.run(self._open())
 
@@ -89,11 +101,30 @@ class WorkerRuntime:
         # Settling a finished query's token reservation (shared/limits.py).
         self.redis = make_redis(self.settings)
         self.limiter = Limiter(self.redis, self.settings)
+        self.budget = UpstreamBudget(self.redis, self.settings)
         # Each query's event log (streams, wake-ups): appended to from every step of an attempt.
         self.events = EventLog(self.redis, self.settings)
         self._background.extend(asyncio.create_task(loop(self)) for loop in self._loops)
 
+    def wake(self, model: str) -> None:
+        """On the loop: make sure this process runs a dispatcher for the model's waiting work."""
+        task = self.draining.get(model)
+        if self._drain is None or (task is not None and not task.done()):
+            return
+        # A context of its own: not the one of the delivery that woke it (its query id would tag every log line).
+        self.draining[model] = asyncio.create_task(self._drain(self, model), context=contextvars.Context())
+
     async def _close(self) -> None:
+        for task in self.draining.values():
+            task.cancel()
+        await asyncio.gather(*self.draining.values(), return_exceptions=True)
+        # Attempts a dispatcher started are no Celery task (Celery's own have ended by now): a few seconds to
+        # finish, then they are handed back like any call at shutdown.
+        if self.dispatched:
+            await asyncio.wait(list(self.dispatched), timeout=5)
+        for key in list(self.inflight):
+            self.stop_call(key, StopReason.SHUTDOWN)
+        await asyncio.gather(*self.dispatched, return_exceptions=True)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -148,14 +179,16 @@ _runtime: WorkerRuntime | None = None
 _lock = threading.Lock()
 
 
-def get_runtime(settings: Settings, app: Celery, loops: Sequence[BackgroundLoop]) -> WorkerRuntime:
+def get_runtime(
+    settings: Settings, app: Celery, loops: Sequence[BackgroundLoop], drain: DrainFn | None = None
+) -> WorkerRuntime:
     """The process's runtime, created on first use (after any fork) with the background loops to run."""
     global _runtime
     # Every task asks: the pid (not the hostname lookup of `_owner_id`) tells a fork apart.
     if _runtime is None or _runtime.pid != os.getpid():
         with _lock:
             if _runtime is None or _runtime.pid != os.getpid():
-                _runtime = WorkerRuntime(settings, app, loops)
+                _runtime = WorkerRuntime(settings, app, loops, drain)
     return _runtime
 
 

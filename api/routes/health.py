@@ -68,6 +68,7 @@ async def metrics(session: AutocommitSessionDep, publisher: PublisherDep, stats:
 
     async def from_database() -> None:
         stats.counts, stats.oldest_pending_age = await queries_session.live_stats(session)
+        stats.users_waiting = await queries_session.users_with_queued_work(session)
 
     async def from_broker() -> None:
         stats.depth = await publisher.depth()

@@ -2,8 +2,8 @@
 
 from shared.models.api_key import ApiKey
 from shared.models.base import Base
-from shared.models.limits import UserLimits
-from shared.models.query import TERMINAL_STATUSES, IdempotencyKey, Query, QueryStatus
+from shared.models.limits import FairTurn, UserLimits
+from shared.models.query import TERMINAL_STATUSES, IdempotencyKey, Query, QueryPriority, QueryStatus
 from shared.models.user import RefreshToken, RevokedReason, Role, User
 from shared.models.webhook import DeliveryStatus, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
@@ -12,8 +12,10 @@ __all__ = [
     "ApiKey",
     "Base",
     "DeliveryStatus",
+    "FairTurn",
     "IdempotencyKey",
     "Query",
+    "QueryPriority",
     "QueryStatus",
     "RefreshToken",
     "RevokedReason",

@@ -10,6 +10,13 @@ from sqlalchemy.orm import Mapped, mapped_column
 from shared.models.base import Base
 
 
+class QueryPriority(StrEnum):
+    """Batch work uses only the budget interactive work leaves (aged so it never starves)."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
 class QueryStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
@@ -27,6 +34,7 @@ class Query(Base):
     __table_args__ = (
         CheckConstraint(f"status IN ({_STATUS_VALUES})", name="status_valid"),
         CheckConstraint("attempts >= 0", name="attempts_non_negative"),
+        CheckConstraint("priority IN ('interactive', 'batch')", name="priority_valid"),
         # The caller's list, newest first, with a stable tie-break for cursors.
         Index("ix_queries_user_created", "user_id", text("created_at DESC"), text("id DESC")),
         # The sweeper only ever looks at live rows.
@@ -50,6 +58,14 @@ class Query(Base):
                 "cached",
             ],
         ),
+        # The fair claim (flow control): per model, the due pending rows of each user in due order.
+        Index(
+            "ix_queries_fair",
+            "model",
+            "user_id",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
         # Retention purge: terminal rows by age.
         Index("ix_queries_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
     )
@@ -67,6 +83,7 @@ class Query(Base):
     webhook_url: Mapped[str | None] = mapped_column(Text)
 
     status: Mapped[str] = mapped_column(String(16), default=QueryStatus.PENDING, server_default="pending")
+    priority: Mapped[str] = mapped_column(Text, default=QueryPriority.INTERACTIVE, server_default="interactive")
     response: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)

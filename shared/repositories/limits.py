@@ -32,6 +32,8 @@ async def set_overrides(
     requests_per_minute: int | None,
     max_pending: int | None,
     token_budget: int | None,
+    fair_weight: int | None = None,
+    max_share: float | None = None,
     updated_by: uuid.UUID,
 ) -> None:
     """Insert or replace the user's overrides (NULL: the default)."""
@@ -39,6 +41,8 @@ async def set_overrides(
         "requests_per_minute": requests_per_minute,
         "max_pending": max_pending,
         "token_budget": token_budget,
+        "fair_weight": fair_weight,
+        "max_share": max_share,
         "updated_by": updated_by,
         "updated_at": func.now(),
     }

@@ -60,7 +60,7 @@ class Claim:
 
 
 _INSERT_COLUMNS = (
-    "id", "user_id", "prompt", "system", "model", "temperature", "max_tokens", "meta", "status", "attempts",
+    "id", "user_id", "prompt", "system", "model", "temperature", "max_tokens", "meta", "priority", "status", "attempts",
     "created_at", "updated_at", "next_attempt_at", "reserved_tokens", "response", "prompt_tokens",
     "completion_tokens", "total_tokens", "cached", "started_at", "finished_at", "webhook_url",
 )  # fmt: skip
@@ -199,9 +199,97 @@ _CLAIM = CompiledStatement.of(
 )
 
 
+_PENDING_MODEL = CompiledStatement.of(
+    select(Query.model).where(Query.id == bindparam("id"), Query.status == QueryStatus.PENDING)
+)
+
+
+async def pending_model(conn: asyncpg.Connection, query_id: uuid.UUID) -> str | None:
+    """The model of a pending query (None when it is not pending): a read, where a claim would write."""
+    model: str | None = await conn.fetchval(_PENDING_MODEL.sql, *_PENDING_MODEL.args({"id": query_id}))
+    return model
+
+
 async def claim(conn: asyncpg.Connection, query_id: uuid.UUID, owner: str, lease: timedelta) -> Claim | None:
     """pending → running in one statement; None when another delivery, a retry delay or a terminal state wins."""
     row = await conn.fetchrow(_CLAIM.sql, *_CLAIM.args({"id": query_id, "owner": owner, "lease": lease}))
+    return Claim(*row.values()) if row is not None else None
+
+
+# Flow control: the next due row of a model in fair order, claimed like `_CLAIM`. Weighted fair queuing by
+# user (`fair_turns`): the user with due work and the smallest virtual time goes first (a newcomer, or a user
+# back after a pause, starts one turn before the smallest among those waiting: it goes next) and its time advances by
+# 1/weight (admin-set, `user_limits.fair_weight`). Interactive rows come before batch rows unless these waited
+# BATCH_AGEING_SECONDS; a user holding more than its admin-set share of the model's calls in flight comes last
+# (the cap never leaves the budget idle). SKIP LOCKED: claimers never wait on each other.
+_CLAIM_FAIR_SQL = """
+WITH due AS (
+  SELECT q.user_id,
+    min(CASE WHEN q.priority = 'interactive' OR q.created_at <= now() - $3::interval THEN 0 ELSE 1 END) AS klass,
+    min(q.next_attempt_at) AS oldest
+  FROM queries q
+  WHERE q.status = 'pending' AND q.model = $1 AND q.next_attempt_at <= now()
+  GROUP BY q.user_id
+), busy AS (
+  SELECT user_id, count(*) AS n FROM queries WHERE status = 'running' AND model = $1 GROUP BY user_id
+), total AS (
+  SELECT coalesce(sum(n), 0) AS n FROM busy
+), floor AS (
+  SELECT coalesce(min(f.vtime), 0) AS v FROM fair_turns f JOIN due d ON d.user_id = f.user_id WHERE f.model = $1
+), pick AS (
+  SELECT d.user_id, coalesce(l.fair_weight, 1) AS w, greatest(coalesce(f.vtime, 0), fl.v - 1) AS vt
+  FROM due d
+  LEFT JOIN busy b ON b.user_id = d.user_id
+  LEFT JOIN user_limits l ON l.user_id = d.user_id
+  LEFT JOIN fair_turns f ON f.model = $1 AND f.user_id = d.user_id
+  CROSS JOIN total t
+  CROSS JOIN floor fl
+  ORDER BY
+    (l.max_share IS NOT NULL AND coalesce(b.n, 0) >= l.max_share * (t.n + 1)),
+    d.klass,
+    greatest(coalesce(f.vtime, 0), fl.v - 1),
+    d.oldest
+  LIMIT 1
+), next AS (
+  SELECT q.id
+  FROM queries q JOIN pick p ON q.user_id = p.user_id
+  WHERE q.status = 'pending' AND q.model = $1 AND q.next_attempt_at <= now()
+  ORDER BY CASE WHEN q.priority = 'interactive' OR q.created_at <= now() - $3::interval THEN 0 ELSE 1 END,
+    q.next_attempt_at, q.created_at
+  LIMIT 1
+  FOR UPDATE OF q SKIP LOCKED
+), claimed AS (
+  UPDATE queries SET
+    status = 'running',
+    attempts = queries.attempts + 1,
+    lease_owner = $2,
+    lease_expires_at = now() + $4::interval,
+    started_at = coalesce(queries.started_at, now()),
+    updated_at = now()
+  FROM next
+  WHERE queries.id = next.id AND queries.status = 'pending'
+  RETURNING queries.id, queries.attempts, queries.prompt, queries.system, queries.model, queries.temperature,
+    queries.max_tokens
+), turn AS (
+  INSERT INTO fair_turns (model, user_id, vtime)
+  SELECT $1, p.user_id, p.vt + 1.0 / p.w FROM pick p WHERE EXISTS (SELECT 1 FROM claimed)
+  ON CONFLICT (model, user_id) DO UPDATE SET vtime = excluded.vtime
+)
+SELECT * FROM claimed
+"""
+# A claim given back to wait for the budget gives its turn back too: waiting must not cost a user its turn.
+_RETURN_TURN_SQL = """
+UPDATE fair_turns f SET vtime = f.vtime - 1.0 / coalesce(l.fair_weight, 1)
+FROM queries q LEFT JOIN user_limits l ON l.user_id = q.user_id
+WHERE q.id = $1 AND f.model = q.model AND f.user_id = q.user_id
+"""
+
+
+async def claim_next_fair(
+    conn: asyncpg.Connection, model: str, owner: str, lease: timedelta, batch_ageing: timedelta
+) -> Claim | None:
+    """Claim the model's next due pending row in fair order (see `_CLAIM_FAIR_SQL`); None when none is free."""
+    row = await conn.fetchrow(_CLAIM_FAIR_SQL, model, owner, batch_ageing, lease)
     return Claim(*row.values()) if row is not None else None
 
 
@@ -257,6 +345,15 @@ _RETRY = _finish(
 )
 _CANCEL = _finish(QueryStatus.CANCELLED, code=CANCELLED_CODE, message=CANCELLED_MESSAGE)
 _RELEASE = _finish(QueryStatus.PENDING, next_attempt_at=func.now())
+# Waiting for the upstream budget is not an attempt: the claim's count is given back. No call was made under
+# this attempt number, so no late write can carry it.
+_UNCLAIM = _finish(
+    QueryStatus.PENDING,
+    attempts=Query.attempts - 1,
+    # A first claim given back never started: the row shows no start until a call really begins.
+    started_at=case((Query.attempts == 1, None), else_=Query.started_at),
+    next_attempt_at=func.now() + bindparam("delay", type_=Interval()),
+)
 
 
 async def _write(conn: asyncpg.Connection, stmt: CompiledStatement, claim: Claim, **values: Any) -> QueryStatus | None:
@@ -308,6 +405,17 @@ async def cancel_attempt(conn: asyncpg.Connection, claim: Claim) -> QueryStatus 
 async def release_attempt(conn: asyncpg.Connection, claim: Claim) -> QueryStatus | None:
     """running → pending and due now (or cancelled): a shutting-down worker hands the query back."""
     return await _write(conn, _RELEASE, claim)
+
+
+async def unclaim_attempt(conn: asyncpg.Connection, claim: Claim, *, delay: timedelta) -> QueryStatus | None:
+    """running → pending, due after `delay`, with `attempts` back as it was: the claim made no call (it waits
+    for the upstream budget). Cancelled instead if a cancel came in meanwhile."""
+    return await _write(conn, _UNCLAIM, claim, delay=delay)
+
+
+async def return_turn(conn: asyncpg.Connection, query_id: uuid.UUID) -> None:
+    """Undo the fair turn a claim took (`claim_next_fair`) when the claim is given back unused."""
+    await conn.execute(_RETURN_TURN_SQL, query_id)
 
 
 _ERASE = CompiledStatement.of(

@@ -22,6 +22,7 @@ PUBLIC_COLUMNS = (
     Query.temperature,
     Query.max_tokens,
     Query.meta.label("meta"),
+    Query.priority,
     Query.status,
     Query.response,
     Query.error_code,

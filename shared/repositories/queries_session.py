@@ -55,6 +55,12 @@ async def live_stats(session: AsyncSession) -> tuple[dict[str, int], float | Non
     return counts, float(age) if age is not None else None
 
 
+async def users_with_queued_work(session: AsyncSession) -> int:
+    """How many users have pending queries (flow control: how many take turns), never which ones."""
+    stmt = select(func.count(func.distinct(Query.user_id))).where(Query.status == QueryStatus.PENDING)
+    return int((await session.execute(stmt)).scalar_one())
+
+
 async def renew_leases(
     session: AsyncSession, claims: list[tuple[uuid.UUID, int]], owner: str, lease: timedelta
 ) -> dict[uuid.UUID, bool]:

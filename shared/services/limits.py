@@ -64,10 +64,14 @@ def _out(settings: Settings, user_id: uuid.UUID, row: RowLike | None) -> LimitsO
         max_pending=limits.max_pending,
         token_budget=limits.token_budget,
         token_window_seconds=limits.token_window_seconds,
+        fair_weight=(row["fair_weight"] if row else None) or 1,
+        max_share=row["max_share"] if row else None,
         overrides=LimitsIn(
             requests_per_minute=row["requests_per_minute"] if row else None,
             max_pending=row["max_pending"] if row else None,
             token_budget=row["token_budget"] if row else None,
+            fair_weight=row["fair_weight"] if row else None,
+            max_share=row["max_share"] if row else None,
         ),
     )
 
@@ -84,6 +88,8 @@ async def set_user_limits(
         requests_per_minute=body.requests_per_minute,
         max_pending=body.max_pending,
         token_budget=body.token_budget,
+        fair_weight=body.fair_weight,
+        max_share=body.max_share,
         updated_by=admin_id,
     )
     _cache.pop(user_id, None)
@@ -103,5 +109,7 @@ async def get_user_limits(session: AsyncSession, settings: Settings, user_id: uu
             "requests_per_minute": row.requests_per_minute,
             "max_pending": row.max_pending,
             "token_budget": row.token_budget,
+            "fair_weight": row.fair_weight,
+            "max_share": row.max_share,
         },
     )

@@ -96,6 +96,7 @@ def _new_query(settings: Settings, user_id: uuid.UUID, body: QueryCreate) -> tup
         "temperature": body.temperature,
         "max_tokens": body.max_tokens,
         "meta": body.metadata,
+        "priority": body.priority,
         "webhook_url": body.webhook_url,
         "status": QueryStatus.PENDING.value,
         "attempts": 0,
@@ -352,6 +353,7 @@ def to_out(query: RowLike) -> QueryOut:
         temperature=query["temperature"],
         max_tokens=query["max_tokens"],
         metadata=query["meta"],
+        priority=query["priority"],
         response=query["response"],
         error=QueryError(code=code, message=query["error_message"] or "") if code else None,
         # An object of nulls says nothing: usage is null until (and unless) the model reported it.

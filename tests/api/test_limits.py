@@ -137,7 +137,13 @@ def test_an_admin_sets_a_users_limits(stack: Stack, client: httpx.Client, db: En
     r = client.put(url, json={"max_pending": 1, "token_budget": 0}, headers=admin["headers"])
     assert r.status_code == 200, r.text
     assert r.json()["max_pending"] == 1
-    assert r.json()["overrides"] == {"requests_per_minute": None, "max_pending": 1, "token_budget": 0}
+    assert r.json()["overrides"] == {
+        "requests_per_minute": None,
+        "max_pending": 1,
+        "token_budget": 0,
+        "fair_weight": None,
+        "max_share": None,
+    }
     missing = client.put(f"/api/v1/admin/users/{uuid.uuid4()}/limits", json={}, headers=admin["headers"])
     assert missing.status_code == 404
     bad = client.put(url, json={"max_pending": -1}, headers=admin["headers"])
@@ -150,6 +156,30 @@ def test_an_admin_sets_a_users_limits(stack: Stack, client: httpx.Client, db: En
         assert refused.json()["error"]["code"] == "too_many_pending"
         # The override of 0 switched the token budget off for this user.
         assert refused.headers["RateLimit-Policy"] == '"rpm";q=100000;w=60, "pending";q=1;qu="concurrent-requests"'
+
+
+def test_an_admin_sets_a_users_fair_weight_and_share_cap(client: httpx.Client, db: Engine) -> None:
+    admin, someone = register_and_login(client), register_and_login(client)
+    make_admin(db, admin["user_id"])
+    url = f"/api/v1/admin/users/{someone['user_id']}/limits"
+    assert client.get(url, headers=admin["headers"]).json()["fair_weight"] == 1
+    r = client.put(url, json={"fair_weight": 3, "max_share": 0.5}, headers=admin["headers"])
+    assert r.status_code == 200, r.text
+    assert (r.json()["fair_weight"], r.json()["max_share"]) == (3, 0.5)
+    got = client.get(url, headers=admin["headers"]).json()
+    assert got["overrides"]["fair_weight"] == 3
+    assert got["max_share"] == 0.5
+    for bad in ({"fair_weight": 0}, {"max_share": 0}, {"max_share": 1.5}, {"fair_weight": 10**6}):
+        assert client.put(url, json=bad, headers=admin["headers"]).status_code == 422, bad
+    assert row_limits(db, someone["user_id"]) == (3, 0.5)
+
+
+def row_limits(db: Engine, user_id: str) -> tuple[int | None, float | None]:
+    with db.connect() as conn:
+        found = conn.execute(
+            text("SELECT fair_weight, max_share FROM user_limits WHERE user_id = :u"), {"u": user_id}
+        ).one()
+    return found[0], found[1]
 
 
 def test_limit_overrides_are_bounded_and_the_largest_is_stored_whole(client: httpx.Client, db: Engine) -> None:

@@ -32,6 +32,22 @@ def test_submit_returns_202_with_location(client: httpx.Client, user: dict[str, 
     assert got["usage"] is None  # nothing reported yet: null, not an object of nulls
 
 
+def test_priority_is_interactive_by_default_batch_on_request_and_nothing_else(
+    client: httpx.Client, user: dict[str, Any], db: Engine
+) -> None:
+    default = _submit(client, user["headers"]).json()
+    assert (
+        client.get(f"/api/v1/query/{default['query_id']}", headers=user["headers"]).json()["priority"] == "interactive"
+    )
+    batch = _submit(client, user["headers"], priority="batch").json()
+    assert client.get(f"/api/v1/query/{batch['query_id']}", headers=user["headers"]).json()["priority"] == "batch"
+    before = count_rows(db, "SELECT count(*) FROM queries")
+    bad = _submit(client, user["headers"], priority="urgent")
+    assert bad.status_code == 422
+    assert bad.json()["error"]["details"][0]["loc"] == ["body", "priority"]
+    assert count_rows(db, "SELECT count(*) FROM queries") == before
+
+
 def test_submit_requires_a_token(client: httpx.Client) -> None:
     r = client.post("/api/v1/query", json={"query": "hi"})
     assert r.status_code == 401

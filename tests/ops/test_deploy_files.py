@@ -556,7 +556,7 @@ def test_promtool_test_rules() -> None:
 
 
 def known_series() -> set[str]:
-    names = {"up", metrics.QUEUE_DEPTH, metrics.OLDEST_PENDING_AGE, metrics.QUERIES_BY_STATUS}
+    names = {"up", metrics.QUEUE_DEPTH, metrics.OLDEST_PENDING_AGE, metrics.QUERIES_BY_STATUS, metrics.USERS_WAITING}
     for obj in vars(metrics).values():
         if not isinstance(obj, MetricWrapperBase):
             continue

@@ -69,7 +69,12 @@ def test_metric_objects_match_design_contract() -> None:
     design = design_metrics()
     assert len(design) >= 12, "the Metrics section of DESIGN.md could not be parsed"
     objects = {exposed_name(m): m for m in module_metrics().values()}
-    collector_names = {metrics.QUEUE_DEPTH, metrics.OLDEST_PENDING_AGE, metrics.QUERIES_BY_STATUS}
+    collector_names = {
+        metrics.QUEUE_DEPTH,
+        metrics.OLDEST_PENDING_AGE,
+        metrics.QUERIES_BY_STATUS,
+        metrics.USERS_WAITING,
+    }
     assert set(objects) | collector_names == set(design)
     for name, metric in objects.items():
         assert set(metric._labelnames) == design[name], name
