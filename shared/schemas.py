@@ -154,6 +154,18 @@ class QueryCreate(StrictBody):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1)
     metadata: dict[str, JsonValue] | None = Field(default=None, description="Opaque client data, echoed back")
+    cache: bool | None = Field(
+        default=None,
+        description="Answer from the response cache when an identical request (model, system, query, temperature, "
+        "max_tokens) was answered before, and cache this answer; null: the server's RESPONSE_CACHE_DEFAULT",
+    )
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="POST a signed `query.completed|failed|cancelled` event here when the query ends (instead of "
+        "the account's endpoint); https only in production, public addresses only",
+        examples=["https://example.com/hooks/aiq"],
+    )
 
     @field_validator("query", "system", "metadata")
     @classmethod
@@ -166,9 +178,10 @@ class QueryCreate(StrictBody):
 
 class QueryAccepted(BaseModel):
     query_id: uuid.UUID
-    status: QueryStatus
+    status: QueryStatus = Field(description="`pending`, or `completed` when answered from the response cache")
     model: str
     created_at: datetime
+    cached: bool = Field(default=False, description="Answered from the response cache: already completed")
 
 
 class Usage(BaseModel):
@@ -194,6 +207,7 @@ class QueryOut(BaseModel):
     response: str | None
     error: QueryError | None
     usage: Usage | None = Field(description="Token counts once the model answered; null until then and when it did not")
+    cached: bool = Field(description="Answered from the response cache at submit, without a provider call")
     attempts: int
     cancel_requested: bool = Field(description="A cancel was asked for; a running query ends cancelled shortly")
     created_at: datetime
@@ -251,7 +265,12 @@ class UsageRow(BaseModel):
     queries: int
     prompt_tokens: int
     completion_tokens: int
-    total_tokens: int = Field(description="Tokens used, as the provider reported them")
+    total_tokens: int = Field(
+        description="Tokens of the answers, as the provider reported them (answers from the cache included)"
+    )
+    cached_tokens: int = Field(
+        description="The part of total_tokens answered from the response cache: no provider call, no budget"
+    )
     reserved_tokens: int = Field(description="Tokens held against the budget at submit (estimate + output cap)")
 
 
@@ -264,3 +283,41 @@ class UsageReport(BaseModel):
     totals: UsageRow
 
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+
+class WebhookEndpointIn(StrictBody):
+    url: str = Field(max_length=2048, description="https only in production; public addresses only")
+
+
+class WebhookEndpointOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    url: str
+    enabled: bool = Field(description="False once the receiver answered 410 Gone; PUT the endpoint to enable it")
+    disabled_at: datetime | None
+    disabled_reason: str | None
+    updated_at: datetime
+
+
+class WebhookSecretOut(BaseModel):
+    secret: str = Field(description="`whsec_` + base64 key: verify `webhook-signature` with it (Standard Webhooks)")
+    previous_secret_expires_at: datetime | None = Field(
+        description="After a rotation the previous secret also signs (a second signature) until then"
+    )
+
+
+class WebhookDeliveryOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID = Field(description="The `webhook-id` header of every attempt")
+    query_id: uuid.UUID
+    event_type: str
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None = Field(description="When a pending delivery is tried next")
+    last_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None

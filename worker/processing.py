@@ -18,11 +18,13 @@ from typing import TypeVar
 import asyncpg
 
 from shared import llm
+from shared.cache import CachedAnswer, response_cache_for
 from shared.db import DATABASE_UNAVAILABLE
 from shared.metrics import LLM_CALLS_IN_FLIGHT, LLM_ERRORS, LLM_REQUEST_DURATION, LLM_TOKENS, TASK_RETRIES, TASKS
 from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.repositories import queries_asyncpg as repo
 from shared.repositories.queries_asyncpg import Claim
+from shared.services import webhooks
 from worker.runtime import StopReason, WorkerRuntime
 from worker.streaming import DeltaSink, tell_end
 
@@ -93,9 +95,11 @@ async def _run_autocommitted(rt: WorkerRuntime, statement: Callable[[asyncpg.Con
 
 
 async def _settle_if_ended(rt: WorkerRuntime, claim: Claim, status: QueryStatus | None, used_tokens: int = 0) -> None:
-    """A write that ended the query settles its token reservation (once: the reservation is the marker)."""
+    """A write that ended the query settles its token reservation (once: the reservation is the marker) and
+    sends its webhook deliveries (the outbox rows were written with the terminal write)."""
     if status in TERMINAL_STATUSES:
         await rt.limiter.settle_quietly(claim.query_id, used_tokens)
+        await webhooks.on_query_ended(rt.raw_pool, rt.publisher, claim.query_id)
 
 
 async def process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
@@ -167,6 +171,9 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
         ),
     )
     await _settle_if_ended(rt, claim, written, result.total_tokens or 0)
+    if written is QueryStatus.COMPLETED:
+        answer = CachedAnswer(result.text, result.prompt_tokens, result.completion_tokens, result.total_tokens)
+        await response_cache_for(rt.redis, rt.settings).store(claim.query_id, answer)
     usage = {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,

@@ -63,6 +63,7 @@ class WorkerRuntime:
     def __init__(self, settings: Settings, app: Celery, loops: Sequence[BackgroundLoop]) -> None:
         self.settings = settings
         self.owner = _owner_id()
+        self.pid = os.getpid()
         self.inflight: dict[tuple[uuid.UUID, int], InFlight] = {}
         self.publisher = Publisher(settings, app)
         self._loops = loops
@@ -150,9 +151,10 @@ _lock = threading.Lock()
 def get_runtime(settings: Settings, app: Celery, loops: Sequence[BackgroundLoop]) -> WorkerRuntime:
     """The process's runtime, created on first use (after any fork) with the background loops to run."""
     global _runtime
-    if _runtime is None or _runtime.owner != _owner_id():
+    # Every task asks: the pid (not the hostname lookup of `_owner_id`) tells a fork apart.
+    if _runtime is None or _runtime.pid != os.getpid():
         with _lock:
-            if _runtime is None or _runtime.owner != _owner_id():
+            if _runtime is None or _runtime.pid != os.getpid():
                 _runtime = WorkerRuntime(settings, app, loops)
     return _runtime
 

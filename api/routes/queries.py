@@ -22,12 +22,14 @@ from api.deps import (
 )
 from api.errors import error_responses
 from api.middleware import mark_long_request
+from shared.cache import response_cache_for
 from shared.events import EventType
 from shared.limits import limiter_for
 from shared.metrics import QUERIES_SUBMITTED
 from shared.models import QueryStatus
 from shared.schemas import QueryAccepted, QueryCreate, QueryOut, QueryPage
 from shared.services import queries as service
+from shared.services import webhooks
 
 router = APIRouter(prefix="/query", tags=["queries"])
 # Long-polls end within this, well inside common proxy and load balancer idle timeouts (60 s).
@@ -59,17 +61,23 @@ async def submit(
     """Accept a query; poll the `Location` for the answer."""
     # Each holds a connection only for its database step, never through the publish: a slow broker must
     # not pin database connections. Both have committed when they return, so the publish may follow.
-    limiter = limiter_for(redis, settings)
+    limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
     if idempotency_key is None:
-        (accepted, limit_headers), replayed = await service.submit_query(pool, settings, limiter, user_id, body), False
+        submitted = await service.submit_query(pool, settings, limiter, cache, user_id, body)
+        (accepted, limit_headers), replayed = submitted, False
     else:
         accepted, replayed, limit_headers = await service.submit_query_once(
-            pool, settings, limiter, user_id, body, idempotency_key
+            pool, settings, limiter, cache, user_id, body, idempotency_key
         )
     response.headers.update(limit_headers)
     response.headers["Location"] = f"/api/v1/query/{accepted.query_id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
+        return accepted
+    if accepted.cached:
+        # Answered from the response cache: the row is already completed, there is nothing to run.
+        QUERIES_SUBMITTED.labels(model=accepted.model).inc()
+        log.info("query answered from cache", extra={"query_id": str(accepted.query_id), "model": accepted.model})
         return accepted
     # The log's first event, before the publish so that it precedes the worker's `started`. Redis is up
     # (the limits just used it); a failure here is logged and the stream replays the row instead.
@@ -132,11 +140,14 @@ async def cancel(
     conn: ConnectionDep,
     redis: RedisDep,
     settings: SettingsDep,
+    publisher: PublisherDep,
     events: EventLogDep,
 ) -> JSONResponse:
     """Cancel: a pending query ends at once (200); a running one stops shortly (202); a finished one is 409."""
     query = await service.cancel_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
     code = status.HTTP_200_OK if query["status"] == QueryStatus.CANCELLED else status.HTTP_202_ACCEPTED
+    if code == status.HTTP_200_OK:
+        await webhooks.on_query_ended(conn, publisher, query_id)
     return JSONResponse(service.to_out(query).model_dump(mode="json"), status_code=code)
 
 

@@ -5,11 +5,13 @@ from shared.models.base import Base
 from shared.models.limits import UserLimits
 from shared.models.query import TERMINAL_STATUSES, IdempotencyKey, Query, QueryStatus
 from shared.models.user import RefreshToken, RevokedReason, Role, User
+from shared.models.webhook import DeliveryStatus, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 __all__ = [
     "TERMINAL_STATUSES",
     "ApiKey",
     "Base",
+    "DeliveryStatus",
     "IdempotencyKey",
     "Query",
     "QueryStatus",
@@ -18,4 +20,7 @@ __all__ = [
     "Role",
     "User",
     "UserLimits",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookEvent",
 ]

@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.cache import CachedAnswer, ResponseCache
 from shared.config import Settings
 from shared.errors import AppError, Conflict, InvalidInput, NotFound
 from shared.events import EventLog, EventType
@@ -30,6 +31,7 @@ from shared.repositories.queries_common import RowLike
 from shared.schemas import QueryAccepted, QueryCreate, QueryError, QueryOut, QueryPage, Usage
 from shared.services.limits import effective_limits
 from shared.wakeup import Wakeup
+from shared.webhooks import validate_url
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,11 @@ def validate_submission(settings: Settings, body: QueryCreate) -> str:
         )
     if body.max_tokens is not None and body.max_tokens > settings.max_output_tokens:
         raise _invalid("max_tokens", f"max_tokens must be at most {settings.max_output_tokens}", "max_tokens_too_large")
+    if body.webhook_url is not None:
+        try:
+            validate_url(settings, body.webhook_url)
+        except ValueError as exc:
+            raise _invalid("webhook_url", str(exc), "webhook_url_invalid") from None
     if body.metadata is not None and len(json.dumps(body.metadata)) > settings.max_metadata_bytes:
         raise _invalid(
             "metadata", f"metadata must serialize to at most {settings.max_metadata_bytes} bytes", "metadata_too_large"
@@ -89,13 +96,58 @@ def _new_query(settings: Settings, user_id: uuid.UUID, body: QueryCreate) -> tup
         "temperature": body.temperature,
         "max_tokens": body.max_tokens,
         "meta": body.metadata,
+        "webhook_url": body.webhook_url,
         "status": QueryStatus.PENDING.value,
         "attempts": 0,
         "created_at": now,
         "updated_at": now,
         "next_attempt_at": now,
+        "response": None,
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "total_tokens": None,
+        "cached": False,
+        "started_at": None,
+        "finished_at": None,
     }
     return accepted, row
+
+
+def _answered_from_cache(accepted: QueryAccepted, row: dict[str, Any], answer: CachedAnswer) -> QueryAccepted:
+    """Make the new row a completed query with the cached answer and usage; nothing is reserved for it."""
+    row.update(
+        status=QueryStatus.COMPLETED.value,
+        response=answer.response,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        total_tokens=answer.total_tokens,
+        cached=True,
+        reserved_tokens=0,
+        started_at=row["created_at"],
+        finished_at=row["created_at"],
+    )
+    return accepted.model_copy(update={"status": QueryStatus.COMPLETED, "cached": True})
+
+
+async def _take_limits_or_answer(
+    db: asyncpg.Pool | asyncpg.Connection,
+    settings: Settings,
+    limiter: Limiter,
+    cache: ResponseCache,
+    user_id: uuid.UUID,
+    body: QueryCreate,
+    accepted: QueryAccepted,
+    row: dict[str, Any],
+) -> tuple[QueryAccepted, dict[str, str], str | None]:
+    """A cache hit takes only the per-minute limit and completes the row at once; anything else takes every
+    limit. Returns the 202 body, the `RateLimit` headers and, for a cache-enabled miss, the answer's key."""
+    key = cache.answer_key(user_id, row) if cache.wanted(body.cache) else None
+    answer = await cache.lookup(key) if key is not None else None
+    if answer is None:
+        return accepted, await _take_limits(db, settings, limiter, user_id, body, row), key
+    # A hit costs no provider call: it is not charged to the token budget and holds no pending slot.
+    headers = await limiter.take_request(user_id, await effective_limits(db, settings, user_id))
+    return _answered_from_cache(accepted, row, answer), headers, None
 
 
 async def _take_limits(
@@ -118,20 +170,30 @@ async def _give_back(limiter: Limiter, query_id: uuid.UUID) -> None:
 
 
 async def submit_query(
-    pool: asyncpg.Pool, settings: Settings, limiter: Limiter, user_id: uuid.UUID, body: QueryCreate
+    pool: asyncpg.Pool,
+    settings: Settings,
+    limiter: Limiter,
+    cache: ResponseCache,
+    user_id: uuid.UUID,
+    body: QueryCreate,
 ) -> tuple[QueryAccepted, dict[str, str]]:
-    """Take the user's limits, then store a pending query in one autocommitted INSERT; the caller enqueues it.
+    """Take the user's limits, then store a pending query in one autocommitted INSERT; the caller enqueues it
+    unless the response cache answered it (then the row is stored completed).
 
     Returns the 202 body and the `RateLimit` headers. A refusal stores nothing.
     """
     accepted, row = _new_query(settings, user_id, body)
-    headers = await _take_limits(pool, settings, limiter, user_id, body, row)
+    accepted, headers, cache_key = await _take_limits_or_answer(
+        pool, settings, limiter, cache, user_id, body, accepted, row
+    )
     try:
         async with pool.acquire() as conn:
             await queries_asyncpg.insert(conn, **row)
     except BaseException:
         await _give_back(limiter, accepted.query_id)
         raise
+    if cache_key is not None:
+        await cache.expect(accepted.query_id, cache_key)
     return accepted, headers
 
 
@@ -145,7 +207,13 @@ def request_fingerprint(body: QueryCreate) -> str:
 
 
 async def submit_query_once(
-    pool: asyncpg.Pool, settings: Settings, limiter: Limiter, user_id: uuid.UUID, body: QueryCreate, key: str
+    pool: asyncpg.Pool,
+    settings: Settings,
+    limiter: Limiter,
+    cache: ResponseCache,
+    user_id: uuid.UUID,
+    body: QueryCreate,
+    key: str,
 ) -> tuple[QueryAccepted, bool, dict[str, str]]:
     """Submit under an `Idempotency-Key` in one transaction; returns the response, whether it is a replay and
     the `RateLimit` headers (none for a replay, which takes no limits).
@@ -159,7 +227,7 @@ async def submit_query_once(
     taken: list[uuid.UUID] = []
     try:
         async with pool.acquire() as conn, conn.transaction():
-            return await _submit_under_key(conn, settings, limiter, user_id, body, key, taken)
+            return await _submit_under_key(conn, settings, limiter, cache, user_id, body, key, taken)
     except BaseException:
         # Limits were taken but the transaction (and its row) did not commit.
         for query_id in taken:
@@ -171,6 +239,7 @@ async def _submit_under_key(
     conn: asyncpg.Connection,
     settings: Settings,
     limiter: Limiter,
+    cache: ResponseCache,
     user_id: uuid.UUID,
     body: QueryCreate,
     key: str,
@@ -187,9 +256,14 @@ async def _submit_under_key(
             )
         return QueryAccepted.model_validate(existing["response"]), True, {}
     accepted, row = _new_query(settings, user_id, body)
-    headers = await _take_limits(conn, settings, limiter, user_id, body, row)
+    accepted, headers, cache_key = await _take_limits_or_answer(
+        conn, settings, limiter, cache, user_id, body, accepted, row
+    )
     taken.append(accepted.query_id)
     await queries_asyncpg.insert(conn, **row)
+    if cache_key is not None:
+        # Before the commit is harmless: an intent whose row never commits lapses unused.
+        await cache.expect(accepted.query_id, cache_key)
     await queries_asyncpg.save_idempotency_key(
         conn,
         user_id=user_id,
@@ -281,6 +355,7 @@ def to_out(query: RowLike) -> QueryOut:
         response=query["response"],
         error=QueryError(code=code, message=query["error_message"] or "") if code else None,
         # An object of nulls says nothing: usage is null until (and unless) the model reported it.
+        cached=query["cached"],
         usage=Usage(
             prompt_tokens=query["prompt_tokens"],
             completion_tokens=query["completion_tokens"],
