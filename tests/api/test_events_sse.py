@@ -322,3 +322,17 @@ def test_an_admin_requeue_starts_the_story_again(sse_client: httpx.Client, user:
     assert _text(again) == row(db, query_id)["response"]
     # A client that saw the old end resumes right after it.
     assert _events(sse_client, user["headers"], query_id, last_event_id=first[-1]["seq"]) == again
+
+
+def test_a_cache_hit_streams_its_stored_answer_at_once(sse_client: httpx.Client, user: dict[str, Any]) -> None:
+    # Answered at submit from the response cache: no worker, no log; the stream tells the row.
+    body = {"query": f"cache me {uuid.uuid4()}", "cache": True}
+    first = sse_client.post("/api/v1/query", json=body, headers=user["headers"]).json()["query_id"]
+    answer = _events(sse_client, user["headers"], first)
+    hit = sse_client.post("/api/v1/query", json=body, headers=user["headers"]).json()
+    assert hit["cached"] is True
+    events = _events(sse_client, user["headers"], hit["query_id"])
+    assert [e["type"] for e in events] == ["delta", "completed"]
+    assert events[0]["text"] == _text(answer)
+    assert events[1]["cached"] is True
+    assert events[1]["usage"] == answer[-1]["usage"]
