@@ -8,6 +8,7 @@ is the truth and a reader replays it when the log is missing (`shared/services/e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -33,6 +34,7 @@ class DeltaSink:
         self._parts: list[str] = []
         self._ready = asyncio.Event()
         self._closing = False
+        self._closed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._started = time.perf_counter()
 
@@ -59,7 +61,10 @@ class DeltaSink:
             if self._closing and not self._parts:
                 return
             if not self._closing and self._interval:
-                await asyncio.sleep(self._interval)
+                # The coalescing pause; `close()` cuts it short, so the end is not delayed by it.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._interval):
+                        await self._closed.wait()
 
     async def close(self) -> None:
         """Append what is still buffered; after this the attempt's deltas are all in the log."""
@@ -68,6 +73,7 @@ class DeltaSink:
             return
         self._closing = True
         self._ready.set()
+        self._closed.set()
         await asyncio.shield(self._task)
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 
 from tests.support.api import register_and_login, wait_terminal
 from tests.support.db import row
+from tests.support.limits import make_admin
 from tests.support.polling import wait_until
 from tests.support.stack import Stack, spawn_api, spawn_worker, stop
 
@@ -302,3 +303,36 @@ def test_a_provider_call_without_streaming_arrives_as_one_delta(stack: Stack, tm
     assert [e["type"] for e in events] == ["queued", "started", "delta", "completed"]
     assert events[2]["text"] == body["response"]
     assert events[3]["usage"] == body["usage"]
+
+
+def test_an_admin_requeue_starts_the_story_again(sse_client: httpx.Client, user: dict[str, Any], db: Engine) -> None:
+    # Fails with 500 on every attempt of the stack (MAX_ATTEMPTS=3), then the simulator answers.
+    query_id = _submit(sse_client, user["headers"], "[[sim fail=500 times=3]] requeued")
+    first = _events(sse_client, user["headers"], query_id)
+    assert first[-1]["type"] == "failed"
+    make_admin(db, user["user_id"])
+    r = sse_client.post(f"/api/v1/admin/queries/{query_id}/requeue", headers=user["headers"])
+    assert r.status_code == 200, r.text
+    # From the start: the earlier story is trimmed, so a follower does not stop at the old end.
+    again = _events(sse_client, user["headers"], query_id)
+    assert again[0]["type"] == "queued"
+    assert again[0]["requeued"] is True
+    assert again[0]["seq"] == first[-1]["seq"] + 1
+    assert again[-1]["type"] == "completed"
+    assert _text(again) == row(db, query_id)["response"]
+    # A client that saw the old end resumes right after it.
+    assert _events(sse_client, user["headers"], query_id, last_event_id=first[-1]["seq"]) == again
+
+
+def test_a_cache_hit_streams_its_stored_answer_at_once(sse_client: httpx.Client, user: dict[str, Any]) -> None:
+    # Answered at submit from the response cache: no worker, no log; the stream tells the row.
+    body = {"query": f"cache me {uuid.uuid4()}", "cache": True}
+    first = sse_client.post("/api/v1/query", json=body, headers=user["headers"]).json()["query_id"]
+    answer = _events(sse_client, user["headers"], first)
+    hit = sse_client.post("/api/v1/query", json=body, headers=user["headers"]).json()
+    assert hit["cached"] is True
+    events = _events(sse_client, user["headers"], hit["query_id"])
+    assert [e["type"] for e in events] == ["delta", "completed"]
+    assert events[0]["text"] == _text(answer)
+    assert events[1]["cached"] is True
+    assert events[1]["usage"] == answer[-1]["usage"]

@@ -1,11 +1,17 @@
-"""Backoff and Retry-After parsing (pure logic)."""
+"""Backoff, Retry-After parsing, reading a streamed body and classifying its failures (pure logic)."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
+import httpx2
+import orjson
+import pytest
+
+from shared import llm
 from shared.config import Settings
 from shared.llm import backoff_seconds, retry_after_seconds
 
@@ -40,3 +46,27 @@ def test_retry_after_forms() -> None:
     parsed = retry_after_seconds({"retry-after": when})
     assert parsed is not None
     assert 15 < parsed <= 20
+
+
+async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+@pytest.mark.anyio
+async def test_stream_events_are_read_across_chunk_boundaries_and_line_endings() -> None:
+    body = (
+        b'data: {"a":1}\n\n',
+        b'data: {"b"',
+        b":2}\r\n\r\n: comment\n\ndata: line one\ndata: line two\n\n",
+        b"data: [DONE]\n\n",
+    )
+    got = [d async for d in llm._sse_data(_chunks(*body))]
+    assert got == [b'{"a":1}', b'{"b":2}', b"line one\nline two", b"[DONE]"]
+
+
+def test_a_stream_cut_after_its_headers_is_a_transient_connection_failure() -> None:
+    failure = llm.classify(httpx2.ReadError("peer closed"))
+    assert (failure.kind, failure.code, failure.transient) == ("connection", "upstream_unreachable", True)
+    bad = llm.classify(orjson.JSONDecodeError("bad", "{", 0))
+    assert (bad.code, bad.transient) == ("upstream_invalid_response", True)
