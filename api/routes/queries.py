@@ -78,6 +78,8 @@ async def submit(
         # Answered from the response cache: the row is already completed, there is nothing to run.
         QUERIES_SUBMITTED.labels(model=accepted.model).inc()
         log.info("query answered from cache", extra={"query_id": str(accepted.query_id), "model": accepted.model})
+        # Its INSERT wrote the webhook outbox row (migration 0010's trigger), as any end does.
+        await webhooks.on_query_ended(pool, publisher, accepted.query_id)
         return accepted
     # The log's first event, before the publish so that it precedes the worker's `started`. Redis is up
     # (the limits just used it); a failure here is logged and the stream replays the row instead.
