@@ -18,10 +18,10 @@ import logging
 import uuid
 from collections.abc import Iterator
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared.config import Settings
+from shared.db import redis_client
 from shared.events import TERMINAL_EVENTS, parse_notice, wake_channel
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,12 @@ class Wakeup:
         delay = 0.1
         while True:
             # A connection of its own, without a read timeout: it sits idle between notices.
-            client = aioredis.Redis.from_url(
-                self._settings.redis_url, socket_connect_timeout=2, socket_keepalive=True, health_check_interval=10
+            client = redis_client(
+                self._settings.redis_url,
+                socket_timeout=None,
+                connect_timeout=2,
+                keepalive=True,
+                health_check_interval=10,
             )
             try:
                 async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
