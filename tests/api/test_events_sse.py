@@ -121,6 +121,13 @@ def test_last_event_id_wins_over_after_and_must_be_a_number(sse_client: httpx.Cl
     r = sse_client.get(f"/api/v1/query/{query_id}/events", headers={**user["headers"], "Last-Event-ID": "two"})
     assert r.status_code == 422
     assert r.json()["error"]["code"] == "invalid_last_event_id"
+    # Latin-1 digits that are not ASCII (superscripts): str.isdigit() says yes, int() says no.
+    for raw in (b"\xb2", b"1\xb9"):
+        r = sse_client.get(
+            f"/api/v1/query/{query_id}/events", headers=[*user["headers"].items(), (b"Last-Event-ID", raw)]
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "invalid_last_event_id"
     r = sse_client.get(f"/api/v1/query/{query_id}/events", headers=user["headers"], params={"after": -1})
     assert r.status_code == 422
 
