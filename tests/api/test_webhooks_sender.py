@@ -224,6 +224,9 @@ def test_retry_after_formats() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480 - 60) == 60
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+    # A receiver's header is not ours to trust: non-ASCII digits are "no value", never an exception.
+    assert parse_retry_after("\u00b2") is None
+    assert parse_retry_after("1\u00b9") is None
 
 
 def _self_signed(tmp: Any, name: str) -> tuple[str, str]:
