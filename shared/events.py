@@ -158,13 +158,14 @@ class EventLog:
         value = await self._redis.get(f"{self._key(query_id)}:seq")
         return int(value) if value is not None else 0
 
-    async def discard(self, query_id: uuid.UUID) -> None:
-        """Forget a query's log (its text is being erased); with Redis down it lapses with its TTL."""
-        key = self._key(query_id)
+    async def discard(self, *query_ids: uuid.UUID) -> None:
+        """Forget queries' logs (their text is being erased); with Redis down they lapse with their TTL."""
+        keys = [k for q in query_ids for k in (self._key(q), f"{self._key(q)}:seq")]
         try:
-            await self._redis.delete(key, f"{key}:seq")
+            for start in range(0, len(keys), 1000):
+                await self._redis.delete(*keys[start : start + 1000])
         except (RedisError, OSError) as exc:
-            log.warning("event log not discarded", extra={"query_id": str(query_id), "error": repr(exc)})
+            log.warning("event log not discarded", extra={"count": len(query_ids), "error": type(exc).__name__})
 
 
 def _event(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
