@@ -145,10 +145,23 @@ def _estimate(rt: WorkerRuntime, claim: Claim) -> int:
     return rt.budget.estimate(claim.prompt, claim.system, claim.max_tokens)
 
 
+async def give_back(rt: WorkerRuntime, claim: Claim) -> QueryStatus | None:
+    """Give an unused claim back (waiting for the budget is not an attempt). A cancel that came in meanwhile
+    makes this write the query's end: then it is settled and told like any other end."""
+    written = await _run_autocommitted(rt, lambda conn: repo.unclaim_attempt(conn, claim, delay=timedelta(0)))
+    if written is QueryStatus.CANCELLED:
+        await _settle_if_ended(rt, claim, written)
+        # The attempt never started: its end belongs to no attempt.
+        await tell_end(rt.events, claim.query_id, written, claim.attempt - 1 or None)
+    return written
+
+
 async def defer(rt: WorkerRuntime, claim: Claim, refusal: Refusal) -> Outcome:
-    """No budget now: give the claim back (waiting is not an attempt) and leave the row to the dispatcher."""
+    """No budget now: give the claim back and leave the row to the dispatcher."""
     UPSTREAM_WAITS.labels(model=claim.model, reason=refusal.reason).inc()
-    await _run_autocommitted(rt, lambda conn: repo.unclaim_attempt(conn, claim, delay=timedelta(0)))
+    written = await give_back(rt, claim)
+    if written is QueryStatus.CANCELLED:
+        return Outcome(OutcomeKind.CANCELLED, attempt=claim.attempt - 1)
     rt.wake(claim.model)
     return Outcome(OutcomeKind.DEFERRED, attempt=claim.attempt - 1)
 
@@ -291,6 +304,8 @@ async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: StopReason) -> O
     if reason is StopReason.SHUTDOWN:
         written = await _run_autocommitted(rt, lambda conn: repo.release_attempt(conn, claim))
         await _settle_if_ended(rt, claim, written)
+        # Handed back pending tells nothing; a cancel that came in meanwhile ends it, and that is told.
+        await tell_end(rt.events, claim.query_id, written, claim.attempt)
         log.info("call stopped: worker shutting down, query handed back", extra=extra)
         return _outcome(written, OutcomeKind.RELEASED, retry_in=0, attempt=claim.attempt)
     log.warning("call stopped: lease lost to another worker", extra=extra)
