@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -29,13 +29,13 @@ from shared.metrics import (
     TASKS,
     UPSTREAM_WAITS,
 )
-from shared.models import TERMINAL_STATUSES, QueryStatus
+from shared.models import QueryStatus
 from shared.repositories import queries_asyncpg as repo
 from shared.repositories.queries_asyncpg import Claim
-from shared.services import webhooks
+from shared.services import queries
 from shared.upstream import Grant, Refusal
 from worker.runtime import StopReason, WorkerRuntime
-from worker.streaming import DeltaSink, tell_end
+from worker.streaming import DeltaSink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -105,12 +105,11 @@ async def _run_autocommitted(rt: WorkerRuntime, statement: Callable[[asyncpg.Con
     raise AssertionError("unreachable")
 
 
-async def _settle_if_ended(rt: WorkerRuntime, claim: Claim, status: QueryStatus | None, used_tokens: int = 0) -> None:
-    """A write that ended the query settles its token reservation (once: the reservation is the marker) and
-    sends its webhook deliveries (the outbox rows were written with the terminal write)."""
-    if status in TERMINAL_STATUSES:
-        await rt.limiter.settle_quietly(claim.query_id, used_tokens)
-        await webhooks.on_query_ended(rt.raw_pool, rt.publisher, claim.query_id)
+async def _after(rt: WorkerRuntime, claim: Claim, status: QueryStatus | None, attempt: int | None, **told: Any) -> None:
+    """The outcome write's consequences (`queries.after_outcome`): settle, tell, send webhooks."""
+    await queries.after_outcome(
+        rt.raw_pool, rt.publisher, rt.limiter, rt.events, claim.query_id, status, attempt, **told
+    )
 
 
 async def process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
@@ -150,9 +149,8 @@ async def give_back(rt: WorkerRuntime, claim: Claim) -> QueryStatus | None:
     makes this write the query's end: then it is settled and told like any other end."""
     written = await _run_autocommitted(rt, lambda conn: repo.unclaim_attempt(conn, claim, delay=timedelta(0)))
     if written is QueryStatus.CANCELLED:
-        await _settle_if_ended(rt, claim, written)
         # The attempt never started: its end belongs to no attempt.
-        await tell_end(rt.events, claim.query_id, written, claim.attempt - 1 or None)
+        await _after(rt, claim, written, claim.attempt - 1 or None)
     return written
 
 
@@ -276,7 +274,6 @@ async def run_attempt(rt: WorkerRuntime, claim: Claim, grant: Grant) -> Outcome:
             latency_ms=result.latency_ms,
         ),
     )
-    await _settle_if_ended(rt, claim, written, result.total_tokens or 0)
     if written is QueryStatus.COMPLETED:
         answer = CachedAnswer(result.text, result.prompt_tokens, result.completion_tokens, result.total_tokens)
         await response_cache_for(rt.redis, rt.settings).store(claim.query_id, answer)
@@ -285,7 +282,7 @@ async def run_attempt(rt: WorkerRuntime, claim: Claim, grant: Grant) -> Outcome:
         "completion_tokens": result.completion_tokens,
         "total_tokens": result.total_tokens,
     }
-    await tell_end(rt.events, claim.query_id, written, claim.attempt, usage=usage)
+    await _after(rt, claim, written, claim.attempt, used_tokens=result.total_tokens or 0, usage=usage)
     if written is None:
         log.warning("completion discarded: attempt no longer owns the query", extra={"attempt": claim.attempt})
         return Outcome(OutcomeKind.LOST)
@@ -297,15 +294,13 @@ async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: StopReason) -> O
     extra = {"attempt": claim.attempt, "outcome": reason.value}
     if reason is StopReason.CANCEL:
         written = await _run_autocommitted(rt, lambda conn: repo.cancel_attempt(conn, claim))
-        await _settle_if_ended(rt, claim, written)
-        await tell_end(rt.events, claim.query_id, written, claim.attempt)
+        await _after(rt, claim, written, claim.attempt)
         log.info("call stopped: query cancelled", extra=extra)
         return _outcome(written, OutcomeKind.CANCELLED, attempt=claim.attempt)
     if reason is StopReason.SHUTDOWN:
         written = await _run_autocommitted(rt, lambda conn: repo.release_attempt(conn, claim))
-        await _settle_if_ended(rt, claim, written)
         # Handed back pending tells nothing; a cancel that came in meanwhile ends it, and that is told.
-        await tell_end(rt.events, claim.query_id, written, claim.attempt)
+        await _after(rt, claim, written, claim.attempt)
         log.info("call stopped: worker shutting down, query handed back", extra=extra)
         return _outcome(written, OutcomeKind.RELEASED, retry_in=0, attempt=claim.attempt)
     log.warning("call stopped: lease lost to another worker", extra=extra)
@@ -323,15 +318,8 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
                 conn, claim, delay=timedelta(seconds=delay), code=failure.code, message=failure.message
             ),
         )
-        await _settle_if_ended(rt, claim, written)
-        await tell_end(
-            rt.events,
-            claim.query_id,
-            written,
-            claim.attempt,
-            code=failure.code,
-            delay_s=delay,
-            retry_after_s=failure.retry_after,
+        await _after(
+            rt, claim, written, claim.attempt, code=failure.code, delay_s=delay, retry_after_s=failure.retry_after
         )
         TASK_RETRIES.labels(reason=failure.kind).inc()
         log.warning("transient upstream error; retry scheduled", extra={**extra, "delay_s": round(delay, 2)})
@@ -343,7 +331,6 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
     else:
         code, message = failure.code, failure.message
     written = await _run_autocommitted(rt, lambda conn: repo.fail_attempt(conn, claim, code=code, message=message))
-    await _settle_if_ended(rt, claim, written)
-    await tell_end(rt.events, claim.query_id, written, claim.attempt, code=code, message=message)
+    await _after(rt, claim, written, claim.attempt, code=code, message=message)
     log.warning("query failed", extra=extra)
     return _outcome(written, OutcomeKind.FAILED, attempt=claim.attempt, error_code=code)

@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
-from typing import Any
 
 from shared.events import EventLog, EventType
 from shared.metrics import TIME_TO_FIRST_TOKEN
-from shared.models import QueryStatus
 from shared.repositories.queries_asyncpg import Claim
 
 
@@ -84,31 +81,3 @@ async def tell_start(events: EventLog, claim: Claim) -> None:
             claim.query_id, EventType.ATTEMPT_RESTARTED, {"previous_attempt": claim.attempt - 1}, claim.attempt
         )
     await events.append_quietly(claim.query_id, EventType.STARTED, {}, claim.attempt)
-
-
-async def tell_end(
-    events: EventLog,
-    query_id: uuid.UUID,
-    status: QueryStatus | None,
-    attempt: int | None,
-    *,
-    usage: dict[str, Any] | None = None,
-    code: str | None = None,
-    message: str | None = None,
-    delay_s: float | None = None,
-    retry_after_s: float | None = None,
-) -> None:
-    """The event for the status an outcome write left (nothing when the write was discarded)."""
-    if status is QueryStatus.COMPLETED:
-        await events.append_quietly(query_id, EventType.COMPLETED, {"usage": usage, "cached": False}, attempt)
-    elif status is QueryStatus.FAILED:
-        await events.append_quietly(query_id, EventType.FAILED, {"code": code, "message": message or ""}, attempt)
-    elif status is QueryStatus.CANCELLED:
-        await events.append_quietly(query_id, EventType.CANCELLED, {}, attempt)
-    elif status is QueryStatus.PENDING and delay_s is not None:
-        await events.append_quietly(
-            query_id,
-            EventType.RETRY_SCHEDULED,
-            {"code": code, "delay_s": round(delay_s, 3), "retry_after_s": retry_after_s},
-            attempt,
-        )

@@ -146,10 +146,9 @@ async def cancel(
     events: EventLogDep,
 ) -> JSONResponse:
     """Cancel: a pending query ends at once (200); a running one stops shortly (202); a finished one is 409."""
-    query = await service.cancel_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
+    limiter = limiter_for(redis, settings)
+    query = await service.cancel_query(conn, limiter, publisher, user_id, query_id, events=events)
     code = status.HTTP_200_OK if query["status"] == QueryStatus.CANCELLED else status.HTTP_202_ACCEPTED
-    if code == status.HTTP_200_OK:
-        await webhooks.on_query_ended(conn, publisher, query_id)
     return JSONResponse(service.to_out(query).model_dump(mode="json"), status_code=code)
 
 

@@ -155,3 +155,31 @@ async def with_keepalive(events: AsyncIterator[Event], interval: float) -> Async
         aclose = getattr(events, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+async def tell_end(
+    events: EventLog,
+    query_id: uuid.UUID,
+    status: QueryStatus | None,
+    attempt: int | None,
+    *,
+    usage: dict[str, Any] | None = None,
+    code: str | None = None,
+    message: str | None = None,
+    delay_s: float | None = None,
+    retry_after_s: float | None = None,
+) -> None:
+    """The event for the status an outcome write left (nothing when the write was discarded)."""
+    if status is QueryStatus.COMPLETED:
+        await events.append_quietly(query_id, EventType.COMPLETED, {"usage": usage, "cached": False}, attempt)
+    elif status is QueryStatus.FAILED:
+        await events.append_quietly(query_id, EventType.FAILED, {"code": code, "message": message or ""}, attempt)
+    elif status is QueryStatus.CANCELLED:
+        await events.append_quietly(query_id, EventType.CANCELLED, {}, attempt)
+    elif status is QueryStatus.PENDING and delay_s is not None:
+        await events.append_quietly(
+            query_id,
+            EventType.RETRY_SCHEDULED,
+            {"code": code, "delay_s": round(delay_s, 3), "retry_after_s": retry_after_s},
+            attempt,
+        )

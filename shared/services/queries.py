@@ -26,9 +26,12 @@ from shared.errors import AppError, Conflict, InvalidInput, NotFound
 from shared.events import EventLog, EventType
 from shared.limits import Limiter, estimate_tokens
 from shared.models import TERMINAL_STATUSES, QueryStatus
+from shared.queue import Publisher
 from shared.repositories import queries_asyncpg, queries_session
 from shared.repositories.queries_common import RowLike
 from shared.schemas import QueryAccepted, QueryCreate, QueryError, QueryOut, QueryPage, Usage
+from shared.services import webhooks
+from shared.services.events import tell_end
 from shared.services.limits import effective_limits
 from shared.wakeup import Wakeup
 from shared.webhooks import validate_url
@@ -373,9 +376,34 @@ def to_out(query: RowLike) -> QueryOut:
     )
 
 
+async def after_outcome(
+    db: asyncpg.Pool | asyncpg.Connection,
+    publisher: Publisher,
+    limiter: Limiter,
+    events: EventLog,
+    query_id: uuid.UUID,
+    status: QueryStatus | None,
+    attempt: int | None,
+    *,
+    used_tokens: int = 0,
+    **told: Any,
+) -> None:
+    """What follows every status write of a query, wherever it ran (worker outcome, cancel, sweeper): an end
+    settles its token reservation (once: the reservation is the marker), is told to its event log (as is a
+    scheduled retry, with `told`'s fields) and sends its webhook messages (the outbox row came with the write).
+    `status` None (a write that no longer owned the row) does nothing."""
+    ended = status in TERMINAL_STATUSES
+    if ended:
+        await limiter.settle_quietly(query_id, used_tokens)
+    await tell_end(events, query_id, status, attempt, **told)
+    if ended:
+        await webhooks.on_query_ended(db, publisher, query_id)
+
+
 async def cancel_query(
     conn: asyncpg.Connection,
     limiter: Limiter,
+    publisher: Publisher,
     user_id: uuid.UUID,
     query_id: uuid.UUID,
     *,
@@ -383,14 +411,14 @@ async def cancel_query(
 ) -> RowLike:
     """pending → cancelled now; running → cancel requested; terminal → 409; not the caller's → 404.
 
-    A pending query's end is told to its event log here; a running one's by its worker when the call stops.
+    A pending query's end is told here; a running one's by its worker when the call stops.
     """
     # A query can flip between pending and running (claim, retry) under us: try both transitions again then.
     for _ in range(3):
         cancelled = await queries_asyncpg.cancel_pending(conn, query_id, user_id)
         if cancelled is not None:
-            await limiter.settle_quietly(query_id, 0)
-            await events.append_quietly(query_id, EventType.CANCELLED, {}, cancelled["attempts"] or None)
+            attempt = cancelled["attempts"] or None
+            await after_outcome(conn, publisher, limiter, events, query_id, QueryStatus.CANCELLED, attempt)
             return cancelled
         requested = await queries_asyncpg.request_cancel(conn, query_id, user_id)
         if requested is not None:
