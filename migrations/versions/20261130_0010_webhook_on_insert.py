@@ -1,4 +1,4 @@
-"""webhooks: a query stored already terminal (a response-cache hit) writes its outbox row too
+"""webhooks: a response-cache hit, stored already completed, writes its outbox row too
 
 Revision ID: 0010
 Revises: 0008
@@ -16,10 +16,11 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 # The 0008 trigger watches status UPDATEs only; a cache hit is INSERTed completed. Same function, so the
-# payload and the endpoint fallback stay in one place.
+# payload and the endpoint fallback stay in one place. Only hits: a bulk load of finished rows (a test
+# fixture, a data import) neither pays a plpgsql call per row nor sends webhooks for old queries.
 INSERT_TRIGGER = """
 CREATE TRIGGER queries_webhook_outbox_insert AFTER INSERT ON queries FOR EACH ROW
-WHEN (NEW.status IN ('completed', 'failed', 'cancelled'))
+WHEN (NEW.cached AND NEW.status IN ('completed', 'failed', 'cancelled'))
 EXECUTE FUNCTION aiq_webhook_outbox()
 """
 
