@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,44 @@ def test_stream_cap_keepalives_and_slot_release(stack: Stack, tmp_path: Path) ->
             wait_until(reopened, timeout=10, interval=0.2)
     finally:
         stop(api)
+
+
+def test_stream_cap_holds_under_parallel_opens_on_two_api_processes(stack: Stack, tmp_path: Path) -> None:
+    cap, tries = 3, 12
+    apis = [
+        spawn_api(stack, tmp_path / f"api{i}.log", MAX_STREAMS_PER_USER=str(cap), SSE_KEEPALIVE_SECONDS="0.3")
+        for i in range(2)
+    ]
+    try:
+        with httpx.Client(base_url=apis[0][1], timeout=30) as c:
+            user = register_and_login(c)
+            slow = _submit(c, user["headers"], "[[sim latency_ms=8000]] held open")
+        start = threading.Barrier(tries)
+        release = threading.Event()
+        codes: list[int] = []
+        lock = threading.Lock()
+
+        def open_one(i: int) -> None:
+            with httpx.Client(base_url=apis[i % 2][1], timeout=httpx.Timeout(30, read=30)) as client:
+                start.wait()
+                with client.stream("GET", f"/api/v1/query/{slow}/events", headers=user["headers"]) as r:
+                    with lock:
+                        codes.append(r.status_code)
+                    if r.status_code == 200:
+                        # Hold the slot until every open has been answered.
+                        release.wait(30)
+
+        threads = [threading.Thread(target=open_one, args=(i,)) for i in range(tries)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(codes) == tries, timeout=30)
+        release.set()
+        for t in threads:
+            t.join(30)
+        assert sorted(codes) == [200] * cap + [429] * (tries - cap)
+    finally:
+        for api, _ in apis:
+            stop(api)
 
 
 def test_worker_sigkill_mid_stream_restarts_the_attempt_visibly(
