@@ -164,11 +164,12 @@ async def delete(
     conn: ConnectionDep,
     redis: RedisDep,
     settings: SettingsDep,
+    publisher: PublisherDep,
     events: EventLogDep,
 ) -> Response:
     """Erase a query's prompt, system prompt, answer and metadata (its usage stays counted); afterwards it
     is a 404. A pending query is cancelled first; a running one is a 409 (`query_running`): cancel it first."""
-    await service.delete_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
+    await service.delete_query(conn, limiter_for(redis, settings), publisher, user_id, query_id, events=events)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

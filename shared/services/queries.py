@@ -432,6 +432,7 @@ async def cancel_query(
 async def delete_query(
     conn: asyncpg.Connection,
     limiter: Limiter,
+    publisher: Publisher,
     user_id: uuid.UUID,
     query_id: uuid.UUID,
     *,
@@ -443,8 +444,11 @@ async def delete_query(
     delete), because its worker may still write the answer that is to be erased. Its event log, which
     holds the answer's text, goes too.
     """
-    if await queries_asyncpg.cancel_pending(conn, query_id, user_id) is not None:
-        await limiter.settle_quietly(query_id, 0)
+    cancelled = await queries_asyncpg.cancel_pending(conn, query_id, user_id)
+    if cancelled is not None:
+        # Told like any cancel: open streams end now (they are woken) rather than at their idle re-read.
+        attempt = cancelled["attempts"] or None
+        await after_outcome(conn, publisher, limiter, events, query_id, QueryStatus.CANCELLED, attempt)
     if await queries_asyncpg.erase(conn, query_id, user_id):
         await events.discard(query_id)
         return

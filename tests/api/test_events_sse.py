@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,33 @@ def test_cancelling_a_pending_query_tells_its_stream(
     finally:
         stop(api)
     assert [e["type"] for e in events] == ["queued", "cancelled"]
+
+
+def test_deleting_a_pending_query_ends_its_open_stream_at_once(
+    sse_client: httpx.Client, user: dict[str, Any], db: Engine, stack: Stack, tmp_path: Path
+) -> None:
+    # An API on a queue no worker reads: the query stays pending until the delete.
+    queue = f"aiq.sse.delete.{uuid.uuid4().hex[:6]}"
+    api, url = spawn_api(stack, tmp_path / "api.log", QUEUE_NAME=queue)
+    try:
+        with (
+            httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=30)) as other,
+            httpx.Client(base_url=url, timeout=10) as deleter,
+        ):
+            query_id = _submit(other, user["headers"], "never picked up, then deleted")
+            seen: list[dict[str, Any]] = []
+            path = f"/api/v1/query/{query_id}/events"
+            with connect_sse(other, "GET", path, headers=user["headers"]) as source:
+                for sse in source.iter_sse():
+                    seen.append(_data(sse))
+                    if len(seen) == 1:
+                        assert deleter.delete(f"/api/v1/query/{query_id}", headers=user["headers"]).status_code == 204
+                        deleted_at = time.monotonic()
+            # Told by the wake-up, not found by the stream's idle re-read (IDLE_REREAD_SECONDS, 30 s) of the row.
+            assert time.monotonic() - deleted_at < 15
+    finally:
+        stop(api)
+    assert [e["type"] for e in seen] == ["queued", "cancelled"]
 
 
 def row_status(client: httpx.Client, user: dict[str, Any], query_id: str) -> str:
