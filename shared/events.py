@@ -11,7 +11,9 @@ Keys (the query id is globally unique, the prefix keeps test runs that share a R
 - channel `aiq:{QUEUE_NAME}:wake`: the notices.
 
 The log is a convenience on top of the row, which stays the truth: a failed append is logged and the query
-goes on; a reader that finds the log gone replays the row (`shared/services/events.py`).
+goes on; a reader that finds the log gone replays the row (`shared/services/events.py`). A log lost mid-story
+(Redis restarted without it) begins again numbered from the clock, so a reader's position never lines up with
+it: the reader sees the gap and replays the row rather than tell the new log's events as the rest of its own.
 """
 
 from __future__ import annotations
@@ -68,7 +70,15 @@ class Event:
 # `reset` = 1 trims every earlier event (an admin requeue starts the query's story again after its end).
 _APPEND = """
 local seq = redis.call('INCR', KEYS[2])
-local id = seq .. '-0'
+if seq == 1 and ARGV[1] ~= 'queued' and not (ARGV[1] == 'started' and ARGV[2] == '1') then
+  -- A story starts with `queued` (or a first `started`: nothing is lost before it that a reader needs):
+  -- this log was lost mid-story (Redis restarted without it). Number on from the clock (ms), so no
+  -- reader's old position lines up with the new log: readers see the gap and fall back to the row.
+  local t = redis.call('TIME')
+  seq = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('SET', KEYS[2], seq)
+end
+local id = string.format('%d-0', seq)
 redis.call('XADD', KEYS[1], id, 't', ARGV[1], 'a', ARGV[2], 'd', ARGV[3])
 if ARGV[7] == '1' then redis.call('XTRIM', KEYS[1], 'MINID', id) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])

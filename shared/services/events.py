@@ -108,17 +108,23 @@ async def follow(
                     head = await log.last_seq(query_id)
             except (RedisError, OSError):
                 batch, log_ok = [], False
+            gap = False
             for event in batch:
+                if event.seq != last + 1 and event.type is not EventType.QUEUED:
+                    # Not the next one, and not a story (re)starting: the log was lost and began again
+                    # (shared/events.py numbers such a log from the clock). Its events are not ours to tell.
+                    gap = True
+                    break
                 yield event
                 last = event.seq
                 if event.terminal:
                     return
-            if len(batch) == READ_BATCH:
+            if len(batch) == READ_BATCH and not gap:
                 continue
             # Nothing new: the query has not moved, or the log cannot answer (gone, restarted below this reader
-            # by a Redis that lost it, unreachable), or an end was not appended. The row is read in those cases,
-            # or after a wait that no notice ended; never on an ordinary wake-up.
-            if not batch and (not log_ok or not woken or head is None or head == 0 or head < last):
+            # by a Redis that lost it, began again after such a loss, unreachable), or an end was not appended.
+            # The row is read in those cases, or after a wait that no notice ended; never on an ordinary wake-up.
+            if gap or (not batch and (not log_ok or not woken or head is None or head == 0 or head < last)):
                 row = await _fetch(pool, query_id)
                 if row is None:
                     return

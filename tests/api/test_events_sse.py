@@ -237,6 +237,28 @@ def test_expired_log_replays_the_stored_answer(sse_client: httpx.Client, stack: 
     assert [e["seq"] for e in resumed] == [6, 7]
 
 
+def test_a_log_lost_mid_stream_never_gives_a_gap(sse_client: httpx.Client, stack: Stack, user: dict[str, Any]) -> None:
+    query_id = _submit(sse_client, user["headers"], "[[sim tokens=60 chunk_ms=100]] lost mid-stream")
+    seen: list[dict[str, Any]] = []
+    r = redis.Redis.from_url(stack.settings.redis_url)
+    key = f"aiq:{stack.settings.queue_name}:ev:{query_id}"
+    with connect_sse(sse_client, "GET", f"/api/v1/query/{query_id}/events", headers=user["headers"]) as source:
+        for sse in source.iter_sse():
+            seen.append(_data(sse))
+            if seen[-1]["type"] == "delta" and len([e for e in seen if e["type"] == "delta"]) == 1:
+                # As a Redis restart without persistence would: the worker's next appends start a new log.
+                r.delete(key, f"{key}:seq")
+    assert seen[-1]["type"] == "completed"
+    assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
+    text = ""
+    for e in seen:
+        if e["type"] == "delta":
+            text = e["text"] if e.get("replayed") else text + e["text"]
+    answer = sse_client.get(f"/api/v1/query/{query_id}", headers=user["headers"]).json()["response"]
+    assert text == answer
+    assert any(e.get("replayed") for e in seen)
+
+
 def test_another_users_query_is_a_404(sse_client: httpx.Client, user: dict[str, Any]) -> None:
     query_id = _submit(sse_client, user["headers"], "mine")
     stranger = register_and_login(sse_client)
