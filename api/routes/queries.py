@@ -147,7 +147,7 @@ async def cancel(
 ) -> JSONResponse:
     """Cancel: a pending query ends at once (200); a running one stops shortly (202); a finished one is 409."""
     limiter = limiter_for(redis, settings)
-    query = await service.cancel_query(conn, limiter, publisher, user_id, query_id, events=events)
+    query = await service.cancel_query(conn, limiter, user_id, query_id, events=events, publisher=publisher)
     code = status.HTTP_200_OK if query["status"] == QueryStatus.CANCELLED else status.HTTP_202_ACCEPTED
     return JSONResponse(service.to_out(query).model_dump(mode="json"), status_code=code)
 
@@ -169,7 +169,8 @@ async def delete(
 ) -> Response:
     """Erase a query's prompt, system prompt, answer and metadata (its usage stays counted); afterwards it
     is a 404. A pending query is cancelled first; a running one is a 409 (`query_running`): cancel it first."""
-    await service.delete_query(conn, limiter_for(redis, settings), publisher, user_id, query_id, events=events)
+    limiter = limiter_for(redis, settings)
+    await service.delete_query(conn, limiter, user_id, query_id, events=events, publisher=publisher)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -378,7 +378,7 @@ def to_out(query: RowLike) -> QueryOut:
 
 async def after_outcome(
     db: asyncpg.Pool | asyncpg.Connection,
-    publisher: Publisher,
+    publisher: Publisher | None,
     limiter: Limiter,
     events: EventLog,
     query_id: uuid.UUID,
@@ -390,24 +390,25 @@ async def after_outcome(
 ) -> None:
     """What follows every status write of a query, wherever it ran (worker outcome, cancel, sweeper): an end
     settles its token reservation (once: the reservation is the marker), is told to its event log (as is a
-    scheduled retry, with `told`'s fields) and sends its webhook messages (the outbox row came with the write).
-    `status` None (a write that no longer owned the row) does nothing."""
+    scheduled retry, with `told`'s fields) and sends its webhook messages (the outbox row came with the write;
+    without a publisher the workers' webhook sweep sends them). `status` None (a write that no longer owned
+    the row) does nothing."""
     ended = status in TERMINAL_STATUSES
     if ended:
         await limiter.settle_quietly(query_id, used_tokens)
     await tell_end(events, query_id, status, attempt, **told)
-    if ended:
+    if ended and publisher is not None:
         await webhooks.on_query_ended(db, publisher, query_id)
 
 
 async def cancel_query(
     conn: asyncpg.Connection,
     limiter: Limiter,
-    publisher: Publisher,
     user_id: uuid.UUID,
     query_id: uuid.UUID,
     *,
     events: EventLog,
+    publisher: Publisher | None = None,
 ) -> RowLike:
     """pending → cancelled now; running → cancel requested; terminal → 409; not the caller's → 404.
 
@@ -432,11 +433,11 @@ async def cancel_query(
 async def delete_query(
     conn: asyncpg.Connection,
     limiter: Limiter,
-    publisher: Publisher,
     user_id: uuid.UUID,
     query_id: uuid.UUID,
     *,
     events: EventLog,
+    publisher: Publisher | None = None,
 ) -> None:
     """Erase a query's prompt, system prompt, answer and metadata; its usage stays counted.
 
