@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI
 
+from api.compat.router import router as compat_router
 from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.metrics_server import MetricsServer
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(usage.router)
     v1.include_router(limits.router)
     app.include_router(v1)
+    app.include_router(compat_router)
     app.include_router(health.router)
     install_openapi(app)
     # Outermost last: the request id must be set before metrics and handlers run; the body limit answers

@@ -216,12 +216,12 @@ class BodyLimitMiddleware:
                 content_type = value
         if length is not None and length > self.max_bytes:
             # Answered without reading the body; uvicorn closes the connection if the client keeps sending.
-            await _error_response(BodyTooLarge(self.max_bytes))(scope, receive, send)
+            await _error_response(BodyTooLarge(self.max_bytes), scope)(scope, receive, send)
             return
         has_body = chunked or bool(length)
         if has_body and not _is_json(content_type) and not (scope["path"] in FORM_PATHS and _is_form(content_type)):
             error = StarletteHTTPException(415, "Send the request body as JSON with Content-Type: application/json")
-            await _error_response(error)(scope, receive, send)
+            await _error_response(error, scope)(scope, receive, send)
             return
 
         received = 0
@@ -250,12 +250,12 @@ class BodyLimitMiddleware:
             # Raised where no handler turned it into a response (a parser outside FastAPI's body reading).
             if started:
                 raise
-            await _error_response(exc)(scope, receive, send)
+            await _error_response(exc, scope)(scope, receive, send)
 
 
-def _error_response(exc: StarletteHTTPException) -> Response:
+def _error_response(exc: StarletteHTTPException, scope: Scope) -> Response:
     code = "payload_too_large" if exc.status_code == 413 else "unsupported_media_type"
-    return error_response(exc.status_code, code, str(exc.detail))
+    return error_response(exc.status_code, code, str(exc.detail), path=scope["path"])
 
 
 NOSNIFF = (b"x-content-type-options", b"nosniff")

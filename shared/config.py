@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     # Terminal queries finished longer ago than this are deleted by the workers; 0 keeps them forever.
     retention_days: int = Field(default=0, ge=0)
 
+    # The OpenAI-compatible door (issue 13). A foreground `POST /v1/responses` or `/v1/chat/completions`
+    # waits at most this long for its query (the SDK's default client timeout is 600 s), then answers 504.
+    compat_wait_seconds: float = Field(default=600.0, gt=0, le=3600)
+    # `POST /v1/files` (purpose=batch): OpenAI's limits are 200 MB and 50,000 lines per batch file.
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    max_batch_lines: int = Field(default=50_000, ge=1)
+
     @field_validator("allowed_models", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:
