@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI
 
+from api.compat.errors import COMPAT_PREFIX
 from api.compat.router import router as compat_router
 from api.docs import install_docs
 from api.errors import install_error_handlers
@@ -78,7 +79,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app)
     # Outermost last: the request id must be set before metrics and handlers run; the body limit answers
     # before any parser; every answer, the limit's own included, gets the security headers.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # A batch file upload is a multipart form: the file plus room for the form's own parts.
+    uploads = {f"{COMPAT_PREFIX}/files": settings.max_file_bytes + 64 * 1024}
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, uploads=uploads)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)

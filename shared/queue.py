@@ -20,6 +20,8 @@ from celery import Celery
 from shared.config import Settings
 
 PROCESS_TASK = "queries.process"
+# Moves one batch (`/v1/batches`) a step on: expand lines into queries, notice the end, write the output.
+BATCH_TASK = "batches.advance"
 log = logging.getLogger(__name__)
 
 
@@ -68,10 +70,11 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def encode_task_message(query_id: uuid.UUID, queue: str) -> bytes:
+def encode_task_message(query_id: uuid.UUID, queue: str, task: str = PROCESS_TASK) -> bytes:
     """The exact envelope Celery's `send_task` puts on a Redis list (protocol 2, JSON, no ETA).
 
-    The task id is the query id: every delivery of a query is the same task to Celery and Flower.
+    The task id is the query id (or the batch id): every delivery of a query is the same task to Celery and
+    Flower.
     """
     task_id = str(query_id)
     args = [str(query_id)]
@@ -82,7 +85,7 @@ def encode_task_message(query_id: uuid.UUID, queue: str) -> bytes:
         "content-type": "application/json",
         "headers": {
             "lang": "py",
-            "task": PROCESS_TASK,
+            "task": task,
             "id": task_id,
             "shadow": None,
             "eta": None,
@@ -154,12 +157,12 @@ class Publisher:
             countdown=countdown,
         )
 
-    async def publish(self, query_id: uuid.UUID) -> bool:
+    async def publish(self, query_id: uuid.UUID, task: str = PROCESS_TASK) -> bool:
         """Publish without blocking the event loop; False if the broker did not take it in time."""
         queue = self._settings.queue_name
         try:
             await asyncio.wait_for(
-                self._client().lpush(queue, encode_task_message(query_id, queue)),
+                self._client().lpush(queue, encode_task_message(query_id, queue, task)),
                 timeout=self._settings.publish_timeout_seconds,
             )
         except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row pending for recovery

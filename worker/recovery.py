@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from shared.models import TERMINAL_STATUSES
 from shared.repositories import queries_session as repo
+from worker import batches
 from worker.runtime import StopReason, WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ async def sweep_once(rt: WorkerRuntime) -> int:
                 break
             sent.append(query_id)
         await repo.mark_resent(session, sent)
+    await batches.sweep(rt)
     if reclaimed or due:
         log.info("sweep", extra={"count": len(sent), "outcome": f"reclaimed={len(reclaimed)} due={len(due)}"})
     return len(sent)

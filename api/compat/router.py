@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.compat import chat, models, responses
+from api.compat import batches, chat, files, models, responses
 from api.compat.errors import COMPAT_PREFIX
 
 router = APIRouter(prefix=COMPAT_PREFIX, tags=["openai"], include_in_schema=False)
 router.include_router(models.router)
 router.include_router(responses.router)
 router.include_router(chat.router)
+router.include_router(files.router)
+router.include_router(batches.router)

@@ -2,14 +2,32 @@
 
 from shared.models.api_key import ApiKey
 from shared.models.base import Base
+from shared.models.files import (
+    BATCH_LIVE_STATUSES,
+    FILE_CHUNK_BYTES,
+    Batch,
+    BatchItem,
+    BatchStatus,
+    File,
+    FileChunk,
+    FilePurpose,
+)
 from shared.models.limits import UserLimits
 from shared.models.query import TERMINAL_STATUSES, IdempotencyKey, Query, QueryStatus
 from shared.models.user import RefreshToken, RevokedReason, Role, User
 
 __all__ = [
+    "BATCH_LIVE_STATUSES",
+    "FILE_CHUNK_BYTES",
     "TERMINAL_STATUSES",
     "ApiKey",
     "Base",
+    "Batch",
+    "BatchItem",
+    "BatchStatus",
+    "File",
+    "FileChunk",
+    "FilePurpose",
     "IdempotencyKey",
     "Query",
     "QueryStatus",
