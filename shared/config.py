@@ -24,6 +24,13 @@ class Environment(StrEnum):
     PRODUCTION = "production"
 
 
+class CacheScope(StrEnum):
+    """Who shares cached answers: each user their own, or everybody."""
+
+    USER = "user"
+    GLOBAL = "global"
+
+
 class Settings(BaseSettings):
     """Every knob of API, worker and sweeper; names match the environment variables."""
 
@@ -110,6 +117,12 @@ class Settings(BaseSettings):
     # `POST /v1/files` (purpose=batch): OpenAI's limits are 200 MB and 50,000 lines per batch file.
     max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     max_batch_lines: int = Field(default=50_000, ge=1)
+
+    # Response cache (issue 11.4), read by the API at submit: whether a query without `cache` uses it, how long
+    # an answer stays, and whether identical requests of different users share answers (`global`) or not.
+    response_cache_default: bool = False
+    response_cache_ttl_seconds: int = Field(default=3600, ge=1)
+    response_cache_scope: CacheScope = CacheScope.USER
 
     @field_validator("allowed_models", mode="before")
     @classmethod

@@ -132,6 +132,17 @@ end
 return 1
 """
 
+# KEYS[1]: a user's rpm key. ARGV: rpm. Takes only the per-minute limit (a submit answered from the response
+# cache holds no pending slot and no tokens). Returns {refused (0|1), retry_ms, rpm_left, rpm_reset_ms}.
+_REQUEST = (
+    _LUA_PRELUDE
+    + """
+local ok, retry, left, reset = gcra(KEYS[1], tonumber(ARGV[1]), 60000, true)
+if ok then return {0, 0, left, math.ceil(reset)} end
+return {1, math.ceil(retry), 0, math.ceil(reset)}
+"""
+)
+
 # KEYS[1]: a GCRA key. ARGV: limit, period_s. Returns the wait in ms (0: taken).
 _RATE = (
     _LUA_PRELUDE
@@ -237,6 +248,7 @@ class Limiter:
         self._login_take = redis.register_script(_LOGIN_TAKE)
         self._login_success = redis.register_script(_LOGIN_SUCCESS)
         self._rate = redis.register_script(_RATE)
+        self._request = redis.register_script(_REQUEST)
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -277,6 +289,22 @@ class Limiter:
             del headers["RateLimit"]
         if refused:
             code, message = _REFUSALS[refused]
+            raise LimitExceeded(code, message, retry_ms, headers)
+        return headers
+
+    async def take_request(self, user_id: uuid.UUID, limits: Limits) -> dict[str, str]:
+        """Take only the requests-per-minute limit (a submit answered from the response cache); the
+        `RateLimit` headers, or `LimitExceeded`. Nothing is reserved, so there is nothing to settle."""
+        headers = {"RateLimit-Policy": policy} if (policy := limits.policy_header()) else {}
+        if not limits.requests_per_minute:
+            return headers
+        refused, retry_ms, rpm_left, rpm_reset = (
+            int(v)
+            for v in await self._run(self._request, [f"{self._prefix}rpm:{user_id}"], [limits.requests_per_minute])
+        )
+        headers["RateLimit"] = f'"rpm";r={max(0, rpm_left)};t={math.ceil(max(0, rpm_reset) / 1000)}'
+        if refused:
+            code, message = _REFUSALS[1]
             raise LimitExceeded(code, message, retry_ms, headers)
         return headers
 

@@ -67,6 +67,12 @@ QUERIES_SUBMITTED = Counter(
     ["model"],
 )
 
+RESPONSE_CACHE_LOOKUPS = Counter(
+    "aiq_response_cache_lookups_total",
+    "Response cache lookups at submit by cache-enabled queries, by result (hit|miss).",
+    ["result"],
+)
+
 LIMIT_REFUSALS = Counter(
     "aiq_limit_refusals_total",
     "Requests refused with 429 by a limit or throttle "

@@ -154,6 +154,11 @@ class QueryCreate(StrictBody):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1)
     metadata: dict[str, JsonValue] | None = Field(default=None, description="Opaque client data, echoed back")
+    cache: bool | None = Field(
+        default=None,
+        description="Answer from the response cache when an identical request (model, system, query, temperature, "
+        "max_tokens) was answered before, and cache this answer; null: the server's RESPONSE_CACHE_DEFAULT",
+    )
 
     @field_validator("query", "system", "metadata")
     @classmethod
@@ -166,9 +171,10 @@ class QueryCreate(StrictBody):
 
 class QueryAccepted(BaseModel):
     query_id: uuid.UUID
-    status: QueryStatus
+    status: QueryStatus = Field(description="`pending`, or `completed` when answered from the response cache")
     model: str
     created_at: datetime
+    cached: bool = Field(default=False, description="Answered from the response cache: already completed")
 
 
 class Usage(BaseModel):
@@ -194,6 +200,7 @@ class QueryOut(BaseModel):
     response: str | None
     error: QueryError | None
     usage: Usage | None = Field(description="Token counts once the model answered; null until then and when it did not")
+    cached: bool = Field(description="Answered from the response cache at submit, without a provider call")
     attempts: int
     cancel_requested: bool = Field(description="A cancel was asked for; a running query ends cancelled shortly")
     created_at: datetime
@@ -251,7 +258,12 @@ class UsageRow(BaseModel):
     queries: int
     prompt_tokens: int
     completion_tokens: int
-    total_tokens: int = Field(description="Tokens used, as the provider reported them")
+    total_tokens: int = Field(
+        description="Tokens of the answers, as the provider reported them (answers from the cache included)"
+    )
+    cached_tokens: int = Field(
+        description="The part of total_tokens answered from the response cache: no provider call, no budget"
+    )
     reserved_tokens: int = Field(description="Tokens held against the budget at submit (estimate + output cap)")
 
 

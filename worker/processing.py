@@ -18,6 +18,7 @@ from typing import TypeVar
 import asyncpg
 
 from shared import llm
+from shared.cache import CachedAnswer, response_cache_for
 from shared.db import DATABASE_UNAVAILABLE
 from shared.metrics import LLM_CALLS_IN_FLIGHT, LLM_ERRORS, LLM_REQUEST_DURATION, LLM_TOKENS, TASK_RETRIES, TASKS
 from shared.models import TERMINAL_STATUSES, QueryStatus
@@ -156,6 +157,9 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
         ),
     )
     await _settle_if_ended(rt, claim, written, result.total_tokens or 0)
+    if written is QueryStatus.COMPLETED:
+        answer = CachedAnswer(result.text, result.prompt_tokens, result.completion_tokens, result.total_tokens)
+        await response_cache_for(rt.redis, rt.settings).store(claim.query_id, answer)
     if written is None:
         log.warning("completion discarded: attempt no longer owns the query", extra={"attempt": claim.attempt})
         return Outcome(OutcomeKind.LOST)

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from fastapi import Request, Response
 
 from api.middleware import mark_long_request
+from shared.cache import response_cache_for
 from shared.config import Settings
 from shared.errors import InvalidInput
 from shared.limits import limiter_for
@@ -31,8 +32,13 @@ async def submit(
     response: Response,
 ) -> QueryAccepted:
     """Store a pending query under the caller's limits (the `RateLimit` headers go on `response`), then publish."""
-    accepted, limit_headers = await service.submit_query(pool, settings, limiter_for(redis, settings), user_id, body)
+    limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
+    accepted, limit_headers = await service.submit_query(pool, settings, limiter, cache, user_id, body)
     response.headers.update(limit_headers)
+    if accepted.cached:
+        # Answered from the response cache: the row is already completed, there is nothing to run.
+        QUERIES_SUBMITTED.labels(model=accepted.model).inc()
+        return accepted
     # After the INSERT's commit; a failed publish leaves the row for the sweeper.
     published = await publisher.publish(accepted.query_id)
     QUERIES_SUBMITTED.labels(model=accepted.model).inc()

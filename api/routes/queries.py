@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from api.deps import AutocommitSessionDep, ConnectionDep, CurrentUserId, PoolDep, PublisherDep, RedisDep, SettingsDep
 from api.errors import error_responses
 from api.middleware import mark_long_request
+from shared.cache import response_cache_for
 from shared.limits import limiter_for
 from shared.metrics import QUERIES_SUBMITTED
 from shared.models import QueryStatus
@@ -47,17 +48,23 @@ async def submit(
     """Accept a query; poll the `Location` for the answer."""
     # Each holds a connection only for its database step, never through the publish: a slow broker must
     # not pin database connections. Both have committed when they return, so the publish may follow.
-    limiter = limiter_for(redis, settings)
+    limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
     if idempotency_key is None:
-        (accepted, limit_headers), replayed = await service.submit_query(pool, settings, limiter, user_id, body), False
+        submitted = await service.submit_query(pool, settings, limiter, cache, user_id, body)
+        (accepted, limit_headers), replayed = submitted, False
     else:
         accepted, replayed, limit_headers = await service.submit_query_once(
-            pool, settings, limiter, user_id, body, idempotency_key
+            pool, settings, limiter, cache, user_id, body, idempotency_key
         )
     response.headers.update(limit_headers)
     response.headers["Location"] = f"/api/v1/query/{accepted.query_id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
+        return accepted
+    if accepted.cached:
+        # Answered from the response cache: the row is already completed, there is nothing to run.
+        QUERIES_SUBMITTED.labels(model=accepted.model).inc()
+        log.info("query answered from cache", extra={"query_id": str(accepted.query_id), "model": accepted.model})
         return accepted
     # After commit, so a worker never looks for a row that is not there yet. A failed publish leaves the
     # row pending for the recovery sweeper; the client's 202 stays true.

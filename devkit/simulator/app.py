@@ -39,6 +39,7 @@ from devkit.simulator.directives import (
     parse_directives,
     prompt_chars,
 )
+from devkit.simulator.limits import MAX_TRACKED_MODELS, RateLimited, RateLimiter
 
 MODELS: tuple[str, ...] = (
     "gpt-4o-mini",
@@ -52,6 +53,8 @@ DEFAULT_COMPLETION_TOKENS = 16
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_TRACKED_QUERIES = 200_000
 MAX_TRACKED_PROMPTS = 200_000
+# The Retry-After hint of a concurrency 429 when the configured latency is (near) zero.
+MIN_CONCURRENCY_RETRY_SECONDS = 0.01
 VALID_ROLES = ("system", "assistant", "user", "function", "tool", "developer")
 QUERY_ID_HEADER = b"x-aiq-query-id"
 SYSTEM_FINGERPRINT = "fp_aiqsim"
@@ -269,7 +272,18 @@ class SimulatorStats:
         self.in_flight = in_flight
         self.max_in_flight = in_flight
         self.calls_by_query: OrderedDict[str, int] = OrderedDict()
+        # 429s of the strict-provider limits per model and dimension (requests, tokens, concurrency).
+        self.rate_limited: dict[str, dict[str, int]] = {}
         self.started_at = time.time()
+
+    def count_rate_limited(self, model: str, dimension: str) -> None:
+        """Count one 429 of the limits; models beyond the tracking bound share one entry."""
+        per_model = self.rate_limited.get(model)
+        if per_model is None:
+            if len(self.rate_limited) >= MAX_TRACKED_MODELS:
+                model = "(other)"
+            per_model = self.rate_limited.setdefault(model, {"requests": 0, "tokens": 0, "concurrency": 0})
+        per_model[dimension] += 1
 
     def count_query(self, query_id: str) -> None:
         """Count one call for `query_id`, forgetting the least recently seen id beyond the bound."""
@@ -295,6 +309,8 @@ class SimulatorStats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "tracked_queries": len(self.calls_by_query),
+            "rate_limited_calls": sum(sum(counts.values()) for counts in self.rate_limited.values()),
+            "rate_limited": {model: dict(counts) for model, counts in self.rate_limited.items()},
             "uptime_seconds": round(time.time() - self.started_at, 3),
         }
         if query_ids is not None:
@@ -311,6 +327,7 @@ class SimulatorApp:
         self.config = config
         self.stats = SimulatorStats()
         self.rng = random.Random(config.seed)
+        self.limiter = RateLimiter()
         # Calls seen per identical (model, messages) carrying a `fail` directive, for `times=N`.
         self.directive_calls: OrderedDict[bytes, int] = OrderedDict()
         self._routes: dict[tuple[str, str], Handler] = {
@@ -411,6 +428,9 @@ class SimulatorApp:
                     stats.count_query(value.decode("latin-1"))
                     break
             await self._chat(scope, receive, send)
+        except RateLimited as exc:
+            stats.count_rate_limited(exc.model, exc.dimension)
+            await send_json(send, 429, self._rate_limited_body(exc), self._rate_limited_headers(exc))
         except RequestError as exc:
             self.stats.faults[exc.kind] = self.stats.faults.get(exc.kind, 0) + 1
             await send_json(send, exc.status, exc.body, exc.headers)
@@ -443,6 +463,59 @@ class SimulatorApp:
             raise invalid_request(f"Invalid simulator directive: {exc}", "messages") from None
 
         config = self.config
+        limits = config.limits_for(model)
+        if not limits.enabled:
+            await self._call(send, receive, body, messages, model, directives, config, ())
+            return
+        limit_headers = self.limiter.acquire(
+            model,
+            self._counted_tokens(body, messages, directives),
+            limits,
+            config.limit_burst_seconds,
+            time.monotonic(),
+            max(config.latency_ms / 1000, MIN_CONCURRENCY_RETRY_SECONDS),
+        )
+        try:
+            await self._call(send, receive, body, messages, model, directives, config, limit_headers)
+        finally:
+            if limits.concurrency:
+                self.limiter.release(model)
+
+    @staticmethod
+    def _counted_tokens(body: dict[str, Any], messages: list[dict[str, Any]], directives: Directives) -> int:
+        # OpenAI counts a request on arrival as its prompt estimate plus max_tokens (times n); without a
+        # cap the simulator counts the answer it is going to write.
+        caps = [cap for cap in (body.get("max_tokens"), body.get("max_completion_tokens")) if cap is not None]
+        completion = (
+            min(caps) if caps else (DEFAULT_COMPLETION_TOKENS if directives.tokens is None else directives.tokens)
+        )
+        return estimate_tokens(prompt_chars(messages)) + completion * (body.get("n") or 1)
+
+    @staticmethod
+    def _rate_limited_body(exc: RateLimited) -> dict[str, Any]:
+        type_ = "tokens" if exc.dimension == "tokens" else "requests"
+        return error_body(exc.message(), type_, code="rate_limit_exceeded")
+
+    @staticmethod
+    def _rate_limited_headers(exc: RateLimited) -> Headers:
+        headers = list(exc.headers)
+        if exc.retry_after is not None:
+            # Retry-After carries whole seconds (RFC 9110); the exact value rides in retry-after-ms.
+            headers.append((b"retry-after", str(math.ceil(exc.retry_after)).encode()))
+            headers.append((b"retry-after-ms", str(math.ceil(exc.retry_after * 1000)).encode()))
+        return headers
+
+    async def _call(
+        self,
+        send: Send,
+        receive: Receive,
+        body: dict[str, Any],
+        messages: list[dict[str, Any]],
+        model: str,
+        directives: Directives,
+        config: SimulatorConfig,
+        limit_headers: Headers,
+    ) -> None:
         # A `fail` directive makes the call deterministic: random faults never touch it, so
         # `times=N` really means "N failures, then success".
         fault = self._directive_fault(directives, model, messages) if directives.fail else self._random_fault(config)
@@ -469,11 +542,11 @@ class SimulatorApp:
                     return
                 latency_ms = 0
             else:
-                raise self._fault_error(fault, model, directives, config)
+                raise self._fault_error(fault, model, directives, config, limit_headers)
 
         if latency_ms > 0:
             await asyncio.sleep(latency_ms / 1000)
-        await self._answer(send, body, messages, model, directives)
+        await self._answer(send, body, messages, model, directives, limit_headers)
 
     def _directive_fault(self, directives: Directives, model: str, messages: list[dict[str, Any]]) -> str | None:
         if directives.times is None:
@@ -503,7 +576,9 @@ class SimulatorApp:
             draw -= rate
         return None
 
-    def _fault_error(self, fault: str, model: str, directives: Directives, config: SimulatorConfig) -> RequestError:
+    def _fault_error(
+        self, fault: str, model: str, directives: Directives, config: SimulatorConfig, limit_headers: Headers
+    ) -> RequestError:
         if fault == "429":
             if directives.retry_after is not None:
                 seconds = float(directives.retry_after)
@@ -512,12 +587,12 @@ class SimulatorApp:
                 seconds = self.rng.uniform(config.retry_after_min, config.retry_after_max)
                 # Retry-After carries whole seconds (RFC 9110); the exact value rides in retry-after-ms.
                 header = str(math.ceil(seconds))
+            # An injected 429 advertises the model's real limits (none when it has none): a client that learns
+            # limits from headers must not learn a made-up one from a fault.
             headers = (
                 (b"retry-after", header.encode()),
                 (b"retry-after-ms", str(round(seconds * 1000)).encode()),
-                (b"x-ratelimit-limit-requests", b"500"),
-                (b"x-ratelimit-remaining-requests", b"0"),
-                (b"x-ratelimit-reset-requests", f"{seconds:g}s".encode()),
+                *limit_headers,
             )
             message = (
                 f"Rate limit reached for {model} in organization org-aiqsim on requests per min (RPM): "
@@ -566,6 +641,7 @@ class SimulatorApp:
         messages: list[dict[str, Any]],
         model: str,
         directives: Directives,
+        limit_headers: Headers,
     ) -> None:
         chars = prompt_chars(messages)
         prompt_tokens = estimate_tokens(chars)
@@ -590,7 +666,7 @@ class SimulatorApp:
         }
         completion_id = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
-        headers = ((b"x-request-id", b"req_" + secrets.token_hex(12).encode()),)
+        headers = ((b"x-request-id", b"req_" + secrets.token_hex(12).encode()), *limit_headers)
         stats = self.stats
         stats.prompt_tokens += prompt_tokens
         stats.completion_tokens += tokens * n
@@ -599,6 +675,7 @@ class SimulatorApp:
             options = body.get("stream_options") or {}
             await self._stream(
                 send,
+                headers,
                 completion_id,
                 created,
                 model,
@@ -643,6 +720,7 @@ class SimulatorApp:
     async def _stream(
         self,
         send: Send,
+        headers: Headers,
         completion_id: str,
         created: int,
         model: str,
@@ -667,7 +745,7 @@ class SimulatorApp:
                 chunk["usage"] = chunk_usage
             return b"data: " + dumps(chunk) + b"\n\n"
 
-        await send({"type": "http.response.start", "status": 200, "headers": list(SSE_HEADERS)})
+        await send({"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, *headers]})
         words = content.split(" ") if content else []
         pieces = [words[0], *(" " + word for word in words[1:])] if words else []
         events = [
@@ -771,9 +849,10 @@ class SimulatorApp:
         await send_json(send, 200, self.stats.snapshot(query_ids, include))
 
     async def reset(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """`POST /_sim/reset`: zero the stats and the `times=N` counters."""
+        """`POST /_sim/reset`: zero the stats and the `times=N` counters, refill the rate-limit buckets."""
         self.stats.reset(in_flight=self.stats.in_flight)
         self.directive_calls.clear()
+        self.limiter.refill_all()
         await send_json(send, 200, {"status": "reset"})
 
     async def get_config(self, scope: Scope, receive: Receive, send: Send) -> None:

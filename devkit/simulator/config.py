@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from devkit.simulator.limits import LimitsError, ModelLimits, parse_model_limits
+
 ENV_PREFIX = "SIM_"
 
 # Fields the chaos harness may change on a running simulator through `POST /_sim/config`.
@@ -24,6 +26,11 @@ LIVE_FIELDS: tuple[str, ...] = (
     "retry_after_max",
     "hang_seconds",
     "seed",
+    "limit_rpm",
+    "limit_tpm",
+    "limit_concurrency",
+    "limit_burst_seconds",
+    "model_limits",
 )
 LOG_LEVELS: tuple[str, ...] = ("critical", "error", "warning", "info", "debug", "trace")
 RATE_FIELDS: tuple[str, ...] = (
@@ -58,6 +65,13 @@ class SimulatorConfig:
     hang_seconds: float = 600.0
     seed: int | None = None
     log_level: str = "info"
+    # A strict provider's limits per model (each model has its own budget); 0 means unlimited.
+    limit_rpm: int = 0
+    limit_tpm: int = 0
+    limit_concurrency: int = 0
+    limit_burst_seconds: float = 60.0
+    # Per-model overrides: {"gpt-4o": {"rpm": 500, "tpm": 30000, "concurrency": 8}} (a JSON string is accepted).
+    model_limits: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,6 +100,23 @@ class SimulatorConfig:
             raise ConfigError("retry_after_min must not exceed retry_after_max")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, got {self.port}")
+        for name in ("limit_rpm", "limit_tpm", "limit_concurrency"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.limit_burst_seconds <= 60:
+            raise ConfigError(f"limit_burst_seconds must be in (0, 60], got {self.limit_burst_seconds}")
+        object.__setattr__(self, "model_limits", coerce("model_limits", self.model_limits))
+
+    def limits_for(self, model: str) -> ModelLimits:
+        """The limits that apply to `model`: its `model_limits` entry, else the `limit_*` defaults."""
+        entry = self.model_limits.get(model)
+        if entry is None:
+            return ModelLimits(self.limit_rpm, self.limit_tpm, self.limit_concurrency)
+        return ModelLimits(
+            entry.get("rpm", self.limit_rpm),
+            entry.get("tpm", self.limit_tpm),
+            entry.get("concurrency", self.limit_concurrency),
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> SimulatorConfig:
@@ -113,7 +144,7 @@ class SimulatorConfig:
         return dataclasses.replace(self, **{name: coerce(name, value) for name, value in updates.items()})
 
 
-_INT_FIELDS = frozenset({"port"})
+_INT_FIELDS = frozenset({"port", "limit_rpm", "limit_tpm", "limit_concurrency"})
 _OPTIONAL_INT_FIELDS = frozenset({"seed"})
 _STR_FIELDS = frozenset({"host", "log_level"})
 _OPTIONAL_STR_FIELDS = frozenset({"api_key"})
@@ -121,6 +152,11 @@ _OPTIONAL_STR_FIELDS = frozenset({"api_key"})
 
 def coerce(name: str, value: Any) -> Any:
     """Convert a raw value (from env, JSON or argv) to the type of the named field."""
+    if name == "model_limits":
+        try:
+            return parse_model_limits(value)
+        except LimitsError as exc:
+            raise ConfigError(str(exc)) from None
     if name in _STR_FIELDS:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string")
@@ -206,6 +242,40 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         type=int,
         default=defaults.seed,
         help="seed for reproducible random faults",
+    )
+    limits = parser.add_argument_group(
+        "strict provider limits",
+        "Per-model limits like OpenAI's, with its x-ratelimit-* headers and 429 bodies; 0 (the default) means "
+        "unlimited. Every model has its own budget.",
+    )
+    limits.add_argument(
+        "--limit-rpm",
+        type=int,
+        default=defaults.limit_rpm,
+        help="requests per minute per model (default %(default)s)",
+    )
+    limits.add_argument(
+        "--limit-tpm",
+        type=int,
+        default=defaults.limit_tpm,
+        help="tokens per minute per model, counting prompt estimate + max_tokens on arrival (default %(default)s)",
+    )
+    limits.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=defaults.limit_concurrency,
+        help="calls in flight per model; more get a 429 at once (default %(default)s)",
+    )
+    limits.add_argument(
+        "--limit-burst-seconds",
+        type=float,
+        default=defaults.limit_burst_seconds,
+        help="how many seconds of the per-minute budget can be spent at once (default %(default)s)",
+    )
+    limits.add_argument(
+        "--model-limits",
+        default=defaults.model_limits,
+        help='per-model overrides as JSON, e.g. \'{"gpt-4o": {"rpm": 500, "tpm": 30000, "concurrency": 8}}\'',
     )
     parser.add_argument(
         "--log-level",

@@ -41,7 +41,14 @@ class Query(Base):
             "ix_queries_user_usage",
             "user_id",
             "created_at",
-            postgresql_include=["model", "prompt_tokens", "completion_tokens", "total_tokens", "reserved_tokens"],
+            postgresql_include=[
+                "model",
+                "prompt_tokens",
+                "completion_tokens",
+                "total_tokens",
+                "reserved_tokens",
+                "cached",
+            ],
         ),
         # Retention purge: terminal rows by age.
         Index("ix_queries_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
@@ -66,6 +73,8 @@ class Query(Base):
     total_tokens: Mapped[int | None]
     # Tokens held against the user's budget at submit (prompt estimate + output cap); kept for usage reports.
     reserved_tokens: Mapped[int | None]
+    # Answered from the response cache at submit: no provider call, no worker, no token budget.
+    cached: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
 
     attempts: Mapped[int] = mapped_column(default=0, server_default="0")
     next_attempt_at: Mapped[datetime] = mapped_column(server_default=func.now())

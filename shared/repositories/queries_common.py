@@ -29,6 +29,7 @@ PUBLIC_COLUMNS = (
     Query.prompt_tokens,
     Query.completion_tokens,
     Query.total_tokens,
+    Query.cached,
     Query.attempts,
     Query.cancel_requested_at,
     Query.created_at,

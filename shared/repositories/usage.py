@@ -22,6 +22,7 @@ def usage_statement(user_id: uuid.UUID, start: datetime, end: datetime, group_by
             func.coalesce(func.sum(Query.prompt_tokens), 0).label("prompt_tokens"),
             func.coalesce(func.sum(Query.completion_tokens), 0).label("completion_tokens"),
             func.coalesce(func.sum(Query.total_tokens), 0).label("total_tokens"),
+            func.coalesce(func.sum(Query.total_tokens).filter(Query.cached), 0).label("cached_tokens"),
             func.coalesce(func.sum(Query.reserved_tokens), 0).label("reserved_tokens"),
         )
         .where(Query.user_id == user_id, Query.created_at >= start, Query.created_at < end)

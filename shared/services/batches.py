@@ -161,6 +161,13 @@ class _BadLine(Exception):
         self.code, self.message = code, message
 
 
+def _as_batch_work(request: QueryCreate) -> QueryCreate:
+    """Batch lines run at batch priority where submissions carry one (flow control's `priority`)."""
+    if "priority" in QueryCreate.model_fields:
+        return request.model_copy(update={"priority": "batch"})
+    return request
+
+
 def _line_request(raw: bytes | None, endpoint: str, max_line_bytes: int) -> tuple[str | None, QueryCreate | _BadLine]:
     """A line's `custom_id` and its query, or why the line is refused."""
     if raw is None:
@@ -187,11 +194,11 @@ def _line_request(raw: bytes | None, endpoint: str, max_line_bytes: int) -> tupl
             chat = ChatCompletionCreate.model_validate(body)
             if chat.stream:
                 return custom_id, _BadLine("invalid_body", "stream is not supported in a batch")
-            return custom_id, responses_service.query_from_chat(chat)
+            return custom_id, _as_batch_work(responses_service.query_from_chat(chat))
         response = ResponseCreate.model_validate({k: v for k, v in body.items() if k != "background"})
         if response.stream:
             return custom_id, _BadLine("invalid_body", "stream is not supported in a batch")
-        return custom_id, responses_service.query_from_response(response)
+        return custom_id, _as_batch_work(responses_service.query_from_response(response))
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.cache import CachedAnswer, ResponseCache
 from shared.config import Settings
 from shared.errors import AppError, Conflict, InvalidInput, NotFound
 from shared.limits import Limiter, estimate_tokens
@@ -92,8 +93,52 @@ def _new_query(settings: Settings, user_id: uuid.UUID, body: QueryCreate) -> tup
         "created_at": now,
         "updated_at": now,
         "next_attempt_at": now,
+        "response": None,
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "total_tokens": None,
+        "cached": False,
+        "started_at": None,
+        "finished_at": None,
     }
     return accepted, row
+
+
+def _answered_from_cache(accepted: QueryAccepted, row: dict[str, Any], answer: CachedAnswer) -> QueryAccepted:
+    """Make the new row a completed query with the cached answer and usage; nothing is reserved for it."""
+    row.update(
+        status=QueryStatus.COMPLETED.value,
+        response=answer.response,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        total_tokens=answer.total_tokens,
+        cached=True,
+        reserved_tokens=0,
+        started_at=row["created_at"],
+        finished_at=row["created_at"],
+    )
+    return accepted.model_copy(update={"status": QueryStatus.COMPLETED, "cached": True})
+
+
+async def _take_limits_or_answer(
+    db: asyncpg.Pool | asyncpg.Connection,
+    settings: Settings,
+    limiter: Limiter,
+    cache: ResponseCache,
+    user_id: uuid.UUID,
+    body: QueryCreate,
+    accepted: QueryAccepted,
+    row: dict[str, Any],
+) -> tuple[QueryAccepted, dict[str, str], str | None]:
+    """A cache hit takes only the per-minute limit and completes the row at once; anything else takes every
+    limit. Returns the 202 body, the `RateLimit` headers and, for a cache-enabled miss, the answer's key."""
+    key = cache.answer_key(user_id, row) if cache.wanted(body.cache) else None
+    answer = await cache.lookup(key) if key is not None else None
+    if answer is None:
+        return accepted, await _take_limits(db, settings, limiter, user_id, body, row), key
+    # A hit costs no provider call: it is not charged to the token budget and holds no pending slot.
+    headers = await limiter.take_request(user_id, await effective_limits(db, settings, user_id))
+    return _answered_from_cache(accepted, row, answer), headers, None
 
 
 async def _take_limits(
@@ -116,20 +161,30 @@ async def _give_back(limiter: Limiter, query_id: uuid.UUID) -> None:
 
 
 async def submit_query(
-    pool: asyncpg.Pool, settings: Settings, limiter: Limiter, user_id: uuid.UUID, body: QueryCreate
+    pool: asyncpg.Pool,
+    settings: Settings,
+    limiter: Limiter,
+    cache: ResponseCache,
+    user_id: uuid.UUID,
+    body: QueryCreate,
 ) -> tuple[QueryAccepted, dict[str, str]]:
-    """Take the user's limits, then store a pending query in one autocommitted INSERT; the caller enqueues it.
+    """Take the user's limits, then store a pending query in one autocommitted INSERT; the caller enqueues it
+    unless the response cache answered it (then the row is stored completed).
 
     Returns the 202 body and the `RateLimit` headers. A refusal stores nothing.
     """
     accepted, row = _new_query(settings, user_id, body)
-    headers = await _take_limits(pool, settings, limiter, user_id, body, row)
+    accepted, headers, cache_key = await _take_limits_or_answer(
+        pool, settings, limiter, cache, user_id, body, accepted, row
+    )
     try:
         async with pool.acquire() as conn:
             await queries_asyncpg.insert(conn, **row)
     except BaseException:
         await _give_back(limiter, accepted.query_id)
         raise
+    if cache_key is not None:
+        await cache.expect(accepted.query_id, cache_key)
     return accepted, headers
 
 
@@ -167,7 +222,13 @@ def request_fingerprint(body: QueryCreate) -> str:
 
 
 async def submit_query_once(
-    pool: asyncpg.Pool, settings: Settings, limiter: Limiter, user_id: uuid.UUID, body: QueryCreate, key: str
+    pool: asyncpg.Pool,
+    settings: Settings,
+    limiter: Limiter,
+    cache: ResponseCache,
+    user_id: uuid.UUID,
+    body: QueryCreate,
+    key: str,
 ) -> tuple[QueryAccepted, bool, dict[str, str]]:
     """Submit under an `Idempotency-Key` in one transaction; returns the response, whether it is a replay and
     the `RateLimit` headers (none for a replay, which takes no limits).
@@ -181,7 +242,7 @@ async def submit_query_once(
     taken: list[uuid.UUID] = []
     try:
         async with pool.acquire() as conn, conn.transaction():
-            return await _submit_under_key(conn, settings, limiter, user_id, body, key, taken)
+            return await _submit_under_key(conn, settings, limiter, cache, user_id, body, key, taken)
     except BaseException:
         # Limits were taken but the transaction (and its row) did not commit.
         for query_id in taken:
@@ -193,6 +254,7 @@ async def _submit_under_key(
     conn: asyncpg.Connection,
     settings: Settings,
     limiter: Limiter,
+    cache: ResponseCache,
     user_id: uuid.UUID,
     body: QueryCreate,
     key: str,
@@ -209,9 +271,14 @@ async def _submit_under_key(
             )
         return QueryAccepted.model_validate(existing["response"]), True, {}
     accepted, row = _new_query(settings, user_id, body)
-    headers = await _take_limits(conn, settings, limiter, user_id, body, row)
+    accepted, headers, cache_key = await _take_limits_or_answer(
+        conn, settings, limiter, cache, user_id, body, accepted, row
+    )
     taken.append(accepted.query_id)
     await queries_asyncpg.insert(conn, **row)
+    if cache_key is not None:
+        # Before the commit is harmless: an intent whose row never commits lapses unused.
+        await cache.expect(accepted.query_id, cache_key)
     await queries_asyncpg.save_idempotency_key(
         conn,
         user_id=user_id,
@@ -305,6 +372,7 @@ def to_out(query: RowLike) -> QueryOut:
         response=query["response"],
         error=QueryError(code=code, message=query["error_message"] or "") if code else None,
         # An object of nulls says nothing: usage is null until (and unless) the model reported it.
+        cached=query["cached"],
         usage=Usage(
             prompt_tokens=query["prompt_tokens"],
             completion_tokens=query["completion_tokens"],

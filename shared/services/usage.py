@@ -56,6 +56,7 @@ async def usage_report(
         prompt_tokens=sum(i.prompt_tokens for i in items),
         completion_tokens=sum(i.completion_tokens for i in items),
         total_tokens=sum(i.total_tokens for i in items),
+        cached_tokens=sum(i.cached_tokens for i in items),
         reserved_tokens=sum(i.reserved_tokens for i in items),
     )
     return UsageReport(user_id=user_id, start=start, end=end, group_by=group_by, items=items, totals=totals)

@@ -1,0 +1,143 @@
+"""The opt-in response cache: an identical request (model, system, query, temperature, max_tokens) is answered
+from Redis at submit, without a provider call, a worker or the token budget.
+
+Best effort by design: Redis unreachable or a wiped cache means a miss, never an error. The API decides
+everything at submit (whether a query uses the cache, its scope, the TTL); the worker only carries out the
+intent the API left for a cache-enabled miss. Prompt text never reaches a log or a key name: keys carry a
+SHA-256 of the request's canonical JSON. Two identical requests that miss at the same moment both call the
+provider (no single-flight); the later answer overwrites the earlier.
+
+Keys, under `aiq:{QUEUE_NAME}:cache:`:
+- `global:{sha256}` or `user:{user id}:{sha256}`: a cached answer (JSON of the text and the usage), for
+  RESPONSE_CACHE_TTL_SECONDS.
+- `intent:{query id}`: set for a cache-enabled miss: `{ttl}|{answer key}`; the worker that completes the
+  query stores the answer there and deletes the intent (it lapses after `INTENT_TTL_SECONDS` otherwise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+import weakref
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared.config import CacheScope, Settings
+from shared.metrics import RESPONSE_CACHE_LOOKUPS
+
+log = logging.getLogger(__name__)
+
+# How long a cache-enabled query may take to complete and still fill the cache.
+INTENT_TTL_SECONDS = 24 * 3600
+
+# KEYS[1]: the intent. ARGV[1]: the answer's JSON. Stores it under the key the intent names; 1 if stored.
+_STORE = """
+local intent = redis.call('GET', KEYS[1])
+if not intent then return 0 end
+redis.call('DEL', KEYS[1])
+local sep = string.find(intent, '|', 1, true)
+redis.call('SET', string.sub(intent, sep + 1), ARGV[1], 'EX', tonumber(string.sub(intent, 1, sep - 1)))
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    """What a hit copies into the new row."""
+
+    response: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+
+
+def request_digest(
+    model: str, system: str | None, prompt: str, temperature: float | None, max_tokens: int | None
+) -> str:
+    """SHA-256 of the canonical JSON of what makes two requests identical."""
+    canonical = json.dumps(
+        {"model": model, "system": system, "prompt": prompt, "temperature": temperature, "max_tokens": max_tokens},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ResponseCache:
+    """The cache on one Redis client (see `response_cache_for`)."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._settings = settings
+        self._prefix = f"aiq:{settings.queue_name}:cache:"
+        self._store = redis.register_script(_STORE)
+
+    def wanted(self, requested: bool | None) -> bool:
+        """A query's `cache` field, or the server's default when it sets none."""
+        return self._settings.response_cache_default if requested is None else requested
+
+    def answer_key(self, user_id: uuid.UUID, row: dict[str, Any]) -> str:
+        """Where the answer to this request lives, in the configured scope."""
+        digest = request_digest(row["model"], row["system"], row["prompt"], row["temperature"], row["max_tokens"])
+        if self._settings.response_cache_scope is CacheScope.GLOBAL:
+            return f"{self._prefix}global:{digest}"
+        return f"{self._prefix}user:{user_id}:{digest}"
+
+    async def lookup(self, key: str) -> CachedAnswer | None:
+        """The cached answer, or None for a miss (Redis unreachable and unreadable entries are misses)."""
+        try:
+            raw = await self._redis.get(key)
+        except RedisError as exc:
+            log.warning("response cache unavailable: treated as a miss", extra={"error": type(exc).__name__})
+            raw = None
+        answer = _parse(raw) if raw is not None else None
+        RESPONSE_CACHE_LOOKUPS.labels(result="hit" if answer is not None else "miss").inc()
+        return answer
+
+    async def expect(self, query_id: uuid.UUID, key: str) -> None:
+        """Leave the intent for the worker: when this query completes, cache its answer under `key`."""
+        intent = f"{self._settings.response_cache_ttl_seconds}|{key}"
+        try:
+            await self._redis.set(f"{self._prefix}intent:{query_id}", intent, ex=INTENT_TTL_SECONDS)
+        except RedisError as exc:
+            log.warning("response cache unavailable: answer will not be cached", extra={"error": type(exc).__name__})
+
+    async def store(self, query_id: uuid.UUID, answer: CachedAnswer) -> bool:
+        """After a completion write: cache the answer if its query asked for it; True if stored."""
+        try:
+            stored = await self._store(keys=[f"{self._prefix}intent:{query_id}"], args=[json.dumps(asdict(answer))])
+        except RedisError as exc:
+            log.warning("response cache unavailable: answer not cached", extra={"error": type(exc).__name__})
+            return False
+        return bool(stored)
+
+
+def _parse(raw: bytes | str) -> CachedAnswer | None:
+    try:
+        data = json.loads(raw)
+        return CachedAnswer(
+            response=str(data["response"]),
+            prompt_tokens=data["prompt_tokens"],
+            completion_tokens=data["completion_tokens"],
+            total_tokens=data["total_tokens"],
+        )
+    except (ValueError, TypeError, KeyError):
+        log.warning("unreadable response cache entry: treated as a miss")
+        return None
+
+
+_caches: weakref.WeakKeyDictionary[aioredis.Redis, ResponseCache] = weakref.WeakKeyDictionary()
+
+
+def response_cache_for(redis: aioredis.Redis, settings: Settings) -> ResponseCache:
+    """The process's cache on this Redis client: its script is registered once, not per request."""
+    cache = _caches.get(redis)
+    if cache is None:
+        cache = _caches[redis] = ResponseCache(redis, settings)
+    return cache
