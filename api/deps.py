@@ -32,12 +32,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.config import Settings
 from shared.errors import Forbidden, Unauthorized
+from shared.events import EventLog
 from shared.metrics import QueueStats
 from shared.models import Role
 from shared.queue import Publisher
 from shared.repositories import users as users_repo
 from shared.services import credentials
 from shared.services.credentials import READ_SCOPE, WRITE_SCOPE, Principal
+from shared.wakeup import Wakeup
 
 # auto_error=False: a missing token must come out as our JSON 401, not FastAPI's default body.
 oauth2_scheme = OAuth2PasswordBearer(
@@ -96,6 +98,17 @@ async def app_queue_stats(request: Request) -> QueueStats:
     return stats
 
 
+async def app_event_log(request: Request) -> EventLog:
+    log: EventLog = request.app.state.event_log
+    return log
+
+
+async def app_wakeup(request: Request) -> Wakeup:
+    """The process's one wake-up subscriber (SSE streams and long-polls wait on it)."""
+    wakeup: Wakeup = request.app.state.wakeup
+    return wakeup
+
+
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 PoolDep = Annotated[asyncpg.Pool, Depends(app_raw_pool)]
 ConnectionDep = Annotated[asyncpg.Connection, Depends(pool_connection, scope="function")]
@@ -104,6 +117,8 @@ AutocommitSessionDep = Annotated[AsyncSession, Depends(autocommit_session, scope
 PublisherDep = Annotated[Publisher, Depends(app_publisher)]
 RedisDep = Annotated[aioredis.Redis, Depends(app_redis)]
 QueueStatsDep = Annotated[QueueStats, Depends(app_queue_stats)]
+EventLogDep = Annotated[EventLog, Depends(app_event_log)]
+WakeupDep = Annotated[Wakeup, Depends(app_wakeup)]
 
 
 async def current_principal(

@@ -15,12 +15,14 @@ from api.errors import install_error_handlers
 from api.metrics_server import MetricsServer
 from api.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
 from api.openapi import install_openapi
-from api.routes import admin, auth, health, keys, limits, queries, usage
+from api.routes import admin, auth, events, health, keys, limits, queries, usage
 from shared.config import Settings, get_settings
 from shared.db import make_engine, make_raw_pool, make_sessionmaker
+from shared.events import EventLog
 from shared.logging import configure_logging
 from shared.metrics import QueueStats, register_queue_collector, unregister_collector
 from shared.queue import Publisher
+from shared.wakeup import Wakeup
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -36,6 +38,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.raw_pool = await make_raw_pool(settings, "aiq-api")
         app.state.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         app.state.publisher = Publisher(settings)
+        app.state.event_log = EventLog(app.state.redis, settings)
+        # ONE subscriber per process wakes every waiting SSE stream and long-poll (shared/wakeup.py).
+        wakeup = app.state.wakeup = Wakeup(settings)
+        wakeup.start()
         stats = app.state.queue_stats = QueueStats()
         collector = register_queue_collector(
             lambda: stats.depth, lambda: stats.oldest_pending_age, lambda: stats.counts, queue=settings.queue_name
@@ -50,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if metrics_server is not None:
                 await metrics_server.stop()
             unregister_collector(collector)
+            await wakeup.stop()
             await app.state.publisher.aclose()
             await app.state.raw_pool.close()
             await app.state.redis.aclose()
@@ -69,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1 = APIRouter(prefix="/api/v1")
     v1.include_router(auth.router)
     v1.include_router(queries.router)
+    v1.include_router(events.router)
     v1.include_router(keys.router)
     v1.include_router(admin.router)
     v1.include_router(usage.router)

@@ -110,6 +110,16 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = []
     # Terminal queries finished longer ago than this are deleted by the workers; 0 keeps them forever.
     retention_days: int = Field(default=0, ge=0)
+    # Streams (issue 12): the per-query event log behind `GET /api/v1/query/{id}/events`. Its TTL is refreshed
+    # by every append; past it, a finished query's stream replays the row. Deltas are coalesced to one append
+    # per EVENT_FLUSH_MS. A waiting stream or long-poll re-reads at least every WAKEUP_FALLBACK_SECONDS while
+    # the API's wake-up subscriber is disconnected. LLM_STREAM=false for a provider that cannot stream.
+    event_log_ttl_seconds: int = Field(default=3600, ge=10)
+    event_flush_ms: float = Field(default=20.0, ge=0)
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0)
+    max_streams_per_user: int = Field(default=20, ge=0)
+    wakeup_fallback_seconds: float = Field(default=5.0, gt=0, le=30)
+    llm_stream: bool = True
 
     # The OpenAI-compatible door (issue 13). A foreground `POST /v1/responses` or `/v1/chat/completions`
     # waits at most this long for its query (the SDK's default client timeout is 600 s), then answers 504.

@@ -154,6 +154,25 @@ return math.max(1, math.ceil(retry))
 )
 
 
+# KEYS[1]: the user's open streams (ZSET of slot ids scored by lease expiry, ms). ARGV: cap, lease_ms, slot,
+# take (1: take a slot within the cap, 0: renew one held). Returns the wait in ms (0: taken or renewed).
+# Leases lapse on their own, so an API process that dies with streams open leaks no slot for long.
+_STREAM_SLOT = (
+    _LUA_PRELUDE
+    + """
+local cap, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if ARGV[4] == '1' and redis.call('ZCARD', KEYS[1]) >= cap then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return math.max(1000, tonumber(first[2]) - now)
+end
+redis.call('ZADD', KEYS[1], now + lease, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], lease)
+return 0
+"""
+)
+
+
 class LimitExceeded(AppError):
     """429 for any limit or throttle; the code names it, the headers say when to come back."""
 
@@ -242,6 +261,7 @@ class Limiter:
 
     def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
         self._settings = settings
+        self._redis = redis
         self._prefix = f"aiq:{settings.queue_name}:lim:"
         self._submit = redis.register_script(_SUBMIT)
         self._settle = redis.register_script(_SETTLE)
@@ -249,6 +269,7 @@ class Limiter:
         self._login_success = redis.register_script(_LOGIN_SUCCESS)
         self._rate = redis.register_script(_RATE)
         self._request = redis.register_script(_REQUEST)
+        self._stream_slot = redis.register_script(_STREAM_SLOT)
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -351,6 +372,39 @@ class Limiter:
         wait = int(await self._run(self._rate, [f"{self._prefix}reg:{address}"], [limit, 3600]))
         if wait:
             raise LimitExceeded("register_throttled", "Too many registrations from this address", wait)
+
+    def _streams_key(self, user_id: uuid.UUID) -> str:
+        return f"{self._prefix}streams:{user_id}"
+
+    async def take_stream(self, user_id: uuid.UUID, slot: str, lease_seconds: float) -> None:
+        """One of the user's MAX_STREAMS_PER_USER open event streams, leased; `LimitExceeded` over the cap."""
+        cap = self._settings.max_streams_per_user
+        if not cap:
+            return
+        lease_ms = math.ceil(lease_seconds * 1000)
+        wait = int(await self._run(self._stream_slot, [self._streams_key(user_id)], [cap, lease_ms, slot, 1]))
+        if wait:
+            raise LimitExceeded("too_many_streams", f"At most {cap} event streams may be open at once", wait)
+
+    async def renew_stream(self, user_id: uuid.UUID, slot: str, lease_seconds: float) -> None:
+        """Extend a held stream slot's lease (a failure is logged: the slot then lapses, the stream goes on)."""
+        if not self._settings.max_streams_per_user:
+            return
+        try:
+            await self._stream_slot(
+                keys=[self._streams_key(user_id)], args=[0, math.ceil(lease_seconds * 1000), slot, 0]
+            )
+        except RedisError as exc:
+            log.warning("stream slot not renewed", extra={"error": type(exc).__name__})
+
+    async def release_stream(self, user_id: uuid.UUID, slot: str) -> None:
+        """Give a stream slot back (quietly: an unreleased slot lapses with its lease)."""
+        if not self._settings.max_streams_per_user:
+            return
+        try:
+            await self._redis.zrem(self._streams_key(user_id), slot)
+        except RedisError as exc:
+            log.warning("stream slot not released", extra={"error": type(exc).__name__})
 
 
 def client_address(peer: str | None, forwarded_for: str | None, trusted: list[str]) -> str:

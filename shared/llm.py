@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import email.utils
+import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import httpx2
 import openai
 from openai import AsyncOpenAI, DefaultAioHttpClient
+from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionMessageParam
 
 from shared.config import Settings
 
+log = logging.getLogger(__name__)
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
 
@@ -45,6 +49,8 @@ class Completion:
     completion_tokens: int | None
     total_tokens: int | None
     latency_ms: int
+    # Streamed calls: from the start of the call to its first content delta.
+    first_token_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,22 +73,40 @@ async def complete(
     temperature: float | None,
     max_tokens: int | None,
     headers: dict[str, str],
+    on_delta: Callable[[str], None] | None = None,
+    stream: bool = True,
 ) -> Completion:
-    """One chat completion; raises the SDK's exceptions for `classify` to read."""
+    """One chat completion, streamed (each content piece goes to `on_delta` as it arrives) unless `stream` is
+    off; raises the SDK's exceptions for `classify` to read.
+
+    A provider that refuses to stream is asked again without streaming; a call that did not stream hands its
+    whole answer to `on_delta` as one piece.
+    """
     messages: list[ChatCompletionMessageParam] = []
     if system:
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": prompt})
     started = time.perf_counter()
-    result = await client.chat.completions.create(
+    if stream:
+        try:
+            return await _streamed(client, model, messages, temperature, max_tokens, headers, on_delta, started)
+        except openai.BadRequestError as exc:
+            if "stream" not in str(exc.message).lower():
+                raise
+            log.warning("provider refused to stream; calling without streaming", extra={"model": model})
+    # The raw response keeps the headers within reach (rate-limit headers).
+    raw = await client.chat.completions.with_raw_response.create(
         model=model,
         messages=messages,
         temperature=openai.omit if temperature is None else temperature,
         max_tokens=openai.omit if max_tokens is None else max_tokens,
         extra_headers=headers,
     )
+    result = raw.parse()
     latency_ms = round((time.perf_counter() - started) * 1000)
     text = result.choices[0].message.content or "" if result.choices else ""
+    if text and on_delta is not None:
+        on_delta(text)
     usage = result.usage
     return Completion(
         text=text,
@@ -90,6 +114,53 @@ async def complete(
         completion_tokens=usage.completion_tokens if usage else None,
         total_tokens=usage.total_tokens if usage else None,
         latency_ms=latency_ms,
+    )
+
+
+async def _streamed(
+    client: AsyncOpenAI,
+    model: str,
+    messages: list[ChatCompletionMessageParam],
+    temperature: float | None,
+    max_tokens: int | None,
+    headers: dict[str, str],
+    on_delta: Callable[[str], None] | None,
+    started: float,
+) -> Completion:
+    raw = await client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=messages,
+        temperature=openai.omit if temperature is None else temperature,
+        max_tokens=openai.omit if max_tokens is None else max_tokens,
+        extra_headers=headers,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = raw.parse()
+    parts: list[str] = []
+    usage: CompletionUsage | None = None
+    first_token_ms: int | None = None
+    try:
+        async for chunk in chunks:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                piece = choice.delta.content if choice.index == 0 else None
+                if piece:
+                    if first_token_ms is None:
+                        first_token_ms = round((time.perf_counter() - started) * 1000)
+                    parts.append(piece)
+                    if on_delta is not None:
+                        on_delta(piece)
+    finally:
+        await chunks.close()
+    return Completion(
+        text="".join(parts),
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None,
+        total_tokens=usage.total_tokens if usage else None,
+        latency_ms=round((time.perf_counter() - started) * 1000),
+        first_token_ms=first_token_ms,
     )
 
 

@@ -114,6 +114,27 @@ LLM_CALLS_IN_FLIGHT = Gauge(
     multiprocess_mode="livesum",
 )
 
+# Streams (issue 12): open SSE streams on the API, events appended to query logs (worker and API), and the
+# time from the start of an upstream call to its first streamed token.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+SSE_STREAMS_OPEN = Gauge(
+    "aiq_sse_streams_open",
+    "Server-Sent Event streams of query events currently open on the API.",
+    multiprocess_mode="livesum",
+)
+EVENTS_PUBLISHED = Counter(
+    "aiq_events_published_total",
+    "Events appended to query event logs, by type (queued|started|delta|attempt_restarted|retry_scheduled|"
+    "completed|failed|cancelled).",
+    ["type"],
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "aiq_time_to_first_token_seconds",
+    "Time from the start of a streamed upstream call to its first content delta.",
+    ["model"],
+    buckets=TTFT_BUCKETS,
+)
+
 QUEUE_DEPTH = "aiq_queue_depth"
 OLDEST_PENDING_AGE = "aiq_oldest_pending_age_seconds"
 QUERIES_BY_STATUS = "aiq_queries"

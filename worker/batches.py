@@ -14,7 +14,7 @@ SWEEP_BATCHES = 100
 
 async def advance(rt: WorkerRuntime, batch_id: uuid.UUID) -> float | None:
     """One step of the batch; seconds until the next one, or None when it ended or another worker holds it."""
-    return await service.advance(rt.raw_pool, rt.settings, rt.limiter, rt.publisher, batch_id)
+    return await service.advance(rt.raw_pool, rt.settings, rt.limiter, rt.publisher, rt.events, batch_id)
 
 
 async def sweep(rt: WorkerRuntime) -> int:

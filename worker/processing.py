@@ -25,6 +25,7 @@ from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.repositories import queries_asyncpg as repo
 from shared.repositories.queries_asyncpg import Claim
 from worker.runtime import StopReason, WorkerRuntime
+from worker.streaming import DeltaSink, tell_end
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,6 +115,7 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
         log.info("delivery skipped: query is not claimable")
         return Outcome(OutcomeKind.SKIPPED)
 
+    sink = DeltaSink(rt.events, claim, rt.settings.event_flush_ms / 1000)
     call = asyncio.ensure_future(
         llm.complete(
             rt.llm,
@@ -123,23 +125,32 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
             temperature=claim.temperature,
             max_tokens=claim.max_tokens,
             headers={"X-AIQ-Query-Id": str(claim.query_id), "X-AIQ-Attempt": str(claim.attempt)},
+            on_delta=sink.push,
+            stream=rt.settings.llm_stream,
         )
     )
     entry = rt.track(claim, call)
     LLM_CALLS_IN_FLIGHT.inc()
+    stopped: StopReason | None = None
+    failure: llm.UpstreamFailure | None = None
     try:
         result = await call
     except asyncio.CancelledError:
         if entry.stop_reason is None:
             raise
-        return await _handle_stop(rt, claim, entry.stop_reason)
+        stopped = entry.stop_reason
     except Exception as exc:  # noqa: BLE001 - every upstream error is classified, none escapes unrecorded
         failure = llm.classify(exc)
         LLM_ERRORS.labels(model=claim.model, type=failure.kind).inc()
-        return await _handle_failure(rt, claim, failure)
     finally:
         LLM_CALLS_IN_FLIGHT.dec()
         rt.untrack(claim)
+        # Every delta this attempt received is in the log before the event that ends it.
+        await sink.close()
+    if stopped is not None:
+        return await _handle_stop(rt, claim, stopped)
+    if failure is not None:
+        return await _handle_failure(rt, claim, failure)
 
     LLM_REQUEST_DURATION.labels(model=claim.model).observe(result.latency_ms / 1000)
     LLM_TOKENS.labels(model=claim.model, kind="prompt").inc(result.prompt_tokens or 0)
@@ -160,6 +171,12 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
     if written is QueryStatus.COMPLETED:
         answer = CachedAnswer(result.text, result.prompt_tokens, result.completion_tokens, result.total_tokens)
         await response_cache_for(rt.redis, rt.settings).store(claim.query_id, answer)
+    usage = {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.total_tokens,
+    }
+    await tell_end(rt.events, claim.query_id, written, claim.attempt, usage=usage)
     if written is None:
         log.warning("completion discarded: attempt no longer owns the query", extra={"attempt": claim.attempt})
         return Outcome(OutcomeKind.LOST)
@@ -172,6 +189,7 @@ async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: StopReason) -> O
     if reason is StopReason.CANCEL:
         written = await _run_autocommitted(rt, lambda conn: repo.cancel_attempt(conn, claim))
         await _settle_if_ended(rt, claim, written)
+        await tell_end(rt.events, claim.query_id, written, claim.attempt)
         log.info("call stopped: query cancelled", extra=extra)
         return _outcome(written, OutcomeKind.CANCELLED, attempt=claim.attempt)
     if reason is StopReason.SHUTDOWN:
@@ -195,6 +213,15 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
             ),
         )
         await _settle_if_ended(rt, claim, written)
+        await tell_end(
+            rt.events,
+            claim.query_id,
+            written,
+            claim.attempt,
+            code=failure.code,
+            delay_s=delay,
+            retry_after_s=failure.retry_after,
+        )
         TASK_RETRIES.labels(reason=failure.kind).inc()
         log.warning("transient upstream error; retry scheduled", extra={**extra, "delay_s": round(delay, 2)})
         return _outcome(written, OutcomeKind.RETRIED, retry_in=delay, attempt=claim.attempt, error_code=failure.code)
@@ -206,5 +233,6 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
         code, message = failure.code, failure.message
     written = await _run_autocommitted(rt, lambda conn: repo.fail_attempt(conn, claim, code=code, message=message))
     await _settle_if_ended(rt, claim, written)
+    await tell_end(rt.events, claim.query_id, written, claim.attempt, code=code, message=message)
     log.warning("query failed", extra=extra)
     return _outcome(written, OutcomeKind.FAILED, attempt=claim.attempt, error_code=code)

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.config import Settings
 from shared.db import make_engine, make_raw_pool, make_sessionmaker
+from shared.events import EventLog
 from shared.limits import Limiter
 from shared.llm import make_client
 from shared.queue import Publisher
@@ -75,6 +76,7 @@ class WorkerRuntime:
         self.llm: AsyncOpenAI
         self.redis: aioredis.Redis
         self.limiter: Limiter
+        self.events: EventLog
         self.run(self._open())
 
     async def _open(self) -> None:
@@ -86,6 +88,8 @@ class WorkerRuntime:
         # Settling a finished query's token reservation (shared/limits.py).
         self.redis = aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.limiter = Limiter(self.redis, self.settings)
+        # Each query's event log (streams, wake-ups): appended to from every step of an attempt.
+        self.events = EventLog(self.redis, self.settings)
         self._background.extend(asyncio.create_task(loop(self)) for loop in self._loops)
 
     async def _close(self) -> None:

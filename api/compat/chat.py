@@ -1,20 +1,23 @@
-"""`POST /v1/chat/completions` through the queue: the request waits for its query, then answers."""
+"""`POST /v1/chat/completions` through the queue: the request waits for its query (or streams it)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
 
-from api.compat.submit import refuse_stream, submit, wait
-from api.deps import CurrentUserId, PoolDep, PublisherDep, RedisDep, SettingsDep
+from api.compat.streaming import StreamContextDep
+from api.compat.submit import submit, wait
+from api.deps import CurrentUserId, EventLogDep, PoolDep, PublisherDep, RedisDep, SettingsDep, WakeupDep
 from shared.schemas_openai import ChatCompletionCreate
+from shared.services import queries as queries_service
 from shared.services import responses as service
 
 router = APIRouter()
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=None)
 async def create_chat_completion(
     body: ChatCompletionCreate,
     request: Request,
@@ -24,12 +27,21 @@ async def create_chat_completion(
     pool: PoolDep,
     publisher: PublisherDep,
     redis: RedisDep,
-) -> dict[str, Any]:
-    """Enqueue the conversation as a query and answer in `chat.completion` form when it is done.
+    events: EventLogDep,
+    wakeup: WakeupDep,
+    streams: StreamContextDep,
+) -> dict[str, Any] | StreamingResponse:
+    """Enqueue the conversation as a query and answer in `chat.completion` form when it is done (or stream it
+    as `chat.completion.chunk`s).
 
     The client must wait as long as the queue takes (COMPAT_WAIT_SECONDS at most, then a 504 that names the
     response id to retrieve it by): keep the SDK's `timeout` above it.
     """
-    refuse_stream(body.stream)
-    accepted = await submit(pool, settings, redis, publisher, user_id, service.query_from_chat(body), response)
-    return service.chat_completion_object(await wait(request, pool, settings, user_id, accepted.query_id))
+    query = service.query_from_chat(body)
+    accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
+    if body.stream:
+        current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        translator = service.ChatChunks(current, include_usage=include_usage)
+        return await streams.open(request, accepted.query_id, translator, chat=True)
+    return service.chat_completion_object(await wait(request, pool, settings, wakeup, user_id, accepted.query_id))

@@ -1,13 +1,15 @@
-"""`/v1/responses`: background and foreground Responses over the query queue."""
+"""`/v1/responses`: background, foreground and streamed Responses over the query queue."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
-from api.compat.submit import refuse_stream, submit, wait
-from api.deps import ConnectionDep, CurrentUserId, PoolDep, PublisherDep, RedisDep, SettingsDep
+from api.compat.streaming import StreamContextDep
+from api.compat.submit import submit, wait
+from api.deps import ConnectionDep, CurrentUserId, EventLogDep, PoolDep, PublisherDep, RedisDep, SettingsDep, WakeupDep
 from shared.errors import Conflict
 from shared.limits import limiter_for
 from shared.schemas_openai import ResponseCreate
@@ -19,7 +21,7 @@ router = APIRouter()
 CANCEL_WAIT_SECONDS = 5.0
 
 
-@router.post("/responses")
+@router.post("/responses", response_model=None)
 async def create_response(
     body: ResponseCreate,
     request: Request,
@@ -29,45 +31,80 @@ async def create_response(
     pool: PoolDep,
     publisher: PublisherDep,
     redis: RedisDep,
-) -> dict[str, Any]:
-    """`background: true` answers `queued` at once; otherwise the answer, once the queue has it."""
-    refuse_stream(body.stream)
-    accepted = await submit(pool, settings, redis, publisher, user_id, service.query_from_response(body), response)
-    if body.background:
-        query = await queries_service.wait_for_query(pool, user_id, accepted.query_id)
+    events: EventLogDep,
+    wakeup: WakeupDep,
+    streams: StreamContextDep,
+) -> dict[str, Any] | StreamingResponse:
+    """`background: true` answers `queued` at once; `stream: true` streams its events; otherwise the call
+    waits for the answer."""
+    query = service.query_from_response(body)
+    accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
+    background = bool(body.background)
+    if body.stream:
+        current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
+        translator = service.ResponseEvents(current, background=background)
+        return await streams.open(request, accepted.query_id, translator, chat=False)
+    if background:
+        out = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
     else:
-        query = await wait(request, pool, settings, user_id, accepted.query_id)
-    return service.response_object(query, background=bool(body.background))
+        out = await wait(request, pool, settings, wakeup, user_id, accepted.query_id)
+    return service.response_object(out, background=background)
 
 
-@router.get("/responses/{response_id}")
-async def get_response(response_id: str, user_id: CurrentUserId, conn: ConnectionDep) -> dict[str, Any]:
-    """The response as it stands; another user's is a 404 like a missing one."""
+@router.get("/responses/{response_id}", response_model=None)
+async def get_response(
+    response_id: str,
+    request: Request,
+    user_id: CurrentUserId,
+    conn: ConnectionDep,
+    streams: StreamContextDep,
+    stream: bool = False,
+    starting_after: Annotated[int, Query(ge=-1, le=10**15)] = -1,
+) -> dict[str, Any] | StreamingResponse:
+    """The response as it stands; with `stream=true` its events (from the start, or after `starting_after`).
+    Another user's is a 404 like a missing one."""
     query_id = service.parse_id(response_id, service.RESPONSE_PREFIX, "response")
-    return service.response_object(await queries_service.get_query(conn, user_id, query_id))
+    current = await queries_service.get_query(conn, user_id, query_id)
+    if not stream:
+        return service.response_object(current)
+    translator = service.ResponseEvents(current)
+    return await streams.open(request, query_id, translator, starting_after=starting_after, chat=False)
 
 
 @router.post("/responses/{response_id}/cancel")
 async def cancel_response(
-    response_id: str, user_id: CurrentUserId, pool: PoolDep, redis: RedisDep, settings: SettingsDep
+    response_id: str,
+    user_id: CurrentUserId,
+    pool: PoolDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    events: EventLogDep,
+    wakeup: WakeupDep,
 ) -> dict[str, Any]:
     """Cancel; idempotent: a finished response (cancelled or not) is returned as it is."""
     query_id = service.parse_id(response_id, service.RESPONSE_PREFIX, "response")
     try:
         async with pool.acquire() as conn:
-            await queries_service.cancel_query(conn, limiter_for(redis, settings), user_id, query_id)
+            await queries_service.cancel_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
     except Conflict as exc:
         if exc.code != "query_not_cancellable":
             raise
     # A running query ends cancelled once its worker notices (within a heartbeat): answer with that.
-    return service.response_object(await queries_service.wait_for_query(pool, user_id, query_id, CANCEL_WAIT_SECONDS))
+    return service.response_object(
+        await queries_service.wait_for_query(pool, user_id, query_id, CANCEL_WAIT_SECONDS, wakeup)
+    )
 
 
 @router.delete("/responses/{response_id}")
 async def delete_response(
-    response_id: str, user_id: CurrentUserId, conn: ConnectionDep, redis: RedisDep, settings: SettingsDep
+    response_id: str,
+    user_id: CurrentUserId,
+    conn: ConnectionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    events: EventLogDep,
 ) -> dict[str, Any]:
     """Erase the response's text (the native delete: a running one is a 409, cancel it first)."""
     query_id = service.parse_id(response_id, service.RESPONSE_PREFIX, "response")
-    await queries_service.delete_query(conn, limiter_for(redis, settings), user_id, query_id)
+    await queries_service.delete_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
     return {"id": response_id, "object": "response.deleted", "deleted": True}

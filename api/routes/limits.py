@@ -6,7 +6,16 @@ import uuid
 
 from fastapi import APIRouter
 
-from api.deps import AdminUserId, AutocommitSessionDep, ConnectionDep, PublisherDep, RedisDep, SessionDep, SettingsDep
+from api.deps import (
+    AdminUserId,
+    AutocommitSessionDep,
+    ConnectionDep,
+    EventLogDep,
+    PublisherDep,
+    RedisDep,
+    SessionDep,
+    SettingsDep,
+)
 from api.errors import error_responses
 from shared.limits import limiter_for
 from shared.schemas import LimitsIn, LimitsOut, QueryOut
@@ -49,9 +58,10 @@ async def requeue(
     redis: RedisDep,
     settings: SettingsDep,
     publisher: PublisherDep,
+    events: EventLogDep,
 ) -> QueryOut:
     """Send a failed query back to pending for one more attempt (its attempt count is kept)."""
-    query = await queries_service.requeue_query(conn, settings, limiter_for(redis, settings), query_id)
+    query = await queries_service.requeue_query(conn, settings, limiter_for(redis, settings), query_id, events=events)
     # A failed publish leaves the row pending for the sweeper, as on submit.
     await publisher.publish(query_id)
     return query

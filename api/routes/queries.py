@@ -9,10 +9,21 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
-from api.deps import AutocommitSessionDep, ConnectionDep, CurrentUserId, PoolDep, PublisherDep, RedisDep, SettingsDep
+from api.deps import (
+    AutocommitSessionDep,
+    ConnectionDep,
+    CurrentUserId,
+    EventLogDep,
+    PoolDep,
+    PublisherDep,
+    RedisDep,
+    SettingsDep,
+    WakeupDep,
+)
 from api.errors import error_responses
 from api.middleware import mark_long_request
 from shared.cache import response_cache_for
+from shared.events import EventType
 from shared.limits import limiter_for
 from shared.metrics import QUERIES_SUBMITTED
 from shared.models import QueryStatus
@@ -40,6 +51,7 @@ async def submit(
     pool: PoolDep,
     publisher: PublisherDep,
     redis: RedisDep,
+    events: EventLogDep,
     idempotency_key: Annotated[
         str | None,
         Header(alias="Idempotency-Key", description="Retry-safe submit: same key and body return the original 202"),
@@ -66,6 +78,9 @@ async def submit(
         QUERIES_SUBMITTED.labels(model=accepted.model).inc()
         log.info("query answered from cache", extra={"query_id": str(accepted.query_id), "model": accepted.model})
         return accepted
+    # The log's first event, before the publish so that it precedes the worker's `started`. Redis is up
+    # (the limits just used it); a failure here is logged and the stream replays the row instead.
+    await events.append_quietly(accepted.query_id, EventType.QUEUED, {"model": accepted.model})
     # After commit, so a worker never looks for a row that is not there yet. A failed publish leaves the
     # row pending for the recovery sweeper; the client's 202 stays true.
     published = await publisher.publish(accepted.query_id)
@@ -92,6 +107,7 @@ async def get(
     request: Request,
     user_id: CurrentUserId,
     pool: PoolDep,
+    wakeup: WakeupDep,
     wait: Annotated[
         float,
         Query(
@@ -105,7 +121,7 @@ async def get(
     if wait:
         # Its duration is the client's chosen wait, not latency: keep it out of the latency histogram.
         mark_long_request(request.scope)
-    return await service.wait_for_query(pool, user_id, query_id, wait)
+    return await service.wait_for_query(pool, user_id, query_id, wait, wakeup)
 
 
 @router.post(
@@ -118,10 +134,15 @@ async def get(
     },
 )
 async def cancel(
-    query_id: uuid.UUID, user_id: CurrentUserId, conn: ConnectionDep, redis: RedisDep, settings: SettingsDep
+    query_id: uuid.UUID,
+    user_id: CurrentUserId,
+    conn: ConnectionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    events: EventLogDep,
 ) -> JSONResponse:
     """Cancel: a pending query ends at once (200); a running one stops shortly (202); a finished one is 409."""
-    query = await service.cancel_query(conn, limiter_for(redis, settings), user_id, query_id)
+    query = await service.cancel_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
     code = status.HTTP_200_OK if query["status"] == QueryStatus.CANCELLED else status.HTTP_202_ACCEPTED
     return JSONResponse(service.to_out(query).model_dump(mode="json"), status_code=code)
 
@@ -133,11 +154,16 @@ async def cancel(
     responses=error_responses(401, 404, 409, 422, 503),
 )
 async def delete(
-    query_id: uuid.UUID, user_id: CurrentUserId, conn: ConnectionDep, redis: RedisDep, settings: SettingsDep
+    query_id: uuid.UUID,
+    user_id: CurrentUserId,
+    conn: ConnectionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    events: EventLogDep,
 ) -> Response:
     """Erase a query's prompt, system prompt, answer and metadata (its usage stays counted); afterwards it
     is a 404. A pending query is cancelled first; a running one is a 409 (`query_running`): cancel it first."""
-    await service.delete_query(conn, limiter_for(redis, settings), user_id, query_id)
+    await service.delete_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

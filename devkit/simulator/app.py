@@ -684,6 +684,7 @@ class SimulatorApp:
                 n,
                 usage,
                 bool(options.get("include_usage")),
+                directives.chunk_ms,
             )
         else:
             choice_list: list[dict[str, Any]] = [
@@ -729,6 +730,7 @@ class SimulatorApp:
         n: int,
         usage: dict[str, Any],
         include_usage: bool,
+        chunk_ms: float | None = None,
     ) -> None:
         def event(choices: list[dict[str, Any]], chunk_usage: dict[str, Any] | None = None) -> bytes:
             chunk: dict[str, Any] = {
@@ -775,7 +777,12 @@ class SimulatorApp:
                     ]
                 )
             )
-            if len(events) >= STREAM_BATCH:
+            if chunk_ms is not None:
+                # A slow stream (`chunk_ms` directive): every word on its own, after a pause.
+                await asyncio.sleep(chunk_ms / 1000)
+                await send({"type": "http.response.body", "body": b"".join(events), "more_body": True})
+                events = []
+            elif len(events) >= STREAM_BATCH:
                 await send(
                     {
                         "type": "http.response.body",

@@ -53,6 +53,8 @@ class Directives:
     retry_after: str | None = None
     latency_ms: float | None = None
     tokens: int | None = None
+    # Streaming only: a pause of this many ms before each content chunk (a slow stream, one word a chunk).
+    chunk_ms: float | None = None
 
 
 NO_DIRECTIVES = Directives()
@@ -92,7 +94,7 @@ def parse_directives(text: str) -> Directives:
             if not sep or not value:
                 raise DirectiveError(f"simulator directive {token!r} is not key=value")
             pairs[key.lower()] = value
-    unknown = sorted(set(pairs) - {"fail", "times", "retry_after", "latency_ms", "tokens"})
+    unknown = sorted(set(pairs) - {"fail", "times", "retry_after", "latency_ms", "tokens", "chunk_ms"})
     if unknown:
         raise DirectiveError(f"unknown simulator directive key(s): {', '.join(unknown)}")
 
@@ -105,12 +107,14 @@ def parse_directives(text: str) -> Directives:
     if retry_after is not None:
         _non_negative_float("retry_after", retry_after)
     latency = pairs.get("latency_ms")
+    chunk = pairs.get("chunk_ms")
     return Directives(
         fail=fail,
         times=_non_negative_int("times", pairs["times"]) if "times" in pairs else None,
         retry_after=retry_after,
         latency_ms=_non_negative_float("latency_ms", latency) if latency is not None else None,
         tokens=_non_negative_int("tokens", pairs["tokens"]) if "tokens" in pairs else None,
+        chunk_ms=_non_negative_float("chunk_ms", chunk) if chunk is not None else None,
     )
 
 

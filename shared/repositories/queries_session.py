@@ -75,6 +75,10 @@ async def renew_leases(
     return {row[0]: bool(row[1]) for row in (await session.execute(stmt)).all()}
 
 
+WORKER_LOST_CODE = "worker_lost"
+WORKER_LOST_MESSAGE = "The worker running this query stopped responding too many times"
+
+
 async def reclaim_expired_leases(
     session: AsyncSession, max_attempts: int, stale: timedelta, limit: int
 ) -> list[tuple[uuid.UUID, QueryStatus]]:
@@ -107,10 +111,10 @@ async def reclaim_expired_leases(
             next_attempt_at=func.now(),
             updated_at=case((ends, func.now()), else_=func.now() - stale),
             finished_at=case((ends, func.now()), else_=None),
-            error_code=case((CANCEL_REQUESTED, CANCELLED_CODE), (exhausted, "worker_lost"), else_=Query.error_code),
+            error_code=case((CANCEL_REQUESTED, CANCELLED_CODE), (exhausted, WORKER_LOST_CODE), else_=Query.error_code),
             error_message=case(
                 (CANCEL_REQUESTED, CANCELLED_MESSAGE),
-                (exhausted, "The worker running this query stopped responding too many times"),
+                (exhausted, WORKER_LOST_MESSAGE),
                 else_=Query.error_message,
             ),
         )

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from shared.config import Settings
 from shared.errors import AppError, Conflict, NotFound
+from shared.events import EventLog, EventType
 from shared.limits import Limiter, LimitExceeded
 from shared.models import BatchStatus, FilePurpose, QueryStatus
 from shared.queue import BATCH_TASK, Publisher
@@ -258,11 +259,11 @@ async def _expand(
     return delay
 
 
-async def _cancel_live(conn: asyncpg.Connection, limiter: Limiter, batch: RowLike) -> None:
+async def _cancel_live(conn: asyncpg.Connection, limiter: Limiter, events: EventLog, batch: RowLike) -> None:
     for query_id in await repo.live_query_ids(conn, batch["id"], EXPAND_LINES):
         # One that ended meanwhile needs nothing.
         with contextlib.suppress(Conflict, NotFound):
-            await queries_service.cancel_query(conn, limiter, batch["user_id"], query_id)
+            await queries_service.cancel_query(conn, limiter, batch["user_id"], query_id, events=events)
 
 
 def _status_code(query: RowLike) -> int:
@@ -326,7 +327,12 @@ async def _finalize(conn: asyncpg.Connection, batch: RowLike) -> dict[str, Any]:
 
 
 async def advance(
-    pool: asyncpg.Pool, settings: Settings, limiter: Limiter, publisher: Publisher, batch_uuid: uuid.UUID
+    pool: asyncpg.Pool,
+    settings: Settings,
+    limiter: Limiter,
+    publisher: Publisher,
+    events: EventLog,
+    batch_uuid: uuid.UUID,
 ) -> float | None:
     """Move the batch one step; the seconds until its next step, or None when it has ended (or is busy)."""
     taken: list[uuid.UUID] = []
@@ -335,7 +341,7 @@ async def advance(
             batch = await repo.lock(conn, batch_uuid)
             if batch is None:
                 return None
-            delay = await _step(conn, settings, limiter, batch, taken)
+            delay = await _step(conn, settings, limiter, events, batch, taken)
             if delay is not None:
                 await repo.update(
                     conn, batch_uuid, next_check_at=datetime.now(UTC) + timedelta(seconds=delay + OVERDUE_SECONDS)
@@ -344,13 +350,20 @@ async def advance(
         await queries_service.release_limits(limiter, taken)
         raise
     for query_id in taken:
-        # A failed publish leaves the query pending for the sweeper.
+        # As the native submit: the log's first event, then the publish (a failed one leaves the query
+        # pending for the sweeper).
+        await events.append_quietly(query_id, EventType.QUEUED)
         await publisher.publish(query_id)
     return delay
 
 
 async def _step(
-    conn: asyncpg.Connection, settings: Settings, limiter: Limiter, batch: RowLike, taken: list[uuid.UUID]
+    conn: asyncpg.Connection,
+    settings: Settings,
+    limiter: Limiter,
+    events: EventLog,
+    batch: RowLike,
+    taken: list[uuid.UUID],
 ) -> float | None:
     now = datetime.now(UTC)
     status = BatchStatus(batch["status"])
@@ -379,7 +392,7 @@ async def _step(
     if status == BatchStatus.VALIDATING:
         await repo.update(conn, batch["id"], status=BatchStatus.IN_PROGRESS.value, in_progress_at=now)
     if ending:
-        await _cancel_live(conn, limiter, batch)
+        await _cancel_live(conn, limiter, events, batch)
     elif not batch["input_done"]:
         delay = await _expand(conn, settings, limiter, batch, taken)
     counts = await repo.counts(conn, batch["id"])

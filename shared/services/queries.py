@@ -23,12 +23,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.cache import CachedAnswer, ResponseCache
 from shared.config import Settings
 from shared.errors import AppError, Conflict, InvalidInput, NotFound
+from shared.events import EventLog, EventType
 from shared.limits import Limiter, estimate_tokens
 from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.repositories import queries_asyncpg, queries_session
 from shared.repositories.queries_common import RowLike
 from shared.schemas import QueryAccepted, QueryCreate, QueryError, QueryOut, QueryPage, Usage
 from shared.services.limits import effective_limits
+from shared.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -302,28 +304,26 @@ async def get_query(conn: asyncpg.Connection, user_id: uuid.UUID, query_id: uuid
     return to_out(_found(await queries_asyncpg.fetch_for_user(conn, query_id, user_id)))
 
 
-# Long-poll: how often a waiting GET looks at the row again (doubling from the first to the last).
-WAIT_FIRST_CHECK_SECONDS = 0.1
-WAIT_MAX_CHECK_SECONDS = 1.0
-
-
-async def wait_for_query(pool: asyncpg.Pool, user_id: uuid.UUID, query_id: uuid.UUID, wait: float = 0) -> QueryOut:
+async def wait_for_query(
+    pool: asyncpg.Pool, user_id: uuid.UUID, query_id: uuid.UUID, wait: float, wakeup: Wakeup
+) -> QueryOut:
     """The caller's query once it is terminal, or as it stands after `wait` seconds (0: at once).
 
-    Each look takes a connection from the pool and gives it back: a waiting client holds no connection,
-    so thousands can wait at once. The row is re-read every 0.1 s at first, backing off to every second.
+    One read when it starts and one when the wake-up says the query ended (or at the deadline); in between
+    it holds no connection and costs nothing. While the wake-up subscriber is disconnected, a bounded
+    fallback re-read (WAKEUP_FALLBACK_SECONDS) stands in for the notices it may miss.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    delay = WAIT_FIRST_CHECK_SECONDS
-    while True:
-        async with pool.acquire() as conn:
-            query = await get_query(conn, user_id, query_id)
-        left = deadline - loop.time()
-        if query.status in TERMINAL_STATUSES or left <= 0:
-            return query
-        await asyncio.sleep(min(delay, left))
-        delay = min(delay * 2, WAIT_MAX_CHECK_SECONDS)
+    # Watch before the first read, so an end between the read and the wait still wakes us.
+    with wakeup.watch(query_id, only_terminal=True) as waiter:
+        while True:
+            async with pool.acquire() as conn:
+                query = await get_query(conn, user_id, query_id)
+            left = deadline - loop.time()
+            if query.status in TERMINAL_STATUSES or left <= 0:
+                return query
+            await waiter.wait(wakeup.timeout(left))
 
 
 def encode_cursor(query: RowLike) -> str:
@@ -388,13 +388,24 @@ def to_out(query: RowLike) -> QueryOut:
     )
 
 
-async def cancel_query(conn: asyncpg.Connection, limiter: Limiter, user_id: uuid.UUID, query_id: uuid.UUID) -> RowLike:
-    """pending → cancelled now; running → cancel requested; terminal → 409; not the caller's → 404."""
+async def cancel_query(
+    conn: asyncpg.Connection,
+    limiter: Limiter,
+    user_id: uuid.UUID,
+    query_id: uuid.UUID,
+    *,
+    events: EventLog,
+) -> RowLike:
+    """pending → cancelled now; running → cancel requested; terminal → 409; not the caller's → 404.
+
+    A pending query's end is told to its event log here; a running one's by its worker when the call stops.
+    """
     # A query can flip between pending and running (claim, retry) under us: try both transitions again then.
     for _ in range(3):
         cancelled = await queries_asyncpg.cancel_pending(conn, query_id, user_id)
         if cancelled is not None:
             await limiter.settle_quietly(query_id, 0)
+            await events.append_quietly(query_id, EventType.CANCELLED, {}, cancelled["attempts"] or None)
             return cancelled
         requested = await queries_asyncpg.request_cancel(conn, query_id, user_id)
         if requested is not None:
@@ -405,15 +416,24 @@ async def cancel_query(conn: asyncpg.Connection, limiter: Limiter, user_id: uuid
     raise Conflict("Query is changing state; try again", code="query_busy")
 
 
-async def delete_query(conn: asyncpg.Connection, limiter: Limiter, user_id: uuid.UUID, query_id: uuid.UUID) -> None:
+async def delete_query(
+    conn: asyncpg.Connection,
+    limiter: Limiter,
+    user_id: uuid.UUID,
+    query_id: uuid.UUID,
+    *,
+    events: EventLog,
+) -> None:
     """Erase a query's prompt, system prompt, answer and metadata; its usage stays counted.
 
     A pending query is cancelled first; a running one is refused (409 `query_running`: cancel it, then
-    delete), because its worker may still write the answer that is to be erased.
+    delete), because its worker may still write the answer that is to be erased. Its event log, which
+    holds the answer's text, goes too.
     """
     if await queries_asyncpg.cancel_pending(conn, query_id, user_id) is not None:
         await limiter.settle_quietly(query_id, 0)
     if await queries_asyncpg.erase(conn, query_id, user_id):
+        await events.discard(query_id)
         return
     _found(await queries_asyncpg.fetch_for_user(conn, query_id, user_id))
     raise Conflict("Query is running; cancel it, then delete it", code="query_running")
@@ -430,7 +450,7 @@ async def admin_get_query(conn: asyncpg.Connection, admin_id: uuid.UUID, query_i
 
 
 async def requeue_query(
-    conn: asyncpg.Connection, settings: Settings, limiter: Limiter, query_id: uuid.UUID
+    conn: asyncpg.Connection, settings: Settings, limiter: Limiter, query_id: uuid.UUID, *, events: EventLog
 ) -> QueryOut:
     """failed → pending (an admin's requeue); 409 unless the query failed.
 
@@ -456,4 +476,7 @@ async def requeue_query(
         if taken:
             await _give_back(limiter, query_id)
         raise
+    # The log told a `failed` end: the story starts again, so the earlier events are trimmed (a follower from
+    # the start must not stop at the old end) and the sequence numbers go on.
+    await events.append_quietly(query_id, EventType.QUEUED, {"requeued": True}, reset=True)
     return to_out(_found(await queries_asyncpg.fetch_any(conn, query_id)))

@@ -249,3 +249,124 @@ def raise_unless_completed(query: QueryOut) -> None:
         status_code=504,
         code="timeout",
     )
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+class ResponseEvents:
+    """A query's event log told as OpenAI's Responses stream events (without `sequence_number`: the stream
+    numbers them in order, so the same log always gives the same numbers and a client resumes by number).
+
+    response.created → response.queued → response.in_progress → response.output_item.added →
+    response.content_part.added → response.output_text.delta … → response.output_text.done →
+    response.content_part.done → response.output_item.done → response.completed | incomplete | failed |
+    cancelled. A retried attempt's text cannot be taken back on the wire: the `done` events and the final
+    response carry the answer as stored.
+    """
+
+    def __init__(self, query: QueryOut, *, background: bool | None = None) -> None:
+        self.query = query
+        self.background = background
+        self._item_id = f"{MESSAGE_PREFIX}{query.query_id.hex}"
+        self._in_progress = False
+        self._item_added = False
+
+    def _response(self, query: QueryOut, status: str | None = None) -> dict[str, Any]:
+        obj = response_object(query, background=self.background)
+        if status is not None:
+            obj["status"] = status
+        return obj
+
+    def start(self) -> list[dict[str, Any]]:
+        return [{"type": "response.created", "response": self._response(self.query, "queued")}]
+
+    def _item(self, status: str, text: str | None) -> dict[str, Any]:
+        content = [] if text is None else [_text_part(text)]
+        return {"type": "message", "id": self._item_id, "status": status, "role": "assistant", "content": content}
+
+    def _add_item(self) -> list[dict[str, Any]]:
+        if self._item_added:
+            return []
+        self._item_added = True
+        where = {"item_id": self._item_id, "output_index": 0}
+        return [
+            *self._progress(),
+            {"type": "response.output_item.added", "output_index": 0, "item": self._item("in_progress", None)},
+            {"type": "response.content_part.added", **where, "content_index": 0, "part": _text_part("")},
+        ]
+
+    def _progress(self) -> list[dict[str, Any]]:
+        if self._in_progress:
+            return []
+        self._in_progress = True
+        return [{"type": "response.in_progress", "response": self._response(self.query, "in_progress")}]
+
+    def event(self, type_: str, data: dict[str, Any]) -> list[dict[str, Any]]:
+        """The OpenAI events of one non-terminal log event."""
+        if type_ == "queued":
+            return [{"type": "response.queued", "response": self._response(self.query, "queued")}]
+        if type_ == "started":
+            return self._progress()
+        if type_ == "delta" and data.get("text"):
+            delta = {"item_id": self._item_id, "output_index": 0, "content_index": 0, "logprobs": []}
+            return [*self._add_item(), {"type": "response.output_text.delta", **delta, "delta": data["text"]}]
+        return []
+
+    def finish(self, query: QueryOut) -> list[dict[str, Any]]:
+        """The closing events, from the finished row."""
+        status = response_status(query)
+        out: list[dict[str, Any]] = []
+        if query.response is not None:
+            out += self._add_item()
+        if self._item_added:
+            text = query.response or ""
+            where = {"item_id": self._item_id, "output_index": 0, "content_index": 0}
+            item_status = "incomplete" if status == "incomplete" else "completed"
+            out += [
+                {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+                {"type": "response.content_part.done", **where, "part": _text_part(text)},
+                {"type": "response.output_item.done", "output_index": 0, "item": self._item(item_status, text)},
+            ]
+        out.append({"type": f"response.{status}", "response": self._response(query)})
+        return out
+
+
+class ChatChunks:
+    """A query's event log told as `chat.completion.chunk` objects (`data: [DONE]` is the stream's own)."""
+
+    def __init__(self, query: QueryOut, *, include_usage: bool) -> None:
+        self.query = query
+        self.include_usage = include_usage
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "id": chat_completion_id(self.query.query_id),
+            "object": "chat.completion.chunk",
+            "created": _timestamp(self.query),
+            "model": self.query.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            **({"usage": None} if self.include_usage else {}),
+        }
+
+    def start(self) -> list[dict[str, Any]]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def event(self, type_: str, data: dict[str, Any]) -> list[dict[str, Any]]:
+        if type_ == "delta" and data.get("text"):
+            return [self._chunk({"content": data["text"]})]
+        return []
+
+    def finish(self, query: QueryOut) -> list[dict[str, Any]]:
+        """The last chunk (and the usage chunk when asked for); a query that did not complete is an error
+        object, which the SDK raises as an APIError."""
+        if query.status != QueryStatus.COMPLETED:
+            try:
+                raise_unless_completed(query)
+            except AppError as exc:
+                return [{"error": {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}}]
+        out = [self._chunk({}, finish_reason(query))]
+        if self.include_usage:
+            out.append({**self._chunk({}), "choices": [], "usage": _chat_usage(query)})
+        return out

@@ -1,0 +1,181 @@
+"""The per-query event log: a Redis Stream of what happened to a query, numbered 1, 2, 3 … per query.
+
+One append is one Lua script (one round trip): INCR the query's sequence counter, XADD the event with the
+explicit id `<seq>-0`, refresh the TTL of both keys, and PUBLISH a tiny wake-up notice
+(`<query id> <event type>`) on the one channel every API process listens to (`api/wakeup.py`). Stream ids
+are the sequence numbers, so "the events after N" is one XRANGE from `(N-0`.
+
+Keys (the query id is globally unique, the prefix keeps test runs that share a Redis apart):
+- `aiq:{QUEUE_NAME}:ev:{query}`: the stream; fields `t` (type), `a` (attempt, "" when none), `d` (JSON data).
+- `aiq:{QUEUE_NAME}:ev:{query}:seq`: the last sequence number given out.
+- channel `aiq:{QUEUE_NAME}:wake`: the notices.
+
+The log is a convenience on top of the row, which stays the truth: a failed append is logged and the query
+goes on; a reader that finds the log gone replays the row (`shared/services/events.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared.config import Settings
+from shared.metrics import EVENTS_PUBLISHED
+
+log = logging.getLogger(__name__)
+
+
+class EventType(StrEnum):
+    QUEUED = "queued"
+    STARTED = "started"
+    DELTA = "delta"
+    ATTEMPT_RESTARTED = "attempt_restarted"
+    RETRY_SCHEDULED = "retry_scheduled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_EVENTS = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of a query's log. `data` holds the type's own fields (e.g. `text` for a delta)."""
+
+    seq: int
+    type: EventType
+    attempt: int | None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_EVENTS
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON object sent to clients: `seq`, `type`, `attempt` and the type's fields."""
+        return {**self.data, "seq": self.seq, "type": self.type.value, "attempt": self.attempt}
+
+
+# KEYS: stream, counter. ARGV: type, attempt, data, ttl_s, channel, notice, reset.
+# `reset` = 1 trims every earlier event (an admin requeue starts the query's story again after its end).
+_APPEND = """
+local seq = redis.call('INCR', KEYS[2])
+local id = seq .. '-0'
+redis.call('XADD', KEYS[1], id, 't', ARGV[1], 'a', ARGV[2], 'd', ARGV[3])
+if ARGV[7] == '1' then redis.call('XTRIM', KEYS[1], 'MINID', id) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[1])
+return seq
+"""
+
+
+def wake_channel(settings: Settings) -> str:
+    """The channel of the wake-up notices."""
+    return f"aiq:{settings.queue_name}:wake"
+
+
+def parse_notice(message: bytes | str) -> tuple[str, str]:
+    """A notice's query id and event type."""
+    text = message.decode() if isinstance(message, bytes) else message
+    query_id, _, type_ = text.partition(" ")
+    return query_id, type_
+
+
+class EventLog:
+    """Append to and read a query's event log."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._prefix = f"aiq:{settings.queue_name}:ev:"
+        self._ttl = settings.event_log_ttl_seconds
+        self._channel = wake_channel(settings)
+        self._append = redis.register_script(_APPEND)
+
+    def _key(self, query_id: uuid.UUID) -> str:
+        return f"{self._prefix}{query_id}"
+
+    async def append(
+        self,
+        query_id: uuid.UUID,
+        type: EventType,
+        data: dict[str, Any] | None = None,
+        attempt: int | None = None,
+        *,
+        reset: bool = False,
+    ) -> int:
+        """Append one event; returns its sequence number. Raises RedisError when Redis is unreachable."""
+        key = self._key(query_id)
+        seq = await self._append(
+            keys=[key, f"{key}:seq"],
+            args=[
+                type.value,
+                "" if attempt is None else str(attempt),
+                orjson.dumps(data or {}),
+                self._ttl,
+                self._channel,
+                str(query_id),
+                "1" if reset else "0",
+            ],
+        )
+        EVENTS_PUBLISHED.labels(type=type.value).inc()
+        return int(seq)
+
+    async def append_quietly(
+        self,
+        query_id: uuid.UUID,
+        type: EventType,
+        data: dict[str, Any] | None = None,
+        attempt: int | None = None,
+        *,
+        reset: bool = False,
+    ) -> int | None:
+        """`append`, but a Redis failure is logged and swallowed: the row is the truth, readers replay it."""
+        try:
+            return await self.append(query_id, type, data, attempt, reset=reset)
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "event not appended", extra={"query_id": str(query_id), "outcome": type.value, "error": repr(exc)}
+            )
+            return None
+
+    async def since(self, query_id: uuid.UUID, after: int, count: int | None = None) -> list[Event]:
+        """The events numbered above `after`, in order (empty when there are none or the log is gone)."""
+        raw: Any = await self._redis.xrange(self._key(query_id), min=f"({max(after, 0)}-0", count=count)
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = raw
+        return [_event(entry_id, fields) for entry_id, fields in entries]
+
+    async def last_seq(self, query_id: uuid.UUID) -> int:
+        """The last sequence number given out (0: no log, never or no longer)."""
+        value = await self._redis.get(f"{self._key(query_id)}:seq")
+        return int(value) if value is not None else 0
+
+    async def discard(self, query_id: uuid.UUID) -> None:
+        """Forget a query's log (its text is being erased); with Redis down it lapses with its TTL."""
+        key = self._key(query_id)
+        try:
+            await self._redis.delete(key, f"{key}:seq")
+        except (RedisError, OSError) as exc:
+            log.warning("event log not discarded", extra={"query_id": str(query_id), "error": repr(exc)})
+
+
+def _event(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
+    raw_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    values = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+    attempt = values.get("a") or b""
+    attempt_text = attempt.decode() if isinstance(attempt, bytes) else attempt
+    type_ = values["t"].decode() if isinstance(values["t"], bytes) else values["t"]
+    return Event(
+        seq=int(raw_id.partition("-")[0]),
+        type=EventType(type_),
+        attempt=int(attempt_text) if attempt_text else None,
+        data=orjson.loads(values.get("d") or b"{}"),
+    )

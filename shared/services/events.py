@@ -1,0 +1,145 @@
+"""Following a query's events: what the SSE endpoint (and anything else that streams) is built on.
+
+`follow` yields every event after a sequence number until the terminal one. Between reads it waits on the
+wake-up (`shared/wakeup.py`), not on PostgreSQL. The row is read only when the log cannot answer: when it is
+gone (expired, or lost with a Redis restart) or went back below the reader's position; if the row is then
+terminal, its stored answer is replayed as one `delta` (flagged `"replayed": true`: a client that already
+holds part of the text replaces it) and the terminal event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from shared.errors import NotFound
+from shared.events import Event, EventLog, EventType
+from shared.models import TERMINAL_STATUSES, QueryStatus
+from shared.repositories import queries_asyncpg
+from shared.repositories.queries_common import RowLike
+from shared.wakeup import Wakeup
+
+# Even with the wake-up connected, a stream looks at its log at least this often (a cheap XRANGE).
+IDLE_REREAD_SECONDS = 30.0
+READ_BATCH = 1000
+
+
+async def ensure_owner(pool: asyncpg.Pool, user_id: uuid.UUID, query_id: uuid.UUID) -> RowLike:
+    """The caller's query row, or 404 for a missing one and anybody else's alike (one short read)."""
+    async with pool.acquire() as conn:
+        row = await queries_asyncpg.fetch_for_user(conn, query_id, user_id)
+    if row is None:
+        raise NotFound("Query not found", code="query_not_found")
+    return row
+
+
+def terminal_data(row: RowLike) -> tuple[EventType, dict[str, Any]]:
+    """The terminal event a finished row stands for, with its fields."""
+    status = QueryStatus(row["status"])
+    if status is QueryStatus.COMPLETED:
+        return EventType.COMPLETED, {
+            "usage": {
+                "prompt_tokens": row["prompt_tokens"],
+                "completion_tokens": row["completion_tokens"],
+                "total_tokens": row["total_tokens"],
+            },
+            "cached": bool(_get(row, "cached", False)),
+        }
+    if status is QueryStatus.FAILED:
+        return EventType.FAILED, {"code": row["error_code"], "message": row["error_message"] or ""}
+    return EventType.CANCELLED, {}
+
+
+def _get(row: RowLike, key: str, default: Any) -> Any:
+    try:
+        return row[key]
+    except (KeyError, IndexError):
+        return default
+
+
+def replay(row: RowLike, after: int) -> list[Event]:
+    """A terminal row told as events numbered after `after`: its answer as one delta, then its end."""
+    attempt = row["attempts"] or None
+    events: list[Event] = []
+    seq = after
+    if row["response"]:
+        seq += 1
+        events.append(Event(seq, EventType.DELTA, attempt, {"text": row["response"], "replayed": True}))
+    type_, data = terminal_data(row)
+    events.append(Event(seq + 1, type_, attempt, {**data, "replayed": True}))
+    return events
+
+
+async def _fetch(pool: asyncpg.Pool, query_id: uuid.UUID) -> RowLike | None:
+    async with pool.acquire() as conn:
+        return await queries_asyncpg.fetch_any(conn, query_id)
+
+
+async def follow(
+    log: EventLog, wakeup: Wakeup, pool: asyncpg.Pool, query_id: uuid.UUID, after: int = 0
+) -> AsyncIterator[Event]:
+    """Every event of the query after `after`, in order, until the terminal one (the caller checked the owner).
+
+    Holds no database connection while it waits.
+    """
+    last = max(after, 0)
+    with wakeup.watch(query_id) as waiter:
+        if last:
+            # A client resuming after the terminal event has nothing more to wait for.
+            batch = await log.since(query_id, last - 1, count=1)
+            if batch and batch[0].seq == last and batch[0].terminal:
+                return
+        while True:
+            batch = await log.since(query_id, last, count=READ_BATCH)
+            for event in batch:
+                yield event
+                last = event.seq
+                if event.terminal:
+                    return
+            if len(batch) == READ_BATCH:
+                continue
+            if not batch:
+                # Nothing new: the query has not moved, or the log is behind this reader (gone, or restarted
+                # by a Redis that lost it). Only in the second case is the row read.
+                head = await log.last_seq(query_id)
+                if head == 0 or head < last:
+                    row = await _fetch(pool, query_id)
+                    if row is None:
+                        return
+                    if row["status"] in TERMINAL_STATUSES:
+                        for event in replay(row, last):
+                            yield event
+                        return
+            await waiter.wait(wakeup.timeout(IDLE_REREAD_SECONDS))
+
+
+async def with_keepalive(events: AsyncIterator[Event], interval: float) -> AsyncIterator[Event | None]:
+    """The events, with a None whenever `interval` passed without one (time for a keep-alive)."""
+    pending: asyncio.Future[Event] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield event
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()

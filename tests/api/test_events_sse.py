@@ -1,0 +1,285 @@
+"""`GET /api/v1/query/{id}/events`: Server-Sent Events read with a real SSE client (httpx-sse) from the real
+stack (API, Celery worker, simulator streaming over HTTP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from httpx_sse import ServerSentEvent, connect_sse
+from sqlalchemy.engine import Engine
+
+from tests.support.api import register_and_login, wait_terminal
+from tests.support.db import row
+from tests.support.polling import wait_until
+from tests.support.stack import Stack, spawn_api, spawn_worker, stop
+
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+def _submit(client: httpx.Client, headers: dict[str, str], prompt: str) -> str:
+    r = client.post("/api/v1/query", json={"query": f"{prompt} {uuid.uuid4()}"}, headers=headers)
+    assert r.status_code == 202, r.text
+    return str(r.json()["query_id"])
+
+
+def _events(
+    client: httpx.Client,
+    headers: dict[str, str],
+    query_id: str,
+    *,
+    last_event_id: int | None = None,
+    after: int | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Read the stream (to its end, or `limit` events then drop the connection); each event's data, checked
+    against its `id:` and `event:` lines."""
+    hdrs = dict(headers)
+    if last_event_id is not None:
+        hdrs["Last-Event-ID"] = str(last_event_id)
+    params = {"after": after} if after is not None else None
+    out: list[dict[str, Any]] = []
+    with connect_sse(client, "GET", f"/api/v1/query/{query_id}/events", headers=hdrs, params=params) as source:
+        assert source.response.status_code == 200, source.response.read()
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        for sse in source.iter_sse():
+            out.append(_data(sse))
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def _data(sse: ServerSentEvent) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(sse.data)
+    assert sse.id == str(data["seq"])
+    assert sse.event == data["type"]
+    return data
+
+
+def _text(events: list[dict[str, Any]]) -> str:
+    return "".join(e["text"] for e in events if e["type"] == "delta")
+
+
+@pytest.fixture
+def sse_client(stack: Stack) -> Any:
+    with httpx.Client(base_url=stack.api_url, timeout=httpx.Timeout(30, read=30)) as c:
+        yield c
+
+
+def test_stream_tells_the_whole_story_and_the_deltas_make_the_answer(
+    sse_client: httpx.Client, user: dict[str, Any]
+) -> None:
+    query_id = _submit(sse_client, user["headers"], "[[sim tokens=300 chunk_ms=2]] tell me")
+    events = _events(sse_client, user["headers"], query_id)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    types = [e["type"] for e in events]
+    assert types[:2] == ["queued", "started"]
+    assert types[-1] == "completed"
+    assert set(types[2:-1]) == {"delta"}
+    # Coalesced: 300 words streamed one per chunk arrive in fewer appends.
+    assert 1 <= len(types[2:-1]) < 300
+    body = sse_client.get(f"/api/v1/query/{query_id}", headers=user["headers"]).json()
+    assert _text(events) == body["response"]
+    assert events[-1]["usage"] == body["usage"]
+    assert events[-1]["cached"] is False
+    assert events[1]["attempt"] == 1
+
+
+def test_resume_at_every_position_gives_exactly_the_rest(sse_client: httpx.Client, user: dict[str, Any]) -> None:
+    query_id = _submit(sse_client, user["headers"], "[[sim tokens=60 chunk_ms=20]] resumable")
+    # Live: drop after two events (the query is still streaming), resume with Last-Event-ID.
+    first = _events(sse_client, user["headers"], query_id, limit=2)
+    rest = _events(sse_client, user["headers"], query_id, last_event_id=first[-1]["seq"])
+    full = first + rest
+    assert [e["seq"] for e in full] == list(range(1, len(full) + 1))
+    assert full[-1]["type"] == "completed"
+    answer = sse_client.get(f"/api/v1/query/{query_id}", headers=user["headers"]).json()["response"]
+    assert _text(full) == answer
+    # Every position: with the header and with ?after, exactly the events after it, no gap, no duplicate.
+    for k in range(len(full) + 1):
+        if k % 2:
+            resumed = _events(sse_client, user["headers"], query_id, last_event_id=k)
+        else:
+            resumed = _events(sse_client, user["headers"], query_id, after=k)
+        assert resumed == full[k:], k
+        assert _text(full[:k]) + _text(resumed) == answer
+
+
+def test_last_event_id_wins_over_after_and_must_be_a_number(sse_client: httpx.Client, user: dict[str, Any]) -> None:
+    query_id = _submit(sse_client, user["headers"], "resume rules")
+    full = _events(sse_client, user["headers"], query_id)
+    resumed = _events(sse_client, user["headers"], query_id, last_event_id=2, after=1)
+    assert resumed == full[2:]
+    r = sse_client.get(f"/api/v1/query/{query_id}/events", headers={**user["headers"], "Last-Event-ID": "two"})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "invalid_last_event_id"
+    r = sse_client.get(f"/api/v1/query/{query_id}/events", headers=user["headers"], params={"after": -1})
+    assert r.status_code == 422
+
+
+def test_cancel_mid_stream_ends_the_stream_with_cancelled(sse_client: httpx.Client, user: dict[str, Any]) -> None:
+    query_id = _submit(sse_client, user["headers"], "[[sim tokens=400 chunk_ms=25]] long story")
+    seen: list[dict[str, Any]] = []
+    with connect_sse(sse_client, "GET", f"/api/v1/query/{query_id}/events", headers=user["headers"]) as source:
+        for sse in source.iter_sse():
+            seen.append(_data(sse))
+            if seen[-1]["type"] == "delta" and len(seen) == 3:
+                r = sse_client.post(f"/api/v1/query/{query_id}/cancel", headers=user["headers"])
+                assert r.status_code in (200, 202), r.text
+        # The server ended the stream after the terminal event.
+    assert seen[-1]["type"] == "cancelled"
+    assert [e["type"] for e in seen].count("cancelled") == 1
+    assert row_status(sse_client, user, query_id) == "cancelled"
+
+
+def test_cancelling_a_pending_query_tells_its_stream(
+    sse_client: httpx.Client, user: dict[str, Any], db: Engine, stack: Stack, tmp_path: Path
+) -> None:
+    # An API on a queue no worker reads: the query stays pending until the cancel.
+    queue = f"aiq.sse.pending.{uuid.uuid4().hex[:6]}"
+    api, url = spawn_api(stack, tmp_path / "api.log", QUEUE_NAME=queue)
+    try:
+        with httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=30)) as other:
+            query_id = _submit(other, user["headers"], "never picked up")
+            r = other.post(f"/api/v1/query/{query_id}/cancel", headers=user["headers"])
+            assert r.status_code == 200
+            events = _events(other, user["headers"], query_id)
+    finally:
+        stop(api)
+    assert [e["type"] for e in events] == ["queued", "cancelled"]
+
+
+def row_status(client: httpx.Client, user: dict[str, Any], query_id: str) -> str:
+    return str(client.get(f"/api/v1/query/{query_id}", headers=user["headers"]).json()["status"])
+
+
+def test_failures_and_retries_are_told(sse_client: httpx.Client, user: dict[str, Any]) -> None:
+    retried = _submit(sse_client, user["headers"], "[[sim fail=500 times=1]] flaky")
+    events = _events(sse_client, user["headers"], retried)
+    types = [e["type"] for e in events]
+    assert types[:3] == ["queued", "started", "retry_scheduled"]
+    retry = events[2]
+    assert retry["code"] == "upstream_error"
+    assert retry["delay_s"] > 0
+    assert "retry_after_s" in retry
+    assert types[3:5] == ["attempt_restarted", "started"]
+    assert events[3]["attempt"] == 2
+    assert events[3]["previous_attempt"] == 1
+    assert types[-1] == "completed"
+
+    failed = _submit(sse_client, user["headers"], "[[sim fail=400]] bad")
+    events = _events(sse_client, user["headers"], failed)
+    assert events[-1]["type"] == "failed"
+    assert events[-1]["code"] == "upstream_bad_request"
+    assert events[-1]["message"]
+
+
+def test_expired_log_replays_the_stored_answer(sse_client: httpx.Client, stack: Stack, user: dict[str, Any]) -> None:
+    query_id = _submit(sse_client, user["headers"], "[[sim tokens=40]] remember me")
+    live = _events(sse_client, user["headers"], query_id)
+    # The log's TTL passes (or Redis loses it): the keys are gone.
+    r = redis.Redis.from_url(stack.settings.redis_url)
+    key = f"aiq:{stack.settings.queue_name}:ev:{query_id}"
+    assert r.delete(key, f"{key}:seq") == 2
+    r.close()
+    replayed = _events(sse_client, user["headers"], query_id)
+    assert [e["type"] for e in replayed] == ["delta", "completed"]
+    assert replayed[0]["text"] == _text(live)
+    assert replayed[0]["replayed"] is True
+    assert replayed[1]["usage"] == live[-1]["usage"]
+    assert [e["seq"] for e in replayed] == [1, 2]
+    # A resume from where the client was continues the numbering.
+    resumed = _events(sse_client, user["headers"], query_id, last_event_id=5)
+    assert [e["seq"] for e in resumed] == [6, 7]
+
+
+def test_another_users_query_is_a_404(sse_client: httpx.Client, user: dict[str, Any]) -> None:
+    query_id = _submit(sse_client, user["headers"], "mine")
+    stranger = register_and_login(sse_client)
+    r = sse_client.get(f"/api/v1/query/{query_id}/events", headers=stranger["headers"])
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "query_not_found"
+    r = sse_client.get(f"/api/v1/query/{uuid.uuid4()}/events", headers=user["headers"])
+    assert r.status_code == 404
+    r = sse_client.get(f"/api/v1/query/{query_id}/events")
+    assert r.status_code == 401
+
+
+def test_stream_cap_keepalives_and_slot_release(stack: Stack, tmp_path: Path) -> None:
+    api, url = spawn_api(stack, tmp_path / "api.log", MAX_STREAMS_PER_USER="1", SSE_KEEPALIVE_SECONDS="0.3")
+    try:
+        with (
+            httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=30)) as c,
+            httpx.Client(base_url=url, timeout=10) as c2,
+        ):
+            user = register_and_login(c)
+            slow = _submit(c, user["headers"], "[[sim latency_ms=3000]] slow")
+            with c.stream("GET", f"/api/v1/query/{slow}/events", headers=user["headers"]) as first:
+                assert first.status_code == 200
+                # Idle between `started` and the first delta: keep-alive comments.
+                # One iterator kept open: dropping a half-read one closes the connection.
+                lines = first.iter_lines()
+                seen = [next(lines)]
+                while seen[-1] != ": keep-alive" and len(seen) < 30:
+                    seen.append(next(lines))
+                assert seen[-1] == ": keep-alive", seen
+                r = c2.get(f"/api/v1/query/{slow}/events", headers=user["headers"])
+                assert r.status_code == 429
+                assert r.json()["error"]["code"] == "too_many_streams"
+                assert int(r.headers["Retry-After"]) >= 1
+            # The first stream is closed: its slot comes back.
+            wait_terminal(c2, user["headers"], slow, timeout=30)
+
+            def reopened() -> bool:
+                return c2.get(f"/api/v1/query/{slow}/events", headers=user["headers"]).status_code == 200
+
+            wait_until(reopened, timeout=10, interval=0.2)
+    finally:
+        stop(api)
+
+
+def test_worker_sigkill_mid_stream_restarts_the_attempt_visibly(
+    sse_client: httpx.Client, stack: Stack, user: dict[str, Any], db: Engine, tmp_path: Path
+) -> None:
+    # A second worker on the stack's queue; the query to follow is one it claimed (the row says who holds it).
+    # After the kill the stack's own worker sweeps the expired lease and runs attempt 2.
+    victim, _ = spawn_worker(stack, tmp_path / "victim.log")
+    try:
+        for _ in range(30):
+            query_id = _submit(sse_client, user["headers"], "[[sim tokens=150 chunk_ms=30]] interrupted")
+            owner = wait_until(lambda: row(db, query_id)["lease_owner"], timeout=20)  # noqa: B023
+            if owner.endswith(f":{victim.pid}"):
+                break
+        else:
+            pytest.fail("the extra worker never claimed a query")
+        seen: list[dict[str, Any]] = []
+        with connect_sse(sse_client, "GET", f"/api/v1/query/{query_id}/events", headers=user["headers"]) as source:
+            for sse in source.iter_sse():
+                seen.append(_data(sse))
+                if victim.poll() is None and sum(e["type"] == "delta" for e in seen) == 3:
+                    os.kill(victim.pid, signal.SIGKILL)
+                    victim.wait(10)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(10)
+    body = sse_client.get(f"/api/v1/query/{query_id}", headers=user["headers"]).json()
+    types = [e["type"] for e in seen]
+    assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
+    assert types[-1] == "completed"
+    restart = types.index("attempt_restarted")
+    assert seen[restart]["attempt"] == 2
+    assert seen[restart]["previous_attempt"] == 1
+    # Before the restart only attempt 1's text, after it only attempt 2's, and that is the answer.
+    assert sum(e["type"] == "delta" for e in seen[:restart]) >= 3
+    assert all(e["attempt"] == 1 for e in seen[:restart] if e["type"] == "delta")
+    assert all(e["attempt"] == 2 for e in seen[restart:] if e["type"] in ("delta", "started", "completed"))
+    assert _text(seen[restart:]) == body["response"]
+    assert body["attempts"] == 2
