@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.context import RunContext
+from bench.measures.batch import measure_batch
 from bench.measures.limits import measure_limits_cost
 from bench.measures.m1 import measure_m1, measure_m1_api_only
 from bench.measures.m2 import measure_m2
@@ -77,6 +78,8 @@ def run_aiq(ctx: RunContext) -> dict[str, Any]:
         else "M4 completions/s (the workers' capacity is below the submit capacity)"
     )
     a["m5"] = measure_m5(ctx, aiq, plan.aiq_m5_rates)
+    if ctx.clock.allows(120, "the batch measure"):
+        a["batch"] = measure_batch(ctx, aiq, lines=500 if plan.quick else 5000)
     if ctx.profile and ctx.clock.allows(75, "the profile"):
         rate = max(50, round(0.9 * (a["m1"]["max_rps"] or 100) / 10) * 10)
         a["profile"] = profile(ctx, aiq, rate)

@@ -102,6 +102,10 @@ def _aiq_headline(a: dict[str, Any]) -> dict[str, Any]:
         j["limits_submit_cpu_ms_on"] = lc["on"]["request_path_ms"]
         j["limits_submit_cpu_ms_off"] = lc["off"]["request_path_ms"]
         j["limits_submit_cpu_ms_added"] = lc["added_request_path_ms"]
+    if a.get("batch"):
+        j["batch_lines_per_s"] = a["batch"]["lines_per_s"]
+        j["batch_cpu_ms_per_line"] = a["batch"]["batch_path_cpu_ms_per_line"]
+        j["batch_all_cpu_ms_per_line"] = a["batch"]["all_cpu_ms_per_line"]
     if a.get("m1_api_only"):
         j["m1_submit_rps_api_only"] = a["m1_api_only"]["max_rps"]
         j["m1_submit_p99_ms_api_only"] = a["m1_api_only"]["p99_ms"]
