@@ -38,10 +38,16 @@ async def create_chat_completion(
     response id to retrieve it by): keep the SDK's `timeout` above it.
     """
     query = service.query_from_chat(body)
-    accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
     if body.stream:
-        current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
+        slot = await streams.reserve()
+        try:
+            accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
+            current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
+        except BaseException:
+            await streams.release(slot)
+            raise
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         translator = service.ChatChunks(current, include_usage=include_usage)
-        return await streams.open(request, accepted.query_id, translator, chat=True)
+        return streams.respond(request, accepted.query_id, translator, slot, chat=True)
+    accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
     return service.chat_completion_object(await wait(request, pool, settings, wakeup, user_id, accepted.query_id))

@@ -38,12 +38,18 @@ async def create_response(
     """`background: true` answers `queued` at once; `stream: true` streams its events; otherwise the call
     waits for the answer."""
     query = service.query_from_response(body)
-    accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
     background = bool(body.background)
     if body.stream:
-        current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
+        slot = await streams.reserve()
+        try:
+            accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
+            current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
+        except BaseException:
+            await streams.release(slot)
+            raise
         translator = service.ResponseEvents(current, background=background)
-        return await streams.open(request, accepted.query_id, translator, chat=False)
+        return streams.respond(request, accepted.query_id, translator, slot, chat=False)
+    accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
     if background:
         out = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
     else:
@@ -67,8 +73,10 @@ async def get_response(
     current = await queries_service.get_query(conn, user_id, query_id)
     if not stream:
         return service.response_object(current)
-    translator = service.ResponseEvents(current)
-    return await streams.open(request, query_id, translator, starting_after=starting_after, chat=False)
+    slot = await streams.reserve()
+    return streams.respond(
+        request, query_id, service.ResponseEvents(current), slot, starting_after=starting_after, chat=False
+    )
 
 
 @router.post("/responses/{response_id}/cancel")

@@ -61,14 +61,28 @@ class StreamContext:
     def _lease(self) -> float:
         return max(30.0, self.settings.sse_keepalive_seconds * 4)
 
-    async def open(
-        self, request: Request, query_id: uuid.UUID, translator: Translator, *, starting_after: int = -1, chat: bool
+    async def reserve(self) -> str:
+        """Take one of the caller's stream slots (a 429 when they are all open), before anything is stored."""
+        slot = uuid.uuid4().hex
+        await self.limiter.take_stream(self.user_id, slot, self._lease())
+        return slot
+
+    async def release(self, slot: str) -> None:
+        await self.limiter.release_stream(self.user_id, slot)
+
+    def respond(
+        self,
+        request: Request,
+        query_id: uuid.UUID,
+        translator: Translator,
+        slot: str,
+        *,
+        starting_after: int = -1,
+        chat: bool,
     ) -> StreamingResponse:
-        """Take a stream slot and answer with the stream (a refused slot is a 429 before any byte is sent)."""
-        slot, lease = uuid.uuid4().hex, self._lease()
-        await self.limiter.take_stream(self.user_id, slot, lease)
+        """The stream on a reserved slot; the slot is given back when the stream ends."""
         mark_long_request(request.scope)
-        body = self._frames(query_id, translator, starting_after, chat, slot, lease)
+        body = self._frames(query_id, translator, starting_after, chat, slot, self._lease())
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def _final(self, query_id: uuid.UUID) -> QueryOut:

@@ -3,10 +3,20 @@ resume with `starting_after`, chat completion chunks."""
 
 from __future__ import annotations
 
+import os
+import signal
+import uuid
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from tests.support.db import row
+from tests.support.polling import wait_until
+from tests.support.stack import Stack, spawn_api, spawn_worker, stop
 
 
 def _text(events: list[Any]) -> str:
@@ -102,3 +112,66 @@ async def test_async_streams_and_an_upstream_refusal_mid_stream(async_sdk: opena
     assert "upstream_bad_request" in str(caught.value)
     events = [e async for e in await async_sdk.responses.create(model="sim-small", input="async", stream=True)]
     assert events[-1].type == "response.completed"
+
+
+def test_a_stream_over_the_users_cap_is_a_rate_limit_error_and_stores_nothing(
+    stack: Stack, tmp_path: Path, api_key: str, user: dict[str, Any], db: Engine
+) -> None:
+    api, url = spawn_api(stack, tmp_path / "api.log", MAX_STREAMS_PER_USER="1")
+    try:
+        capped = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=60)
+        with capped:
+            first = capped.responses.create(model="sim-small", input="[[sim latency_ms=3000]] slow", stream=True)
+            with first:
+                assert next(iter(first)).type == "response.created"
+                stored = _query_count(db, user["user_id"])
+                with pytest.raises(openai.RateLimitError) as caught:
+                    capped.chat.completions.create(
+                        model="sim-small", messages=[{"role": "user", "content": "x"}], stream=True
+                    )
+                assert caught.value.body["code"] == "too_many_streams"  # type: ignore[index]
+                assert _query_count(db, user["user_id"]) == stored
+    finally:
+        stop(api)
+
+
+def _query_count(db: Engine, user_id: str) -> int:
+    with db.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM queries WHERE user_id = :u"), {"u": user_id}).scalar_one())
+
+
+def test_a_worker_sigkilled_mid_stream_still_ends_the_stream_with_the_stored_answer(
+    sdk: openai.OpenAI, stack: Stack, db: Engine, tmp_path: Path
+) -> None:
+    # A second worker on the stack's queue; the response to follow is one it claimed. After the kill the
+    # stack's own worker sweeps the expired lease and runs attempt 2, and the stream goes on to its end.
+    victim, _ = spawn_worker(stack, tmp_path / "victim.log")
+    try:
+        for _ in range(30):
+            created = sdk.responses.create(
+                model="sim-small", input="[[sim tokens=150 chunk_ms=30]] interrupted", background=True
+            )
+            query_id = str(uuid.UUID(hex=created.id.removeprefix("resp_")))
+            owner = wait_until(lambda: row(db, query_id)["lease_owner"], timeout=20)  # noqa: B023
+            if owner.endswith(f":{victim.pid}"):
+                break
+        else:
+            pytest.fail("the extra worker never claimed a query")
+        seen: list[Any] = []
+        for event in sdk.responses.retrieve(created.id, stream=True):
+            seen.append(event)
+            deltas = sum(e.type == "response.output_text.delta" for e in seen)
+            if victim.poll() is None and deltas == 3:
+                os.kill(victim.pid, signal.SIGKILL)
+                victim.wait(10)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(10)
+    assert [e.sequence_number for e in seen] == list(range(len(seen)))
+    assert seen[-1].type == "response.completed"
+    stored = row(db, query_id)
+    assert stored["attempts"] == 2
+    assert seen[-1].response.output_text == stored["response"]
+    done = next(e for e in seen if e.type == "response.output_text.done")
+    assert done.text == stored["response"]
