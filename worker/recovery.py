@@ -73,7 +73,10 @@ async def sweep_once(rt: WorkerRuntime) -> int:
                 break
             sent.append(query_id)
         await repo.mark_resent(session, sent)
-    await batches.sweep(rt)
+    try:
+        await batches.sweep(rt)
+    except Exception as exc:  # noqa: BLE001 - batches wait for the next sweep; queries were swept already
+        log.warning("batch sweep failed", extra={"error": type(exc).__name__})
     if reclaimed or due:
         log.info("sweep", extra={"count": len(sent), "outcome": f"reclaimed={len(reclaimed)} due={len(due)}"})
     return len(sent)

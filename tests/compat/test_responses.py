@@ -101,6 +101,9 @@ def test_cancel_is_idempotent(sdk: openai.OpenAI) -> None:
     assert again.status == "cancelled"
     assert again.id == created.id
     assert sdk.responses.retrieve(created.id).status == "cancelled"
+    sdk.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.retrieve(created.id)
 
 
 def test_a_failed_query_is_a_failed_response_with_an_error(sdk: openai.OpenAI) -> None:
