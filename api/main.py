@@ -15,7 +15,7 @@ from api.errors import install_error_handlers
 from api.metrics_server import MetricsServer
 from api.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
 from api.openapi import install_openapi
-from api.routes import admin, auth, events, health, keys, limits, queries, usage
+from api.routes import admin, auth, events, health, keys, limits, queries, usage, webhooks
 from shared.config import Settings, get_settings
 from shared.db import make_engine, make_raw_pool, make_sessionmaker
 from shared.events import EventLog
@@ -81,6 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(admin.router)
     v1.include_router(usage.router)
     v1.include_router(limits.router)
+    v1.include_router(webhooks.router)
+    v1.include_router(webhooks.deliveries)
     app.include_router(v1)
     app.include_router(compat_router)
     app.include_router(health.router)

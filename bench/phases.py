@@ -12,6 +12,7 @@ from bench.measures.m2 import measure_m2
 from bench.measures.m3 import measure_m3
 from bench.measures.m4 import measure_m4
 from bench.measures.m5 import measure_m5
+from bench.measures.webhooks import measure_webhook_lag
 from bench.measures.wrk import measure_wrk
 from bench.plan import say
 from bench.profiling import profile
@@ -80,6 +81,8 @@ def run_aiq(ctx: RunContext) -> dict[str, Any]:
     a["m5"] = measure_m5(ctx, aiq, plan.aiq_m5_rates)
     if ctx.clock.allows(120, "the batch measure"):
         a["batch"] = measure_batch(ctx, aiq, lines=500 if plan.quick else 5000)
+    if ctx.clock.allows(40, "the webhook lag"):
+        a["webhook_lag"] = measure_webhook_lag(ctx, aiq, 20, 5 if plan.quick else 10)
     if ctx.profile and ctx.clock.allows(75, "the profile"):
         rate = max(50, round(0.9 * (a["m1"]["max_rps"] or 100) / 10) * 10)
         a["profile"] = profile(ctx, aiq, rate)

@@ -97,6 +97,9 @@ def _aiq_headline(a: dict[str, Any]) -> dict[str, Any]:
         j[f"{phase}_cpu_ms_per_request"] = top_cpu.get("all_ms")
         j[f"{phase}_cpu_ms_per_request_api_path"] = top_cpu.get("request_path_ms")
         j[f"{phase}_cpu_bound_capacity_rps"] = top_cpu.get("cpu_bound_capacity_rps")
+    if a.get("webhook_lag"):
+        j["webhook_lag_p50_ms"] = a["webhook_lag"]["p50_ms"]
+        j["webhook_lag_p99_ms"] = a["webhook_lag"]["p99_ms"]
     if a.get("limits_cost"):
         lc = a["limits_cost"]
         j["limits_submit_cpu_ms_on"] = lc["on"]["request_path_ms"]

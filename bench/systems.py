@@ -289,6 +289,10 @@ def start_aiq(
     }
     for key in ("PROMETHEUS_MULTIPROC_DIR", "WORKER_CONCURRENCY", "LOG_LEVEL", "DB_POOL_SIZE", "DB_MAX_OVERFLOW"):
         env.pop(key, None)
+    # The webhook-lag measure's HTTPS receiver: reachable on loopback, its certificate trusted.
+    from bench.measures.webhooks import receiver_env
+
+    env.update(receiver_env())
     env.update(dict(kv.split("=", 1) for kv in layout.aiq_env))
     port, api = start_api(launcher, "aiq-api", "api.main:app", {**env, **api_extra_env}, layout)
     workers = []

@@ -86,12 +86,30 @@ def _admin(argv: list[str]) -> int:
     return main(argv)
 
 
+def _client(name: str) -> Callable[[list[str]], int]:
+    """A client command of `devkit/client.py` (login, ask, get, list, cancel, usage), imported when run."""
+
+    def run(argv: list[str]) -> int:
+        from devkit import client
+
+        return client.run(getattr(client, f"cmd_{name}"), argv)
+
+    return run
+
+
 COMMANDS: dict[str, Command] = {
     "dev": Command("run the whole service locally (API, worker, Flower, simulator, embedded servers)", _dev),
     "simulate": Command("run the OpenAI-compatible LLM simulator", _simulate),
     "services": Command("start embedded PostgreSQL/Redis where DATABASE_URL/REDIS_URL are unset", _services),
     "migrate": Command("apply database migrations (alembic upgrade head)", _migrate),
     "admin": Command("create the first admin, or promote a user: aiq admin create EMAIL", _admin),
+    "login": Command("log in (email/password or --api-key); stores the credentials (mode 0600)", _client("login")),
+    "logout": Command("forget the stored credentials (and revoke the refresh token)", _client("logout")),
+    "ask": Command('ask: aiq ask "..." [--model M] [--system S] [--wait | --stream] [--json]', _client("ask")),
+    "get": Command("show one of your queries: aiq get ID [--json]", _client("get")),
+    "list": Command("list your queries: aiq list [--status S] [--json]", _client("list")),
+    "cancel": Command("cancel one of your queries: aiq cancel ID", _client("cancel")),
+    "usage": Command("your token usage per day or model: aiq usage [--by model] [--json]", _client("usage")),
 }
 
 

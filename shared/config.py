@@ -128,6 +128,17 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     max_batch_lines: int = Field(default=50_000, ge=1)
 
+    # Webhooks (issue 12): after a secret rotation the previous secret keeps signing (a second signature) this
+    # long; receivers on either secret keep verifying. Hosts, IPs or CIDRs a webhook may reach although they
+    # are private, loopback, link-local or metadata addresses (comma-separated; empty: public addresses only).
+    webhook_secret_grace_seconds: int = Field(default=24 * 3600, ge=0)
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = []
+    # Delay before each retry of a failed delivery (comma-separated seconds, each with +-20 % jitter); the
+    # default spreads 8 attempts over about 27 hours. Then the delivery is failed for good.
+    webhook_retry_delays_seconds: Annotated[list[float], NoDecode] = [5, 300, 1800, 7200, 18000, 36000, 36000]
+    # Resolve, connect and read timeout of one delivery attempt (the request as a whole: at most twice this).
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+
     # Response cache (issue 11.4), read by the API at submit: whether a query without `cache` uses it, how long
     # an answer stays, and whether identical requests of different users share answers (`global`) or not.
     response_cache_default: bool = False
@@ -148,6 +159,22 @@ class Settings(BaseSettings):
             value = [p.strip() for p in value.split(",") if p.strip()]
         for cidr in value:
             ipaddress.ip_network(cidr, strict=False)
+        return value
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @field_validator("webhook_retry_delays_seconds", mode="before")
+    @classmethod
+    def _split_delays(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [float(d) for d in value.split(",") if d.strip()]
+        if any(d < 0 for d in value):
+            raise ValueError("WEBHOOK_RETRY_DELAYS_SECONDS must be non-negative numbers")
         return value
 
     @field_validator("jwt_previous_secret_keys", mode="before")

@@ -113,6 +113,20 @@ LLM_CALLS_IN_FLIGHT = Gauge(
     # Sum over live processes; the default multiprocess mode would add a `pid` label.
     multiprocess_mode="livesum",
 )
+# Webhook delivery lag runs from the query's end to the receiver's 2xx: sub-second normally, hours when the
+# receiver was down and retries took over.
+WEBHOOK_LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0, 36000.0, 86400.0)
+WEBHOOK_DELIVERIES = Counter(
+    "aiq_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome (delivered|retried|failed|gone|skipped; failed = given up after the"
+    " last retry, gone = 410 from the receiver, which disables the account's endpoint).",
+    ["outcome"],
+)
+WEBHOOK_DELIVERY_LAG = Histogram(
+    "aiq_webhook_delivery_lag_seconds",
+    "From a query's end (its outbox row) to the receiver's 2xx, retries included.",
+    buckets=WEBHOOK_LAG_BUCKETS,
+)
 
 # Streams (issue 12): open SSE streams on the API, events appended to query logs (worker and API), and the
 # time from the start of an upstream call to its first streamed token.

@@ -22,6 +22,8 @@ from shared.config import Settings
 PROCESS_TASK = "queries.process"
 # Moves one batch (`/v1/batches`) a step on: expand lines into queries, notice the end, write the output.
 BATCH_TASK = "batches.advance"
+# One webhook delivery (its id); sent when a query ends and by the worker's webhook sweep.
+DELIVER_WEBHOOK_TASK = "webhooks.deliver"
 log = logging.getLogger(__name__)
 
 
@@ -158,7 +160,11 @@ class Publisher:
         )
 
     async def publish(self, query_id: uuid.UUID, task: str = PROCESS_TASK) -> bool:
-        """Publish without blocking the event loop; False if the broker did not take it in time."""
+        """Publish without blocking the event loop; False if the broker did not take it in time.
+
+        `task` names another task taking one id (`webhooks.deliver`: the id is the delivery's;
+        `batches.advance`: the batch's).
+        """
         queue = self._settings.queue_name
         try:
             await asyncio.wait_for(

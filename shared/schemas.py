@@ -159,6 +159,13 @@ class QueryCreate(StrictBody):
         description="Answer from the response cache when an identical request (model, system, query, temperature, "
         "max_tokens) was answered before, and cache this answer; null: the server's RESPONSE_CACHE_DEFAULT",
     )
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="POST a signed `query.completed|failed|cancelled` event here when the query ends (instead of "
+        "the account's endpoint); https only in production, public addresses only",
+        examples=["https://example.com/hooks/aiq"],
+    )
 
     @field_validator("query", "system", "metadata")
     @classmethod
@@ -276,3 +283,41 @@ class UsageReport(BaseModel):
     totals: UsageRow
 
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+
+class WebhookEndpointIn(StrictBody):
+    url: str = Field(max_length=2048, description="https only in production; public addresses only")
+
+
+class WebhookEndpointOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    url: str
+    enabled: bool = Field(description="False once the receiver answered 410 Gone; PUT the endpoint to enable it")
+    disabled_at: datetime | None
+    disabled_reason: str | None
+    updated_at: datetime
+
+
+class WebhookSecretOut(BaseModel):
+    secret: str = Field(description="`whsec_` + base64 key: verify `webhook-signature` with it (Standard Webhooks)")
+    previous_secret_expires_at: datetime | None = Field(
+        description="After a rotation the previous secret also signs (a second signature) until then"
+    )
+
+
+class WebhookDeliveryOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID = Field(description="The `webhook-id` header of every attempt")
+    query_id: uuid.UUID
+    event_type: str
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None = Field(description="When a pending delivery is tried next")
+    last_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None

@@ -15,8 +15,9 @@ from celery.signals import setup_logging, worker_init, worker_process_init, work
 from shared.config import get_settings
 from shared.logging import configure_logging, query_id_var
 from shared.metrics import start_worker_metrics_server
-from shared.queue import BATCH_TASK, PROCESS_TASK, make_celery
-from worker import batches, processing, recovery
+from shared.queue import BATCH_TASK, DELIVER_WEBHOOK_TASK, PROCESS_TASK, make_celery
+from shared.services.webhooks import DeliveryOutcome
+from worker import batches, processing, recovery, webhooks
 from worker.broker import guard_dead_channel
 from worker.runtime import BackgroundLoop, StopReason, WorkerRuntime, current_runtime, get_runtime, shutdown_runtime
 
@@ -26,7 +27,7 @@ guard_dead_channel()
 log = logging.getLogger("worker")
 # What every worker runs beside its tasks: lease renewal with cancel detection, and the recovery sweeper.
 BACKGROUND_LOOPS: tuple[BackgroundLoop, ...] = (
-    (recovery.heartbeat_loop, recovery.sweep_loop)
+    (recovery.heartbeat_loop, recovery.sweep_loop, webhooks.sweep_loop)
     if settings.sweep_interval_seconds > 0
     else (recovery.heartbeat_loop,)
 )
@@ -155,6 +156,21 @@ def _retry(task: Task, query_id: uuid.UUID, outcome: processing.Outcome) -> Retr
         except Reject as exc:
             log.warning("retry publish failed", extra={"query_id": str(query_id), "error": type(exc.reason).__name__})
     return Retry(exc=reason, when=delay)
+
+
+@app.task(name=DELIVER_WEBHOOK_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def deliver_webhook(delivery_id: str) -> str:
+    """One attempt at a webhook delivery; retries are the row's (the webhook sweep re-sends due ones)."""
+    try:
+        did = uuid.UUID(delivery_id)
+    except (ValueError, TypeError):
+        log.error("malformed task argument dropped")
+        raise Ignore() from None
+    rt = runtime()
+    outcome = rt.run(webhooks.deliver(rt, did))
+    if outcome is DeliveryOutcome.SKIPPED:
+        raise Ignore()
+    return outcome.value
 
 
 @app.task(name=BATCH_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

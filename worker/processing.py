@@ -24,6 +24,7 @@ from shared.metrics import LLM_CALLS_IN_FLIGHT, LLM_ERRORS, LLM_REQUEST_DURATION
 from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.repositories import queries_asyncpg as repo
 from shared.repositories.queries_asyncpg import Claim
+from shared.services import webhooks
 from worker.runtime import StopReason, WorkerRuntime
 from worker.streaming import DeltaSink, tell_end
 
@@ -94,9 +95,11 @@ async def _run_autocommitted(rt: WorkerRuntime, statement: Callable[[asyncpg.Con
 
 
 async def _settle_if_ended(rt: WorkerRuntime, claim: Claim, status: QueryStatus | None, used_tokens: int = 0) -> None:
-    """A write that ended the query settles its token reservation (once: the reservation is the marker)."""
+    """A write that ended the query settles its token reservation (once: the reservation is the marker) and
+    sends its webhook deliveries (the outbox rows were written with the terminal write)."""
     if status in TERMINAL_STATUSES:
         await rt.limiter.settle_quietly(claim.query_id, used_tokens)
+        await webhooks.on_query_ended(rt.raw_pool, rt.publisher, claim.query_id)
 
 
 async def process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:

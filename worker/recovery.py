@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from shared.models import TERMINAL_STATUSES
 from shared.repositories import queries_session as repo
 from shared.repositories.queries_session import WORKER_LOST_CODE, WORKER_LOST_MESSAGE
+from shared.services import webhooks
 from worker import batches
 from worker.runtime import StopReason, WorkerRuntime
 from worker.streaming import tell_end
@@ -64,6 +65,7 @@ async def sweep_once(rt: WorkerRuntime) -> int:
         if status in TERMINAL_STATUSES:
             await rt.limiter.settle_quietly(query_id, 0)
             await tell_end(rt.events, query_id, status, None, code=WORKER_LOST_CODE, message=WORKER_LOST_MESSAGE)
+            await webhooks.on_query_ended(rt.raw_pool, rt.publisher, query_id)
     async with rt.sessionmaker.begin() as session:
         due = await repo.lock_stale_pending(session, stale, SWEEP_BATCH)
         sent: list[uuid.UUID] = []

@@ -29,6 +29,7 @@ from shared.metrics import QUERIES_SUBMITTED
 from shared.models import QueryStatus
 from shared.schemas import QueryAccepted, QueryCreate, QueryOut, QueryPage
 from shared.services import queries as service
+from shared.services import webhooks
 
 router = APIRouter(prefix="/query", tags=["queries"])
 # Long-polls end within this, well inside common proxy and load balancer idle timeouts (60 s).
@@ -139,11 +140,14 @@ async def cancel(
     conn: ConnectionDep,
     redis: RedisDep,
     settings: SettingsDep,
+    publisher: PublisherDep,
     events: EventLogDep,
 ) -> JSONResponse:
     """Cancel: a pending query ends at once (200); a running one stops shortly (202); a finished one is 409."""
     query = await service.cancel_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
     code = status.HTTP_200_OK if query["status"] == QueryStatus.CANCELLED else status.HTTP_202_ACCEPTED
+    if code == status.HTTP_200_OK:
+        await webhooks.on_query_ended(conn, publisher, query_id)
     return JSONResponse(service.to_out(query).model_dump(mode="json"), status_code=code)
 
 

@@ -15,6 +15,7 @@ from shared.models.files import (
 from shared.models.limits import UserLimits
 from shared.models.query import TERMINAL_STATUSES, IdempotencyKey, Query, QueryStatus
 from shared.models.user import RefreshToken, RevokedReason, Role, User
+from shared.models.webhook import DeliveryStatus, WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 __all__ = [
     "BATCH_LIVE_STATUSES",
@@ -25,6 +26,7 @@ __all__ = [
     "Batch",
     "BatchItem",
     "BatchStatus",
+    "DeliveryStatus",
     "File",
     "FileChunk",
     "FilePurpose",
@@ -36,4 +38,7 @@ __all__ = [
     "Role",
     "User",
     "UserLimits",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookEvent",
 ]

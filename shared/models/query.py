@@ -63,6 +63,8 @@ class Query(Base):
     max_tokens: Mapped[int | None]
     # `metadata` is reserved on declarative classes, hence the attribute name.
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
+    # Where to POST the signed `query.*` event when the query ends (else the account's endpoint, if any).
+    webhook_url: Mapped[str | None] = mapped_column(Text)
 
     status: Mapped[str] = mapped_column(String(16), default=QueryStatus.PENDING, server_default="pending")
     response: Mapped[str | None] = mapped_column(Text)

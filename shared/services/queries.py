@@ -31,6 +31,7 @@ from shared.repositories.queries_common import RowLike
 from shared.schemas import QueryAccepted, QueryCreate, QueryError, QueryOut, QueryPage, Usage
 from shared.services.limits import effective_limits
 from shared.wakeup import Wakeup
+from shared.webhooks import validate_url
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,11 @@ def validate_submission(settings: Settings, body: QueryCreate) -> str:
         )
     if body.max_tokens is not None and body.max_tokens > settings.max_output_tokens:
         raise _invalid("max_tokens", f"max_tokens must be at most {settings.max_output_tokens}", "max_tokens_too_large")
+    if body.webhook_url is not None:
+        try:
+            validate_url(settings, body.webhook_url)
+        except ValueError as exc:
+            raise _invalid("webhook_url", str(exc), "webhook_url_invalid") from None
     if body.metadata is not None and len(json.dumps(body.metadata)) > settings.max_metadata_bytes:
         raise _invalid(
             "metadata", f"metadata must serialize to at most {settings.max_metadata_bytes} bytes", "metadata_too_large"
@@ -90,6 +96,7 @@ def _new_query(settings: Settings, user_id: uuid.UUID, body: QueryCreate) -> tup
         "temperature": body.temperature,
         "max_tokens": body.max_tokens,
         "meta": body.metadata,
+        "webhook_url": body.webhook_url,
         "status": QueryStatus.PENDING.value,
         "attempts": 0,
         "created_at": now,

@@ -72,6 +72,10 @@ def stack_settings(database_url: str, redis_url: str, simulator_url: str) -> dic
         "LOGIN_MAX_FAILURES": "1000",
         "LOGIN_ADDRESS_MAX_FAILURES": "1000",
         "FORWARDED_ALLOW_IPS": "",
+        # Webhooks: the tests' receivers listen on loopback, and retries come quickly enough to watch.
+        "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        "WEBHOOK_RETRY_DELAYS_SECONDS": "1,1,1",
+        "WEBHOOK_TIMEOUT_SECONDS": "3",
     }
 
 
