@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
 
 from tests.compat.conftest import make_api_key
 from tests.support.api import register_and_login
@@ -182,3 +184,29 @@ def test_files_are_private_and_checked(sdk: openai.OpenAI, stack: Stack, client:
             with pytest.raises(openai.APIStatusError) as too_big:
                 tight.files.create(file=("big.jsonl", b"x" * 200_000), purpose="batch")
             assert too_big.value.status_code == 413
+
+
+def test_a_batch_holds_to_the_users_pending_cap_and_still_finishes(
+    sdk: openai.OpenAI, user: dict[str, Any], db: Engine
+) -> None:
+    with db.begin() as conn:
+        conn.execute(text("INSERT INTO user_limits (user_id, max_pending) VALUES (:u, 3)"), {"u": user["user_id"]})
+    lines = [_chat_line(f"capped-{i}", f"capped {i} [[sim latency_ms=400]]") for i in range(12)]
+    uploaded = sdk.files.create(file=("capped.jsonl", _jsonl(lines)), purpose="batch")
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    most_live, deadline = 0, time.monotonic() + 180
+    while batch.status not in ENDED and time.monotonic() < deadline:
+        with db.connect() as conn:
+            live = conn.execute(
+                text("SELECT count(*) FROM queries WHERE user_id = :u AND status IN ('pending', 'running')"),
+                {"u": user["user_id"]},
+            ).scalar_one()
+        most_live = max(most_live, int(live))
+        time.sleep(0.05)
+        batch = sdk.batches.retrieve(batch.id)
+    assert batch.status == "completed"
+    assert batch.request_counts is not None
+    assert batch.request_counts.completed == 12
+    # The cap held (a refused line waited for its turn instead of failing) and the batch used it.
+    assert 0 < most_live <= 3
+    assert batch.error_file_id is None
