@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,24 @@ def test_a_batch_holds_to_the_users_pending_cap_and_still_finishes(
     # The cap held (a refused line waited for its turn instead of failing) and the batch used it.
     assert 0 < most_live <= 3
     assert batch.error_file_id is None
+
+
+def test_a_batch_past_its_window_ends_expired_with_the_unfinished_lines_in_the_error_file(
+    sdk: openai.OpenAI, db: Engine
+) -> None:
+    lines = [_chat_line(f"late-{i}", f"late {i} [[sim latency_ms=30000]]") for i in range(5)]
+    uploaded = sdk.files.create(file=("late.jsonl", _jsonl(lines)), purpose="batch")
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + 60
+    while sdk.batches.retrieve(batch.id).status == "validating" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # The 24 h window, passed: the next step notices.
+    with db.begin() as conn:
+        conn.execute(
+            text("UPDATE batches SET expires_at = now() - interval '1 second' WHERE id = :id"),
+            {"id": str(uuid.UUID(hex=batch.id.removeprefix("batch_")))},
+        )
+    done = _until_ended(sdk, batch.id, timeout=90)
+    assert done.status == "expired"
+    assert done.expired_at is not None
+    assert len(_read_jsonl(sdk, done.error_file_id)) == 5
