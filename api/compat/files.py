@@ -2,34 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.datastructures import UploadFile
 
 from api.deps import ConnectionDep, CurrentUserId, PoolDep, SettingsDep
+from shared.errors import InvalidInput
 from shared.services import files as service
 
 router = APIRouter()
 
 
 @router.post("/files")
-async def upload_file(
-    file: Annotated[UploadFile, File()],
-    purpose: Annotated[str, Form(max_length=32)],
-    user_id: CurrentUserId,
-    settings: SettingsDep,
-    pool: PoolDep,
-) -> dict[str, Any]:
-    """A JSONL batch input file (purpose=batch): at most MAX_FILE_BYTES and MAX_BATCH_LINES lines.
+async def upload_file(request: Request, user_id: CurrentUserId, settings: SettingsDep, pool: PoolDep) -> dict[str, Any]:
+    """A JSONL batch input file (multipart: `file`, `purpose=batch`): at most MAX_FILE_BYTES and MAX_BATCH_LINES.
 
-    The form parser spools the file to a temporary file on disk (never all of it in memory); it is then copied
-    into the database 1 MiB at a time.
+    The form is read here, after the caller is authenticated (declared `File()`/`Form()` parameters would be
+    parsed before the credentials are checked). The parser spools the file to a temporary file on disk, never
+    all of it in memory; it is then copied into the database 1 MiB at a time.
     """
-    row = await service.upload(
-        pool, settings, user_id, purpose=purpose, filename=file.filename or "upload.jsonl", read=file.read
-    )
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(upload, UploadFile):
+            raise _missing("file", "a file part named 'file' is required")
+        if not isinstance(purpose, str):
+            raise _missing("purpose", "a form field named 'purpose' is required")
+        row = await service.upload(
+            pool, settings, user_id, purpose=purpose, filename=upload.filename or "upload.jsonl", read=upload.read
+        )
     return service.file_object(row)
+
+
+def _missing(field: str, message: str) -> InvalidInput:
+    return InvalidInput(
+        message, code="invalid_value", details=[{"loc": ["body", field], "msg": message, "type": "missing"}]
+    )
 
 
 @router.get("/files/{file_id}")

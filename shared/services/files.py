@@ -89,7 +89,7 @@ async def upload(
     At most MAX_FILE_BYTES (a 413 otherwise) and MAX_BATCH_LINES non-blank lines (a 400); the lines
     themselves are checked when a batch reads them, each bad one reported in its error file.
     """
-    if purpose != FilePurpose.BATCH:
+    if len(purpose) > 32 or purpose != FilePurpose.BATCH:
         raise InvalidInput(
             "purpose must be 'batch'",
             code="invalid_value",

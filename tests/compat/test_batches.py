@@ -40,6 +40,10 @@ def _until_ended(sdk: openai.OpenAI, batch_id: str, timeout: float = 240) -> Any
         time.sleep(0.5)
 
 
+def _bearer(sdk: openai.OpenAI) -> dict[str, str]:
+    return {"Authorization": f"Bearer {sdk.api_key}"}
+
+
 def _read_jsonl(sdk: openai.OpenAI, file_id: str | None) -> dict[str, dict[str, Any]]:
     assert file_id is not None
     lines = [json.loads(line) for line in sdk.files.content(file_id).read().splitlines()]
@@ -167,6 +171,13 @@ def test_files_are_private_and_checked(sdk: openai.OpenAI, stack: Stack, client:
             other.files.content(uploaded.id)
         with pytest.raises(openai.NotFoundError):
             other.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    stranger = openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key="aiq_not-a-key", max_retries=0)
+    with stranger, pytest.raises(openai.AuthenticationError):
+        stranger.files.create(file=("x.jsonl", b'{"a": 1}\n'), purpose="batch")
+    # A form without its file part (the SDK cannot send one): a 400 naming it.
+    r = client.post("/v1/files", data={"purpose": "batch"}, files={"other": ("x", b"y")}, headers=_bearer(sdk))
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "file"
     with pytest.raises(openai.BadRequestError) as caught:
         sdk.files.create(file=("x.jsonl", b'{"a": 1}\n'), purpose="assistants")
     assert caught.value.body["param"] == "purpose"  # type: ignore[index]
