@@ -243,3 +243,15 @@ def test_a_batch_past_its_window_ends_expired_with_the_unfinished_lines_in_the_e
     assert done.status == "expired"
     assert done.expired_at is not None
     assert len(_read_jsonl(sdk, done.error_file_id)) == 5
+
+
+def test_a_file_of_openais_50000_lines_is_accepted_and_one_more_is_refused(sdk: openai.OpenAI) -> None:
+    line = json.dumps(_chat_line("x", "y")).encode() + b"\n"
+    content = line * 50_000
+    uploaded = sdk.files.create(file=("big.jsonl", content), purpose="batch")
+    assert uploaded.bytes == len(content)
+    # Streamed back in 1 MiB chunks, byte for byte.
+    assert sdk.files.content(uploaded.id).read() == content
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.files.create(file=("bigger.jsonl", content + line), purpose="batch")
+    assert caught.value.body["code"] == "too_many_lines"  # type: ignore[index]
