@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
@@ -39,6 +39,24 @@ def _missing(field: str, message: str) -> InvalidInput:
     return InvalidInput(
         message, code="invalid_value", details=[{"loc": ["body", field], "msg": message, "type": "missing"}]
     )
+
+
+@router.get("/files")
+async def list_files(
+    user_id: CurrentUserId,
+    conn: ConnectionDep,
+    purpose: Annotated[str | None, Query(max_length=32)] = None,
+    after: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+) -> dict[str, Any]:
+    """The caller's files, newest first; `after` is the last id of the previous page."""
+    return await service.list_page(conn, user_id, purpose=purpose, after=after, limit=limit)
+
+
+@router.delete("/files/{file_id}")
+async def delete_file(file_id: str, user_id: CurrentUserId, conn: ConnectionDep) -> dict[str, Any]:
+    """Delete a file and its content; a file a live batch still reads is a 409."""
+    return await service.delete_file(conn, user_id, file_id)
 
 
 @router.get("/files/{file_id}")

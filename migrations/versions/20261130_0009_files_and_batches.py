@@ -63,7 +63,6 @@ def upgrade() -> None:
     sa.Column('cancelled_at', sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("status IN ('validating', 'in_progress', 'finalizing', 'completed', 'failed', 'expired', 'cancelling', 'cancelled')", name=op.f('ck_batches_status_valid')),
     sa.ForeignKeyConstraint(['error_file_id'], ['files.id'], name=op.f('fk_batches_error_file_id_files'), ondelete='SET NULL'),
-    sa.ForeignKeyConstraint(['input_file_id'], ['files.id'], name=op.f('fk_batches_input_file_id_files'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['output_file_id'], ['files.id'], name=op.f('fk_batches_output_file_id_files'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_batches_user_id_users'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_batches'))

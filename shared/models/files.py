@@ -82,7 +82,9 @@ class Batch(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    input_file_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"))
+    # No foreign key: a finished batch keeps naming its input file after the file is deleted (as OpenAI's do);
+    # a live batch's file cannot be deleted (`DELETE /v1/files/{id}` is a 409 then).
+    input_file_id: Mapped[uuid.UUID]
     endpoint: Mapped[str] = mapped_column(String(64))
     completion_window: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))

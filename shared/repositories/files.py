@@ -48,3 +48,48 @@ async def chunk(conn: asyncpg.Connection, file_id: uuid.UUID, seq: int) -> bytes
         "SELECT data FROM file_chunks WHERE file_id = $1 AND seq = $2", file_id, seq
     )
     return data
+
+
+async def lock_for_user(
+    conn: asyncpg.Connection, file_id: uuid.UUID, user_id: uuid.UUID, *, share: bool
+) -> RowLike | None:
+    """The user's file, locked for this transaction: FOR SHARE while a batch is created on it, FOR UPDATE to
+    delete it, so a batch is never created on a file being deleted."""
+    lock = "FOR SHARE" if share else "FOR UPDATE"
+    row: RowLike | None = await conn.fetchrow(
+        f"SELECT * FROM files WHERE id = $1 AND user_id = $2 {lock}",  # noqa: S608 - one of two fixed clauses
+        file_id,
+        user_id,
+    )
+    return row
+
+
+async def in_live_batch(conn: asyncpg.Connection, file_id: uuid.UUID, live_statuses: list[str]) -> bool:
+    found: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM batches WHERE input_file_id = $1 AND status = ANY($2::text[]))",
+        file_id,
+        live_statuses,
+    )
+    return found
+
+
+async def delete(conn: asyncpg.Connection, file_id: uuid.UUID) -> None:
+    """The file and its chunks (batches that wrote it keep its id as null)."""
+    await conn.execute("DELETE FROM files WHERE id = $1", file_id)
+
+
+async def list_for_user(
+    conn: asyncpg.Connection, user_id: uuid.UUID, *, purpose: str | None, after: uuid.UUID | None, limit: int
+) -> list[RowLike]:
+    """The user's files, newest first; `after` is the last file id of the previous page."""
+    rows = await conn.fetch(
+        "SELECT f.* FROM files f WHERE f.user_id = $1 AND ($2::text IS NULL OR f.purpose = $2) "
+        "AND ($3::uuid IS NULL OR (f.created_at, f.id) < "
+        "(SELECT a.created_at, a.id FROM files a WHERE a.id = $3 AND a.user_id = $1)) "
+        "ORDER BY f.created_at DESC, f.id DESC LIMIT $4",
+        user_id,
+        purpose,
+        after,
+        limit,
+    )
+    return list(rows)

@@ -99,7 +99,13 @@ def batch_object(row: RowLike) -> dict[str, Any]:
 
 async def create(conn: asyncpg.Connection, user_id: uuid.UUID, body: BatchCreate) -> RowLike:
     """A validating batch over one of the caller's `batch` files; the caller sends `batches.advance`."""
-    file_row = await files_service.get_file(conn, user_id, body.input_file_id)
+    async with conn.transaction():
+        return await _create(conn, user_id, body)
+
+
+async def _create(conn: asyncpg.Connection, user_id: uuid.UUID, body: BatchCreate) -> RowLike:
+    # FOR SHARE: a concurrent delete of the file waits for this batch, then refuses (the batch is live).
+    file_row = await files_service.lock_file(conn, user_id, body.input_file_id)
     if file_row["purpose"] != FilePurpose.BATCH:
         raise AppError(
             "input_file_id must be a file uploaded with purpose 'batch'", status_code=400, code="invalid_input_file"

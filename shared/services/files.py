@@ -9,8 +9,8 @@ from typing import Any
 import asyncpg
 
 from shared.config import Settings
-from shared.errors import AppError, InvalidInput, NotFound
-from shared.models import FILE_CHUNK_BYTES, FilePurpose
+from shared.errors import AppError, Conflict, InvalidInput, NotFound
+from shared.models import BATCH_LIVE_STATUSES, FILE_CHUNK_BYTES, FilePurpose
 from shared.repositories import files as repo
 from shared.repositories.queries_common import RowLike
 
@@ -126,6 +126,42 @@ async def get_file(conn: asyncpg.Connection, user_id: uuid.UUID, public_id: str)
     if row is None:
         raise NotFound(f"No such File object: {public_id[:80]}", code="file_not_found")
     return row
+
+
+async def lock_file(conn: asyncpg.Connection, user_id: uuid.UUID, public_id: str) -> RowLike:
+    """The caller's file, share-locked for the caller's transaction (a batch being created on it)."""
+    row = await repo.lock_for_user(conn, parse_file_id(public_id), user_id, share=True)
+    if row is None:
+        raise NotFound(f"No such File object: {public_id[:80]}", code="file_not_found")
+    return row
+
+
+async def delete_file(conn: asyncpg.Connection, user_id: uuid.UUID, public_id: str) -> dict[str, Any]:
+    """Delete one of the caller's files; one that a live batch reads is a 409 until the batch ends."""
+    raw = parse_file_id(public_id)
+    async with conn.transaction():
+        if await repo.lock_for_user(conn, raw, user_id, share=False) is None:
+            raise NotFound(f"No such File object: {public_id[:80]}", code="file_not_found")
+        if await repo.in_live_batch(conn, raw, [s.value for s in BATCH_LIVE_STATUSES]):
+            raise Conflict("A batch that is still running reads this file", code="file_in_use")
+        await repo.delete(conn, raw)
+    return {"id": public_id, "object": "file", "deleted": True}
+
+
+async def list_page(
+    conn: asyncpg.Connection, user_id: uuid.UUID, *, purpose: str | None, after: str | None, limit: int
+) -> dict[str, Any]:
+    """OpenAI's cursor list of the caller's files, newest first."""
+    after_id = parse_file_id(after) if after else None
+    rows = await repo.list_for_user(conn, user_id, purpose=purpose, after=after_id, limit=limit + 1)
+    data = [file_object(r) for r in rows[:limit]]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(rows) > limit,
+    }
 
 
 async def content(pool: asyncpg.Pool, file_row: RowLike) -> AsyncIterator[bytes]:

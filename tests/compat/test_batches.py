@@ -255,3 +255,25 @@ def test_a_file_of_openais_50000_lines_is_accepted_and_one_more_is_refused(sdk: 
     with pytest.raises(openai.BadRequestError) as caught:
         sdk.files.create(file=("bigger.jsonl", content + line), purpose="batch")
     assert caught.value.body["code"] == "too_many_lines"  # type: ignore[index]
+
+
+def test_files_are_listed_and_deleted_but_not_while_a_live_batch_reads_them(sdk: openai.OpenAI) -> None:
+    lines = [_chat_line(f"hold-{i}", f"hold {i} [[sim latency_ms=30000]]") for i in range(3)]
+    uploaded = sdk.files.create(file=("held.jsonl", _jsonl(lines)), purpose="batch")
+    other = sdk.files.create(file=("other.jsonl", _jsonl(lines)), purpose="batch")
+    listed = [f.id for f in sdk.files.list(purpose="batch")]
+    assert listed[:2] == [other.id, uploaded.id]
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.ConflictError):
+        sdk.files.delete(uploaded.id)
+    sdk.batches.cancel(batch.id)
+    ended = _until_ended(sdk, batch.id, timeout=90)
+    assert ended.status == "cancelled"
+    assert sdk.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.retrieve(uploaded.id)
+    assert uploaded.id not in [f.id for f in sdk.files.list()]
+    # The batch still names its input file, as OpenAI's do.
+    assert sdk.batches.retrieve(batch.id).input_file_id == uploaded.id
+    assert ended.error_file_id is not None
+    assert sdk.files.delete(ended.error_file_id).deleted
