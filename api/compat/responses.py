@@ -12,9 +12,11 @@ from api.compat.submit import submit, wait
 from api.deps import ConnectionDep, CurrentUserId, EventLogDep, PoolDep, PublisherDep, RedisDep, SettingsDep, WakeupDep
 from shared.errors import Conflict
 from shared.limits import limiter_for
+from shared.models import QueryStatus
 from shared.schemas_openai import ResponseCreate
 from shared.services import queries as queries_service
 from shared.services import responses as service
+from shared.services import webhooks
 
 router = APIRouter()
 # A cancel of a running query is carried out by its worker; wait this long for it to say so.
@@ -84,6 +86,7 @@ async def cancel_response(
     response_id: str,
     user_id: CurrentUserId,
     pool: PoolDep,
+    publisher: PublisherDep,
     redis: RedisDep,
     settings: SettingsDep,
     events: EventLogDep,
@@ -93,7 +96,11 @@ async def cancel_response(
     query_id = service.parse_id(response_id, service.RESPONSE_PREFIX, "response")
     try:
         async with pool.acquire() as conn:
-            await queries_service.cancel_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
+            limiter = limiter_for(redis, settings)
+            row = await queries_service.cancel_query(conn, limiter, user_id, query_id, events=events)
+            if row["status"] == QueryStatus.CANCELLED:
+                # Ended here, not by a worker: its webhooks are sent now, as the native cancel does.
+                await webhooks.on_query_ended(conn, publisher, query_id)
     except Conflict as exc:
         if exc.code != "query_not_cancellable":
             raise

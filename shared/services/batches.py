@@ -36,6 +36,7 @@ from shared.schemas_openai import BatchCreate, ChatCompletionCreate, ResponseCre
 from shared.services import files as files_service
 from shared.services import queries as queries_service
 from shared.services import responses as responses_service
+from shared.services import webhooks
 
 log = logging.getLogger(__name__)
 BATCH_PREFIX = "batch_"
@@ -265,11 +266,16 @@ async def _expand(
     return delay
 
 
-async def _cancel_live(conn: asyncpg.Connection, limiter: Limiter, events: EventLog, batch: RowLike) -> None:
+async def _cancel_live(
+    conn: asyncpg.Connection, limiter: Limiter, events: EventLog, batch: RowLike, ended: list[uuid.UUID]
+) -> None:
+    """Cancel the batch's live queries: pending ones end now (`ended`), running ones when their worker stops."""
     for query_id in await repo.live_query_ids(conn, batch["id"], EXPAND_LINES):
         # One that ended meanwhile needs nothing.
         with contextlib.suppress(Conflict, NotFound):
-            await queries_service.cancel_query(conn, limiter, batch["user_id"], query_id, events=events)
+            row = await queries_service.cancel_query(conn, limiter, batch["user_id"], query_id, events=events)
+            if row["status"] == QueryStatus.CANCELLED:
+                ended.append(query_id)
 
 
 def _status_code(query: RowLike) -> int:
@@ -342,12 +348,13 @@ async def advance(
 ) -> float | None:
     """Move the batch one step; the seconds until its next step, or None when it has ended (or is busy)."""
     taken: list[uuid.UUID] = []
+    ended: list[uuid.UUID] = []
     try:
         async with pool.acquire() as conn, conn.transaction():
             batch = await repo.lock(conn, batch_uuid)
             if batch is None:
                 return None
-            delay = await _step(conn, settings, limiter, events, batch, taken)
+            delay = await _step(conn, settings, limiter, events, batch, taken, ended)
             if delay is not None:
                 await repo.update(
                     conn, batch_uuid, next_check_at=datetime.now(UTC) + timedelta(seconds=delay + OVERDUE_SECONDS)
@@ -360,6 +367,9 @@ async def advance(
         # pending for the sweeper).
         await events.append_quietly(query_id, EventType.QUEUED)
         await publisher.publish(query_id)
+    for query_id in ended:
+        # Cancelled here, not by a worker: their webhooks go now, as after the native cancel.
+        await webhooks.on_query_ended(pool, publisher, query_id)
     return delay
 
 
@@ -370,6 +380,7 @@ async def _step(
     events: EventLog,
     batch: RowLike,
     taken: list[uuid.UUID],
+    ended: list[uuid.UUID],
 ) -> float | None:
     now = datetime.now(UTC)
     status = BatchStatus(batch["status"])
@@ -398,7 +409,7 @@ async def _step(
     if status == BatchStatus.VALIDATING:
         await repo.update(conn, batch["id"], status=BatchStatus.IN_PROGRESS.value, in_progress_at=now)
     if ending:
-        await _cancel_live(conn, limiter, events, batch)
+        await _cancel_live(conn, limiter, events, batch, ended)
     elif not batch["input_done"]:
         delay = await _expand(conn, settings, limiter, batch, taken)
     counts = await repo.counts(conn, batch["id"])
