@@ -13,7 +13,7 @@ import pytest
 from tests.compat.conftest import make_api_key
 from tests.support.api import register_and_login
 from tests.support.limits import tight_apis
-from tests.support.stack import Stack
+from tests.support.stack import Stack, spawn_api, stop
 
 
 def _until_terminal(sdk: openai.OpenAI, response_id: str, timeout: float = 60) -> Any:
@@ -186,3 +186,22 @@ def test_a_refused_submit_is_a_rate_limit_error_with_the_retry_headers(
     assert float(headers["retry-after"]) > 0
     assert int(headers["retry-after-ms"]) == int(float(headers["retry-after"]) * 1000)
     assert caught.value.body["code"] == "rate_limited"  # type: ignore[index]
+
+
+def test_a_foreground_call_past_compat_wait_is_a_504_naming_the_response_to_fetch(
+    stack: Stack, tmp_path: Path, api_key: str
+) -> None:
+    # An API process of the stack's own queue, whose foreground calls wait one second at most.
+    api, url = spawn_api(stack, tmp_path / "api.log", COMPAT_WAIT_SECONDS="1")
+    try:
+        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=30)
+        with sdk:
+            with pytest.raises(openai.InternalServerError) as caught:
+                sdk.chat.completions.create(
+                    model="sim-small", messages=[{"role": "user", "content": "[[sim latency_ms=3000]] slow"}]
+                )
+            assert caught.value.status_code == 504
+            response_id = caught.value.body["message"].split("GET /v1/responses/")[1]  # type: ignore[index]
+            assert _until_terminal(sdk, response_id).status == "completed"
+    finally:
+        stop(api)
