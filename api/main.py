@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI
 
 from api.compat.errors import COMPAT_PREFIX
@@ -17,7 +16,7 @@ from api.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMidd
 from api.openapi import install_openapi
 from api.routes import admin, auth, events, health, keys, limits, queries, usage, webhooks
 from shared.config import Settings, get_settings
-from shared.db import make_engine, make_raw_pool, make_sessionmaker
+from shared.db import make_engine, make_raw_pool, make_redis, make_sessionmaker
 from shared.events import EventLog
 from shared.logging import configure_logging
 from shared.metrics import QueueStats, register_queue_collector, unregister_collector
@@ -36,7 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.autocommit_sessionmaker = make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
         app.state.raw_pool = await make_raw_pool(settings, "aiq-api")
-        app.state.redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        app.state.redis = make_redis(settings)
         app.state.publisher = Publisher(settings)
         app.state.event_log = EventLog(app.state.redis, settings)
         # ONE subscriber per process wakes every waiting SSE stream and long-poll (shared/wakeup.py).

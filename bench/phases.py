@@ -12,6 +12,8 @@ from bench.measures.m2 import measure_m2
 from bench.measures.m3 import measure_m3
 from bench.measures.m4 import measure_m4
 from bench.measures.m5 import measure_m5
+from bench.measures.publish import amqp_url, measure_publish
+from bench.measures.sse import measure_sse
 from bench.measures.webhooks import measure_webhook_lag
 from bench.measures.wrk import measure_wrk
 from bench.plan import say
@@ -53,6 +55,17 @@ def run_naive(ctx: RunContext) -> dict[str, Any]:
     return n
 
 
+def run_sse(ctx: RunContext) -> dict[str, Any]:
+    """`--systems sse`: AIQ on its own, only the SSE measures (TTFT at the client, held streams)."""
+    layout = ctx.layout
+    say(f"SSE: starting AIQ's API ({layout.api_workers} process(es)) and {layout.workers} worker process(es)")
+    aiq = start_aiq(ctx.launcher, ctx.servers, ctx.sim, layout, ctx.aiq_api_env)
+    warm_up(ctx, aiq)
+    result = {"sse": measure_sse(ctx, aiq, 20 if ctx.plan.quick else 50)}
+    ctx.launcher.stop_group([*aiq.workers, *aiq.api], timeout=10)
+    return result
+
+
 def run_aiq(ctx: RunContext) -> dict[str, Any]:
     """AIQ: M1 (and, time allowing, its API-only and wrk variants), M4, M2, M5, the profile, M3 last."""
     plan, layout = ctx.plan, ctx.layout
@@ -65,6 +78,10 @@ def run_aiq(ctx: RunContext) -> dict[str, Any]:
     a["limits_cost"] = measure_limits_cost(ctx, aiq, max(100, round(0.5 * (a["m1"]["max_rps"] or 200) / 50) * 50))
     if ctx.clock.allows(60, "the batch measure"):
         a["batch"] = measure_batch(ctx, aiq, lines=300 if plan.quick else 2000)
+    # The API's publish on its own, Redis beside RabbitMQ (BENCH_AMQP_URL / TEST_AMQP_URL): a few seconds.
+    ctx.gate.wait()
+    say("publish cost: Publisher.publish to Redis and to RabbitMQ, sequential and 64 in flight")
+    a["publish"] = measure_publish(ctx.servers.redis, amqp_url(), quick=plan.quick)
     # Still to come after the optional phases: M4, M2, M5, M3 (about 150 s in the full run).
     if not plan.quick and ctx.clock.allows(200, "the API-only M1 sweep"):
         a["m1_api_only"] = measure_m1_api_only(ctx, aiq, a["m1"]["max_rps"] or 100)
@@ -83,6 +100,8 @@ def run_aiq(ctx: RunContext) -> dict[str, Any]:
     a["m5"] = measure_m5(ctx, aiq, plan.aiq_m5_rates)
     if ctx.clock.allows(40, "the webhook lag"):
         a["webhook_lag"] = measure_webhook_lag(ctx, aiq, 20, 5 if plan.quick else 10)
+    if ctx.clock.allows(60, "the SSE measures"):
+        a["sse"] = measure_sse(ctx, aiq, max(10, round(0.5 * (a["m4"]["per_s"] or 20))))
     if ctx.profile and ctx.clock.allows(75, "the profile"):
         rate = max(50, round(0.9 * (a["m1"]["max_rps"] or 100) / 10) * 10)
         a["profile"] = profile(ctx, aiq, rate)

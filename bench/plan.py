@@ -14,6 +14,8 @@ MODEL = "gpt-4o-mini"
 USERS = 8
 M1_P99_MS = 50.0
 M5_P99_MS = 20.0
+# The client-side scenario's bound: the highest rate whose clients see at most this P99 over the upstream.
+CLIENT_P99_MS = 250.0
 MAX_ERROR_RATE = 0.001
 # A failed step is run again once when other processes used more than this (% of one core) meanwhile.
 FOREIGN_RETRY_PCT = 25.0
@@ -23,7 +25,10 @@ SATURATED_PCT = 85.0
 
 @dataclass(frozen=True)
 class Plan:
-    """Durations and sizes; `--quick` keeps the whole run under 3 minutes, the full one under 10."""
+    """Durations and sizes; `--quick` keeps the whole run to 4 to 5 minutes, the full one to about 12.
+
+    The budget covers M1 to M5 and their optional phases; the client-side phase (with its LiteLLM peer) runs after it.
+    """
 
     quick: bool
     step_s: float
@@ -42,6 +47,9 @@ class Plan:
     wrk: bool
     quiet_wait_s: float
     gate_budget_s: float
+    client_rates: tuple[int, ...]
+    client_step_s: float
+    client_timeout_s: float
     budget_s: float  # optional phases and retries are skipped when the run would overrun this
 
     @classmethod
@@ -66,6 +74,9 @@ class Plan:
                 wrk=False,
                 quiet_wait_s=10,
                 gate_budget_s=15,
+                client_rates=(10, 25, 50, 100, 150, 200, 300),
+                client_step_s=4,
+                client_timeout_s=15,
                 budget_s=160,
             )
         return cls(
@@ -86,6 +97,9 @@ class Plan:
             wrk=True,
             quiet_wait_s=30,
             gate_budget_s=45,
+            client_rates=(10, 20, 40, 60, 80, 100, 125, 150, 200, 250, 300, 400),
+            client_step_s=8,
+            client_timeout_s=30,
             budget_s=560,
         )
 

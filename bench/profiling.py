@@ -18,7 +18,7 @@ from bench.systems import System
 from devkit.paths import ROOT
 
 
-def _py_spy() -> str | None:
+def py_spy() -> str | None:
     spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     return spy if Path(spy).exists() else None
 
@@ -27,7 +27,7 @@ def _py_spy() -> str | None:
 Recordings = dict[str, tuple[subprocess.Popen[bytes], Path]]
 
 
-def _record(spy: str, targets: dict[str, int], seconds: float, outdir: Path, tag: str) -> Recordings:
+def record(spy: str, targets: dict[str, int], seconds: float, outdir: Path, tag: str) -> Recordings:
     """Start py-spy on each pid: sampling, non-blocking, only threads holding the GIL (= Python on CPU)."""
     started: Recordings = {}
     for name, pid in targets.items():
@@ -58,7 +58,7 @@ def _record(spy: str, targets: dict[str, int], seconds: float, outdir: Path, tag
     return started
 
 
-def _collect(started: Recordings, seconds: float) -> dict[str, Any]:
+def collect(started: Recordings, seconds: float) -> dict[str, Any]:
     """Wait for each recording to end and summarize what it wrote."""
     out = {}
     for name, (p, raw) in started.items():
@@ -72,7 +72,7 @@ def _collect(started: Recordings, seconds: float) -> dict[str, Any]:
 
 def profile(ctx: RunContext, system: System, rate: float) -> dict[str, Any]:
     """Where the CPU goes: py-spy on the API processes under submit load, then on the worker during a burst."""
-    spy = _py_spy()
+    spy = py_spy()
     if spy is None:
         say("py-spy not installed (pip install py-spy): skipping the profile")
         return {}
@@ -83,7 +83,7 @@ def profile(ctx: RunContext, system: System, rate: float) -> dict[str, Any]:
     say(f"profile: py-spy on {len(api_pids)} API process(es) and the worker, submits at {rate:.0f}/s for {seconds} s")
     targets = {f"api{i}": pid for i, pid in enumerate(api_pids)}
     targets.update({f"worker{i}": w.pid for i, w in enumerate(system.workers)})
-    started = _record(spy, targets, seconds, ctx.logdir, f"{system.name}-submit")
+    started = record(spy, targets, seconds, ctx.logdir, f"{system.name}-submit")
     time.sleep(0.5)
     r = ctx.lg.run(system.submit_spec(rate, duration=seconds - 1, warmup_s=0), system.meter(ctx.sim))
     out: dict[str, Any] = {
@@ -91,17 +91,17 @@ def profile(ctx: RunContext, system: System, rate: float) -> dict[str, Any]:
             "rate": rate,
             "p99_ms": r["latency_ms"]["p99"],
             "cpu": r.get("cpu"),
-            "processes": _collect(started, seconds),
+            "processes": collect(started, seconds),
         }
     }
     system.settle(ctx.sim)
     n = 1500
     say(f"profile: py-spy on the worker during a burst of {n} at 0.5 s")
-    started = _record(
+    started = record(
         spy, {f"worker{i}": w.pid for i, w in enumerate(system.workers)}, seconds, ctx.logdir, f"{system.name}-burst"
     )
     ctx.lg.run(system.submit_spec(0, count=n, max_connections=64, timeout_s=120))
-    out["burst"] = {"count": n, "processes": _collect(started, seconds)}
+    out["burst"] = {"count": n, "processes": collect(started, seconds)}
     system.settle(ctx.sim, timeout=60)
     return out
 

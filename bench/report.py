@@ -12,6 +12,7 @@ from typing import Any
 
 import psutil
 
+from bench.measures.sse import sse_headline
 from bench.measures.steps import foreign_pct
 from bench.plan import FOREIGN_RETRY_PCT, USERS, Plan
 from bench.stack import Servers, pg
@@ -45,12 +46,18 @@ def headline(details: dict[str, Any]) -> dict[str, Any]:
         j["p0_completions_per_s"] = details["p0"]["m4"]["completions_per_s"]
     if "naive" in details:
         j.update(_naive_headline(details["naive"]))
+    sse = (details.get("aiq") or {}).get("sse") or (details.get("sse") or {}).get("sse")
+    if sse:
+        j.update(sse_headline(sse))
     if "aiq" in details:
         j.update(_aiq_headline(details["aiq"]))
         j["ratios"] = {
             "m1_vs_naive": ratio(j.get("m1_submit_rps"), j.get("m1_submit_rps_naive")),
             "m4_vs_naive": ratio(j.get("m4_completions_per_s"), j.get("m4_completions_per_s_naive")),
         }
+    if "client" in details:
+        # The client-side scenario (bench/measures/client.py): answers as clients get them, AIQ beside LiteLLM.
+        j.update({f"client_{k}": v for k, v in details["client"]["summary"].items()})
     return j
 
 
@@ -109,6 +116,14 @@ def _aiq_headline(a: dict[str, Any]) -> dict[str, Any]:
         j["batch_lines_per_s"] = a["batch"]["lines_per_s"]
         j["batch_cpu_ms_per_line"] = a["batch"]["batch_path_cpu_ms_per_line"]
         j["batch_all_cpu_ms_per_line"] = a["batch"]["all_cpu_ms_per_line"]
+    for broker, figures in (a.get("publish") or {}).items():
+        if "skipped" in figures:
+            j[f"publish_{broker}_skipped"] = figures["skipped"]
+            continue
+        j[f"publish_{broker}_p50_ms"] = figures["p50_ms"]
+        j[f"publish_{broker}_p99_ms"] = figures["p99_ms"]
+        j[f"publish_{broker}_cpu_ms"] = figures["cpu_ms_per_publish"]
+        j[f"publish_{broker}_per_s_concurrent"] = figures["concurrent_per_s"]
     if a.get("m1_api_only"):
         j["m1_submit_rps_api_only"] = a["m1_api_only"]["max_rps"]
         j["m1_submit_p99_ms_api_only"] = a["m1_api_only"]["p99_ms"]
@@ -234,6 +249,11 @@ def binding(step: dict[str, Any] | None) -> str:
     return f"{head}; CPU by role, % of one core: {parts}"
 
 
+def _ms(v: float | None) -> str:
+    """Sub-millisecond figures need two decimals."""
+    return "-" if v is None else f"{v:.2f}"
+
+
 def fmt(v: Any, unit: str = "") -> str:
     """A table cell: thousands separated, one decimal for floats, `-` for nothing."""
     if v is None:
@@ -324,6 +344,17 @@ def table(j: dict[str, Any], details: dict[str, Any]) -> str:
             None,
         ),
         (
+            "Publish p50 ms / CPU-ms, Redis | RabbitMQ",
+            "-",
+            "-",
+            " | ".join(
+                f"{_ms(j.get(f'publish_{b}_p50_ms'))} / {_ms(j.get(f'publish_{b}_cpu_ms'))}"
+                for b in ("redis", "rabbitmq")
+            ),
+            "report",
+            None,
+        ),
+        (
             "M5 poll RPS (P99<=20ms)",
             "-",
             fmt(j.get("m5_poll_rps_naive")),
@@ -340,6 +371,7 @@ def table(j: dict[str, Any], details: dict[str, Any]) -> str:
             None,
         ),
     ]
+    rows += _client_rows(j)
     head = ("metric", "P0 sim direct", "P1 naive", "AIQ", "goal", "met")
     widths = [max(len(str(r[i])) for r in [head, *[(*r[:5], _mark(r[5])) for r in rows]]) for i in range(6)]
     lines = [" | ".join(str(h).ljust(w) for h, w in zip(head, widths, strict=True))]
@@ -348,6 +380,40 @@ def table(j: dict[str, Any], details: dict[str, Any]) -> str:
         cells = (*r[:5], _mark(r[5]))
         lines.append(" | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)))
     return "\n".join(lines)
+
+
+def _client_rows(j: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool | None]]:
+    """The client-side scenario's rows (LiteLLM in the P1 column: it is that scenario's peer)."""
+    if "client_aiq_answers_per_s" not in j:
+        return []
+    aiq, peer = j.get("client_aiq_answers_per_s"), j.get("client_litellm_answers_per_s")
+    half = j.get("client_aiq_half_rate_overhead_ms") or {}
+    return [
+        (
+            "Client answers/s (P99 over 0.5 s <=250ms; P1 col = LiteLLM)",
+            "-",
+            fmt(peer),
+            fmt(aiq),
+            ">=200 and >=4x LiteLLM",
+            _ok(aiq, 200) and (aiq or 0) >= 4 * (peer or 1e9),
+        ),
+        (
+            f"Client overhead P50 / P99 at half rate ({fmt(half.get('rate'))}/s, ms)",
+            "-",
+            "-",
+            f"{fmt(half.get('p50'))} / {fmt(half.get('p99'))}",
+            "<=10 / <=50",
+            half.get("p50") is not None and half["p50"] <= 10 and (half.get("p99") or 1e9) <= 50,
+        ),
+        (
+            "Client CPU-ms per answer (API+worker; LiteLLM)",
+            "-",
+            fmt(j.get("client_litellm_cpu_ms_per_answer")),
+            fmt(j.get("client_aiq_cpu_ms_per_answer_api_worker")),
+            "<=4",
+            (j.get("client_aiq_cpu_ms_per_answer_api_worker") or 1e9) <= 4,
+        ),
+    ]
 
 
 def _ok(v: float | None, goal: float) -> bool:

@@ -19,9 +19,10 @@ from typing import Any
 
 from bench import report
 from bench.context import Loadgen, RunContext
+from bench.measures.client import run_client
 from bench.measures.p0 import measure_p0
 from bench.pacing import Clock, QuietGate, wait_quiet
-from bench.phases import run_aiq, run_naive
+from bench.phases import run_aiq, run_naive, run_sse
 from bench.plan import KEEP_LOG_RUNS, RESULTS, Plan, say
 from bench.stack import Servers
 from bench.systems import Layout, Simulator, aiq_api_env
@@ -29,7 +30,7 @@ from devkit.paths import ROOT
 from devkit.procs import Launcher
 
 # The systems a run may measure, in the order it measures them.
-PHASES = {"p0": measure_p0, "naive": run_naive, "aiq": run_aiq}
+PHASES = {"p0": measure_p0, "naive": run_naive, "aiq": run_aiq, "sse": run_sse, "client": run_client}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--workers", type=int, default=1, help="AIQ worker processes, default configuration each; default 1"
     )
-    ap.add_argument("--systems", default="p0,naive,aiq", help="comma-separated subset of p0,naive,aiq")
+    ap.add_argument(
+        "--systems",
+        default="p0,naive,aiq,client",
+        help="comma-separated subset of p0,naive,aiq,sse,client (sse: only the SSE measures, on a fresh AIQ; "
+        "client: the client-side scenario with LiteLLM beside AIQ)",
+    )
     ap.add_argument(
         "--profile",
         action=argparse.BooleanOptionalAction,

@@ -104,13 +104,19 @@ class Servers:
             return int(cur.fetchone()[0])
 
 
-def server_processes() -> dict[str, list[psutil.Process]]:
-    """PostgreSQL and Redis processes on this machine (all of them: the embedded ones and any machine server)."""
+def server_processes(databases: tuple[str, ...] = ()) -> dict[str, list[psutil.Process]]:
+    """PostgreSQL and Redis processes on this machine (all of them: the embedded ones and any machine server).
+
+    With `databases`, only the PostgreSQL backends connected to one of them (their process title names the
+    database), so other people's work on a shared server stays out of the figures.
+    """
     found: dict[str, list[psutil.Process]] = {"postgres": [], "redis": []}
-    for p in psutil.process_iter(["name"]):
+    for p in psutil.process_iter(["name", "cmdline"]):
         name = p.info["name"] or ""
         if name in ("postgres", "postmaster"):
-            found["postgres"].append(p)
+            title = " ".join(p.info["cmdline"] or [])
+            if not databases or any(f" {db} " in title for db in databases):
+                found["postgres"].append(p)
         elif name.startswith("redis-server"):
             found["redis"].append(p)
     return found
@@ -119,14 +125,15 @@ def server_processes() -> dict[str, list[psutil.Process]]:
 class CpuMeter:
     """CPU seconds per role (a role is a set of process trees), and the whole machine's busy time."""
 
-    def __init__(self, roles: dict[str, Iterable[Proc]]) -> None:
+    def __init__(self, roles: dict[str, Iterable[Proc]], databases: tuple[str, ...] = ()) -> None:
         self.roles = {role: list(procs) for role, procs in roles.items()}
+        self.databases = databases
 
     def _processes(self) -> dict[str, list[psutil.Process]]:
         out: dict[str, list[psutil.Process]] = {}
         for role, procs in self.roles.items():
             out[role] = [p for proc in procs for p in proc.tree()]
-        out.update(server_processes())
+        out.update(server_processes(self.databases))
         with contextlib.suppress(psutil.Error):
             out["harness"] = [psutil.Process(os.getpid())]
         return out

@@ -286,6 +286,8 @@ def start_aiq(
         "LIMIT_TOKEN_BUDGET": str(10**15),
         # Setup registers its users from one address; repeated runs within the hour must not be throttled.
         "REGISTER_PER_HOUR": "0",
+        # The SSE measure holds thousands of streams for a handful of users.
+        "MAX_STREAMS_PER_USER": "0",
     }
     for key in ("PROMETHEUS_MULTIPROC_DIR", "WORKER_CONCURRENCY", "LOG_LEVEL", "DB_POOL_SIZE", "DB_MAX_OVERFLOW"):
         env.pop(key, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import warnings
 from enum import StrEnum
 from functools import lru_cache
@@ -14,6 +15,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIN_JWT_SECRET_BYTES = 32
 DEVELOPMENT_JWT_SECRET = "aiq-insecure-development-key-never-use-in-production"  # noqa: S105 - dev only, refused elsewhere
+AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+BROKER_SCHEMES = AMQP_SCHEMES | {"redis", "rediss", "redis+socket"}
+# Read by Celery itself (celery/app/utils.py), whatever the app's configuration says.
+CELERY_BROKER_VARIABLES = ("CELERY_BROKER_URL", "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL")
 # Values that ship in examples or in this code and must never sign production tokens.
 KNOWN_DEFAULT_SECRETS = frozenset({"", "change-me", "changeme", "secret", "dev", "development", DEVELOPMENT_JWT_SECRET})
 
@@ -45,6 +50,9 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=5, ge=0)
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The one broker of every process (API publish, workers, sweeper, Flower, /readyz): a kombu URL,
+    # `redis://…` / `redis+socket://…` or `amqp://…` (RabbitMQ). Unset: REDIS_URL.
+    broker_url: str = ""
     queue_name: str = "aiq.queries"
     publish_timeout_seconds: float = Field(default=1.0, gt=0)
 
@@ -200,8 +208,26 @@ class Settings(BaseSettings):
             raise ValueError("JWT_ALGORITHM must be HS256, HS384 or HS512")
         return value
 
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_scheme(cls, value: str) -> str:
+        value = value.strip()
+        if value and urlsplit(value).scheme not in BROKER_SCHEMES:
+            raise ValueError(
+                f"BROKER_URL must start with one of {', '.join(s + '://' for s in sorted(BROKER_SCHEMES))}; "
+                "leave it unset to use REDIS_URL"
+            )
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if not self.broker_url:
+            # Kombu spells a unix-socket Redis differently from redis-py.
+            redis = self.redis_url
+            self.broker_url = (
+                "redis+socket://" + redis.removeprefix("unix://") if redis.startswith("unix://") else redis
+            )
+        _refuse_disagreeing_celery_broker(self.broker_url)
         if self.heartbeat_seconds * 2 > self.lease_seconds:
             raise ValueError("HEARTBEAT_SECONDS must be at most half of LEASE_SECONDS, or live calls lose their lease")
         if not self.allowed_models:
@@ -234,11 +260,31 @@ class Settings(BaseSettings):
         return _with_driver(self.database_url, "postgresql+asyncpg")
 
     @property
-    def broker_url(self) -> str:
-        """Kombu spells a unix-socket Redis differently from redis-py."""
-        if self.redis_url.startswith("unix://"):
-            return "redis+socket://" + self.redis_url.removeprefix("unix://")
-        return self.redis_url
+    def broker_is_amqp(self) -> bool:
+        """RabbitMQ (AMQP 0-9-1) rather than Redis."""
+        return urlsplit(self.broker_url).scheme in AMQP_SCHEMES
+
+
+def _refuse_disagreeing_celery_broker(broker_url: str) -> None:
+    """Celery reads these variables by itself and would move the workers to another broker than the API's."""
+    for name in CELERY_BROKER_VARIABLES:
+        value = os.environ.get(name)
+        if value and value != broker_url:
+            raise ValueError(
+                f"{name}={redact_url(value)} disagrees with the broker AIQ uses ({redact_url(broker_url)}, from "
+                "BROKER_URL, else REDIS_URL): Celery would consume from one broker while the API and the sweeper "
+                f"publish to the other, and queries would stay pending. Unset {name} and set BROKER_URL only."
+            )
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
 
 
 def _weak(secret: str) -> bool:

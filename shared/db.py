@@ -1,4 +1,4 @@
-"""Engines and sessions, built once per process (never at import time)."""
+"""Engines and sessions, and the process's Redis client, built once per process (never at import time)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -24,6 +25,24 @@ DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
     sa_exc.InterfaceError,
     sa_exc.TimeoutError,
 )
+
+
+# Redis commands in flight at once per process. Every SSE stream and every streaming call appends or reads in
+# bursts: past the pool, a command waits (up to REDIS_POOL_WAIT_SECONDS) for a connection instead of failing.
+REDIS_MAX_CONNECTIONS = 256
+REDIS_POOL_WAIT_SECONDS = 5.0
+
+
+def make_redis(settings: Settings) -> aioredis.Redis:
+    """The process's Redis client (limits, revocation, event logs): a bounded pool that queues, never refuses."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=REDIS_POOL_WAIT_SECONDS,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 def database_unavailable(exc: BaseException) -> bool:

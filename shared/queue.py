@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
+import aio_pika
 import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from celery import Celery
+from kombu.entity import Exchange, Queue
 
 from shared.config import Settings
 
@@ -24,22 +29,18 @@ PROCESS_TASK = "queries.process"
 BATCH_TASK = "batches.advance"
 # One webhook delivery (its id); sent when a query ends and by the worker's webhook sweep.
 DELIVER_WEBHOOK_TASK = "webhooks.deliver"
+# RabbitMQ: replicated and durable; quorum queues have no per-message priority (flow control's choice of the
+# next query is made in PostgreSQL, not on the broker).
+QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
+RECONNECT_INTERVAL_SECONDS = 0.5
 log = logging.getLogger(__name__)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Settings for both sides; the worker part makes a bare `celery worker` correct."""
-    # Redelivery of an unacked message must not start while a healthy attempt is still running:
-    # the longest call plus the longest short retry delay, with room to spare.
-    visibility_timeout = int(max(300, 2 * (settings.llm_timeout_seconds + settings.retry_max_seconds)))
-    return {
+    conf: dict[str, Any] = {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {
-            "visibility_timeout": visibility_timeout,
-            "socket_connect_timeout": 2,
-            "socket_timeout": 10,
-        },
         "task_default_queue": settings.queue_name,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -53,16 +54,65 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "interval_step": 0.2,
             "interval_max": 0.3,
         },
+        # Prefetch = concurrency x 1: each reserved message has a thread waiting for it, none waits behind
+        # another's LLM call (on RabbitMQ that is the consumer's static basic.qos: quorum queues have no global QoS).
         "worker_prefetch_multiplier": 1,
         # Each in-flight LLM call is a waiting thread; the calls themselves run on one asyncio loop.
         "worker_pool": "threads",
         "worker_concurrency": settings.worker_concurrency,
-        # Task events cost a Redis publish per task state. Flower switches them on in the workers it watches
+        # Task events cost a broker publish per task state. Flower switches them on in the workers it watches
         # (its default `--enable_events`), so the price is paid only while someone is looking.
         "worker_send_task_events": settings.worker_send_task_events,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
+    if settings.broker_is_amqp:
+        conf["broker_transport_options"] = {"confirm_publish": True, "connect_timeout": 2}
+        # Worker, Celery's own send_task and the API's direct publish all agree on this one declaration.
+        conf["task_queues"] = [task_queue(settings.queue_name)]
+    else:
+        conf["broker_transport_options"] = {
+            "visibility_timeout": redis_visibility_timeout(settings),
+            "socket_connect_timeout": 2,
+            "socket_timeout": 10,
+        }
+    return conf
+
+
+def task_queue(name: str) -> Queue:
+    """The RabbitMQ queue: durable and replicated (quorum), bound to a topic exchange of its own name.
+
+    The topic exchange lets Celery's native delayed delivery (declared by workers whenever a quorum queue is
+    configured) route a `retry(countdown=…)` back to it: the delay waits in RabbitMQ's `celery_delayed_*` queues,
+    not as an unacknowledged ETA message in a worker's memory, where RabbitMQ's `consumer_timeout` (30 min by
+    default) would close the channel. The API publishes to the default exchange with the queue's name.
+    """
+    # kombu ships no type hints for its entities.
+    return Queue(  # type: ignore[no-untyped-call]
+        name,
+        Exchange(name, type="topic", durable=True),  # type: ignore[no-untyped-call]
+        routing_key=name,
+        durable=True,
+        queue_arguments=QUEUE_ARGUMENTS,
+    )
+
+
+def redis_visibility_timeout(settings: Settings) -> int:
+    """Redelivery of an unacked Redis message must not start while a healthy attempt is still running.
+
+    The longest call plus the longest short retry delay, with room to spare.
+    """
+    return int(max(300, 2 * (settings.llm_timeout_seconds + settings.retry_max_seconds)))
+
+
+def max_eta_seconds(settings: Settings) -> float:
+    """The longest retry delay sent as a delayed message; longer ones are left to the sweeper.
+
+    On Redis an ETA message waits in worker memory and comes back after the visibility timeout: keep it well
+    inside. On RabbitMQ the delay waits in the broker (native delayed delivery); the same bound keeps the two
+    brokers' behaviour alike.
+    """
+    return redis_visibility_timeout(settings) / 2
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -72,40 +122,52 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def task_headers(task: str, task_id: str, args: list[Any]) -> dict[str, Any]:
+    """Celery's protocol-2 task headers, as `send_task` writes them (no ETA, no expiry)."""
+    return {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": repr(args),
+        "kwargsrepr": "{}",
+        "origin": _ORIGIN,
+        "ignore_result": None,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+
+
+def task_body(args: list[Any]) -> bytes:
+    """Celery's protocol-2 body: args, kwargs, embedded options."""
+    return json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]).encode()
+
+
 def encode_task_message(query_id: uuid.UUID, queue: str, task: str = PROCESS_TASK) -> bytes:
     """The exact envelope Celery's `send_task` puts on a Redis list (protocol 2, JSON, no ETA).
 
     The task id is the query id (or the batch id): every delivery of a query is the same task to Celery and
     Flower.
     """
-    task_id = str(query_id)
-    args = [str(query_id)]
-    body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    return encode_redis_message(task, [str(query_id)], str(query_id), queue)
+
+
+def encode_redis_message(task: str, args: list[Any], task_id: str, queue: str) -> bytes:
+    """Kombu's Redis envelope around a Celery message: base64 body, headers, properties."""
     message = {
-        "body": base64.b64encode(body.encode()).decode(),
+        "body": base64.b64encode(task_body(args)).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
-        "headers": {
-            "lang": "py",
-            "task": task,
-            "id": task_id,
-            "shadow": None,
-            "eta": None,
-            "expires": None,
-            "group": None,
-            "group_index": None,
-            "retries": 0,
-            "timelimit": [None, None],
-            "root_id": task_id,
-            "parent_id": None,
-            "argsrepr": repr(args),
-            "kwargsrepr": "{}",
-            "origin": _ORIGIN,
-            "ignore_result": None,
-            "replaced_task_nesting": 0,
-            "stamped_headers": None,
-            "stamps": {},
-        },
+        "headers": task_headers(task, task_id, args),
         "properties": {
             "correlation_id": task_id,
             "reply_to": str(uuid.uuid4()),
@@ -119,16 +181,157 @@ def encode_task_message(query_id: uuid.UUID, queue: str, task: str = PROCESS_TAS
     return json.dumps(message).encode()
 
 
+def amqp_message(task: str, args: list[Any], task_id: str) -> aio_pika.Message:
+    """The AMQP message Celery's `send_task` publishes: headers are the task headers, the body plain JSON."""
+    return aio_pika.Message(
+        task_body(args),
+        headers=task_headers(task, task_id, args),
+        content_type="application/json",
+        content_encoding="utf-8",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        correlation_id=task_id,
+        reply_to=str(uuid.uuid4()),
+        priority=0,
+    )
+
+
 _ORIGIN = f"aiq-api-{os.getpid()}@{socket.gethostname()}"
 
 
-class Publisher:
-    """Sends `queries.process` by name; a slow or dead broker costs a request at most the timeout.
+def redis_client_url(broker_url: str) -> str:
+    """redis-py spells a unix-socket Redis differently from kombu."""
+    if broker_url.startswith("redis+socket://"):
+        return "unix://" + broker_url.removeprefix("redis+socket://")
+    return broker_url
 
-    The async path LPUSHes Celery's own message format straight onto the queue's Redis list: one round
-    trip and no kombu machinery on the API's hot path and the sweeper. `publish_sync` is a real `send_task`
-    for tools and tests (the worker's delayed retries go through Celery's own `Task.retry`). Either way the
-    task id is the query id.
+
+class _RedisBroker:
+    """LPUSH of Celery's exact Redis envelope: one round trip, no kombu machinery."""
+
+    def __init__(self, settings: Settings) -> None:
+        timeout = settings.publish_timeout_seconds
+        self._client = aioredis.Redis.from_url(
+            redis_client_url(settings.broker_url), socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+
+    async def send(self, queue: str, task: str, args: list[Any], task_id: str) -> None:
+        await self._client.lpush(queue, encode_redis_message(task, args, task_id, queue))
+
+    async def ping(self) -> None:
+        await self._client.ping()
+
+    async def depth(self, queue: str) -> int:
+        return int(await self._client.llen(queue))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class _AmqpBroker:
+    """One persistent connection and confirm-mode channel; a publish returns once RabbitMQ has confirmed it.
+
+    A nack (e.g. a queue at its length limit with `reject-publish`) is a failed publish. `mandatory` makes an
+    unroutable message come back instead of vanishing; the queue is then declared and the message sent again.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._url = settings.broker_url
+        self._timeout = settings.publish_timeout_seconds
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._lock = asyncio.Lock()
+        self._next_connect = 0.0
+        self._last_confirm = 0.0
+        self._closing: set[asyncio.Future[None]] = set()
+
+    async def _ready(self) -> AbstractChannel:
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._lock:
+            if self._channel is None or self._channel.is_closed:
+                self._drop_soon()
+                # While the broker is down, one connection attempt per interval, not one per request: the
+                # others fail at once (their rows wait for the sweeper) instead of each paying for a connect.
+                if time.monotonic() < self._next_connect:
+                    raise ConnectionError("broker unreachable; next connection attempt shortly")
+                self._next_connect = time.monotonic() + RECONNECT_INTERVAL_SECONDS
+                # Plain (not robust) connection: a dead one is replaced on the next use, under the caller's
+                # timeout, rather than by a background reconnect loop whose publishes would wait unbounded.
+                connection = await aio_pika.connect(
+                    self._url, timeout=self._timeout, client_properties={"connection_name": _ORIGIN}
+                )
+                self._connection = connection  # type: ignore[assignment]
+                self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                self._next_connect = 0.0
+                self._last_confirm = time.monotonic()
+            return self._channel
+
+    async def _drop(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            # It is being replaced: a close that fails changes nothing.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), self._timeout)
+
+    def _drop_soon(self) -> None:
+        """Forget the connection now and close it in the background: the caller's timeout stays its bound."""
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            closing = asyncio.ensure_future(self._close_quietly(connection))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
+    async def _close_quietly(self, connection: AbstractRobustConnection) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(connection.close(), self._timeout)
+
+    async def send(self, queue: str, task: str, args: list[Any], task_id: str) -> None:
+        channel = await self._ready()
+        message = amqp_message(task, args, task_id)
+        try:
+            try:
+                await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+            except aio_pika.exceptions.PublishError:
+                # Returned unroutable: no worker has declared the queue yet (a first deploy, API first). Declare it
+                # exactly as Celery does, so the message waits for the workers, and send it again.
+                await channel.declare_queue(queue, durable=True, arguments=QUEUE_ARGUMENTS)
+                await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+        except aio_pika.exceptions.DeliveryError:
+            raise  # nacked or returned: the channel is still good
+        except BaseException:
+            # A timeout while other publishes are being confirmed is a slow broker: keep the connection (dropping
+            # it would fail them all). Nothing confirmed for a whole timeout: a dead connection, start afresh.
+            if time.monotonic() - self._last_confirm > self._timeout:
+                self._drop_soon()
+            raise
+        self._last_confirm = time.monotonic()
+
+    async def ping(self) -> None:
+        await self._ready()
+
+    async def depth(self, queue: str) -> int:
+        await self._ready()
+        connection = self._connection
+        if connection is None:
+            raise ConnectionError("broker connection lost")
+        # A channel of its own: a passive declare of a missing queue closes the channel it runs on.
+        async with connection.channel(publisher_confirms=False) as probe:
+            declared = await probe.declare_queue(queue, passive=True)
+            return int(declared.declaration_result.message_count or 0)
+
+    async def aclose(self) -> None:
+        await self._drop()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+class Publisher:
+    """Sends tasks by name to the configured broker; a slow or dead broker costs a request at most the timeout.
+
+    The async path writes Celery's own message format straight to the broker: an LPUSH onto the queue's Redis
+    list, or a confirmed AMQP publish to RabbitMQ's default exchange with the queue's name. No kombu machinery on
+    the API's hot path and the sweeper. `publish_sync` is a real `send_task` for tools and tests (the worker's
+    delayed retries go through Celery's own `Task.retry`). Either way the task id is the query id.
     """
 
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
@@ -136,23 +339,22 @@ class Publisher:
         self._app = app
         # Only an app made here is closed here; a worker's own app closes with the worker.
         self._owns_app = app is None
-        self._redis: aioredis.Redis | None = None
+        self._broker: _RedisBroker | _AmqpBroker | None = None
 
-    def _client(self) -> aioredis.Redis:
+    def _client(self) -> _RedisBroker | _AmqpBroker:
         # Created on first use, inside the event loop that will use it.
-        if self._redis is None:
-            timeout = self._settings.publish_timeout_seconds
-            self._redis = aioredis.Redis.from_url(
-                self._settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        if self._broker is None:
+            self._broker = (
+                _AmqpBroker(self._settings) if self._settings.broker_is_amqp else _RedisBroker(self._settings)
             )
-        return self._redis
+        return self._broker
 
-    def publish_sync(self, query_id: uuid.UUID, countdown: float | None = None) -> None:
+    def publish_sync(self, query_id: uuid.UUID, countdown: float | None = None, task: str = PROCESS_TASK) -> None:
         """Blocking `send_task` (workers use it from their own threads)."""
         if self._app is None:
             self._app = make_celery(self._settings)
         self._app.send_task(
-            PROCESS_TASK,
+            task,
             args=[str(query_id)],
             task_id=str(query_id),
             queue=self._settings.queue_name,
@@ -160,28 +362,37 @@ class Publisher:
         )
 
     async def publish(self, query_id: uuid.UUID, task: str = PROCESS_TASK) -> bool:
-        """Publish without blocking the event loop; False if the broker did not take it in time.
+        """Send `task` for this id (`queries.process`, `webhooks.deliver` with a delivery's id, `batches.advance`
+        with a batch's); False if the broker did not take it in time."""
+        return await self.send(task, [str(query_id)], str(query_id))
 
-        `task` names another task taking one id (`webhooks.deliver`: the id is the delivery's;
-        `batches.advance`: the batch's).
-        """
+    async def send(self, task: str, args: list[Any], task_id: str) -> bool:
+        """Send any task by name without blocking the event loop; False if the broker did not confirm it in time."""
         queue = self._settings.queue_name
         try:
             await asyncio.wait_for(
-                self._client().lpush(queue, encode_task_message(query_id, queue, task)),
-                timeout=self._settings.publish_timeout_seconds,
+                self._client().send(queue, task, args, task_id), timeout=self._settings.publish_timeout_seconds
             )
         except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row pending for recovery
             log.warning(
-                "publish failed; query stays pending", extra={"query_id": str(query_id), "error": type(exc).__name__}
+                "publish failed; query stays pending",
+                extra={"query_id": task_id, "task": task, "error": type(exc).__name__},
             )
             return False
         return True
 
+    async def ping(self) -> None:
+        """Raises unless the broker answers (Redis PING; an open AMQP connection and channel)."""
+        await self._client().ping()
+
+    async def depth(self) -> int:
+        """Messages waiting in the queue, not yet delivered to a worker."""
+        return await self._client().depth(self._settings.queue_name)
+
     async def aclose(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+        if self._broker is not None:
+            await self._broker.aclose()
+            self._broker = None
 
     def close(self) -> None:
         if self._app is not None and self._owns_app:

@@ -73,6 +73,11 @@ class Wakeup:
                 await self._task
             self._task = None
 
+    @property
+    def fallback_seconds(self) -> float:
+        """The bound on a wait when notices may be missed (WAKEUP_FALLBACK_SECONDS)."""
+        return self._settings.wakeup_fallback_seconds
+
     def timeout(self, wanted: float) -> float:
         """How long a waiter may sleep: as asked while notices flow, the fallback bound while they cannot."""
         if self.connected:

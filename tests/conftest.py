@@ -23,13 +23,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from devkit import embedded
-from devkit.procs import Launcher, free_port, spawn
+from devkit.procs import free_port, spawn
 from shared.config import Settings
 from shared.db import make_engine, make_raw_pool, make_sessionmaker
+from tests.support.amqp import delete_amqp_queues
 from tests.support.api import register_and_login
 from tests.support.db import throwaway_database
 from tests.support.polling import wait_for_http
-from tests.support.stack import Stack, stack_settings
+from tests.support.stack import Stack, running_stack, stack_settings
 
 
 @pytest.fixture(scope="session")
@@ -70,29 +71,47 @@ def simulator(tmp_root: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def stack(database_url: str, server_urls: dict[str, str], simulator: str, tmp_root: Path) -> Iterator[Stack]:
-    """uvicorn and a Celery worker as real processes, configured only through the environment."""
+    """uvicorn and a Celery worker as real processes on Redis as the broker, configured through the environment."""
     values = stack_settings(database_url, server_urls["redis"], simulator)
-    env = {**os.environ, **values}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    port = free_port()
-    logs = {"api": tmp_root / "api.log", "worker": tmp_root / "worker.log"}
-    launcher = Launcher(tmp_root)
-    api = launcher.start(
-        "api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)], env
-    )
-    worker = launcher.start(
-        "worker",
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--hostname", f"test-{port}@%h"],
-        env,
-    )
-    api_url = f"http://127.0.0.1:{port}"
+    with running_stack(values, simulator, tmp_root) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """RabbitMQ's URL (TEST_AMQP_URL); the AMQP tests are skipped without it."""
+    url = os.environ.get("TEST_AMQP_URL")
+    if not url:
+        pytest.skip("TEST_AMQP_URL is unset: no RabbitMQ for the AMQP broker tests (.ci/run sets it when 5672 answers)")
+    return url
+
+
+@pytest.fixture(scope="session")
+def amqp_database_url(amqp_url: str, server_urls: dict[str, str]) -> Iterator[str]:
+    """A throwaway database of the RabbitMQ stack's own: only its worker sweeps it (no cross-broker re-sends)."""
+    with throwaway_database(server_urls["database"]) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def amqp_stack(
+    amqp_url: str, amqp_database_url: str, server_urls: dict[str, str], simulator: str, tmp_root: Path
+) -> Iterator[Stack]:
+    """The same processes with BROKER_URL on RabbitMQ and a queue of their own, deleted at the end."""
+    values = stack_settings(amqp_database_url, server_urls["redis"], simulator, broker_url=amqp_url)
     try:
-        wait_for_http(f"{api_url}/readyz", proc=api.popen)
-        wait_for_http(f"http://127.0.0.1:{values['WORKER_METRICS_PORT']}/healthz", timeout=60, proc=worker.popen)
-        settings = Settings(**{k.lower(): v for k, v in values.items()})  # type: ignore[arg-type]
-        yield Stack(settings=settings, env=env, api_url=api_url, simulator_url=simulator, logs=logs)
+        with running_stack(values, simulator, tmp_root / "amqp") as running:
+            yield running
     finally:
-        launcher.stop_all(timeout=20)
+        delete_amqp_queues(amqp_url, values["QUEUE_NAME"])
+
+
+@pytest.fixture(scope="session")
+def amqp_db(amqp_database_url: str) -> Iterator[Engine]:
+    """A plain sync engine on the RabbitMQ stack's database."""
+    engine = create_engine(Settings(database_url=amqp_database_url).sync_database_url)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture

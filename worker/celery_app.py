@@ -15,15 +15,16 @@ from celery.signals import setup_logging, worker_init, worker_process_init, work
 from shared.config import get_settings
 from shared.logging import configure_logging, query_id_var
 from shared.metrics import start_worker_metrics_server
-from shared.queue import BATCH_TASK, DELIVER_WEBHOOK_TASK, PROCESS_TASK, make_celery
+from shared.queue import BATCH_TASK, DELIVER_WEBHOOK_TASK, PROCESS_TASK, make_celery, max_eta_seconds
 from shared.services.webhooks import DeliveryOutcome
 from worker import batches, processing, recovery, webhooks
-from worker.broker import guard_dead_channel
+from worker.broker import guard_dead_channel, reuse_sync_client
 from worker.runtime import BackgroundLoop, StopReason, WorkerRuntime, current_runtime, get_runtime, shutdown_runtime
 
 settings = get_settings()
 app = make_celery(settings)
-guard_dead_channel()
+guard_dead_channel(settings)
+reuse_sync_client(settings)
 log = logging.getLogger("worker")
 # What every worker runs beside its tasks: lease renewal with cancel detection, and the recovery sweeper.
 BACKGROUND_LOOPS: tuple[BackgroundLoop, ...] = (
@@ -32,8 +33,8 @@ BACKGROUND_LOOPS: tuple[BackgroundLoop, ...] = (
     else (recovery.heartbeat_loop,)
 )
 
-# ETA messages live in worker memory and come back after the visibility timeout: keep them well inside it.
-MAX_ETA_SECONDS = app.conf.broker_transport_options["visibility_timeout"] / 2
+# Longer retry delays are left to the sweeper (see shared/queue.py).
+MAX_ETA_SECONDS = max_eta_seconds(settings)
 
 
 @setup_logging.connect
@@ -149,6 +150,9 @@ def _retry(task: Task, query_id: uuid.UUID, outcome: processing.Outcome) -> Retr
     # Rounded up (never down: the row's `next_attempt_at` must have passed when the message comes back), so
     # Flower shows "Retry in 0.11s", not seventeen digits.
     delay = math.ceil((outcome.retry_in or 0.0) * 100) / 100
+    if settings.broker_is_amqp:
+        # RabbitMQ's delayed delivery counts whole seconds, from 1 (kombu refuses a countdown under 1 s).
+        delay = max(1, math.ceil(delay))
     reason = AttemptRetried(outcome.error_code or outcome.kind.value)
     if delay <= MAX_ETA_SECONDS:
         try:

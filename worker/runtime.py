@@ -25,7 +25,7 @@ from openai import AsyncOpenAI
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.config import Settings
-from shared.db import make_engine, make_raw_pool, make_sessionmaker
+from shared.db import make_engine, make_raw_pool, make_redis, make_sessionmaker
 from shared.events import EventLog
 from shared.limits import Limiter
 from shared.llm import make_client
@@ -63,6 +63,7 @@ class WorkerRuntime:
     def __init__(self, settings: Settings, app: Celery, loops: Sequence[BackgroundLoop]) -> None:
         self.settings = settings
         self.owner = _owner_id()
+        self.pid = os.getpid()
         self.inflight: dict[tuple[uuid.UUID, int], InFlight] = {}
         self.publisher = Publisher(settings, app)
         self._loops = loops
@@ -86,7 +87,7 @@ class WorkerRuntime:
         self.raw_pool = await make_raw_pool(self.settings, "aiq-worker")
         self.llm = make_client(self.settings)
         # Settling a finished query's token reservation (shared/limits.py).
-        self.redis = aioredis.Redis.from_url(self.settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.redis = make_redis(self.settings)
         self.limiter = Limiter(self.redis, self.settings)
         # Each query's event log (streams, wake-ups): appended to from every step of an attempt.
         self.events = EventLog(self.redis, self.settings)
@@ -150,9 +151,10 @@ _lock = threading.Lock()
 def get_runtime(settings: Settings, app: Celery, loops: Sequence[BackgroundLoop]) -> WorkerRuntime:
     """The process's runtime, created on first use (after any fork) with the background loops to run."""
     global _runtime
-    if _runtime is None or _runtime.owner != _owner_id():
+    # Every task asks: the pid (not the hostname lookup of `_owner_id`) tells a fork apart.
+    if _runtime is None or _runtime.pid != os.getpid():
         with _lock:
-            if _runtime is None or _runtime.owner != _owner_id():
+            if _runtime is None or _runtime.pid != os.getpid():
                 _runtime = WorkerRuntime(settings, app, loops)
     return _runtime
 

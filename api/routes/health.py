@@ -10,7 +10,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.deps import AutocommitSessionDep, QueueStatsDep, RedisDep, SettingsDep
+from api.deps import AutocommitSessionDep, PublisherDep, QueueStatsDep, RedisDep, SettingsDep
 from shared.metrics import render_metrics
 from shared.repositories import queries_session
 
@@ -38,30 +38,39 @@ async def _ok(check: Awaitable[object]) -> bool:
 @router.get(
     "/readyz",
     summary="Readiness",
-    responses={503: {"description": "The database or the broker is unreachable (same body, status `unavailable`)"}},
+    responses={
+        503: {
+            "description": "The database, the broker or (with RabbitMQ as the broker) Redis is unreachable "
+            "(same body, status `unavailable`)"
+        }
+    },
 )
-async def readyz(session: AutocommitSessionDep, redis: RedisDep) -> JSONResponse:
-    """Database and broker both reachable."""
+async def readyz(
+    session: AutocommitSessionDep, publisher: PublisherDep, redis: RedisDep, settings: SettingsDep
+) -> JSONResponse:
+    """Database and the configured broker reachable (and Redis, when it is not the broker)."""
     # The session connects on its first statement, inside the guard: a dead database means "down", not 503.
-    database, broker = await asyncio.gather(_ok(session.execute(text("SELECT 1"))), _ok(redis.ping()))
-    checks = {"database": "ok" if database else "down", "broker": "ok" if broker else "down"}
-    ready = database and broker
+    probes: dict[str, Awaitable[object]] = {"database": session.execute(text("SELECT 1")), "broker": publisher.ping()}
+    if settings.broker_is_amqp:
+        # Limits, revocation and throttles live in Redis whatever the broker.
+        probes["redis"] = redis.ping()
+    results = await asyncio.gather(*(_ok(p) for p in probes.values()))
+    checks = {name: "ok" if ok else "down" for name, ok in zip(probes, results, strict=True)}
+    ready = all(results)
     return JSONResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
     )
 
 
 @metrics_router.get("/metrics", include_in_schema=False)
-async def metrics(
-    session: AutocommitSessionDep, redis: RedisDep, settings: SettingsDep, stats: QueueStatsDep
-) -> Response:
+async def metrics(session: AutocommitSessionDep, publisher: PublisherDep, stats: QueueStatsDep) -> Response:
     """Prometheus exposition, with queue depth and the oldest pending age read at scrape time."""
 
     async def from_database() -> None:
         stats.counts, stats.oldest_pending_age = await queries_session.live_stats(session)
 
     async def from_broker() -> None:
-        stats.depth = int(await redis.llen(settings.queue_name))
+        stats.depth = await publisher.depth()
 
     await asyncio.gather(_ok(from_database()), _ok(from_broker()))
     body, content_type = render_metrics()

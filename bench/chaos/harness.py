@@ -1,7 +1,8 @@
 """The chaos experiment: a real AIQ stack on the harness's own servers, load, faults, drain, report.
 
 Everything runs on 127.0.0.1 with free ports: a PostgreSQL cluster and a Redis server of our own (so they
-can be restarted), the LLM simulator, one uvicorn API and several Celery workers as separate processes.
+can be restarted), with `--broker rabbitmq` also a RabbitMQ node of our own as the broker, the LLM simulator,
+one uvicorn API and several Celery workers as separate processes.
 `ChaosRun.run()` returns the report (see bench/chaos/report.py and docs/chaos.md); `close()` stops
 everything and is safe to call more than once, from `finally`, atexit or a signal handler.
 """
@@ -31,7 +32,7 @@ import httpx
 
 from bench.chaos import audit, report
 from bench.chaos._watchdog import Reaper
-from bench.chaos.services import OwnPostgres, OwnRedis
+from bench.chaos.services import OwnPostgres, OwnRabbit, OwnRedis
 from devkit import embedded
 from devkit.migrations import migrate
 from devkit.paths import ROOT
@@ -49,6 +50,9 @@ SUBMIT_TIMEOUT_SECONDS = 10.0
 STRIPPED_ENV = (
     "DATABASE_URL",
     "REDIS_URL",
+    "BROKER_URL",
+    "CELERY_BROKER_URL",
+    "TEST_AMQP_URL",
     "TEST_DATABASE_URL",
     "TEST_REDIS_URL",
     "PROMETHEUS_MULTIPROC_DIR",
@@ -65,6 +69,9 @@ class ChaosConfig:
     """One experiment. Defaults are the full run of the issue; `smoke()` is the short one for `make test`."""
 
     mode: str = "full"
+    # redis: Redis is the broker and is restarted without persistence. rabbitmq: a RabbitMQ node of the run's
+    # own is the broker and is restarted (stop_app / start_app) instead; Redis (limits) is left alone.
+    broker: str = "redis"
     queries: int = 2000
     duration: float = 300.0  # the fault window, seconds; submissions are spread evenly over it
     workers: int = 3
@@ -77,7 +84,8 @@ class ChaosConfig:
     worker_kill_phase: float = 50.0
     worker_kill_at: list[float] | None = None  # explicit times override every/phase
     respawn_delay: float = 2.0  # a supervisor brings a killed worker back after this long
-    # Restarts: evenly placed in the window unless explicit times are given.
+    # Restarts: evenly placed in the window unless explicit times are given. They restart the broker:
+    # Redis, or RabbitMQ with `broker="rabbitmq"`.
     redis_restarts: int = 2
     redis_restart_at: list[float] | None = None
     pg_restarts: int = 2
@@ -146,7 +154,8 @@ class ChaosConfig:
             while t < d:
                 events.append((t, "worker_kill"))
                 t += self.worker_kill_every
-        events += [(t, "redis_restart") for t in _spread(self.redis_restarts, self.redis_restart_at, d, 0.3, 0.7, 0.4)]
+        broker_restart = "rabbitmq_restart" if self.broker == "rabbitmq" else "redis_restart"
+        events += [(t, broker_restart) for t in _spread(self.redis_restarts, self.redis_restart_at, d, 0.3, 0.7, 0.4)]
         events += [(t, "pg_restart") for t in _spread(self.pg_restarts, self.pg_restart_at, d, 0.5, 0.85, 0.65)]
         return sorted(events)
 
@@ -262,6 +271,7 @@ class ChaosRun:
         self.launcher = Launcher(self.logs)
         self.pg: OwnPostgres | None = None
         self.redis: OwnRedis | None = None
+        self.rabbit: OwnRabbit | None = None
         self.sim: Proc | None = None
         self.api: Proc | None = None
         self.slots: list[WorkerSlot] = []
@@ -307,6 +317,9 @@ class ChaosRun:
         self.pg.start()
         self.redis = OwnRedis(self.base)
         self.redis.start()
+        if self.config.broker == "rabbitmq":
+            self.rabbit = OwnRabbit(self.base)
+            self.rabbit.start()
         self.database_url = embedded.create_database(self.pg.url, DB_NAME)
         migrate(self.database_url)
         audit.install(self.database_url)
@@ -373,7 +386,8 @@ class ChaosRun:
         c = self.config
         started = time.monotonic()
         self.code_digest_start = code_digest()
-        self.say(f"run {self.run_id} seed {c.seed}: starting PostgreSQL and Redis in {self.base}")
+        servers = "PostgreSQL, Redis and RabbitMQ" if c.broker == "rabbitmq" else "PostgreSQL and Redis"
+        self.say(f"run {self.run_id} seed {c.seed}: starting {servers} in {self.base}")
         await asyncio.to_thread(self._start_servers)
         assert self.pg is not None
         assert self.redis is not None
@@ -383,6 +397,7 @@ class ChaosRun:
             **c.aiq_env(),
             "DATABASE_URL": self.database_url,
             "REDIS_URL": self.redis.url,
+            **({"BROKER_URL": self.rabbit.url} if self.rabbit is not None else {}),
             "QUEUE_NAME": self.queue_name,
             "OPENAI_BASE_URL": f"{self.sim_url}/v1",
         }
@@ -399,6 +414,7 @@ class ChaosRun:
         await self._register_users()
         self.say(
             f"stack up in {time.monotonic() - started:.1f}s: PostgreSQL :{self.pg.port}, Redis :{self.redis.port}, "
+            f"{f'RabbitMQ :{self.rabbit.port} (broker), ' if self.rabbit else ''}"
             f"API {self.api_url}, simulator {self.sim_url}, {c.workers} workers x {c.concurrency}"
         )
 
@@ -481,6 +497,9 @@ class ChaosRun:
             elif kind == "redis_restart":
                 assert self.redis is not None
                 await self._restart("redis", "SHUTDOWN NOSAVE", self.redis.shutdown_nosave, self.redis.start)
+            elif kind == "rabbitmq_restart":
+                assert self.rabbit is not None
+                await self._restart("rabbitmq", "rabbitmqctl stop_app", self.rabbit.stop_app, self.rabbit.start_app)
             elif kind == "pg_restart":
                 assert self.pg is not None
                 await self._restart("pg", "pg_ctl -m immediate stop", self.pg.stop_immediate, self.pg.start)
@@ -628,6 +647,11 @@ class ChaosRun:
             conn.close()
 
     def _queue_depth(self) -> int:
+        if self.rabbit is not None:
+            from kombu import Connection
+
+            with Connection(self.rabbit.url, connect_timeout=1) as conn, conn.channel() as channel:
+                return int(channel.queue_declare(self.queue_name, passive=True).message_count)
         import redis
 
         assert self.redis is not None
@@ -717,6 +741,9 @@ class ChaosRun:
         if self.pg is not None and not self.pg.running():
             await asyncio.to_thread(self.pg.start)
             self.event("pg_up", why="restore")
+        if self.rabbit is not None and not self.rabbit.running():
+            await asyncio.to_thread(self.rabbit.start_app)
+            self.event("rabbitmq_up", why="restore")
 
     async def _sim_stats(self) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -736,6 +763,9 @@ class ChaosRun:
         self.launcher.stop_all(timeout=3)
         if self.redis is not None:
             self.redis.close()
+        if self.rabbit is not None:
+            with contextlib.suppress(Exception):
+                self.rabbit.close()
         if self.pg is not None:
             with contextlib.suppress(Exception):
                 self.pg.close()
@@ -752,6 +782,8 @@ class ChaosRun:
             shutil.copy2(self.pg.log_path, dest / "postgres.log")
         if self.redis is not None and self.redis.log_path.exists():
             shutil.copy2(self.redis.log_path, dest / "redis.log")
+        if self.rabbit is not None and self.rabbit.log_path.exists():
+            shutil.copy2(self.rabbit.log_path, dest / "rabbitmq.log")
 
 
 def code_digest() -> str:

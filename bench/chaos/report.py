@@ -218,7 +218,9 @@ def build(
             "child_kills": child_kills,
             "worker_kills": worker_kills,
             "child_kills_substituted_by_worker_kills": run.counters["child_kills_substituted_by_worker_kills"],
+            "broker": c.broker,
             "redis_restarts": run.counters["redis_down"],
+            "rabbitmq_restarts": run.counters["rabbitmq_down"],
             "pg_restarts": run.counters["pg_down"],
             "unexpected_exits": {
                 k: run.counters[k]
@@ -383,6 +385,11 @@ _LEVELS = ("warning", "error", "critical")
 _PLAIN_BAD = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|\bFATAL\b|\bPANIC\b|Exception", re.IGNORECASE)
 
 
+def _restarts_text(faults: dict[str, Any]) -> str:
+    broker = faults.get("broker", "redis")
+    return f"{broker} {faults.get(f'{broker}_restarts', 0)} / {faults['pg_restarts']}"
+
+
 def scan_logs(log_dir: Path, *extra: Path | None) -> dict[str, Any]:
     """Warnings and errors of every process, grouped by message; plain-text oddities sampled."""
     grouped: Counter[tuple[str, str, str, str]] = Counter()
@@ -465,7 +472,7 @@ def format_table(rep: dict[str, Any]) -> str:
         ("TERMINAL WRITTEN TWICE (must be 0)", str(dbl["total"])),
         ("kills (worker / child)", f"{faults['worker_kills']} / {faults['child_kills']}"),
         ("  child kills done as worker kills", str(faults["child_kills_substituted_by_worker_kills"])),
-        ("redis restarts / pg restarts", f"{faults['redis_restarts']} / {faults['pg_restarts']}"),
+        ("broker restarts / pg restarts", _restarts_text(faults)),
         ("unexpected process exits", str({k: v for k, v in faults["unexpected_exits"].items() if v} or "none")),
         ("LLM calls / attempts", f"{llm['calls_for_accepted']} / {llm['attempts_total']}"),
         ("extra LLM calls", str(llm["extra_llm_calls"])),

@@ -3,6 +3,7 @@
     python -m bench.chaos.run                      # full run: 2,000 queries, 300 s of faults
     python -m bench.chaos.run --smoke              # 150 queries, ~40 s of faults, under 2 minutes
     python -m bench.chaos.run --queries 500 --duration 120 --keep-logs /tmp/chaos-logs
+    python -m bench.chaos.run --broker rabbitmq    # RabbitMQ as the broker, restarted instead of Redis
 
 Exit status: 0 when nothing was lost, no terminal row was written twice and the drain stayed within
 its bound; 1 otherwise; 2 when the harness itself could not run; 130 on Ctrl-C.
@@ -66,8 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--respawn-delay", type=float, help=f"seconds before a killed worker is restarted (default {d.respawn_delay:g})"
     )
-    p.add_argument("--redis-restarts", type=int, help=f"Redis SHUTDOWN NOSAVE restarts (default {d.redis_restarts})")
-    p.add_argument("--redis-restart-at", type=_floats, help="explicit Redis restart times")
+    p.add_argument(
+        "--broker",
+        choices=("redis", "rabbitmq"),
+        help="the broker under test (default redis). rabbitmq: a RabbitMQ node of the run's own "
+        "(/usr/lib/rabbitmq/bin) is the broker, restarted with rabbitmqctl stop_app/start_app; Redis is not restarted",
+    )
+    p.add_argument(
+        "--redis-restarts",
+        type=int,
+        help=f"broker restarts: Redis SHUTDOWN NOSAVE, or RabbitMQ stop_app/start_app (default {d.redis_restarts})",
+    )
+    p.add_argument("--redis-restart-at", type=_floats, help="explicit broker restart times")
     p.add_argument("--pg-restarts", type=int, help=f"PostgreSQL immediate restarts (default {d.pg_restarts})")
     p.add_argument("--pg-restart-at", type=_floats, help="explicit PostgreSQL restart times")
     p.add_argument("--down-min", type=float, help=f"shortest server downtime, s (default {d.down_min:g})")

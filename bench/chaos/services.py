@@ -228,3 +228,125 @@ class OwnRedis:
         if self.proc is not None:
             self.proc.kill()
             self.proc = None
+
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+
+
+def find_rabbitmq_bin() -> Path:
+    """Directory with rabbitmq-server and rabbitmqctl (Debian's package); RuntimeError when absent."""
+    candidates = [RABBITMQ_BIN]
+    on_path = shutil.which("rabbitmq-server")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent)
+    for directory in candidates:
+        if (directory / "rabbitmq-server").is_file() and (directory / "rabbitmqctl").is_file():
+            return directory
+    raise RuntimeError(
+        "RabbitMQ is unavailable: no rabbitmq-server/rabbitmqctl in /usr/lib/rabbitmq/bin or on PATH "
+        "(`apt-get install rabbitmq-server`); the chaos run's RabbitMQ mode needs a broker of its own to restart"
+    )
+
+
+class OwnRabbit:
+    """A RabbitMQ node of the run's own: its node name, AMQP and distribution ports, data and logs in `base/rmq`.
+
+    Never the machine's node (rabbit@localhost on 5672): `stop_app` / `start_app` here only touch ours. The
+    machine's /etc/rabbitmq files are not read (own config, env and plugins files), so nothing else listens.
+    """
+
+    def __init__(self, base: Path) -> None:
+        self.bin = find_rabbitmq_bin()
+        self.dir = base / "rmq"
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.node = f"aiqchaos{os.getpid()}x{self.port}@localhost"
+        self.log_path = self.dir / "log" / f"{self.node}.log"
+        self.proc: Proc | None = None
+        self.app_running = False
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def _env(self) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LC_ALL": "C.UTF-8",
+            # The Erlang cookie lives in $HOME: ours, shared by this node and the rabbitmqctl calls.
+            "HOME": str(self.dir),
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+            "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.dir / "rabbit.pid"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+
+    def _ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.bin / "rabbitmqctl"), "-n", self.node, *args],
+            env=self._env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        )
+
+    def start(self, timeout: float = 120) -> None:
+        """Start the node (foreground process of ours) and wait until its AMQP port answers."""
+        for sub in ("mnesia", "log"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            "loopback_users.guest = true\n"
+            # The machine is shared and busy: no alarm may block publishers because of others' disk use.
+            "disk_free_limit.absolute = 50MB\n"
+            "vm_memory_high_watermark.relative = 0.2\n"
+        )
+        (self.dir / "rabbitmq-env.conf").write_text("")
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        self.proc = spawn("rabbitmq", [str(self.bin / "rabbitmq-server")], log=self.dir / "server.log", env=self._env())
+        self._await_startup(timeout)
+
+    def _await_startup(self, timeout: float) -> None:
+        # `await_startup` fails at once while the node is not reachable yet: ask again until it answers.
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is None or not self.proc.alive():
+                raise RuntimeError(f"rabbitmq-server exited at start; see {self.dir / 'server.log'}")
+            try:
+                self._ctl("await_startup", "--timeout", "10", timeout=30)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"RabbitMQ node {self.node} did not start within {timeout:.0f}s") from None
+                time.sleep(0.5)
+                continue
+            self.app_running = True
+            return
+
+    def stop_app(self) -> None:
+        """`rabbitmqctl stop_app`: every connection drops; the node keeps its quorum queues on disk."""
+        self._ctl("stop_app")
+        self.app_running = False
+
+    def start_app(self) -> None:
+        """`rabbitmqctl start_app`: the broker comes back with its durable queues and their messages."""
+        self._ctl("start_app", timeout=120)
+        self._await_startup(60)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.alive() and self.app_running
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            self._ctl("stop", timeout=30)
+        self.proc.kill()
+        self.proc = None

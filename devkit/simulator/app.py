@@ -20,6 +20,7 @@ from devkit.simulator.asgi import (
     BodyTooLarge,
     ClientDisconnected,
     Headers,
+    Message,
     Receive,
     Scope,
     Send,
@@ -274,6 +275,9 @@ class SimulatorStats:
         self.calls_by_query: OrderedDict[str, int] = OrderedDict()
         # 429s of the strict-provider limits per model and dimension (requests, tokens, concurrency).
         self.rate_limited: dict[str, dict[str, int]] = {}
+        # When the latest call of a query sent its first body bytes (wall clock): the bench's time-to-first-token
+        # reference. Bounded like `calls_by_query`; reported only for the ids asked for.
+        self.first_body_at: OrderedDict[str, float] = OrderedDict()
         self.started_at = time.time()
 
     def count_rate_limited(self, model: str, dimension: str) -> None:
@@ -284,6 +288,12 @@ class SimulatorStats:
                 model = "(other)"
             per_model = self.rate_limited.setdefault(model, {"requests": 0, "tokens": 0, "concurrency": 0})
         per_model[dimension] += 1
+
+    def note_first_body(self, query_id: str) -> None:
+        self.first_body_at[query_id] = time.time()
+        self.first_body_at.move_to_end(query_id)
+        if len(self.first_body_at) > MAX_TRACKED_QUERIES:
+            self.first_body_at.popitem(last=False)
 
     def count_query(self, query_id: str) -> None:
         """Count one call for `query_id`, forgetting the least recently seen id beyond the bound."""
@@ -315,6 +325,7 @@ class SimulatorStats:
         }
         if query_ids is not None:
             data["calls_by_query"] = {q: self.calls_by_query[q] for q in query_ids if q in self.calls_by_query}
+            data["first_body_at"] = {q: self.first_body_at[q] for q in query_ids if q in self.first_body_at}
         elif include_queries:
             data["calls_by_query"] = self.calls_by_query
         return data
@@ -425,7 +436,9 @@ class SimulatorApp:
         try:
             for name, value in scope["headers"]:
                 if name == QUERY_ID_HEADER:
-                    stats.count_query(value.decode("latin-1"))
+                    query_id = value.decode("latin-1")
+                    stats.count_query(query_id)
+                    send = self._noting_first_body(send, query_id)
                     break
             await self._chat(scope, receive, send)
         except RateLimited as exc:
@@ -633,6 +646,21 @@ class SimulatorApp:
                 "404",
             )
         return invalid_request("Simulated bad request (directive fail=400).")
+
+    def _noting_first_body(self, send: Send, query_id: str) -> Send:
+        """`send`, noting when the first body bytes of a 200 go out (`first_body_at` in the stats)."""
+        state = {"ok": False, "noted": False}
+
+        async def noting(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                state["ok"] = message["status"] == 200
+            elif kind == "http.response.body" and state["ok"] and not state["noted"] and message.get("body"):
+                state["noted"] = True
+                self.stats.note_first_body(query_id)
+            await send(message)
+
+        return noting
 
     async def _answer(
         self,

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+from redis.exceptions import RedisError
 
 from shared.errors import NotFound
 from shared.events import Event, EventLog, EventType
@@ -24,7 +25,8 @@ from shared.repositories import queries_asyncpg
 from shared.repositories.queries_common import RowLike
 from shared.wakeup import Wakeup
 
-# Even with the wake-up connected, a stream looks at its log at least this often (a cheap XRANGE).
+# A stream that heard nothing for this long looks at its log and, if nothing moved, at the row: an end whose
+# append failed (Redis blip) is then found. While the wake-up is disconnected, WAKEUP_FALLBACK_SECONDS.
 IDLE_REREAD_SECONDS = 30.0
 READ_BATCH = 1000
 
@@ -85,17 +87,27 @@ async def follow(
 ) -> AsyncIterator[Event]:
     """Every event of the query after `after`, in order, until the terminal one (the caller checked the owner).
 
-    Holds no database connection while it waits.
+    Holds no database connection while it waits. With Redis unreachable it goes on from the row: it ends with
+    the replay once the row is terminal, re-reading every WAKEUP_FALLBACK_SECONDS until then.
     """
     last = max(after, 0)
+    woken = True
     with wakeup.watch(query_id) as waiter:
         if last:
             # A client resuming after the terminal event has nothing more to wait for.
-            batch = await log.since(query_id, last - 1, count=1)
-            if batch and batch[0].seq == last and batch[0].terminal:
-                return
+            with contextlib.suppress(RedisError, OSError):
+                batch = await log.since(query_id, last - 1, count=1)
+                if batch and batch[0].seq == last and batch[0].terminal:
+                    return
         while True:
-            batch = await log.since(query_id, last, count=READ_BATCH)
+            log_ok = True
+            head = None
+            try:
+                batch = await log.since(query_id, last, count=READ_BATCH)
+                if not batch:
+                    head = await log.last_seq(query_id)
+            except (RedisError, OSError):
+                batch, log_ok = [], False
             for event in batch:
                 yield event
                 last = event.seq
@@ -103,19 +115,19 @@ async def follow(
                     return
             if len(batch) == READ_BATCH:
                 continue
-            if not batch:
-                # Nothing new: the query has not moved, or the log is behind this reader (gone, or restarted
-                # by a Redis that lost it). Only in the second case is the row read.
-                head = await log.last_seq(query_id)
-                if head == 0 or head < last:
-                    row = await _fetch(pool, query_id)
-                    if row is None:
-                        return
-                    if row["status"] in TERMINAL_STATUSES:
-                        for event in replay(row, last):
-                            yield event
-                        return
-            await waiter.wait(wakeup.timeout(IDLE_REREAD_SECONDS))
+            # Nothing new: the query has not moved, or the log cannot answer (gone, restarted below this reader
+            # by a Redis that lost it, unreachable), or an end was not appended. The row is read in those cases,
+            # or after a wait that no notice ended; never on an ordinary wake-up.
+            if not batch and (not log_ok or not woken or head is None or head == 0 or head < last):
+                row = await _fetch(pool, query_id)
+                if row is None:
+                    return
+                if row["status"] in TERMINAL_STATUSES:
+                    for event in replay(row, last):
+                        yield event
+                    return
+            idle = wakeup.timeout(IDLE_REREAD_SECONDS) if log_ok else wakeup.fallback_seconds
+            woken = await waiter.wait(idle)
 
 
 async def with_keepalive(events: AsyncIterator[Event], interval: float) -> AsyncIterator[Event | None]:

@@ -283,3 +283,22 @@ def test_worker_sigkill_mid_stream_restarts_the_attempt_visibly(
     assert all(e["attempt"] == 2 for e in seen[restart:] if e["type"] in ("delta", "started", "completed"))
     assert _text(seen[restart:]) == body["response"]
     assert body["attempts"] == 2
+
+
+def test_a_provider_call_without_streaming_arrives_as_one_delta(stack: Stack, tmp_path: Path) -> None:
+    # LLM_STREAM=false: the worker makes the plain call (for a provider that cannot stream).
+    queue = f"aiq.sse.nostream.{uuid.uuid4().hex[:6]}"
+    api, url = spawn_api(stack, tmp_path / "api.log", QUEUE_NAME=queue)
+    worker, _ = spawn_worker(stack, tmp_path / "worker.log", QUEUE_NAME=queue, LLM_STREAM="false")
+    try:
+        with httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=30)) as c:
+            user = register_and_login(c)
+            query_id = _submit(c, user["headers"], "[[sim tokens=50]] whole")
+            events = _events(c, user["headers"], query_id)
+            body = c.get(f"/api/v1/query/{query_id}", headers=user["headers"]).json()
+    finally:
+        stop(worker)
+        stop(api)
+    assert [e["type"] for e in events] == ["queued", "started", "delta", "completed"]
+    assert events[2]["text"] == body["response"]
+    assert events[3]["usage"] == body["usage"]

@@ -33,7 +33,7 @@ from shared.config import Settings
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 MONITORING = ROOT / "monitoring"
-K8S_DIRS = ["k8s", "k8s/base", "k8s/overlays/production", "k8s/overlays/without-keda"]
+K8S_DIRS = ["k8s", "k8s/base", "k8s/overlays/production", "k8s/overlays/without-keda", "k8s/overlays/rabbitmq"]
 # Oldest Kubernetes minor we claim to support; the bundled schemas of kubernetes-validate are offline.
 K8S_VERSION = "1.29"
 # Custom resources have no bundled schema: checked structurally below instead, everything else strictly.
@@ -161,7 +161,7 @@ def command(name: str) -> str:
 
 def test_compose_services_and_commands() -> None:
     assert set(compose_raw()["services"]) == {
-        "postgres", "redis", "migrate", "api", "worker", "flower", "simulator", "prometheus", "grafana",
+        "postgres", "redis", "rabbitmq", "migrate", "api", "worker", "flower", "simulator", "prometheus", "grafana",
     }  # fmt: skip
     # Process commands of docs/DESIGN.md.
     assert command("api") == "uvicorn api.main:app --host 0.0.0.0 --port 8000"
@@ -199,6 +199,25 @@ def test_compose_data_services() -> None:
     assert "healthcheck" in redis
     for name in ("postgres", "redis"):
         assert "ports" not in service(name), f"{name} must not be published to the host"
+
+
+def test_compose_rabbitmq_profile() -> None:
+    rabbit = service("rabbitmq")
+    assert rabbit["profiles"] == ["rabbitmq"]
+    assert rabbit["image"].startswith("rabbitmq:3.")
+    assert "ports" not in rabbit, "RabbitMQ must not be published to the host"
+    assert rabbit["hostname"] == "rabbitmq"
+    assert any(v.endswith(":/var/lib/rabbitmq") for v in rabbit["volumes"])
+    assert "rabbitmq-diagnostics" in rabbit["healthcheck"]["test"]
+    # BROKER_URL passes through from the host: unset, every process uses Redis; set, every process uses it.
+    assert compose_raw()["x-aiq-env"]["BROKER_URL"] is None
+    env = clean_env(**COMPOSE_ENV, COMPOSE_PROFILES="rabbitmq", BROKER_URL="amqp://aiq:pw@rabbitmq:5672/")
+    result = compose("config", env=env)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert "rabbitmq" in services
+    for name in ("api", "worker", "flower"):
+        assert services[name]["environment"]["BROKER_URL"] == "amqp://aiq:pw@rabbitmq:5672/", name
 
 
 def test_compose_secrets_come_from_the_environment() -> None:
@@ -454,6 +473,29 @@ def test_keda_scaled_object() -> None:
     fallback = rendered("k8s/overlays/without-keda")
     assert not by_kind(fallback, "ScaledObject")
     assert by_kind(fallback, "HorizontalPodAutoscaler")["aiq-worker"]["spec"]["scaleTargetRef"]["name"] == "aiq-worker"
+
+
+def test_keda_rabbitmq_overlay() -> None:
+    """With RabbitMQ as the broker, KEDA scales on the quorum queue's ready messages, with the processes' URL."""
+    docs = rendered("k8s/overlays/rabbitmq")
+    (trigger,) = by_kind(docs, "ScaledObject")["aiq-worker"]["spec"]["triggers"]
+    config = by_kind(docs, "ConfigMap")["aiq-config"]["data"]
+    assert trigger["type"] == "rabbitmq"
+    assert trigger["metadata"]["queueName"] == config["QUEUE_NAME"]
+    assert trigger["metadata"]["mode"] == "QueueLength"
+    assert int(trigger["metadata"]["value"]) > 0
+    auth = by_kind(docs, "TriggerAuthentication")[trigger["authenticationRef"]["name"]]
+    (ref,) = auth["spec"]["secretTargetRef"]
+    secret = by_kind(docs, "Secret")[ref["name"]]
+    assert ref["parameter"] == "host"
+    assert ref["key"] == "BROKER_URL"
+    assert secret["stringData"]["BROKER_URL"].startswith("amqp://")
+    assert "REPLACE-ME" in secret["stringData"]["BROKER_URL"]
+    policies = by_kind(docs, "NetworkPolicy")
+    egress = policies["aiq-egress-to-data"]["spec"]["egress"]
+    assert 5672 in {p["port"] for rule in egress for p in rule["ports"]}
+    for rule in policies["aiq-data-ingress"]["spec"]["ingress"]:
+        assert 5672 in {p["port"] for p in rule["ports"]}
 
 
 def test_network_policies() -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 
 import pytest
 from pydantic import ValidationError
 
-from shared.config import DEVELOPMENT_JWT_SECRET, Settings
+from shared.config import CELERY_BROKER_VARIABLES, DEVELOPMENT_JWT_SECRET, Settings
 from shared.llm import make_client
 
 STRONG = "s" * 48
@@ -84,3 +87,59 @@ def test_blank_openai_base_url_means_openai_itself(monkeypatch: pytest.MonkeyPat
             await client.close()
 
     assert asyncio.run(base_url()).rstrip("/") == "https://api.openai.com/v1"
+
+
+def test_the_broker_is_redis_unless_broker_url_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("BROKER_URL", *CELERY_BROKER_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    redis_only = Settings(redis_url="redis://cache:6379/2", jwt_secret_key=STRONG)  # type: ignore[arg-type]
+    assert redis_only.broker_url == "redis://cache:6379/2"
+    assert not redis_only.broker_is_amqp
+    monkeypatch.setenv("BROKER_URL", "amqp://aiq:pw@rabbit:5672/aiq")
+    rabbit = Settings(redis_url="redis://cache:6379/2", jwt_secret_key=STRONG)  # type: ignore[arg-type]
+    assert rabbit.broker_url == "amqp://aiq:pw@rabbit:5672/aiq"
+    assert rabbit.broker_is_amqp
+    assert rabbit.redis_url == "redis://cache:6379/2"
+
+
+def test_a_broker_url_kombu_cannot_read_is_refused() -> None:
+    for url in ("unix:///tmp/r.sock", "http://rabbit:15672", "rabbit:5672"):
+        with pytest.raises(ValidationError, match="BROKER_URL must start with"):
+            Settings(broker_url=url, jwt_secret_key=STRONG)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("variable", CELERY_BROKER_VARIABLES)
+def test_a_celery_broker_variable_that_disagrees_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """Celery would read it by itself and consume elsewhere than the API publishes: one clear message instead."""
+    monkeypatch.delenv("BROKER_URL", raising=False)
+    monkeypatch.setenv(variable, "amqp://guest:topsecret@rabbit:5672//")
+    with pytest.raises(ValidationError, match=f"{variable}=amqp://guest:\\*\\*\\*@rabbit:5672// disagrees") as info:
+        Settings(redis_url="redis://cache:6379/0", jwt_secret_key=STRONG)  # type: ignore[arg-type]
+    assert "topsecret" not in str(info.value)
+    assert "set BROKER_URL only" in str(info.value)
+    # The same broker named twice is no disagreement.
+    monkeypatch.setenv("BROKER_URL", "amqp://guest:topsecret@rabbit:5672//")
+    assert Settings(jwt_secret_key=STRONG).broker_is_amqp  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "uvicorn", "api.main:app", "--port", "0"],
+        ["-m", "celery", "-A", "worker.celery_app", "worker"],
+        ["-m", "celery", "-A", "worker.celery_app", "flower", "--port=0"],
+        # What an operator used to Celery types: `--broker` sets CELERY_BROKER_URL before the app is loaded.
+        ["-m", "celery", "--broker", "amqp://guest:guest@127.0.0.1:9//", "-A", "worker.celery_app", "worker"],
+    ],
+    ids=["api", "worker", "flower", "worker --broker"],
+)
+def test_api_worker_and_flower_refuse_a_celery_broker_they_would_disagree_on(argv: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("BROKER_URL", *CELERY_BROKER_VARIABLES)}
+    env.update(ENVIRONMENT="development", REDIS_URL="redis://127.0.0.1:9/0")
+    if "--broker" not in argv:
+        env["CELERY_BROKER_URL"] = "amqp://guest:guest@127.0.0.1:9//"
+    done = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "CELERY_BROKER_URL=amqp://guest:***@127.0.0.1:9// disagrees with the broker AIQ uses" in done.stderr

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from devkit.procs import free_port, spawn
+from devkit.procs import Launcher, free_port, spawn
 from shared.config import Settings
 from shared.queue import Publisher
 from tests.support.polling import wait_for_http
@@ -33,9 +36,16 @@ class Stack:
         return "\n".join(p.read_text(errors="replace") for p in self.logs.values() if p.exists())
 
 
-def stack_settings(database_url: str, redis_url: str, simulator_url: str) -> dict[str, str]:
-    """The environment of the stack's processes: a queue of its own and timings short enough to watch."""
+def stack_settings(
+    database_url: str, redis_url: str, simulator_url: str, broker_url: str | None = None
+) -> dict[str, str]:
+    """The environment of the stack's processes: a queue of its own and timings short enough to watch.
+
+    `broker_url` None: the broker is Redis at `redis_url` (BROKER_URL unset, as by default).
+    """
+    broker = {} if broker_url is None else {"BROKER_URL": broker_url}
     return {
+        **broker,
         "ENVIRONMENT": "test",
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
@@ -77,6 +87,33 @@ def stack_settings(database_url: str, redis_url: str, simulator_url: str) -> dic
         "WEBHOOK_RETRY_DELAYS_SECONDS": "1,1,1",
         "WEBHOOK_TIMEOUT_SECONDS": "3",
     }
+
+
+@contextmanager
+def running_stack(values: dict[str, str], simulator_url: str, log_dir: Path) -> Iterator[Stack]:
+    """uvicorn and a Celery worker as real processes, configured only through the environment `values`."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **values}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    port = free_port()
+    logs = {"api": log_dir / "api.log", "worker": log_dir / "worker.log"}
+    launcher = Launcher(log_dir)
+    api = launcher.start(
+        "api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)], env
+    )
+    worker = launcher.start(
+        "worker",
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--hostname", f"test-{port}@%h"],
+        env,
+    )
+    api_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{api_url}/readyz", proc=api.popen)
+        wait_for_http(f"http://127.0.0.1:{values['WORKER_METRICS_PORT']}/healthz", timeout=60, proc=worker.popen)
+        settings = Settings(**{k.lower(): v for k, v in values.items()})  # type: ignore[arg-type]
+        yield Stack(settings=settings, env=env, api_url=api_url, simulator_url=simulator_url, logs=logs)
+    finally:
+        launcher.stop_all(timeout=20)
 
 
 def spawn_worker(stack: Stack, log_path: Path, **overrides: str) -> tuple[subprocess.Popen[bytes], str]:

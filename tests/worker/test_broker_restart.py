@@ -19,7 +19,9 @@ from tests.support.stack import Stack, spawn_worker
 
 
 def _publish(stack: Stack, redis_url: str, queue: str, query_id: str) -> None:
-    publisher = Publisher(stack.settings.model_copy(update={"redis_url": redis_url, "queue_name": queue}))
+    publisher = Publisher(
+        stack.settings.model_copy(update={"redis_url": redis_url, "broker_url": redis_url, "queue_name": queue})
+    )
     try:
         publisher.publish_sync(uuid.UUID(query_id))
     finally:

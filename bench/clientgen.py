@@ -1,0 +1,285 @@
+"""An open-loop load generator of whole clients, run as its own process: `python -m bench.clientgen SPEC OUT`.
+
+Where bench/loadgen.py times single requests, this one times what a client waits for: arrival *i* starts
+at `t0 + i / rate` whatever happened before (open loop), and each arrival is one client that asks a
+question and waits for the answer, in one of three ways:
+
+- `longpoll` (AIQ): `POST /api/v1/query`, then `GET /api/v1/query/{id}?wait=W` until the status is final;
+- `sse` (AIQ): `POST /api/v1/query`, then `GET /api/v1/query/{id}/events` read to the end of the stream;
+- `chat` (a synchronous proxy such as LiteLLM, or the simulator itself): one `POST /v1/chat/completions`.
+
+The answer time is taken from the arrival's scheduled start, so a slow load generator or a slow server
+shows as overhead rather than hiding it. Overhead = answer time - upstream latency (spec `upstream_ms`).
+
+HTTP/1.1 on a pool of keep-alive connections (asyncio streams, uvloop when installed), grown on demand:
+the load generator shares the machine with the system under test, so it reports its own CPU seconds.
+
+SPEC (JSON): host, port, mode, rate (arrivals/s), duration_s, upstream_ms, token (Bearer, longpoll/sse)
+or tokens (cycled), body (the submit or chat JSON, as a string), wait_s (long-poll wait, default 30),
+timeout_s (a client gives up after this, default 60).
+Result (JSON): arrivals, answered, errors by kind, answers/s, overhead percentiles (ms), CPU seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import resource
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+TERMINAL = {"completed", "failed", "cancelled"}
+# uvicorn closes a keep-alive connection after 5 s idle; older ones are not reused.
+IDLE_S = 4.0
+
+
+class HttpError(Exception):
+    """A response the client did not expect, named by its status (or `proto` for a malformed one)."""
+
+
+class Pool:
+    """Idle keep-alive connections to one host; a request takes one or opens a new one."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+        self.opened = 0
+
+    def _idle_conn(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The most recently used idle connection; those idle past the server's keep-alive are closed."""
+        while self.idle:
+            reader, writer, since = self.idle.pop()
+            if time.monotonic() - since < IDLE_S:
+                return reader, writer
+            writer.close()
+        return None
+
+    async def request(self, method: str, path: str, headers: dict[str, str], body: bytes | None = None) -> Any:
+        """One request; (status, body bytes). A connection the server closed is retried once on a fresh one."""
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        if body is not None:
+            head += f"Content-Length: {len(body)}\r\n"
+        raw = head.encode() + b"\r\n" + (body or b"")
+        for attempt in (0, 1):
+            conn = self._idle_conn() if attempt == 0 else None
+            fresh = conn is None
+            reader, writer = conn or await self._open()
+            try:
+                writer.write(raw)
+                status, resp_headers = await _read_head(reader)
+                payload = await _read_body(reader, resp_headers)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                writer.close()
+                if fresh:
+                    raise
+                continue  # the server closed an idle keep-alive connection: once more on a new one
+            if resp_headers.get("connection", "").lower() == "close":
+                writer.close()
+            else:
+                self.idle.append((reader, writer, time.monotonic()))
+            return status, payload
+        raise AssertionError("unreachable")
+
+    async def stream(self, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        """A GET whose chunked body is read to its end (SSE); the connection goes back to the pool after it."""
+        return await self.request("GET", path, headers)
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        self.opened += 1
+        return await asyncio.open_connection(self.host, self.port, limit=1 << 20)
+
+    def close(self) -> None:
+        for _, writer, _ in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split(" ", 2)[1])
+    except (IndexError, ValueError):
+        raise HttpError("proto") from None
+    headers = {}
+    for line in lines[1:]:
+        k, sep, v = line.partition(":")
+        if sep:
+            headers[k.strip().lower()] = v.strip()
+    return status, headers
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    if "content-length" in headers:
+        return await reader.readexactly(int(headers["content-length"]))
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                return b"".join(parts)
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+    raise HttpError("proto")
+
+
+class Run:
+    """One spec: the arrivals, their outcomes and the answers' times."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.pool = Pool(spec.get("host", "127.0.0.1"), int(spec["port"]))
+        self.mode = spec["mode"]
+        self.tokens = spec.get("tokens") or [spec.get("token", "")]
+        self.body = spec["body"].encode()
+        self.wait_s = float(spec.get("wait_s", 30))
+        self.timeout_s = float(spec.get("timeout_s", 60))
+        self.answer_s: list[float] = []  # answer time - scheduled start, per answered arrival
+        self.done_at: list[float] = []
+        self.errors: Counter[str] = Counter()
+        self.statuses: Counter[str] = Counter()
+        self.requests = 0
+        self.max_lag_s = 0.0
+
+    def _headers(self, i: int, json_body: bool) -> dict[str, str]:
+        h = {"Authorization": f"Bearer {self.tokens[i % len(self.tokens)]}"}
+        if json_body:
+            h["Content-Type"] = "application/json"
+        return h
+
+    async def client(self, i: int, scheduled: float) -> None:
+        """One arrival, from its question to its answer."""
+        try:
+            status = await asyncio.wait_for(self._ask(i), self.timeout_s)
+        except TimeoutError:
+            self.errors["timeout"] += 1
+            return
+        except HttpError as exc:
+            self.errors[str(exc)] += 1
+            return
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            self.errors[type(exc).__name__] += 1
+            return
+        now = time.monotonic()
+        self.statuses[status] += 1
+        if status == "completed":
+            self.answer_s.append(now - scheduled)
+            self.done_at.append(now)
+        else:
+            self.errors[f"status:{status}"] += 1
+
+    async def _ask(self, i: int) -> str:
+        if self.mode == "chat":
+            self.requests += 1
+            code, payload = await self.pool.request("POST", "/v1/chat/completions", self._headers(i, True), self.body)
+            if code != 200:
+                raise HttpError(f"http:{code}")
+            return "completed" if json.loads(payload).get("choices") else "failed"
+        self.requests += 1
+        code, payload = await self.pool.request("POST", "/api/v1/query", self._headers(i, True), self.body)
+        if code != 202:
+            raise HttpError(f"submit:{code}")
+        qid = json.loads(payload)["query_id"]
+        if self.mode == "sse":
+            self.requests += 1
+            code, payload = await self.pool.stream(f"/api/v1/query/{qid}/events", self._headers(i, False))
+            if code != 200:
+                raise HttpError(f"events:{code}")
+            return _last_sse_status(payload)
+        while True:
+            self.requests += 1
+            code, payload = await self.pool.request(
+                "GET", f"/api/v1/query/{qid}?wait={self.wait_s:g}", self._headers(i, False)
+            )
+            if code != 200:
+                raise HttpError(f"poll:{code}")
+            status = str(json.loads(payload)["status"])
+            if status in TERMINAL:
+                return status
+
+    async def main(self) -> None:
+        rate, duration = float(self.spec["rate"]), float(self.spec["duration_s"])
+        n = max(1, int(rate * duration))
+        tasks: list[asyncio.Task[None]] = []
+        self.t0 = time.monotonic() + 0.05
+        for i in range(n):
+            scheduled = self.t0 + i / rate
+            delay = scheduled - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                self.max_lag_s = max(self.max_lag_s, -delay)
+            tasks.append(asyncio.create_task(self.client(i, scheduled)))
+        self.arrivals = n
+        await asyncio.gather(*tasks)
+        self.pool.close()
+
+    def result(self, cpu_s: float) -> dict[str, Any]:
+        upstream_s = float(self.spec.get("upstream_ms", 0)) / 1000
+        over = sorted(1000 * (a - upstream_s) for a in self.answer_s)
+        answered = len(over)
+        # From the first answer the upstream allows to the last one: a system that keeps up answers at the rate.
+        span = (max(self.done_at) - (self.t0 + upstream_s)) if self.done_at else 0.0
+        return {
+            "mode": self.mode,
+            "rate": self.spec["rate"],
+            "duration_s": self.spec["duration_s"],
+            "arrivals": self.arrivals,
+            "answered": answered,
+            "errors": sum(self.errors.values()),
+            "errors_by_kind": dict(self.errors),
+            "statuses": dict(self.statuses),
+            "answers_per_s": round(answered / span, 1) if span > 0 else 0.0,
+            "overhead_ms": _percentiles(over),
+            "requests": self.requests,
+            "connections_opened": self.pool.opened,
+            "max_schedule_lag_ms": round(1000 * self.max_lag_s, 1),
+            "cpu_s": round(cpu_s, 3),
+        }
+
+
+def _last_sse_status(payload: bytes) -> str:
+    """The terminal status an SSE stream ended with: the type (`event:`) of its last terminal event."""
+    status = "failed"
+    for line in payload.decode("utf-8", "replace").splitlines():
+        if line.startswith("event:") and line[6:].strip() in TERMINAL:
+            status = line[6:].strip()
+    return status
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+
+    def pick(q: float) -> float:
+        return round(values[min(len(values) - 1, int(q * len(values)))], 1)
+
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": round(values[-1], 1)}
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[1]).read_text())
+    with contextlib.suppress(ImportError):
+        import uvloop  # type: ignore[import-not-found]
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    run = Run(spec)
+    cpu0 = _cpu_s()
+    asyncio.run(run.main())
+    Path(argv[2]).write_text(json.dumps(run.result(_cpu_s() - cpu0)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

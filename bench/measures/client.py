@@ -1,0 +1,185 @@
+"""The client-side scenario: whole clients (ask, then wait for the answer), open loop, AIQ beside LiteLLM.
+
+Its own stack, one API process and one worker process, and the simulator at 0.5 s. Each step sends
+arrivals at one rate for `client_step_s` seconds (bench/clientgen.py, its own process); per step: answers/s,
+the overhead each client saw over the upstream's 0.5 s (P50/P99), errors, and the CPU-ms per answer of
+every process involved (API, worker, the PostgreSQL backends of this run's database, Redis, simulator,
+load generator). The same clients at the same rates then go to the LiteLLM proxy (bench/peers/litellm.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from bench import profiling
+from bench.context import RunContext
+from bench.peers import litellm
+from bench.plan import CLIENT_P99_MS, MAX_ERROR_RATE, MODEL, PROMPT, say
+from bench.stack import PY, CpuMeter, http_json
+from bench.systems import Layout, System, aiq_api_env, start_aiq
+from devkit.paths import ROOT
+
+UPSTREAM_MS = 500
+
+
+def run_client(ctx: RunContext) -> dict[str, Any]:
+    """AIQ with long-polls (and SSE when the API serves it), then LiteLLM, at the same rates."""
+    out: dict[str, Any] = {"upstream_ms": UPSTREAM_MS, "p99_bound_ms": CLIENT_P99_MS}
+    layout = Layout(1, "reuseport", 1, ctx.layout.aiq_env, ())
+    say("client: starting AIQ with 1 API process and 1 worker process")
+    aiq = start_aiq(ctx.launcher, ctx.servers, ctx.sim, layout, aiq_api_env(layout, ctx.servers))
+    ctx.sim.latency(UPSTREAM_MS)
+    db = urllib.parse.urlparse(aiq.db_url).path.lstrip("/")
+    meter = CpuMeter({"api": aiq.api, "worker": aiq.workers, "simulator": [ctx.sim.proc]}, databases=(db,))
+    body = json.dumps({"query": PROMPT, "model": MODEL})
+    base = {"port": aiq.api_port, "tokens": aiq.tokens, "body": body, "wait_s": 30}
+    _clients(ctx, {**base, "mode": "longpoll", "rate": 10, "duration_s": 1})  # warm-up
+    out["aiq_longpoll"] = _steps(ctx, "AIQ long-poll", {**base, "mode": "longpoll"}, meter, lambda: aiq.settle(ctx.sim))
+    if ctx.profile:
+        out["aiq_worker_profile"] = _profile_worker(ctx, aiq, {**base, "mode": "longpoll"}, out["aiq_longpoll"])
+    if _serves_events(aiq):
+        out["aiq_sse"] = _steps(ctx, "AIQ SSE", {**base, "mode": "sse"}, meter, lambda: aiq.settle(ctx.sim))
+    else:
+        out["aiq_sse"] = {"skipped": "the API has no GET /api/v1/query/{id}/events"}
+    ctx.launcher.stop_group([*aiq.workers, *aiq.api], timeout=10)
+    chat = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": PROMPT}]})
+    out["litellm"] = _litellm(ctx, chat)
+    out["summary"] = summary(out)
+    return out
+
+
+def _litellm(ctx: RunContext, body: str) -> dict[str, Any]:
+    exe, why = litellm.ensure_venv()
+    if exe is None:
+        say(f"client: LiteLLM skipped: {why}")
+        return {"skipped": why}
+    ctx.sim.wait_idle()
+    say("client: starting the LiteLLM proxy (1 worker) on the same simulator")
+    try:
+        peer = litellm.start(ctx.launcher, exe, ctx.sim.url, ctx.tmp)
+    except (RuntimeError, TimeoutError) as exc:
+        say(f"client: LiteLLM did not start: {exc}")
+        return {"skipped": f"did not start: {exc}"}
+    meter = CpuMeter({"litellm": [peer.proc], "simulator": [ctx.sim.proc]}, databases=("-",))
+    spec = {"port": peer.port, "token": peer.key, "body": body, "mode": "chat"}
+    _clients(ctx, {**spec, "rate": 10, "duration_s": 1})  # warm-up
+    try:
+        return {"version": litellm.version(), **_steps(ctx, "LiteLLM", spec, meter, ctx.sim.wait_idle)}
+    finally:
+        ctx.launcher.stop_group([peer.proc], timeout=10)
+
+
+def _profile_worker(ctx: RunContext, aiq: System, spec: dict[str, Any], steps: dict[str, Any]) -> dict[str, Any]:
+    """py-spy on the worker under a steady trickle of clients (half the top rate): per-message costs show here."""
+    spy = profiling.py_spy()
+    if spy is None:
+        return {"skipped": "py-spy not installed"}
+    rate = (steps.get("half_step") or {}).get("rate") or ctx.plan.client_rates[0]
+    seconds = ctx.plan.client_step_s + 4
+    aiq.settle(ctx.sim)
+    say(f"client: py-spy on the worker for {seconds:.0f} s of clients at {rate}/s")
+    started = profiling.record(spy, {"worker": aiq.workers[0].pid}, seconds, ctx.logdir, "aiq-steady")
+    _clients(ctx, {**spec, "rate": rate, "duration_s": seconds})
+    return {"rate": rate, "processes": profiling.collect(started, seconds)}
+
+
+def _serves_events(system: System) -> bool:
+    paths = http_json("GET", f"http://127.0.0.1:{system.api_port}/openapi.json").get("paths", {})
+    return "/api/v1/query/{query_id}/events" in paths
+
+
+def _clients(ctx: RunContext, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run bench/clientgen.py on one spec in its own process; its result."""
+    ctx.lg.n += 1
+    spec_path, out_path = ctx.tmp / f"client-{ctx.lg.n}.json", ctx.tmp / f"client-{ctx.lg.n}-out.json"
+    spec_path.write_text(json.dumps({"upstream_ms": UPSTREAM_MS, "timeout_s": ctx.plan.client_timeout_s, **spec}))
+    subprocess.run([PY, "-m", "bench.clientgen", str(spec_path), str(out_path)], cwd=ROOT, check=True)
+    result: dict[str, Any] = json.loads(out_path.read_text())
+    return result
+
+
+def _steps(
+    ctx: RunContext, label: str, spec: dict[str, Any], meter: CpuMeter, settle: Callable[[], object]
+) -> dict[str, Any]:
+    """The rate steps, stopping after the first one well past the bound; each step's figures."""
+    steps = []
+    for rate in ctx.plan.client_rates:
+        settle()
+        ctx.gate.wait()
+        before = meter.snapshot()
+        r = _clients(ctx, {**spec, "rate": rate, "duration_s": ctx.plan.client_step_s})
+        cpu = CpuMeter.delta(before, meter.snapshot(), {"loadgen": r["cpu_s"]})
+        answered = max(1, r["answered"])
+        r["cpu_ms_per_answer"] = {k: round(1000 * v / answered, 2) for k, v in cpu["cpu_s"].items() if k != "other"}
+        r["cpu"] = cpu
+        r["ok"] = _ok(r)
+        steps.append(r)
+        o = r["overhead_ms"]
+        say(
+            f"client {label} {rate}/s: {r['answers_per_s']} answers/s, overhead p50 {o['p50']} / p99 {o['p99']} ms, "
+            f"{r['errors']} errors, CPU-ms/answer {_cpu_line(r['cpu_ms_per_answer'])}, "
+            f"machine {cpu['machine_busy_pct']}% busy"
+        )
+        if not r["ok"] and ((o["p99"] or 1e9) > 4 * CLIENT_P99_MS or r["errors"] > 0.01 * r["arrivals"]):
+            break
+    return {"steps": steps, **_top(steps)}
+
+
+def _ok(r: dict[str, Any]) -> bool:
+    p99 = r["overhead_ms"]["p99"]
+    return p99 is not None and p99 <= CLIENT_P99_MS and r["errors"] <= MAX_ERROR_RATE * r["arrivals"]
+
+
+def _cpu_line(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in cpu.items() if v >= 0.05 and k != "harness")
+
+
+def _top(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The highest step within the bound, and the step nearest half its rate (where the overhead goal applies)."""
+    good = [s for s in steps if s["ok"]]
+    if not good:
+        return {"max_answers_per_s": None, "top_step": None, "half_step": None}
+    top = max(good, key=lambda s: s["answers_per_s"])
+    below_half = [s for s in steps if s["rate"] <= top["rate"] / 2] or [steps[0]]
+    half = max(below_half, key=lambda s: s["rate"])
+    return {"max_answers_per_s": top["answers_per_s"], "top_step": _brief(top), "half_step": _brief(half)}
+
+
+def _brief(s: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "rate": s["rate"],
+        "answers_per_s": s["answers_per_s"],
+        "overhead_p50_ms": s["overhead_ms"]["p50"],
+        "overhead_p99_ms": s["overhead_ms"]["p99"],
+        "cpu_ms_per_answer": s["cpu_ms_per_answer"],
+    }
+
+
+def summary(out: dict[str, Any]) -> dict[str, Any]:
+    """AIQ against LiteLLM at the same P99 overhead bound."""
+
+    def app_cpu(s: dict[str, Any] | None, roles: tuple[str, ...]) -> float | None:
+        return round(sum(s["cpu_ms_per_answer"].get(r, 0.0) for r in roles), 2) if s else None
+
+    lp, peer = out.get("aiq_longpoll", {}), out.get("litellm", {})
+    sse = out.get("aiq_sse", {})
+    aiq_rate, peer_rate = lp.get("max_answers_per_s"), peer.get("max_answers_per_s")
+    return {
+        "aiq_answers_per_s": aiq_rate,
+        "aiq_sse_answers_per_s": sse.get("max_answers_per_s"),
+        "litellm_answers_per_s": peer_rate,
+        "aiq_vs_litellm": round(aiq_rate / peer_rate, 1) if aiq_rate and peer_rate else None,
+        "aiq_half_rate_overhead_ms": _pair(lp.get("half_step")),
+        "aiq_sse_half_rate_overhead_ms": _pair(sse.get("half_step")),
+        "aiq_cpu_ms_per_answer_api_worker": app_cpu(lp.get("top_step"), ("api", "worker")),
+        "aiq_cpu_ms_per_answer_half_rate_api_worker": app_cpu(lp.get("half_step"), ("api", "worker")),
+        "litellm_cpu_ms_per_answer": app_cpu(peer.get("top_step"), ("litellm",)),
+    }
+
+
+def _pair(s: dict[str, Any] | None) -> dict[str, Any] | None:
+    return {"rate": s["rate"], "p50": s["overhead_p50_ms"], "p99": s["overhead_p99_ms"]} if s else None

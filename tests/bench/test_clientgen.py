@@ -1,0 +1,63 @@
+"""bench/clientgen.py, the client-side scenario's load generator, against the real stack and simulator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devkit.paths import ROOT
+from tests.support.stack import Stack
+
+SIM_KEY = "sk-test-sim-key-0123456789"
+
+
+def _run(tmp_path: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    spec_path, out_path = tmp_path / "spec.json", tmp_path / "out.json"
+    spec_path.write_text(json.dumps({"rate": 5, "duration_s": 1, "upstream_ms": 50, "timeout_s": 30, **spec}))
+    subprocess.run([sys.executable, "-m", "bench.clientgen", str(spec_path), str(out_path)], cwd=ROOT, check=True)
+    result: dict[str, Any] = json.loads(out_path.read_text())
+    return result
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("mode", ["longpoll", "sse"])
+def test_each_client_submits_and_waits_for_its_answer(
+    stack: Stack, user: dict[str, Any], tmp_path: Path, mode: str
+) -> None:
+    body = json.dumps({"query": f"clientgen {mode}"})
+    token = user["tokens"]["access_token"]
+    r = _run(tmp_path, {"port": _port(stack.api_url), "mode": mode, "token": token, "body": body})
+    assert r["arrivals"] == 5
+    assert r["answered"] == 5, r
+    assert r["errors"] == 0
+    assert r["statuses"] == {"completed": 5}
+    # A submit and at least one wait per client; the overhead is the answer time minus the upstream's 50 ms,
+    # which no answer can beat.
+    assert r["requests"] >= 10
+    assert r["overhead_ms"]["p50"] is not None
+    assert 0 <= r["overhead_ms"]["p50"] <= r["overhead_ms"]["max"]
+    assert r["cpu_s"] > 0
+
+
+def test_refused_clients_are_counted_as_errors_not_answers(stack: Stack, tmp_path: Path) -> None:
+    body = json.dumps({"query": "clientgen refused"})
+    r = _run(tmp_path, {"port": _port(stack.api_url), "mode": "longpoll", "token": "not-a-token", "body": body})
+    assert r["answered"] == 0
+    assert r["errors_by_kind"] == {"submit:401": 5}
+    assert r["overhead_ms"]["p50"] is None
+
+
+def test_chat_mode_is_one_synchronous_completion_per_client(stack: Stack, tmp_path: Path) -> None:
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "clientgen chat"}]})
+    r = _run(tmp_path, {"port": _port(stack.simulator_url), "mode": "chat", "token": SIM_KEY, "body": body})
+    assert r["answered"] == 5, r
+    assert r["requests"] == 5
+    assert r["errors"] == 0
