@@ -52,11 +52,17 @@ async def create_response(
         translator = service.ResponseEvents(current, background=background)
         return streams.respond(request, accepted.query_id, translator, slot, chat=False)
     accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
-    if background:
-        out = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
-    else:
-        out = await wait(request, pool, settings, wakeup, user_id, accepted.query_id)
-    return service.response_object(out, background=background)
+    if not background:
+        answered = await wait(request, pool, settings, wakeup, user_id, accepted.query_id)
+        return service.response_object(answered, background=False)
+    created = service.response_object(
+        await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup), background=True
+    )
+    # The create answers the response as created: a worker may have claimed it already (read after the
+    # publish), which the next retrieve shows; only an end already reached (a cache hit) is told as it is.
+    if created["status"] == "in_progress":
+        created["status"] = "queued"
+    return created
 
 
 @router.get("/responses/{response_id}", response_model=None)

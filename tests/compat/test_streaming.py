@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,8 @@ def test_a_worker_sigkilled_mid_stream_still_ends_the_stream_with_the_stored_ans
     # stack's own worker sweeps the expired lease and runs attempt 2, and the stream goes on to its end.
     victim, _ = spawn_worker(stack, tmp_path / "victim.log")
     try:
-        for _ in range(30):
+        # The extra worker starts consuming a little after it reports healthy; on a loaded machine, later.
+        for _ in range(120):
             created = sdk.responses.create(
                 model="sim-small", input="[[sim tokens=150 chunk_ms=30]] interrupted", background=True
             )
@@ -155,6 +157,7 @@ def test_a_worker_sigkilled_mid_stream_still_ends_the_stream_with_the_stored_ans
             owner = wait_until(lambda: row(db, query_id)["lease_owner"], timeout=20)  # noqa: B023
             if owner.endswith(f":{victim.pid}"):
                 break
+            time.sleep(0.2)
         else:
             pytest.fail("the extra worker never claimed a query")
         seen: list[Any] = []
