@@ -18,6 +18,7 @@ from shared.models import TERMINAL_STATUSES
 from shared.repositories import queries_session as repo
 from shared.repositories.queries_session import WORKER_LOST_CODE, WORKER_LOST_MESSAGE
 from shared.services import webhooks
+from worker import batches
 from worker.runtime import StopReason, WorkerRuntime
 from worker.streaming import tell_end
 
@@ -74,6 +75,10 @@ async def sweep_once(rt: WorkerRuntime) -> int:
                 break
             sent.append(query_id)
         await repo.mark_resent(session, sent)
+    try:
+        await batches.sweep(rt)
+    except Exception as exc:  # noqa: BLE001 - batches wait for the next sweep; queries were swept already
+        log.warning("batch sweep failed", extra={"error": type(exc).__name__})
     if reclaimed or due:
         log.info("sweep", extra={"count": len(sent), "outcome": f"reclaimed={len(reclaimed)} due={len(due)}"})
     return len(sent)

@@ -198,6 +198,30 @@ async def submit_query(
     return accepted, headers
 
 
+async def submit_query_in(
+    conn: asyncpg.Connection, settings: Settings, limiter: Limiter, user_id: uuid.UUID, body: QueryCreate
+) -> QueryAccepted:
+    """Take the user's limits and INSERT a pending query inside the caller's transaction (a batch's lines).
+
+    The caller publishes after its commit and, if the transaction rolls back, gives the limits back with
+    `release_limits`. A refusal (LimitExceeded) stores nothing and takes nothing.
+    """
+    accepted, row = _new_query(settings, user_id, body)
+    await _take_limits(conn, settings, limiter, user_id, body, row)
+    try:
+        await queries_asyncpg.insert(conn, **row)
+    except BaseException:
+        await _give_back(limiter, accepted.query_id)
+        raise
+    return accepted
+
+
+async def release_limits(limiter: Limiter, query_ids: list[uuid.UUID]) -> None:
+    """Queries whose INSERT did not commit: give back what was taken for them."""
+    for query_id in query_ids:
+        await _give_back(limiter, query_id)
+
+
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
