@@ -264,6 +264,38 @@ async def _expand(
     return delay
 
 
+async def _report_unread(conn: asyncpg.Connection, settings: Settings, batch: RowLike, status: BatchStatus) -> None:
+    """A batch ending before its input was all read: up to EXPAND_LINES more unread lines go to the error file,
+    each with its `custom_id` and why it never ran (as OpenAI reports a batch's unfinished requests)."""
+    code, message = (
+        ("batch_cancelled", "The batch was cancelled before this request ran")
+        if status == BatchStatus.CANCELLING
+        else ("batch_expired", "The batch expired before this request ran")
+    )
+    items: list[tuple[Any, ...]] = []
+    position = (batch["read_chunk"], batch["read_offset"])
+    line_no, done = batch["lines_read"], True
+    max_line = settings.max_query_chars * 8 + 64 * 1024
+    async for raw, chunk, offset in files_service.iter_lines(
+        conn, batch["input_file_id"], batch["read_chunk"], batch["read_offset"], max_line
+    ):
+        if len(items) >= EXPAND_LINES:
+            done = False
+            break
+        custom_id, request = _line_request(raw, batch["endpoint"], max_line)
+        if isinstance(request, _BadLine):
+            items.append((line_no, custom_id, None, request.code, request.message))
+        else:
+            items.append((line_no, custom_id, None, code, message))
+        line_no += 1
+        position = (chunk, offset)
+    if items:
+        await repo.add_items(conn, batch["id"], items)
+    await repo.update(
+        conn, batch["id"], read_chunk=position[0], read_offset=position[1], lines_read=line_no, input_done=done
+    )
+
+
 async def _cancel_live(
     conn: asyncpg.Connection, limiter: Limiter, events: EventLog, batch: RowLike, ended: list[uuid.UUID]
 ) -> None:
@@ -408,19 +440,22 @@ async def _step(
         await repo.update(conn, batch["id"], status=BatchStatus.IN_PROGRESS.value, in_progress_at=now)
     if ending:
         await _cancel_live(conn, limiter, events, batch, ended)
+        if not batch["input_done"]:
+            await _report_unread(
+                conn, settings, batch, BatchStatus.CANCELLING if batch["cancelling_at"] else BatchStatus.EXPIRED
+            )
     elif not batch["input_done"]:
         delay = await _expand(conn, settings, limiter, batch, taken)
     counts = await repo.counts(conn, batch["id"])
     fresh = await repo.get_for_user(conn, batch["id"], batch["user_id"])
     assert fresh is not None
     await repo.update(conn, batch["id"], request_completed=counts["completed"], request_failed=counts["failed"])
-    input_over = ending or fresh["input_done"]
-    if input_over and counts["live"] == 0:
+    if fresh["input_done"] and counts["live"] == 0:
         await repo.update(conn, batch["id"], status=BatchStatus.FINALIZING.value, finalizing_at=now)
         return 0.0
     if ending:
-        # Running queries end cancelled once their workers notice (a heartbeat).
-        return 0.5
+        # Unread input is reported at once; running queries end cancelled once their workers notice (a heartbeat).
+        return 0.5 if fresh["input_done"] else 0.0
     return delay if not fresh["input_done"] else POLL_SECONDS
 
 

@@ -283,3 +283,24 @@ def test_files_are_listed_and_deleted_but_not_while_a_live_batch_reads_them(sdk:
     assert sdk.batches.retrieve(batch.id).input_file_id == uploaded.id
     assert ended.error_file_id is not None
     assert sdk.files.delete(ended.error_file_id).deleted
+
+
+def test_a_batch_cancelled_before_its_lines_were_read_reports_each_unread_line(
+    sdk: openai.OpenAI, user: dict[str, Any], db: Engine
+) -> None:
+    # A pending cap of 1 holds the batch at its first line: the other lines are still unread when it is cancelled.
+    with db.begin() as conn:
+        conn.execute(text("INSERT INTO user_limits (user_id, max_pending) VALUES (:u, 1)"), {"u": user["user_id"]})
+    lines = [_chat_line(f"unread-{i}", f"unread {i} [[sim latency_ms=30000]]") for i in range(4)]
+    uploaded = sdk.files.create(file=("unread.jsonl", _jsonl(lines)), purpose="batch")
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    sdk.batches.cancel(batch.id)
+    ended = _until_ended(sdk, batch.id, timeout=90)
+    assert ended.status == "cancelled"
+    assert ended.output_file_id is None
+    errors = _read_jsonl(sdk, ended.error_file_id)
+    # Every line is accounted for by its custom_id, whether it had become a query or was never read.
+    assert set(errors) == {f"unread-{i}" for i in range(4)}
+    unread = [e for e in errors.values() if e["error"] is not None]
+    assert unread, "at least the lines behind the cap were never read"
+    assert {e["error"]["code"] for e in unread} == {"batch_cancelled"}
