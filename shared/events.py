@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from shared.config import Settings
 from shared.metrics import EVENTS_PUBLISHED
+from shared.scriptbatch import ScriptBatch
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,21 @@ class EventLog:
     def _key(self, query_id: uuid.UUID) -> str:
         return f"{self._prefix}{query_id}"
 
+    def _call(
+        self, query_id: uuid.UUID, type: EventType, data: dict[str, Any] | None, attempt: int | None, reset: bool
+    ) -> tuple[list[str], list[Any]]:
+        key = self._key(query_id)
+        args: list[Any] = [
+            type.value,
+            "" if attempt is None else str(attempt),
+            orjson.dumps(data or {}),
+            self._ttl,
+            self._channel,
+            str(query_id),
+            "1" if reset else "0",
+        ]
+        return [key, f"{key}:seq"], args
+
     async def append(
         self,
         query_id: uuid.UUID,
@@ -113,21 +129,23 @@ class EventLog:
         reset: bool = False,
     ) -> int:
         """Append one event; returns its sequence number. Raises RedisError when Redis is unreachable."""
-        key = self._key(query_id)
-        seq = await self._append(
-            keys=[key, f"{key}:seq"],
-            args=[
-                type.value,
-                "" if attempt is None else str(attempt),
-                orjson.dumps(data or {}),
-                self._ttl,
-                self._channel,
-                str(query_id),
-                "1" if reset else "0",
-            ],
-        )
+        keys, args = self._call(query_id, type, data, attempt, reset)
+        seq = await self._append(keys=keys, args=args)
         EVENTS_PUBLISHED.labels(type=type.value).inc()
         return int(seq)
+
+    def append_in(
+        self, batch: ScriptBatch, query_id: uuid.UUID, type: EventType, data: dict[str, Any], attempt: int | None
+    ) -> int:
+        """`append` queued on a batch (shared with other features' scripts); the index of its result (the
+        sequence number). Call `appended` once the batch has run."""
+        keys, args = self._call(query_id, type, data, attempt, False)
+        return batch.add(self._append, keys, args)
+
+    @staticmethod
+    def appended(type: EventType) -> None:
+        """Count an event appended through a batch."""
+        EVENTS_PUBLISHED.labels(type=type.value).inc()
 
     async def append_quietly(
         self,
