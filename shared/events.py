@@ -67,6 +67,7 @@ class Event:
 
 # KEYS: stream, counter. ARGV: type, attempt, data, ttl_s, channel, notice, reset.
 # `reset` = 1 trims every earlier event (an admin requeue starts the query's story again after its end).
+# An empty channel sends no notice (nobody can be waiting yet: see `append`'s `notify`).
 _APPEND = """
 local seq = redis.call('INCR', KEYS[2])
 local id = seq .. '-0'
@@ -74,7 +75,7 @@ redis.call('XADD', KEYS[1], id, 't', ARGV[1], 'a', ARGV[2], 'd', ARGV[3])
 if ARGV[7] == '1' then redis.call('XTRIM', KEYS[1], 'MINID', id) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[1])
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[1]) end
 return seq
 """
 
@@ -105,7 +106,13 @@ class EventLog:
         return f"{self._prefix}{query_id}"
 
     def _call(
-        self, query_id: uuid.UUID, type: EventType, data: dict[str, Any] | None, attempt: int | None, reset: bool
+        self,
+        query_id: uuid.UUID,
+        type: EventType,
+        data: dict[str, Any] | None,
+        attempt: int | None,
+        reset: bool,
+        notify: bool = True,
     ) -> tuple[list[str], list[Any]]:
         key = self._key(query_id)
         args: list[Any] = [
@@ -113,7 +120,7 @@ class EventLog:
             "" if attempt is None else str(attempt),
             orjson.dumps(data or {}),
             self._ttl,
-            self._channel,
+            self._channel if notify else "",
             str(query_id),
             "1" if reset else "0",
         ]
@@ -127,9 +134,14 @@ class EventLog:
         attempt: int | None = None,
         *,
         reset: bool = False,
+        notify: bool = True,
     ) -> int:
-        """Append one event; returns its sequence number. Raises RedisError when Redis is unreachable."""
-        keys, args = self._call(query_id, type, data, attempt, reset)
+        """Append one event; returns its sequence number. Raises RedisError when Redis is unreachable.
+
+        `notify=False` sends no wake-up notice: for a fresh query's `queued`, appended before its id is given
+        out, nobody can be waiting, and every API process's subscriber would read the notice for nothing.
+        """
+        keys, args = self._call(query_id, type, data, attempt, reset, notify)
         seq = await self._append(keys=keys, args=args)
         EVENTS_PUBLISHED.labels(type=type.value).inc()
         return int(seq)
@@ -155,10 +167,11 @@ class EventLog:
         attempt: int | None = None,
         *,
         reset: bool = False,
+        notify: bool = True,
     ) -> int | None:
         """`append`, but a Redis failure is logged and swallowed: the row is the truth, readers replay it."""
         try:
-            return await self.append(query_id, type, data, attempt, reset=reset)
+            return await self.append(query_id, type, data, attempt, reset=reset, notify=notify)
         except (RedisError, OSError) as exc:
             log.warning(
                 "event not appended", extra={"query_id": str(query_id), "outcome": type.value, "error": repr(exc)}
