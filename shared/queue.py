@@ -370,9 +370,9 @@ class Publisher:
         """Send any task by name without blocking the event loop; False if the broker did not confirm it in time."""
         queue = self._settings.queue_name
         try:
-            await asyncio.wait_for(
-                self._client().send(queue, task, args, task_id), timeout=self._settings.publish_timeout_seconds
-            )
+            # A deadline on this task, not `wait_for`'s extra task per publish.
+            async with asyncio.timeout(self._settings.publish_timeout_seconds):
+                await self._client().send(queue, task, args, task_id)
         except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row pending for recovery
             log.warning(
                 "publish failed; query stays pending",
