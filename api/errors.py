@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.compat.errors import is_compat_path, openai_error_response
 from shared.db import DATABASE_UNAVAILABLE, database_unavailable
 from shared.errors import AppError
 from shared.schemas import ErrorBody
@@ -55,7 +56,12 @@ def error_response(
     message: str,
     details: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
+    *,
+    path: str = "",
 ) -> JSONResponse:
+    """The error body; under the OpenAI-compatible `/v1` door, in OpenAI's shape and status codes instead."""
+    if is_compat_path(path):
+        return openai_error_response(status_code, code, message, details, headers)
     body: dict[str, Any] = {"code": code, "message": message}
     if details:
         body["details"] = details
@@ -106,12 +112,12 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
-async def _app_error(_: Request, exc: Exception) -> JSONResponse:
+async def _app_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AppError)
-    return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+    return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers, path=request.url.path)
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     details = _validation_details(exc)
     malformed = any(d["type"] == "json_invalid" for d in details)
@@ -120,13 +126,15 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         if malformed
         else ("validation_error", "Request is invalid")
     )
-    return error_response(422, code, message, details)
+    return error_response(422, code, message, details, path=request.url.path)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "error" if exc.status_code < 500 else "internal_error")
-    return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+    return error_response(
+        exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None), path=request.url.path
+    )
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
@@ -135,7 +143,11 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     # An outage, not a bug: say so, and when to come back. Clients retry safely with an Idempotency-Key.
     log.warning("database unavailable", extra={"error": type(exc).__name__})
     return error_response(
-        503, "database_unavailable", "The database is unavailable; retry shortly", headers={"Retry-After": "2"}
+        503,
+        "database_unavailable",
+        "The database is unavailable; retry shortly",
+        headers={"Retry-After": "2"},
+        path=request.url.path,
     )
 
 

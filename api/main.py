@@ -7,6 +7,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
+from api.compat.errors import COMPAT_PREFIX
+from api.compat.router import router as compat_router
 from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.metrics_server import MetricsServer
@@ -85,11 +87,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(webhooks.router)
     v1.include_router(webhooks.deliveries)
     app.include_router(v1)
+    app.include_router(compat_router)
     app.include_router(health.router)
     install_openapi(app)
     # Outermost last: the request id must be set before metrics and handlers run; the body limit answers
     # before any parser; every answer, the limit's own included, gets the security headers.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # A batch file upload is a multipart form: the file plus room for the form's own parts.
+    uploads = {f"{COMPAT_PREFIX}/files": settings.max_file_bytes + 64 * 1024}
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, uploads=uploads)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)

@@ -191,11 +191,13 @@ class BodyLimitMiddleware:
       no more than `max_bytes` is ever buffered.
     - A non-empty body that is not JSON (`application/json` or `application/*+json`) is a 415
       `unsupported_media_type`; only the login route also takes the OAuth2 form.
+    - Upload paths (`uploads`: path → their own byte limit, e.g. `POST /v1/files`) take a multipart form.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, uploads: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.uploads = uploads or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
@@ -214,18 +216,20 @@ class BodyLimitMiddleware:
                 chunked = b"chunked" in value.lower()
             elif name == b"content-type":
                 content_type = value
-        if length is not None and length > self.max_bytes:
+        upload_limit = self.uploads.get(scope["path"])
+        limit = self.max_bytes if upload_limit is None else upload_limit
+        if length is not None and length > limit:
             # Answered without reading the body; uvicorn closes the connection if the client keeps sending.
-            await _error_response(BodyTooLarge(self.max_bytes))(scope, receive, send)
+            await _error_response(BodyTooLarge(limit), scope)(scope, receive, send)
             return
         has_body = chunked or bool(length)
-        if has_body and not _is_json(content_type) and not (scope["path"] in FORM_PATHS and _is_form(content_type)):
+        form_allowed = scope["path"] in FORM_PATHS or upload_limit is not None
+        if has_body and not _is_json(content_type) and not (form_allowed and _is_form(content_type)):
             error = StarletteHTTPException(415, "Send the request body as JSON with Content-Type: application/json")
-            await _error_response(error)(scope, receive, send)
+            await _error_response(error, scope)(scope, receive, send)
             return
 
         received = 0
-        limit = self.max_bytes
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -250,12 +254,12 @@ class BodyLimitMiddleware:
             # Raised where no handler turned it into a response (a parser outside FastAPI's body reading).
             if started:
                 raise
-            await _error_response(exc)(scope, receive, send)
+            await _error_response(exc, scope)(scope, receive, send)
 
 
-def _error_response(exc: StarletteHTTPException) -> Response:
+def _error_response(exc: StarletteHTTPException, scope: Scope) -> Response:
     code = "payload_too_large" if exc.status_code == 413 else "unsupported_media_type"
-    return error_response(exc.status_code, code, str(exc.detail))
+    return error_response(exc.status_code, code, str(exc.detail), path=scope["path"])
 
 
 NOSNIFF = (b"x-content-type-options", b"nosniff")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.context import RunContext
+from bench.measures.batch import measure_batch
 from bench.measures.limits import measure_limits_cost
 from bench.measures.m1 import measure_m1, measure_m1_api_only
 from bench.measures.m2 import measure_m2
@@ -75,6 +76,8 @@ def run_aiq(ctx: RunContext) -> dict[str, Any]:
     a["m1"] = measure_m1(ctx, aiq, plan.aiq_m1_rates)
     # Half of the M1 maximum: a load the API serves comfortably, so CPU per request is not inflated by queueing.
     a["limits_cost"] = measure_limits_cost(ctx, aiq, max(100, round(0.5 * (a["m1"]["max_rps"] or 200) / 50) * 50))
+    if ctx.clock.allows(60, "the batch measure"):
+        a["batch"] = measure_batch(ctx, aiq, lines=300 if plan.quick else 2000)
     # The API's publish on its own, Redis beside RabbitMQ (BENCH_AMQP_URL / TEST_AMQP_URL): a few seconds.
     ctx.gate.wait()
     say("publish cost: Publisher.publish to Redis and to RabbitMQ, sequential and 64 in flight")

@@ -117,6 +117,10 @@ def _aiq_headline(a: dict[str, Any]) -> dict[str, Any]:
         j["limits_submit_cpu_ms_on"] = lc["on"]["request_path_ms"]
         j["limits_submit_cpu_ms_off"] = lc["off"]["request_path_ms"]
         j["limits_submit_cpu_ms_added"] = lc["added_request_path_ms"]
+    if a.get("batch"):
+        j["batch_lines_per_s"] = a["batch"]["lines_per_s"]
+        j["batch_cpu_ms_per_line"] = a["batch"]["batch_path_cpu_ms_per_line"]
+        j["batch_all_cpu_ms_per_line"] = a["batch"]["all_cpu_ms_per_line"]
     for broker, figures in (a.get("publish") or {}).items():
         if "skipped" in figures:
             j[f"publish_{broker}_skipped"] = figures["skipped"]

@@ -130,6 +130,13 @@ class Settings(BaseSettings):
     wakeup_fallback_seconds: float = Field(default=5.0, gt=0, le=30)
     llm_stream: bool = True
 
+    # The OpenAI-compatible door (issue 13). A foreground `POST /v1/responses` or `/v1/chat/completions`
+    # waits at most this long for its query (the SDK's default client timeout is 600 s), then answers 504.
+    compat_wait_seconds: float = Field(default=600.0, gt=0, le=3600)
+    # `POST /v1/files` (purpose=batch): OpenAI's limits are 200 MB and 50,000 lines per batch file.
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    max_batch_lines: int = Field(default=50_000, ge=1)
+
     # Webhooks (issue 12): after a secret rotation the previous secret keeps signing (a second signature) this
     # long; receivers on either secret keep verifying. Hosts, IPs or CIDRs a webhook may reach although they
     # are private, loopback, link-local or metadata addresses (comma-separated; empty: public addresses only).

@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 
 from shared.config import Settings
 from shared.metrics import EVENTS_PUBLISHED
+from shared.scriptbatch import ScriptBatch
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class Event:
 
 # KEYS: stream, counter. ARGV: type, attempt, data, ttl_s, channel, notice, reset.
 # `reset` = 1 trims every earlier event (an admin requeue starts the query's story again after its end).
+# An empty channel sends no notice (nobody can be waiting yet: see `append`'s `notify`).
 _APPEND = """
 local seq = redis.call('INCR', KEYS[2])
 if seq == 1 and ARGV[1] ~= 'queued' and not (ARGV[1] == 'started' and ARGV[2] == '1') then
@@ -83,7 +85,7 @@ redis.call('XADD', KEYS[1], id, 't', ARGV[1], 'a', ARGV[2], 'd', ARGV[3])
 if ARGV[7] == '1' then redis.call('XTRIM', KEYS[1], 'MINID', id) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[1])
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[1]) end
 return seq
 """
 
@@ -113,6 +115,27 @@ class EventLog:
     def _key(self, query_id: uuid.UUID) -> str:
         return f"{self._prefix}{query_id}"
 
+    def _call(
+        self,
+        query_id: uuid.UUID,
+        type: EventType,
+        data: dict[str, Any] | None,
+        attempt: int | None,
+        reset: bool,
+        notify: bool = True,
+    ) -> tuple[list[str], list[Any]]:
+        key = self._key(query_id)
+        args: list[Any] = [
+            type.value,
+            "" if attempt is None else str(attempt),
+            orjson.dumps(data or {}),
+            self._ttl,
+            self._channel if notify else "",
+            str(query_id),
+            "1" if reset else "0",
+        ]
+        return [key, f"{key}:seq"], args
+
     async def append(
         self,
         query_id: uuid.UUID,
@@ -121,23 +144,30 @@ class EventLog:
         attempt: int | None = None,
         *,
         reset: bool = False,
+        notify: bool = True,
     ) -> int:
-        """Append one event; returns its sequence number. Raises RedisError when Redis is unreachable."""
-        key = self._key(query_id)
-        seq = await self._append(
-            keys=[key, f"{key}:seq"],
-            args=[
-                type.value,
-                "" if attempt is None else str(attempt),
-                orjson.dumps(data or {}),
-                self._ttl,
-                self._channel,
-                str(query_id),
-                "1" if reset else "0",
-            ],
-        )
+        """Append one event; returns its sequence number. Raises RedisError when Redis is unreachable.
+
+        `notify=False` sends no wake-up notice: for a fresh query's `queued`, appended before its id is given
+        out, nobody can be waiting, and every API process's subscriber would read the notice for nothing.
+        """
+        keys, args = self._call(query_id, type, data, attempt, reset, notify)
+        seq = await self._append(keys=keys, args=args)
         EVENTS_PUBLISHED.labels(type=type.value).inc()
         return int(seq)
+
+    def append_in(
+        self, batch: ScriptBatch, query_id: uuid.UUID, type: EventType, data: dict[str, Any], attempt: int | None
+    ) -> int:
+        """`append` queued on a batch (shared with other features' scripts); the index of its result (the
+        sequence number). Call `appended` once the batch has run."""
+        keys, args = self._call(query_id, type, data, attempt, False)
+        return batch.add(self._append, keys, args)
+
+    @staticmethod
+    def appended(type: EventType) -> None:
+        """Count an event appended through a batch."""
+        EVENTS_PUBLISHED.labels(type=type.value).inc()
 
     async def append_quietly(
         self,
@@ -147,10 +177,11 @@ class EventLog:
         attempt: int | None = None,
         *,
         reset: bool = False,
+        notify: bool = True,
     ) -> int | None:
         """`append`, but a Redis failure is logged and swallowed: the row is the truth, readers replay it."""
         try:
-            return await self.append(query_id, type, data, attempt, reset=reset)
+            return await self.append(query_id, type, data, attempt, reset=reset, notify=notify)
         except (RedisError, OSError) as exc:
             log.warning(
                 "event not appended", extra={"query_id": str(query_id), "outcome": type.value, "error": repr(exc)}

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 from shared.config import Settings
 from shared.errors import AppError
 from shared.metrics import LIMIT_REFUSALS
+from shared.scriptbatch import ScriptBatch
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +333,10 @@ class Limiter:
     async def settle(self, query_id: uuid.UUID, used_tokens: int) -> bool:
         """Book a finished query's real usage and release the rest; True only for the call that settled it."""
         return bool(await self._run(self._settle, [f"{self._prefix}res:{query_id}"], [max(0, used_tokens)]))
+
+    def settle_in(self, batch: ScriptBatch, query_id: uuid.UUID, used_tokens: int) -> int:
+        """`settle` queued on a batch (shared with other features' scripts); the index of its result."""
+        return batch.add(self._settle, [f"{self._prefix}res:{query_id}"], [max(0, used_tokens)])
 
     async def settle_quietly(self, query_id: uuid.UUID, used_tokens: int) -> None:
         """`settle` where a terminal write already happened: Redis down is logged, not raised. The

@@ -25,6 +25,8 @@ from shared.config import Settings
 from shared.db import redis_client
 
 PROCESS_TASK = "queries.process"
+# Moves one batch (`/v1/batches`) a step on: expand lines into queries, notice the end, write the output.
+BATCH_TASK = "batches.advance"
 # One webhook delivery (its id); sent when a query ends and by the worker's webhook sweep.
 DELIVER_WEBHOOK_TASK = "webhooks.deliver"
 # RabbitMQ: replicated and durable; quorum queues have no per-message priority (flow control's choice of the
@@ -153,7 +155,8 @@ def task_body(args: list[Any]) -> bytes:
 def encode_task_message(query_id: uuid.UUID, queue: str, task: str = PROCESS_TASK) -> bytes:
     """The exact envelope Celery's `send_task` puts on a Redis list (protocol 2, JSON, no ETA).
 
-    The task id is the query id: every delivery of a query is the same task to Celery and Flower.
+    The task id is the query id (or the batch id): every delivery of a query is the same task to Celery and
+    Flower.
     """
     return encode_redis_message(task, [str(query_id)], str(query_id), queue)
 
@@ -350,17 +353,17 @@ class Publisher:
         )
 
     async def publish(self, query_id: uuid.UUID, task: str = PROCESS_TASK) -> bool:
-        """Send `task` for this id (`queries.process`, or `webhooks.deliver` with a delivery's id); False if the
-        broker did not take it in time."""
+        """Send `task` for this id (`queries.process`, `webhooks.deliver` with a delivery's id, `batches.advance`
+        with a batch's); False if the broker did not take it in time."""
         return await self.send(task, [str(query_id)], str(query_id))
 
     async def send(self, task: str, args: list[Any], task_id: str) -> bool:
         """Send any task by name without blocking the event loop; False if the broker did not confirm it in time."""
         queue = self._settings.queue_name
         try:
-            await asyncio.wait_for(
-                self._client().send(queue, task, args, task_id), timeout=self._settings.publish_timeout_seconds
-            )
+            # A deadline on this task, not `wait_for`'s extra task per publish.
+            async with asyncio.timeout(self._settings.publish_timeout_seconds):
+                await self._client().send(queue, task, args, task_id)
         except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row pending for recovery
             log.warning(
                 "publish failed; query stays pending",

@@ -6,6 +6,7 @@ module takes a few seconds.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -22,10 +23,14 @@ from typing import Any
 import psycopg2
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from devkit import embedded
 from devkit.paths import ROOT
 from devkit.procs import spawn
+from shared.config import Settings
+from shared.events import EventLog, EventType
+from shared.wakeup import Wakeup
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -317,3 +322,23 @@ def test_children_die_with_a_killed_supervisor() -> None:
         for pid in (child, grandchild):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.anyio
+async def test_the_wakeup_subscriber_listens_over_a_unix_socket(servers: dict[str, str]) -> None:
+    # The embedded Redis (`make dev`, the bench) is a unix socket: the subscriber must subscribe there too,
+    # or every long-poll falls back to re-reading at each reconnect attempt.
+    settings = Settings(redis_url=servers["redis"], queue_name=f"aiq.wake.{uuid.uuid4().hex[:6]}")
+    wakeup = Wakeup(settings)
+    wakeup.start()
+    client = aioredis.Redis.from_url(servers["redis"])
+    query_id = uuid.uuid4()
+    try:
+        await asyncio.wait_for(wakeup.subscribed.wait(), 10)
+        with wakeup.watch(query_id, only_terminal=True) as waiter:
+            await EventLog(client, settings).append(query_id, EventType.COMPLETED, {}, 1)
+            assert await waiter.wait(5)
+        assert wakeup.connected
+    finally:
+        await wakeup.stop()
+        await client.aclose()

@@ -15,9 +15,9 @@ from celery.signals import setup_logging, worker_init, worker_process_init, work
 from shared.config import get_settings
 from shared.logging import configure_logging, query_id_var
 from shared.metrics import start_worker_metrics_server
-from shared.queue import DELIVER_WEBHOOK_TASK, PROCESS_TASK, make_celery, max_eta_seconds
+from shared.queue import BATCH_TASK, DELIVER_WEBHOOK_TASK, PROCESS_TASK, make_celery, max_eta_seconds
 from shared.services.webhooks import DeliveryOutcome
-from worker import dispatcher, processing, recovery, webhooks
+from worker import batches, dispatcher, processing, recovery, webhooks
 from worker.broker import guard_dead_channel, reuse_sync_client
 from worker.runtime import BackgroundLoop, StopReason, WorkerRuntime, current_runtime, get_runtime, shutdown_runtime
 
@@ -176,3 +176,17 @@ def deliver_webhook(delivery_id: str) -> str:
     if outcome is DeliveryOutcome.SKIPPED:
         raise Ignore()
     return outcome.value
+
+
+@app.task(name=BATCH_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def advance_batch(batch_id: str) -> None:
+    """One step of a `/v1/batches` batch, then the next step is sent (a lost one is re-sent by the sweeper)."""
+    try:
+        bid = uuid.UUID(batch_id)
+    except (ValueError, TypeError):
+        log.error("malformed task argument dropped")
+        raise Ignore() from None
+    rt = runtime()
+    delay = rt.run(batches.advance(rt, bid))
+    if delay is not None and delay <= MAX_ETA_SECONDS:
+        app.send_task(BATCH_TASK, args=[batch_id], countdown=delay or None, queue=settings.queue_name)

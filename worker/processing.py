@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 import asyncpg
+from redis.exceptions import RedisError
 
 from shared import llm
 from shared.cache import CachedAnswer, response_cache_for
@@ -29,10 +30,12 @@ from shared.metrics import (
     TASKS,
     UPSTREAM_WAITS,
 )
-from shared.models import QueryStatus
+from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.repositories import queries_asyncpg as repo
 from shared.repositories.queries_asyncpg import Claim
-from shared.services import queries
+from shared.scriptbatch import ScriptBatch
+from shared.services import webhooks
+from shared.services.events import end_event
 from shared.upstream import Grant, Refusal
 from worker.runtime import StopReason, WorkerRuntime
 from worker.streaming import DeltaSink
@@ -105,11 +108,45 @@ async def _run_autocommitted(rt: WorkerRuntime, statement: Callable[[asyncpg.Con
     raise AssertionError("unreachable")
 
 
-async def _after(rt: WorkerRuntime, claim: Claim, status: QueryStatus | None, attempt: int | None, **told: Any) -> None:
-    """The outcome write's consequences (`queries.after_outcome`): settle, tell, send webhooks."""
-    await queries.after_outcome(
-        rt.raw_pool, rt.publisher, rt.limiter, rt.events, claim.query_id, status, attempt, **told
-    )
+async def _end(
+    rt: WorkerRuntime,
+    claim: Claim,
+    written: QueryStatus | None,
+    *,
+    used_tokens: int = 0,
+    answer: CachedAnswer | None = None,
+    **event: Any,
+) -> None:
+    """What follows an outcome write, in one Redis round trip: a write that ended the query settles its token
+    reservation (once: the reservation is the marker), a completion fills the response cache if its query
+    asked for it (the script finds the API's intent, else does nothing), and the event for the status the
+    write left goes to the log last, so a client woken by it finds the rest done. Then, for a claim that saw a
+    webhook target, the `webhooks.deliver` kick (the outbox rows were written with the terminal write).
+
+    Redis down costs what each step alone would: the reservation lapses with its window, the answer is not
+    cached, readers replay the row. Never raises.
+    """
+    ended = written in TERMINAL_STATUSES
+    batch = ScriptBatch(rt.redis)
+    if ended:
+        rt.limiter.settle_in(batch, claim.query_id, used_tokens)
+    if written is QueryStatus.COMPLETED and answer is not None:
+        response_cache_for(rt.redis, rt.settings).store_in(batch, claim.query_id, answer)
+    told = end_event(written, **event)
+    if told is not None:
+        rt.events.append_in(batch, claim.query_id, told[0], told[1], claim.attempt)
+    try:
+        results = await batch.run()
+    except (RedisError, OSError) as exc:
+        log.warning("query end not recorded in Redis", extra={"error": type(exc).__name__})
+    else:
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("query end step failed in Redis", extra={"error": type(result).__name__})
+        if told is not None and not isinstance(results[-1], Exception):
+            rt.events.appended(told[0])
+    if ended and claim.webhook:
+        await webhooks.on_query_ended(rt.raw_pool, rt.publisher, claim.query_id)
 
 
 async def process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
@@ -149,16 +186,14 @@ async def give_back(rt: WorkerRuntime, claim: Claim) -> QueryStatus | None:
     makes this write the query's end: then it is settled and told like any other end."""
     written = await _run_autocommitted(rt, lambda conn: repo.unclaim_attempt(conn, claim, delay=timedelta(0)))
     if written is QueryStatus.CANCELLED:
-        # The attempt never started: its end belongs to no attempt.
-        await _after(rt, claim, written, claim.attempt - 1 or None)
+        await _end(rt, claim, written)
     return written
 
 
 async def defer(rt: WorkerRuntime, claim: Claim, refusal: Refusal) -> Outcome:
     """No budget now: give the claim back and leave the row to the dispatcher."""
     UPSTREAM_WAITS.labels(model=claim.model, reason=refusal.reason).inc()
-    written = await give_back(rt, claim)
-    if written is QueryStatus.CANCELLED:
+    if await give_back(rt, claim) is QueryStatus.CANCELLED:
         return Outcome(OutcomeKind.CANCELLED, attempt=claim.attempt - 1)
     rt.wake(claim.model)
     return Outcome(OutcomeKind.DEFERRED, attempt=claim.attempt - 1)
@@ -274,15 +309,13 @@ async def run_attempt(rt: WorkerRuntime, claim: Claim, grant: Grant) -> Outcome:
             latency_ms=result.latency_ms,
         ),
     )
-    if written is QueryStatus.COMPLETED:
-        answer = CachedAnswer(result.text, result.prompt_tokens, result.completion_tokens, result.total_tokens)
-        await response_cache_for(rt.redis, rt.settings).store(claim.query_id, answer)
     usage = {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "total_tokens": result.total_tokens,
     }
-    await _after(rt, claim, written, claim.attempt, used_tokens=result.total_tokens or 0, usage=usage)
+    answer = CachedAnswer(result.text, result.prompt_tokens, result.completion_tokens, result.total_tokens)
+    await _end(rt, claim, written, used_tokens=result.total_tokens or 0, answer=answer, usage=usage)
     if written is None:
         log.warning("completion discarded: attempt no longer owns the query", extra={"attempt": claim.attempt})
         return Outcome(OutcomeKind.LOST)
@@ -294,13 +327,12 @@ async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: StopReason) -> O
     extra = {"attempt": claim.attempt, "outcome": reason.value}
     if reason is StopReason.CANCEL:
         written = await _run_autocommitted(rt, lambda conn: repo.cancel_attempt(conn, claim))
-        await _after(rt, claim, written, claim.attempt)
+        await _end(rt, claim, written)
         log.info("call stopped: query cancelled", extra=extra)
         return _outcome(written, OutcomeKind.CANCELLED, attempt=claim.attempt)
     if reason is StopReason.SHUTDOWN:
         written = await _run_autocommitted(rt, lambda conn: repo.release_attempt(conn, claim))
-        # Handed back pending tells nothing; a cancel that came in meanwhile ends it, and that is told.
-        await _after(rt, claim, written, claim.attempt)
+        await _end(rt, claim, written)
         log.info("call stopped: worker shutting down, query handed back", extra=extra)
         return _outcome(written, OutcomeKind.RELEASED, retry_in=0, attempt=claim.attempt)
     log.warning("call stopped: lease lost to another worker", extra=extra)
@@ -318,9 +350,7 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
                 conn, claim, delay=timedelta(seconds=delay), code=failure.code, message=failure.message
             ),
         )
-        await _after(
-            rt, claim, written, claim.attempt, code=failure.code, delay_s=delay, retry_after_s=failure.retry_after
-        )
+        await _end(rt, claim, written, code=failure.code, delay_s=delay, retry_after_s=failure.retry_after)
         TASK_RETRIES.labels(reason=failure.kind).inc()
         log.warning("transient upstream error; retry scheduled", extra={**extra, "delay_s": round(delay, 2)})
         return _outcome(written, OutcomeKind.RETRIED, retry_in=delay, attempt=claim.attempt, error_code=failure.code)
@@ -331,6 +361,6 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
     else:
         code, message = failure.code, failure.message
     written = await _run_autocommitted(rt, lambda conn: repo.fail_attempt(conn, claim, code=code, message=message))
-    await _after(rt, claim, written, claim.attempt, code=code, message=message)
+    await _end(rt, claim, written, code=code, message=message)
     log.warning("query failed", extra=extra)
     return _outcome(written, OutcomeKind.FAILED, attempt=claim.attempt, error_code=code)

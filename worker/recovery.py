@@ -17,7 +17,9 @@ from datetime import UTC, datetime, timedelta
 from shared.models import TERMINAL_STATUSES
 from shared.repositories import queries_session as repo
 from shared.repositories.queries_session import WORKER_LOST_CODE, WORKER_LOST_MESSAGE
-from shared.services import queries
+from shared.services import webhooks
+from shared.services.events import tell_end
+from worker import batches
 from worker.runtime import StopReason, WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -61,17 +63,9 @@ async def sweep_once(rt: WorkerRuntime) -> int:
     # usage is unknown, so none is booked).
     for query_id, status in reclaimed:
         if status in TERMINAL_STATUSES:
-            await queries.after_outcome(
-                rt.raw_pool,
-                rt.publisher,
-                rt.limiter,
-                rt.events,
-                query_id,
-                status,
-                None,
-                code=WORKER_LOST_CODE,
-                message=WORKER_LOST_MESSAGE,
-            )
+            await rt.limiter.settle_quietly(query_id, 0)
+            await tell_end(rt.events, query_id, status, None, code=WORKER_LOST_CODE, message=WORKER_LOST_MESSAGE)
+            await webhooks.on_query_ended(rt.raw_pool, rt.publisher, query_id)
     async with rt.sessionmaker.begin() as session:
         due = await repo.lock_stale_pending(session, stale, SWEEP_BATCH)
         sent: list[uuid.UUID] = []
@@ -81,6 +75,10 @@ async def sweep_once(rt: WorkerRuntime) -> int:
                 break
             sent.append(query_id)
         await repo.mark_resent(session, sent)
+    try:
+        await batches.sweep(rt)
+    except Exception as exc:  # noqa: BLE001 - batches wait for the next sweep; queries were swept already
+        log.warning("batch sweep failed", extra={"error": type(exc).__name__})
     if reclaimed or due:
         log.info("sweep", extra={"count": len(sent), "outcome": f"reclaimed={len(reclaimed)} due={len(due)}"})
     return len(sent)

@@ -82,8 +82,9 @@ async def submit(
         await webhooks.on_query_ended(pool, publisher, accepted.query_id)
         return accepted
     # The log's first event, before the publish so that it precedes the worker's `started`. Redis is up
-    # (the limits just used it); a failure here is logged and the stream replays the row instead.
-    await events.append_quietly(accepted.query_id, EventType.QUEUED, {"model": accepted.model})
+    # (the limits just used it); a failure here is logged and the stream replays the row instead. No wake-up
+    # notice: the client learns the id from this response, so nobody waits on it yet.
+    await events.append_quietly(accepted.query_id, EventType.QUEUED, {"model": accepted.model}, notify=False)
     # After commit, so a worker never looks for a row that is not there yet. A failed publish leaves the
     # row pending for the recovery sweeper; the client's 202 stays true.
     published = await publisher.publish(accepted.query_id)

@@ -1,7 +1,7 @@
 """webhooks: a response-cache hit, stored already completed, writes its outbox row too
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 Create Date: 2026-11-30 01:00:00
 """
 
@@ -11,7 +11,7 @@ from alembic import op
 
 
 revision: str = '0010'
-down_revision: str | None = '0008'
+down_revision: str | None = '0009'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

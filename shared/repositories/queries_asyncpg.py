@@ -13,11 +13,11 @@ from datetime import timedelta
 from typing import Any
 
 import asyncpg
-from sqlalchemy import Integer, Interval, String, Text, bindparam, case, delete, func, select, update
+from sqlalchemy import Integer, Interval, String, Text, bindparam, case, delete, exists, func, or_, select, update
 from sqlalchemy import insert as sa_insert
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 
-from shared.models import TERMINAL_STATUSES, IdempotencyKey, Query, QueryStatus
+from shared.models import TERMINAL_STATUSES, IdempotencyKey, Query, QueryStatus, WebhookEndpoint
 from shared.repositories.queries_common import (
     CANCEL_REQUESTED,
     CANCELLED_CODE,
@@ -57,6 +57,10 @@ class Claim:
     model: str
     temperature: float | None
     max_tokens: int | None
+    # Whether the query had a webhook target when claimed (its own URL, or its account's enabled endpoint):
+    # only then does its end send the `webhooks.deliver` kick. An endpoint set during the call is still
+    # served: the trigger writes its outbox row with the terminal write and the webhook sweep sends it.
+    webhook: bool = True
 
 
 _INSERT_COLUMNS = (
@@ -184,6 +188,14 @@ async def save_idempotency_key(
     await conn.execute(_INSERT_IDEMPOTENCY_KEY.sql, *_INSERT_IDEMPOTENCY_KEY.args(values))
 
 
+_HAS_WEBHOOK = or_(
+    Query.webhook_url.is_not(None),
+    exists().where(
+        WebhookEndpoint.user_id == Query.user_id,
+        WebhookEndpoint.url.is_not(None),
+        WebhookEndpoint.disabled_at.is_(None),
+    ),
+)
 _CLAIM = CompiledStatement.of(
     update(Query)
     .where(Query.id == bindparam("id"), Query.status == QueryStatus.PENDING, Query.next_attempt_at <= func.now())
@@ -195,7 +207,16 @@ _CLAIM = CompiledStatement.of(
         started_at=func.coalesce(Query.started_at, func.now()),
         updated_at=func.now(),
     )
-    .returning(Query.id, Query.attempts, Query.prompt, Query.system, Query.model, Query.temperature, Query.max_tokens)
+    .returning(
+        Query.id,
+        Query.attempts,
+        Query.prompt,
+        Query.system,
+        Query.model,
+        Query.temperature,
+        Query.max_tokens,
+        _HAS_WEBHOOK,
+    )
 )
 
 
@@ -269,7 +290,10 @@ WITH due AS (
   FROM next
   WHERE queries.id = next.id AND queries.status = 'pending'
   RETURNING queries.id, queries.attempts, queries.prompt, queries.system, queries.model, queries.temperature,
-    queries.max_tokens
+    queries.max_tokens, (queries.webhook_url IS NOT NULL OR EXISTS (
+      SELECT 1 FROM webhook_endpoints e
+      WHERE e.user_id = queries.user_id AND e.url IS NOT NULL AND e.disabled_at IS NULL
+    ))
 ), turn AS (
   INSERT INTO fair_turns (model, user_id, vtime)
   SELECT $1, p.user_id, p.vt + 1.0 / p.w FROM pick p WHERE EXISTS (SELECT 1 FROM claimed)

@@ -163,29 +163,40 @@ async def with_keepalive(events: AsyncIterator[Event], interval: float) -> Async
             await aclose()
 
 
-async def tell_end(
-    events: EventLog,
-    query_id: uuid.UUID,
+def end_event(
     status: QueryStatus | None,
-    attempt: int | None,
     *,
     usage: dict[str, Any] | None = None,
     code: str | None = None,
     message: str | None = None,
     delay_s: float | None = None,
     retry_after_s: float | None = None,
-) -> None:
-    """The event for the status an outcome write left (nothing when the write was discarded)."""
+) -> tuple[EventType, dict[str, Any]] | None:
+    """The event (type and data) for the status an outcome write left; None when there is none (the write was
+    discarded, or the query was handed back without a delay)."""
     if status is QueryStatus.COMPLETED:
-        await events.append_quietly(query_id, EventType.COMPLETED, {"usage": usage, "cached": False}, attempt)
-    elif status is QueryStatus.FAILED:
-        await events.append_quietly(query_id, EventType.FAILED, {"code": code, "message": message or ""}, attempt)
-    elif status is QueryStatus.CANCELLED:
-        await events.append_quietly(query_id, EventType.CANCELLED, {}, attempt)
-    elif status is QueryStatus.PENDING and delay_s is not None:
-        await events.append_quietly(
-            query_id,
-            EventType.RETRY_SCHEDULED,
-            {"code": code, "delay_s": round(delay_s, 3), "retry_after_s": retry_after_s},
-            attempt,
-        )
+        return EventType.COMPLETED, {"usage": usage, "cached": False}
+    if status is QueryStatus.FAILED:
+        return EventType.FAILED, {"code": code, "message": message or ""}
+    if status is QueryStatus.CANCELLED:
+        return EventType.CANCELLED, {}
+    if status is QueryStatus.PENDING and delay_s is not None:
+        return EventType.RETRY_SCHEDULED, {"code": code, "delay_s": round(delay_s, 3), "retry_after_s": retry_after_s}
+    return None
+
+
+async def tell_end(
+    events: EventLog,
+    query_id: uuid.UUID,
+    status: QueryStatus | None,
+    attempt: int | None,
+    *,
+    code: str | None = None,
+    message: str | None = None,
+) -> None:
+    """Append the event for the status a write left (the sweeper's `worker_lost`); nothing when there is none.
+    The worker's own outcome writes send theirs in one batch with the rest of the query's end
+    (worker/processing.py `_end`)."""
+    event = end_event(status, code=code, message=message)
+    if event is not None:
+        await events.append_quietly(query_id, event[0], event[1], attempt)

@@ -201,6 +201,30 @@ async def submit_query(
     return accepted, headers
 
 
+async def submit_query_in(
+    conn: asyncpg.Connection, settings: Settings, limiter: Limiter, user_id: uuid.UUID, body: QueryCreate
+) -> QueryAccepted:
+    """Take the user's limits and INSERT a pending query inside the caller's transaction (a batch's lines).
+
+    The caller publishes after its commit and, if the transaction rolls back, gives the limits back with
+    `release_limits`. A refusal (LimitExceeded) stores nothing and takes nothing.
+    """
+    accepted, row = _new_query(settings, user_id, body)
+    await _take_limits(conn, settings, limiter, user_id, body, row)
+    try:
+        await queries_asyncpg.insert(conn, **row)
+    except BaseException:
+        await _give_back(limiter, accepted.query_id)
+        raise
+    return accepted
+
+
+async def release_limits(limiter: Limiter, query_ids: list[uuid.UUID]) -> None:
+    """Queries whose INSERT did not commit: give back what was taken for them."""
+    for query_id in query_ids:
+        await _give_back(limiter, query_id)
+
+
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
@@ -388,11 +412,10 @@ async def after_outcome(
     used_tokens: int = 0,
     **told: Any,
 ) -> None:
-    """What follows every status write of a query, wherever it ran (worker outcome, cancel, sweeper): an end
-    settles its token reservation (once: the reservation is the marker), is told to its event log (as is a
-    scheduled retry, with `told`'s fields) and sends its webhook messages (the outbox row came with the write;
-    without a publisher the workers' webhook sweep sends them). `status` None (a write that no longer owned
-    the row) does nothing."""
+    """What follows an API-side write that ended a query (a cancel, the cancel before a delete): settle its token
+    reservation, tell its event log and send its webhook messages (the outbox row came with the write; without
+    a publisher the workers' webhook sweep sends them). The worker's own ends batch the same steps
+    (worker/processing.py `_end`), the sweeper's too (worker/recovery.py). `status` None does nothing."""
     ended = status in TERMINAL_STATUSES
     if ended:
         await limiter.settle_quietly(query_id, used_tokens)

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -312,3 +313,31 @@ async def test_renewal_for_a_stale_attempt_does_nothing(
     assert renewed == {}
     assert second.attempt == first.attempt + 1
     assert _row(repo_db, query_id) == before
+
+
+async def test_a_claim_says_whether_its_query_has_a_webhook_target(
+    repo_conn: asyncpg.Connection, repo_db: Engine, user_id: str
+) -> None:
+    # The worker's end sends the `webhooks.deliver` kick (one UPDATE … RETURNING) only when this is true.
+    plain = await _claim(repo_conn, _insert(repo_db, user_id))
+    own_url = await _claim(repo_conn, _insert(repo_db, user_id, webhook_url="'https://hooks.example.com/q'"))
+    assert (plain.webhook, own_url.webhook) == (False, True)
+
+    with repo_db.begin() as conn:
+        conn.execute(
+            text("INSERT INTO webhook_endpoints (user_id, secret, url) VALUES (:u, 'whsec_test', :url)"),
+            {"u": user_id, "url": "https://hooks.example.com/account"},
+        )
+    assert (await _claim(repo_conn, _insert(repo_db, user_id))).webhook is True
+    # The dispatcher's claim says the same; a model of this test alone, so no other row is picked.
+    model = f"sim-hook-{uuid.uuid4().hex[:8]}"
+    fair_id = _insert(repo_db, user_id)
+    with repo_db.begin() as conn:
+        conn.execute(text("UPDATE queries SET model = :m WHERE id = :id"), {"m": model, "id": fair_id})
+    fair = await queries_asyncpg.claim_next_fair(repo_conn, model, "worker-a", LEASE, timedelta(0))
+    assert fair is not None
+    assert (fair.query_id, fair.webhook) == (fair_id, True)
+
+    with repo_db.begin() as conn:
+        conn.execute(text("UPDATE webhook_endpoints SET disabled_at = now() WHERE user_id = :u"), {"u": user_id})
+    assert (await _claim(repo_conn, _insert(repo_db, user_id))).webhook is False

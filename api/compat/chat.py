@@ -1,0 +1,53 @@
+"""`POST /v1/chat/completions` through the queue: the request waits for its query (or streams it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+
+from api.compat.streaming import StreamContextDep
+from api.compat.submit import submit, wait
+from api.deps import CurrentUserId, EventLogDep, PoolDep, PublisherDep, RedisDep, SettingsDep, WakeupDep
+from shared.schemas_openai import ChatCompletionCreate
+from shared.services import queries as queries_service
+from shared.services import responses as service
+
+router = APIRouter()
+
+
+@router.post("/chat/completions", response_model=None)
+async def create_chat_completion(
+    body: ChatCompletionCreate,
+    request: Request,
+    response: Response,
+    user_id: CurrentUserId,
+    settings: SettingsDep,
+    pool: PoolDep,
+    publisher: PublisherDep,
+    redis: RedisDep,
+    events: EventLogDep,
+    wakeup: WakeupDep,
+    streams: StreamContextDep,
+) -> dict[str, Any] | StreamingResponse:
+    """Enqueue the conversation as a query and answer in `chat.completion` form when it is done (or stream it
+    as `chat.completion.chunk`s).
+
+    The client must wait as long as the queue takes (COMPAT_WAIT_SECONDS at most, then a 504 that names the
+    response id to retrieve it by): keep the SDK's `timeout` above it.
+    """
+    query = service.query_from_chat(body)
+    if body.stream:
+        slot = await streams.reserve()
+        try:
+            accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
+            current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
+        except BaseException:
+            await streams.release(slot)
+            raise
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        translator = service.ChatChunks(current, include_usage=include_usage)
+        return streams.respond(request, accepted.query_id, translator, slot, chat=True)
+    accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
+    return service.chat_completion_object(await wait(request, pool, settings, wakeup, user_id, accepted.query_id))

@@ -1,0 +1,77 @@
+"""`/v1/files`: batch input files in (multipart, streamed into the database), batch output files out."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.datastructures import UploadFile
+
+from api.deps import ConnectionDep, CurrentUserId, PoolDep, SettingsDep
+from shared.errors import InvalidInput
+from shared.services import files as service
+
+router = APIRouter()
+
+
+@router.post("/files")
+async def upload_file(request: Request, user_id: CurrentUserId, settings: SettingsDep, pool: PoolDep) -> dict[str, Any]:
+    """A JSONL batch input file (multipart: `file`, `purpose=batch`): at most MAX_FILE_BYTES and MAX_BATCH_LINES.
+
+    The form is read here, after the caller is authenticated (declared `File()`/`Form()` parameters would be
+    parsed before the credentials are checked). The parser spools the file to a temporary file on disk, never
+    all of it in memory; it is then copied into the database 1 MiB at a time.
+    """
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(upload, UploadFile):
+            raise _missing("file", "a file part named 'file' is required")
+        if not isinstance(purpose, str):
+            raise _missing("purpose", "a form field named 'purpose' is required")
+        row = await service.upload(
+            pool, settings, user_id, purpose=purpose, filename=upload.filename or "upload.jsonl", read=upload.read
+        )
+    return service.file_object(row)
+
+
+def _missing(field: str, message: str) -> InvalidInput:
+    return InvalidInput(
+        message, code="invalid_value", details=[{"loc": ["body", field], "msg": message, "type": "missing"}]
+    )
+
+
+@router.get("/files")
+async def list_files(
+    user_id: CurrentUserId,
+    conn: ConnectionDep,
+    purpose: Annotated[str | None, Query(max_length=32)] = None,
+    after: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+) -> dict[str, Any]:
+    """The caller's files, newest first; `after` is the last id of the previous page."""
+    return await service.list_page(conn, user_id, purpose=purpose, after=after, limit=limit)
+
+
+@router.delete("/files/{file_id}")
+async def delete_file(file_id: str, user_id: CurrentUserId, conn: ConnectionDep) -> dict[str, Any]:
+    """Delete a file and its content; a file a live batch still reads is a 409."""
+    return await service.delete_file(conn, user_id, file_id)
+
+
+@router.get("/files/{file_id}")
+async def get_file(file_id: str, user_id: CurrentUserId, conn: ConnectionDep) -> dict[str, Any]:
+    """One of the caller's files; anybody else's is a 404 like a missing one."""
+    return service.file_object(await service.get_file(conn, user_id, file_id))
+
+
+@router.get("/files/{file_id}/content")
+async def get_file_content(file_id: str, user_id: CurrentUserId, pool: PoolDep) -> StreamingResponse:
+    """The file's bytes, streamed one stored chunk at a time."""
+    async with pool.acquire() as conn:
+        row = await service.get_file(conn, user_id, file_id)
+    return StreamingResponse(
+        service.content(pool, row),
+        media_type="application/jsonl",
+        headers={"Content-Length": str(row["bytes"])},
+    )

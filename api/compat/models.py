@@ -1,0 +1,30 @@
+"""`GET /v1/models`: the models AIQ allows (ALLOWED_MODELS)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from api.deps import CurrentUserId, SettingsDep
+from shared.errors import NotFound
+
+router = APIRouter()
+
+
+def _model(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "aiq"}
+
+
+@router.get("/models")
+async def list_models(_: CurrentUserId, settings: SettingsDep) -> dict[str, Any]:
+    """The allowed models, as OpenAI lists models."""
+    return {"object": "list", "data": [_model(m) for m in settings.allowed_models]}
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, _: CurrentUserId, settings: SettingsDep) -> dict[str, Any]:
+    """One allowed model; any other name is a 404."""
+    if model_id not in settings.allowed_models:
+        raise NotFound(f"The model '{model_id[:200]}' does not exist", code="model_not_found")
+    return _model(model_id)

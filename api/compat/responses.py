@@ -1,0 +1,131 @@
+"""`/v1/responses`: background, foreground and streamed Responses over the query queue."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from api.compat.streaming import StreamContextDep
+from api.compat.submit import submit, wait
+from api.deps import ConnectionDep, CurrentUserId, EventLogDep, PoolDep, PublisherDep, RedisDep, SettingsDep, WakeupDep
+from shared.errors import Conflict
+from shared.limits import limiter_for
+from shared.models import QueryStatus
+from shared.schemas_openai import ResponseCreate
+from shared.services import queries as queries_service
+from shared.services import responses as service
+from shared.services import webhooks
+
+router = APIRouter()
+# A cancel of a running query is carried out by its worker; wait this long for it to say so.
+CANCEL_WAIT_SECONDS = 5.0
+
+
+@router.post("/responses", response_model=None)
+async def create_response(
+    body: ResponseCreate,
+    request: Request,
+    response: Response,
+    user_id: CurrentUserId,
+    settings: SettingsDep,
+    pool: PoolDep,
+    publisher: PublisherDep,
+    redis: RedisDep,
+    events: EventLogDep,
+    wakeup: WakeupDep,
+    streams: StreamContextDep,
+) -> dict[str, Any] | StreamingResponse:
+    """`background: true` answers `queued` at once; `stream: true` streams its events; otherwise the call
+    waits for the answer."""
+    query = service.query_from_response(body)
+    background = bool(body.background)
+    if body.stream:
+        slot = await streams.reserve()
+        try:
+            accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
+            current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
+        except BaseException:
+            await streams.release(slot)
+            raise
+        translator = service.ResponseEvents(current, background=background)
+        return streams.respond(request, accepted.query_id, translator, slot, chat=False)
+    accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
+    if not background:
+        answered = await wait(request, pool, settings, wakeup, user_id, accepted.query_id)
+        return service.response_object(answered, background=False)
+    created = service.response_object(
+        await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup), background=True
+    )
+    # The create answers the response as created: a worker may have claimed it already (read after the
+    # publish), which the next retrieve shows; only an end already reached (a cache hit) is told as it is.
+    if created["status"] == "in_progress":
+        created["status"] = "queued"
+    return created
+
+
+@router.get("/responses/{response_id}", response_model=None)
+async def get_response(
+    response_id: str,
+    request: Request,
+    user_id: CurrentUserId,
+    conn: ConnectionDep,
+    streams: StreamContextDep,
+    stream: bool = False,
+    starting_after: Annotated[int, Query(ge=-1, le=10**15)] = -1,
+) -> dict[str, Any] | StreamingResponse:
+    """The response as it stands; with `stream=true` its events (from the start, or after `starting_after`).
+    Another user's is a 404 like a missing one."""
+    query_id = service.parse_id(response_id, service.RESPONSE_PREFIX, "response")
+    current = await queries_service.get_query(conn, user_id, query_id)
+    if not stream:
+        return service.response_object(current)
+    slot = await streams.reserve()
+    return streams.respond(
+        request, query_id, service.ResponseEvents(current), slot, starting_after=starting_after, chat=False
+    )
+
+
+@router.post("/responses/{response_id}/cancel")
+async def cancel_response(
+    response_id: str,
+    user_id: CurrentUserId,
+    pool: PoolDep,
+    publisher: PublisherDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    events: EventLogDep,
+    wakeup: WakeupDep,
+) -> dict[str, Any]:
+    """Cancel; idempotent: a finished response (cancelled or not) is returned as it is."""
+    query_id = service.parse_id(response_id, service.RESPONSE_PREFIX, "response")
+    try:
+        async with pool.acquire() as conn:
+            limiter = limiter_for(redis, settings)
+            row = await queries_service.cancel_query(conn, limiter, user_id, query_id, events=events)
+            if row["status"] == QueryStatus.CANCELLED:
+                # Ended here, not by a worker: its webhooks are sent now, as the native cancel does.
+                await webhooks.on_query_ended(conn, publisher, query_id)
+    except Conflict as exc:
+        if exc.code != "query_not_cancellable":
+            raise
+    # A running query ends cancelled once its worker notices (within a heartbeat): answer with that.
+    return service.response_object(
+        await queries_service.wait_for_query(pool, user_id, query_id, CANCEL_WAIT_SECONDS, wakeup)
+    )
+
+
+@router.delete("/responses/{response_id}")
+async def delete_response(
+    response_id: str,
+    user_id: CurrentUserId,
+    conn: ConnectionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    events: EventLogDep,
+) -> dict[str, Any]:
+    """Erase the response's text (the native delete: a running one is a 409, cancel it first)."""
+    query_id = service.parse_id(response_id, service.RESPONSE_PREFIX, "response")
+    await queries_service.delete_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
+    return {"id": response_id, "object": "response.deleted", "deleted": True}

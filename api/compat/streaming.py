@@ -1,0 +1,149 @@
+"""Server-Sent Events of the `/v1` door, on top of the query's event log (`shared/services/events.follow`).
+
+Responses streams carry `event: <type>` and a `sequence_number` in every event; a stream is told from the
+start of the log each time, so the same log always gives the same numbers and
+`GET /v1/responses/{id}?stream=true&starting_after=N` resumes exactly after event N. Chat completion streams
+are `data:` chunks closed by `data: [DONE]`. Open streams count against the user's stream cap like the
+native `/api/v1/query/{id}/events`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Protocol
+
+import anyio
+import asyncpg
+import orjson
+from fastapi import Depends, Request
+from fastapi.responses import StreamingResponse
+
+from api.deps import CurrentUserId, EventLogDep, PoolDep, RedisDep, SettingsDep, WakeupDep
+from api.middleware import mark_long_request
+from api.routes.events import KEEPALIVE, SSE_HEADERS
+from shared.config import Settings
+from shared.events import EventLog
+from shared.limits import Limiter, limiter_for
+from shared.metrics import SSE_STREAMS_OPEN
+from shared.models import TERMINAL_STATUSES
+from shared.schemas import QueryOut
+from shared.services import queries as queries_service
+from shared.services.events import follow, with_keepalive
+from shared.wakeup import Wakeup
+
+# The row is written before its terminal event is told; this covers a reader that is faster than that.
+FINAL_READ_WAIT_SECONDS = 5.0
+
+
+class Translator(Protocol):
+    def start(self) -> list[dict[str, Any]]: ...
+    def event(self, type_: str, data: dict[str, Any]) -> list[dict[str, Any]]: ...
+    def finish(self, query: QueryOut) -> list[dict[str, Any]]: ...
+
+
+class StreamContext:
+    """What a stream needs from the request: its handles and the caller."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        log: EventLog,
+        wakeup: Wakeup,
+        pool: asyncpg.Pool,
+        limiter: Limiter,
+        user_id: uuid.UUID,
+    ) -> None:
+        self.settings, self.log, self.wakeup, self.pool = settings, log, wakeup, pool
+        self.limiter, self.user_id = limiter, user_id
+
+    def _lease(self) -> float:
+        return max(30.0, self.settings.sse_keepalive_seconds * 4)
+
+    async def reserve(self) -> str:
+        """Take one of the caller's stream slots (a 429 when they are all open), before anything is stored."""
+        slot = uuid.uuid4().hex
+        await self.limiter.take_stream(self.user_id, slot, self._lease())
+        return slot
+
+    async def release(self, slot: str) -> None:
+        await self.limiter.release_stream(self.user_id, slot)
+
+    def respond(
+        self,
+        request: Request,
+        query_id: uuid.UUID,
+        translator: Translator,
+        slot: str,
+        *,
+        starting_after: int = -1,
+        chat: bool,
+    ) -> StreamingResponse:
+        """The stream on a reserved slot; the slot is given back when the stream ends."""
+        mark_long_request(request.scope)
+        body = self._frames(query_id, translator, starting_after, chat, slot, self._lease())
+        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def _final(self, query_id: uuid.UUID) -> QueryOut:
+        return await queries_service.wait_for_query(
+            self.pool, self.user_id, query_id, FINAL_READ_WAIT_SECONDS, self.wakeup
+        )
+
+    async def _objects(self, query_id: uuid.UUID, translator: Translator) -> AsyncIterator[dict[str, Any] | None]:
+        for obj in translator.start():
+            yield obj
+        events = follow(self.log, self.wakeup, self.pool, query_id, 0)
+        async for event in with_keepalive(events, self.settings.sse_keepalive_seconds):
+            if event is None:
+                yield None
+            elif event.terminal:
+                for obj in translator.finish(await self._final(query_id)):
+                    yield obj
+                return
+            else:
+                for obj in translator.event(event.type.value, event.data):
+                    yield obj
+        # The log ended without a terminal event (the query's row is gone or not finished): tell what stands.
+        query = await self._final(query_id)
+        if query.status in TERMINAL_STATUSES:
+            for obj in translator.finish(query):
+                yield obj
+
+    async def _frames(
+        self, query_id: uuid.UUID, translator: Translator, starting_after: int, chat: bool, slot: str, lease: float
+    ) -> AsyncIterator[bytes]:
+        SSE_STREAMS_OPEN.inc()
+        renewed, number = time.monotonic(), -1
+        try:
+            async for obj in self._objects(query_id, translator):
+                if obj is None:
+                    yield KEEPALIVE
+                elif chat:
+                    yield b"data: " + orjson.dumps(obj) + b"\n\n"
+                else:
+                    number += 1
+                    if number > starting_after:
+                        yield b"event: %s\ndata: %s\n\n" % (
+                            obj["type"].encode(),
+                            orjson.dumps({**obj, "sequence_number": number}),
+                        )
+                if time.monotonic() - renewed >= lease / 4:
+                    renewed = time.monotonic()
+                    await self.limiter.renew_stream(self.user_id, slot, lease)
+            if chat:
+                yield b"data: [DONE]\n\n"
+        finally:
+            SSE_STREAMS_OPEN.dec()
+            # The client may be gone and this task cancelled: the slot is still given back.
+            with anyio.CancelScope(shield=True):
+                await self.limiter.release_stream(self.user_id, slot)
+
+
+async def stream_context(
+    settings: SettingsDep, log: EventLogDep, wakeup: WakeupDep, pool: PoolDep, redis: RedisDep, user_id: CurrentUserId
+) -> StreamContext:
+    return StreamContext(settings, log, wakeup, pool, limiter_for(redis, settings), user_id)
+
+
+StreamContextDep = Annotated[StreamContext, Depends(stream_context)]

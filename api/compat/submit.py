@@ -1,0 +1,70 @@
+"""Submitting and waiting for a query from the `/v1` door: the native submit service, then the publish."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import asyncpg
+import redis.asyncio as aioredis
+from fastapi import Request, Response
+
+from api.middleware import mark_long_request
+from shared.cache import response_cache_for
+from shared.config import Settings
+from shared.events import EventLog, EventType
+from shared.limits import limiter_for
+from shared.metrics import QUERIES_SUBMITTED
+from shared.queue import Publisher
+from shared.schemas import QueryAccepted, QueryCreate, QueryOut
+from shared.services import queries as service
+from shared.wakeup import Wakeup
+
+log = logging.getLogger(__name__)
+
+
+async def submit(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    redis: aioredis.Redis,
+    publisher: Publisher,
+    events: EventLog,
+    user_id: uuid.UUID,
+    body: QueryCreate,
+    response: Response,
+) -> QueryAccepted:
+    """Store a pending query under the caller's limits (the `RateLimit` headers go on `response`), then publish
+    it, as the native submit does."""
+    limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
+    accepted, limit_headers = await service.submit_query(pool, settings, limiter, cache, user_id, body)
+    response.headers.update(limit_headers)
+    QUERIES_SUBMITTED.labels(model=accepted.model).inc()
+    if accepted.cached:
+        # Answered from the response cache: the row is already completed, there is nothing to run.
+        return accepted
+    # The log's first event precedes the worker's `started`; a failure is logged and streams replay the row.
+    await events.append_quietly(accepted.query_id, EventType.QUEUED, {"model": accepted.model})
+    # After the INSERT's commit; a failed publish leaves the row for the sweeper.
+    published = await publisher.publish(accepted.query_id)
+    log.info(
+        "query submitted",
+        extra={
+            "query_id": str(accepted.query_id),
+            "model": accepted.model,
+            "outcome": "sent" if published else "deferred",
+        },
+    )
+    return accepted
+
+
+async def wait(
+    request: Request,
+    pool: asyncpg.Pool,
+    settings: Settings,
+    wakeup: Wakeup,
+    user_id: uuid.UUID,
+    query_id: uuid.UUID,
+) -> QueryOut:
+    """The query once it is terminal, or as it stands after COMPAT_WAIT_SECONDS (the native long-poll's wait)."""
+    mark_long_request(request.scope)
+    return await service.wait_for_query(pool, user_id, query_id, settings.compat_wait_seconds, wakeup)

@@ -1,0 +1,113 @@
+"""A steady trickle of whole clients on AIQ alone: what one answer costs, comparable across two trees.
+
+    python -m bench.steady --rate 20 --step-s 10 [--modes longpoll,sse] [--profile TAG] [--output FILE]
+
+One API process and one worker process on their own embedded PostgreSQL and Redis, the simulator at 0.5 s,
+the client-side scenario's clients (bench/clientgen.py) at one rate per mode. Per mode: answers/s, the
+overhead the clients saw (P50/P99), CPU-ms per answer by process, and two counts that do not depend on how
+busy the machine is: Redis commands per answer (INFO commandstats; a script's inner commands count too,
+`evalsha` is the number of script calls) and PostgreSQL transactions per answer (pg_stat_database). Made
+for before/after comparisons in one sitting: run it from each tree in turn (`PYTHONPATH=<tree>`).
+`--profile TAG` adds py-spy on the API and the worker for 12 s at the same rate (/tmp/profile-TAG-*.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import redis
+
+from bench import profiling
+from bench.context import Loadgen, RunContext
+from bench.measures import client
+from bench.pacing import Clock, QuietGate
+from bench.plan import Plan, say
+from bench.stack import CpuMeter, Servers
+from bench.systems import Layout, Simulator, System, aiq_api_env, start_aiq
+from devkit.procs import Launcher
+
+
+def counts(servers: Servers, aiq: System) -> dict[str, int]:
+    """Redis commands by name so far, and the run database's committed plus rolled-back transactions."""
+    rc = redis.Redis.from_url(servers.redis)
+    try:
+        out = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in rc.info("commandstats").items()}
+    finally:
+        rc.close()
+    with psycopg2.connect(aiq.db_url) as pc, pc.cursor() as cur:
+        cur.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()")
+        out["pg_transactions"] = int(cur.fetchone()[0])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.steady", description=__doc__)
+    ap.add_argument("--rate", type=int, default=20, help="client arrivals per second (default 20)")
+    ap.add_argument("--step-s", type=float, default=10.0, help="seconds of arrivals per mode (default 10)")
+    ap.add_argument("--modes", default="longpoll,sse")
+    ap.add_argument("--profile", metavar="TAG", help="py-spy the API and the worker afterwards")
+    ap.add_argument("--output", type=Path)
+    args = ap.parse_args()
+    plan = dataclasses.replace(Plan.make(True), client_rates=(args.rate,), client_step_s=args.step_s)
+    tmp = Path(tempfile.mkdtemp(prefix="aiqs-", dir="/tmp"))
+    logdir = tmp / "logs"
+    logdir.mkdir()
+    launcher = Launcher(logdir)
+    servers: Servers | None = None
+    res: dict[str, Any] = {"rate": args.rate, "step_s": args.step_s}
+    try:
+        servers = Servers.start(tmp)
+        sim = Simulator(launcher, {**os.environ, "PYTHONUNBUFFERED": "1"})
+        layout = Layout(1, "reuseport", 1, (), ())
+        env = aiq_api_env(layout, servers)
+        ctx = RunContext(plan, QuietGate(0), Clock(3600), launcher, servers, sim, Loadgen(tmp), layout, env, False,
+                         tmp, logdir)  # fmt: skip
+        aiq = start_aiq(launcher, servers, sim, layout, env)
+        sim.latency(client.UPSTREAM_MS)
+        db = urllib.parse.urlparse(aiq.db_url).path.lstrip("/")
+        meter = CpuMeter({"api": aiq.api, "worker": aiq.workers, "simulator": [sim.proc]}, databases=(db,))
+        spec = {"port": aiq.api_port, "tokens": aiq.tokens, "body": json.dumps({"query": client.PROMPT,
+                "model": client.MODEL}), "wait_s": 30}  # fmt: skip
+        client._clients(ctx, {**spec, "mode": "longpoll", "rate": 10, "duration_s": 2})  # warm-up
+        for mode in args.modes.split(","):
+            aiq.settle(sim)
+            time.sleep(1)
+            before = counts(servers, aiq)
+            r = client._steps(ctx, f"steady {mode}", {**spec, "mode": mode}, meter, lambda: None)
+            time.sleep(1.5)  # the last answers' bookkeeping
+            after = counts(servers, aiq)
+            n = max(1, r["steps"][0]["answered"])
+            per = {k: round((after[k] - before.get(k, 0)) / n, 2) for k in after if after[k] != before.get(k, 0)}
+            r["per_answer"] = dict(sorted(per.items(), key=lambda kv: -kv[1]))
+            say(f"steady {mode}: per answer {json.dumps(r['per_answer'])}")
+            res[mode] = r
+        if args.profile:
+            aiq.settle(sim)
+            api_pids = [p for proc in aiq.api for p in (proc.child_pids() or [proc.pid])]
+            spy = profiling.py_spy()
+            if spy is not None:
+                targets = {"api": api_pids[-1], "worker": aiq.workers[0].pid}
+                started = profiling.record(spy, targets, 12, Path("/tmp"), args.profile)
+                client._clients(ctx, {**spec, "mode": "longpoll", "rate": args.rate, "duration_s": 12})
+                res["profile"] = profiling.collect(started, 12)
+    finally:
+        launcher.stop_all()
+        if servers is not None:
+            servers.drop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.output:
+        args.output.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Request bodies of the OpenAI-compatible door (`/v1`), as OpenAI's API reference names their fields.
+
+Only what AIQ can honour is accepted: an unknown field (tools, response_format …) is a 400 that names it,
+never silently dropped. A batch line's `body` is parsed with the same models.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+# OpenAI: at most 16 pairs, keys up to 64 characters, values up to 512.
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]], Field(max_length=16)
+]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Body):
+    type: Literal["text", "input_text", "output_text"]
+    text: str
+    # Output text as the SDK echoes it back from an earlier response.
+    annotations: list[Any] | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = Field(default=None, max_length=64)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ChatCompletionCreate(_Body):
+    """`POST /v1/chat/completions`."""
+
+    model: str = Field(max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    metadata: Metadata | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] | None = None
+    user: str | None = Field(default=None, max_length=256)
+    store: bool | None = None
+
+
+class InputMessage(_Body):
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    # Present when the SDK sends back an output message of an earlier response.
+    id: str | None = None
+    status: str | None = None
+
+
+class ResponseCreate(_Body):
+    """`POST /v1/responses`."""
+
+    model: str | None = Field(default=None, max_length=200)
+    input: str | list[InputMessage]
+    instructions: str | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    metadata: Metadata | None = None
+    background: bool | None = False
+    stream: bool | None = False
+    store: bool | None = None
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("store")
+    @classmethod
+    def _stored(cls, value: bool | None) -> bool | None:
+        # Every response is a stored query row; `store: false` cannot be honoured.
+        if value is False:
+            raise PydanticCustomError("store_unsupported", "store=false is not supported: every response is stored")
+        return value
+
+
+class BatchCreate(_Body):
+    """`POST /v1/batches`."""
+
+    input_file_id: str = Field(max_length=100)
+    endpoint: Literal["/v1/chat/completions", "/v1/responses"]
+    completion_window: Literal["24h"]
+    metadata: Metadata | None = None

@@ -1,0 +1,253 @@
+"""Files of the `/v1` door: upload (streamed into 1 MiB chunk rows), metadata and streamed content."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from shared.config import Settings
+from shared.errors import AppError, Conflict, InvalidInput, NotFound
+from shared.models import BATCH_LIVE_STATUSES, FILE_CHUNK_BYTES, FilePurpose
+from shared.repositories import files as repo
+from shared.repositories.queries_common import RowLike
+
+FILE_PREFIX = "file-"
+
+
+def file_id(raw: uuid.UUID) -> str:
+    return f"{FILE_PREFIX}{raw.hex}"
+
+
+def parse_file_id(public_id: str) -> uuid.UUID:
+    """The row id inside `file-<hex>`; anything else is a 404, like a missing file."""
+    if public_id.startswith(FILE_PREFIX):
+        try:
+            return uuid.UUID(hex=public_id[len(FILE_PREFIX) :])
+        except ValueError:
+            pass
+    raise NotFound(f"No such File object: {public_id[:80]}", code="file_not_found")
+
+
+def file_object(row: RowLike) -> dict[str, Any]:
+    """A file row as OpenAI's `file` object."""
+    return {
+        "id": file_id(row["id"]),
+        "object": "file",
+        "bytes": row["bytes"],
+        "created_at": int(row["created_at"].timestamp()),
+        "expires_at": None,
+        "filename": row["filename"],
+        "purpose": row["purpose"],
+        "status": "processed",
+        "status_details": None,
+    }
+
+
+class LineCounter:
+    """Counts the non-blank lines of a stream of byte chunks (a line may span chunks)."""
+
+    def __init__(self) -> None:
+        self.lines = 0
+        self._open_line_has_text = False
+
+    def feed(self, data: bytes) -> None:
+        parts = data.split(b"\n")
+        for part in parts[:-1]:
+            if self._open_line_has_text or part.strip():
+                self.lines += 1
+            self._open_line_has_text = False
+        self._open_line_has_text = self._open_line_has_text or bool(parts[-1].strip())
+
+    def close(self) -> int:
+        if self._open_line_has_text:
+            self.lines += 1
+            self._open_line_has_text = False
+        return self.lines
+
+
+def _check_filename(filename: str) -> str:
+    name = filename.strip() or "upload.jsonl"
+    if "\x00" in name:
+        raise InvalidInput("filename must not contain NUL characters", code="invalid_filename")
+    return name[:255]
+
+
+async def upload(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    user_id: uuid.UUID,
+    *,
+    purpose: str,
+    filename: str,
+    read: Callable[[int], Awaitable[bytes]],
+) -> RowLike:
+    """Store an uploaded batch input file chunk by chunk, in one transaction: all of it or nothing.
+
+    At most MAX_FILE_BYTES (a 413 otherwise) and MAX_BATCH_LINES non-blank lines (a 400); the lines
+    themselves are checked when a batch reads them, each bad one reported in its error file.
+    """
+    if len(purpose) > 32 or purpose != FilePurpose.BATCH:
+        raise InvalidInput(
+            "purpose must be 'batch'",
+            code="invalid_value",
+            details=[{"loc": ["body", "purpose"], "msg": "only 'batch' is supported", "type": "invalid_value"}],
+        )
+    new_id, counter, size, seq = uuid.uuid4(), LineCounter(), 0, 0
+    async with pool.acquire() as conn, conn.transaction():
+        await repo.insert(conn, file_id=new_id, user_id=user_id, purpose=purpose, filename=_check_filename(filename))
+        while data := await read(FILE_CHUNK_BYTES):
+            size += len(data)
+            if size > settings.max_file_bytes:
+                raise AppError(
+                    f"File is larger than {settings.max_file_bytes} bytes", status_code=413, code="file_too_large"
+                )
+            counter.feed(data)
+            if counter.lines > settings.max_batch_lines:
+                raise _too_many_lines(settings)
+            await repo.add_chunk(conn, new_id, seq, data)
+            seq += 1
+        lines = counter.close()
+        if lines > settings.max_batch_lines:
+            raise _too_many_lines(settings)
+        if lines == 0:
+            raise InvalidInput("The file is empty: a batch file has one JSON request per line", code="empty_file")
+        return await repo.finish(conn, new_id, size, lines)
+
+
+def _too_many_lines(settings: Settings) -> InvalidInput:
+    return InvalidInput(f"A batch file has at most {settings.max_batch_lines} lines", code="too_many_lines")
+
+
+async def get_file(conn: asyncpg.Connection, user_id: uuid.UUID, public_id: str) -> RowLike:
+    row = await repo.get_for_user(conn, parse_file_id(public_id), user_id)
+    if row is None:
+        raise NotFound(f"No such File object: {public_id[:80]}", code="file_not_found")
+    return row
+
+
+async def lock_file(conn: asyncpg.Connection, user_id: uuid.UUID, public_id: str) -> RowLike:
+    """The caller's file, share-locked for the caller's transaction (a batch being created on it)."""
+    row = await repo.lock_for_user(conn, parse_file_id(public_id), user_id, share=True)
+    if row is None:
+        raise NotFound(f"No such File object: {public_id[:80]}", code="file_not_found")
+    return row
+
+
+async def delete_file(conn: asyncpg.Connection, user_id: uuid.UUID, public_id: str) -> dict[str, Any]:
+    """Delete one of the caller's files; one that a live batch reads is a 409 until the batch ends."""
+    raw = parse_file_id(public_id)
+    async with conn.transaction():
+        if await repo.lock_for_user(conn, raw, user_id, share=False) is None:
+            raise NotFound(f"No such File object: {public_id[:80]}", code="file_not_found")
+        if await repo.in_live_batch(conn, raw, [s.value for s in BATCH_LIVE_STATUSES]):
+            raise Conflict("A batch that is still running reads this file", code="file_in_use")
+        await repo.delete(conn, raw)
+    return {"id": public_id, "object": "file", "deleted": True}
+
+
+async def list_page(
+    conn: asyncpg.Connection, user_id: uuid.UUID, *, purpose: str | None, after: str | None, limit: int
+) -> dict[str, Any]:
+    """OpenAI's cursor list of the caller's files, newest first."""
+    after_id = parse_file_id(after) if after else None
+    rows = await repo.list_for_user(conn, user_id, purpose=purpose, after=after_id, limit=limit + 1)
+    data = [file_object(r) for r in rows[:limit]]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(rows) > limit,
+    }
+
+
+async def content(pool: asyncpg.Pool, file_row: RowLike) -> AsyncIterator[bytes]:
+    """The file's bytes, one chunk at a time; a connection is held only while one chunk is read."""
+    seq = 0
+    while True:
+        async with pool.acquire() as conn:
+            data = await repo.chunk(conn, file_row["id"], seq)
+        if data is None:
+            return
+        yield data
+        seq += 1
+
+
+class ChunkWriter:
+    """Writes a file's content as 1 MiB chunk rows on the caller's connection (inside its transaction)."""
+
+    def __init__(self, conn: asyncpg.Connection, new_id: uuid.UUID) -> None:
+        self.conn, self.id = conn, new_id
+        self._buffer = bytearray()
+        self._seq = 0
+        self.size = 0
+        self.lines = 0
+
+    async def write_line(self, line: bytes) -> None:
+        self._buffer += line + b"\n"
+        self.size += len(line) + 1
+        self.lines += 1
+        if len(self._buffer) >= FILE_CHUNK_BYTES:
+            await self._flush(FILE_CHUNK_BYTES)
+
+    async def _flush(self, upto: int) -> None:
+        while len(self._buffer) >= upto and self._buffer:
+            piece = bytes(self._buffer[:FILE_CHUNK_BYTES])
+            del self._buffer[:FILE_CHUNK_BYTES]
+            await repo.add_chunk(self.conn, self.id, self._seq, piece)
+            self._seq += 1
+
+    async def close(self) -> RowLike:
+        await self._flush(1)
+        return await repo.finish(self.conn, self.id, self.size, self.lines)
+
+
+async def open_output(conn: asyncpg.Connection, user_id: uuid.UUID, filename: str) -> ChunkWriter:
+    """A new `batch_output` file of the user, written by the returned writer."""
+    new_id = uuid.uuid4()
+    await repo.insert(conn, file_id=new_id, user_id=user_id, purpose=FilePurpose.BATCH_OUTPUT, filename=filename)
+    return ChunkWriter(conn, new_id)
+
+
+async def iter_lines(
+    conn: asyncpg.Connection, file_uuid: uuid.UUID, chunk: int, offset: int, max_line_bytes: int
+) -> AsyncIterator[tuple[bytes | None, int, int]]:
+    """The file's non-blank lines from (chunk, offset), each with the position just after it.
+
+    A line longer than `max_line_bytes` comes out as None (it is not held in memory).
+    """
+    carry = bytearray()
+    too_long = False
+    seq, start = chunk, offset
+    data = await repo.chunk(conn, file_uuid, seq)
+    while True:
+        if data is None:
+            if carry.strip() or too_long:
+                yield (None if too_long else bytes(carry)), seq, 0
+            return
+        idx = data.find(b"\n", start)
+        if idx < 0:
+            if not too_long:
+                carry += data[start:]
+                too_long = len(carry) > max_line_bytes
+                if too_long:
+                    carry.clear()
+            seq, start = seq + 1, 0
+            data = await repo.chunk(conn, file_uuid, seq)
+            continue
+        if not too_long:
+            carry += data[start:idx]
+            too_long = len(carry) > max_line_bytes
+        line = None if too_long else bytes(carry)
+        start = idx + 1
+        position = (seq, start) if start < len(data) else (seq + 1, 0)
+        if line is None or line.strip():
+            yield line, *position
+        carry.clear()
+        too_long = False
+        if position[0] != seq:
+            seq, start = position
+            data = await repo.chunk(conn, file_uuid, seq)

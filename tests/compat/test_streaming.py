@@ -1,0 +1,180 @@
+"""Streaming through the `/v1` door with the official `openai` SDK: Responses events with `sequence_number`,
+resume with `starting_after`, chat completion chunks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from tests.support.db import row
+from tests.support.polling import wait_until
+from tests.support.stack import Stack, spawn_api, spawn_worker, stop
+
+
+def _text(events: list[Any]) -> str:
+    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
+
+
+def test_a_streamed_response_tells_every_step_in_numbered_order(sdk: openai.OpenAI) -> None:
+    stream = sdk.responses.create(model="sim-small", input="[[sim tokens=80 chunk_ms=5]] tell me", stream=True)
+    events = list(stream)
+    types = [e.type for e in events]
+    assert types[0] == "response.created"
+    assert "response.in_progress" in types
+    assert types.index("response.output_item.added") < types.index("response.output_text.delta")
+    assert types[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    assert final.status == "completed"
+    assert final.output_text
+    assert _text(events) == final.output_text
+    assert sdk.responses.retrieve(final.id).output_text == final.output_text
+
+
+def test_a_dropped_stream_resumes_after_the_last_event_seen(sdk: openai.OpenAI) -> None:
+    stream = sdk.responses.create(
+        model="sim-small", input="[[sim tokens=120 chunk_ms=20]] resumable", background=True, stream=True
+    )
+    seen: list[Any] = []
+    for event in stream:
+        seen.append(event)
+        if event.type == "response.output_text.delta" and len(seen) >= 6:
+            break
+    stream.close()
+    response_id = seen[0].response.id
+    assert seen[0].response.background is True
+    last = seen[-1].sequence_number
+    rest = list(sdk.responses.retrieve(response_id, stream=True, starting_after=last))
+    assert rest[0].sequence_number == last + 1
+    assert [e.sequence_number for e in rest] == list(range(last + 1, last + 1 + len(rest)))
+    assert rest[-1].type == "response.completed"
+    assert _text(seen) + _text(rest) == rest[-1].response.output_text
+    # Resuming again from the start gives the same events, numbered the same.
+    again = list(sdk.responses.retrieve(response_id, stream=True))
+    assert [(e.sequence_number, e.type) for e in again][last + 1 :] == [(e.sequence_number, e.type) for e in rest]
+
+
+def test_a_failed_response_streams_response_failed(sdk: openai.OpenAI) -> None:
+    events = list(sdk.responses.create(model="sim-small", input="[[sim fail=400]] no", stream=True))
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.status == "failed"
+    assert events[-1].response.error is not None
+
+
+def test_streamed_chat_completion_chunks_end_with_the_finish_reason_and_usage(sdk: openai.OpenAI) -> None:
+    chunks = list(
+        sdk.chat.completions.create(
+            model="sim-small",
+            messages=[{"role": "user", "content": "[[sim tokens=50 chunk_ms=5]] stream it"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finishing] == ["stop"]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens > 0
+    same = sdk.chat.completions.create(model="sim-small", messages=[{"role": "user", "content": "x"}])
+    assert same.choices[0].message.content
+
+
+@pytest.mark.anyio
+async def test_async_streams_and_an_upstream_refusal_mid_stream(async_sdk: openai.AsyncOpenAI) -> None:
+    stream = await async_sdk.chat.completions.create(
+        model="sim-large", messages=[{"role": "user", "content": "[[sim tokens=30]] async"}], stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text
+    refused = await async_sdk.chat.completions.create(
+        model="sim-small", messages=[{"role": "user", "content": "[[sim fail=400]] bad"}], stream=True
+    )
+    with pytest.raises(openai.APIError) as caught:
+        async for _ in refused:
+            pass
+    assert "upstream_bad_request" in str(caught.value)
+    events = [e async for e in await async_sdk.responses.create(model="sim-small", input="async", stream=True)]
+    assert events[-1].type == "response.completed"
+
+
+def test_a_stream_over_the_users_cap_is_a_rate_limit_error_and_stores_nothing(
+    stack: Stack, tmp_path: Path, api_key: str, user: dict[str, Any], db: Engine
+) -> None:
+    api, url = spawn_api(stack, tmp_path / "api.log", MAX_STREAMS_PER_USER="1")
+    try:
+        capped = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=60)
+        with capped:
+            first = capped.responses.create(model="sim-small", input="[[sim latency_ms=3000]] slow", stream=True)
+            with first:
+                assert next(iter(first)).type == "response.created"
+                stored = _query_count(db, user["user_id"])
+                with pytest.raises(openai.RateLimitError) as caught:
+                    capped.chat.completions.create(
+                        model="sim-small", messages=[{"role": "user", "content": "x"}], stream=True
+                    )
+                assert caught.value.body["code"] == "too_many_streams"  # type: ignore[index]
+                assert _query_count(db, user["user_id"]) == stored
+    finally:
+        stop(api)
+
+
+def _query_count(db: Engine, user_id: str) -> int:
+    with db.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM queries WHERE user_id = :u"), {"u": user_id}).scalar_one())
+
+
+def test_a_worker_sigkilled_mid_stream_still_ends_the_stream_with_the_stored_answer(
+    sdk: openai.OpenAI, stack: Stack, db: Engine, tmp_path: Path
+) -> None:
+    # A second worker on the stack's queue; the response to follow is one it claimed. After the kill the
+    # stack's own worker sweeps the expired lease and runs attempt 2, and the stream goes on to its end.
+    victim, _ = spawn_worker(stack, tmp_path / "victim.log")
+    try:
+        # The extra worker starts consuming a little after it reports healthy; on a loaded machine, later.
+        for _ in range(120):
+            created = sdk.responses.create(
+                model="sim-small", input="[[sim tokens=150 chunk_ms=30]] interrupted", background=True
+            )
+            query_id = str(uuid.UUID(hex=created.id.removeprefix("resp_")))
+            owner = wait_until(lambda: row(db, query_id)["lease_owner"], timeout=20)  # noqa: B023
+            if owner.endswith(f":{victim.pid}"):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the extra worker never claimed a query")
+        seen: list[Any] = []
+        for event in sdk.responses.retrieve(created.id, stream=True):
+            seen.append(event)
+            deltas = sum(e.type == "response.output_text.delta" for e in seen)
+            if victim.poll() is None and deltas == 3:
+                os.kill(victim.pid, signal.SIGKILL)
+                victim.wait(10)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(10)
+    assert [e.sequence_number for e in seen] == list(range(len(seen)))
+    assert seen[-1].type == "response.completed"
+    stored = row(db, query_id)
+    assert stored["attempts"] == 2
+    assert seen[-1].response.output_text == stored["response"]
+    done = next(e for e in seen if e.type == "response.output_text.done")
+    assert done.text == stored["response"]
