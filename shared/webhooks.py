@@ -136,6 +136,9 @@ def validate_url(settings: Settings, url: str) -> str:
     if parts.fragment:
         raise ValueError("URL must not have a fragment")
     ip = _literal(host)
+    if "[" in parts.netloc and (ip is None or ip.version != 6):
+        # Brackets hold an IPv6 literal; urlsplit also takes an IPvFuture (`[v1.x]`), which nothing resolves.
+        raise ValueError("URL is not valid")
     if ip is not None and not _allowed(settings, host, ip):
         reason = address_refusal(ip)
         if reason:

@@ -105,6 +105,9 @@ def test_public_addresses_pass(address: str) -> None:
         ("https://example.com/" + "a" * 2100, "longer"),
         ("https://exa mple.com/", "spaces"),
         ("https://example.com:99999/", "not valid"),
+        # Brackets hold an IPv6 literal; anything else there (an IPvFuture, a name) is not a host.
+        ("https://[v1.x]/hook", "not valid"),
+        ("https://[example.com]/hook", "not valid"),
     ],
 )
 def test_bad_urls_are_refused_before_anything_is_stored(url: str, message: str) -> None:
