@@ -287,6 +287,10 @@ def _stream(api: Api, query_id: str, json_out: bool) -> int:
                         if status_line is not None:
                             status_line.stop()
                             status_line = None
+                        if data.get("replayed") and text_started and not json_out:
+                            # The whole stored answer, after the log was lost: it replaces what was printed.
+                            sys.stdout.write("\n")
+                            err.print("[the stream lost its place: the answer starts over]", markup=False)
                         if not json_out:
                             sys.stdout.write(data.get("text", ""))
                             sys.stdout.flush()

@@ -112,6 +112,21 @@ class ResponseCache:
         except RedisError as exc:
             log.warning("response cache unavailable: answer will not be cached", extra={"error": type(exc).__name__})
 
+    async def forget_user(self, user_id: uuid.UUID) -> None:
+        """Drop a deleted account's per-user answers (a SCAN: account deletion is rare); with Redis down they
+        lapse with their TTL. Global-scope answers belong to no one and stay."""
+        try:
+            batch: list[bytes | str] = []
+            async for key in self._redis.scan_iter(match=f"{self._prefix}user:{user_id}:*", count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    await self._redis.delete(*batch)
+                    batch.clear()
+            if batch:
+                await self._redis.delete(*batch)
+        except RedisError as exc:
+            log.warning("response cache unavailable: answers not forgotten", extra={"error": type(exc).__name__})
+
     def store_in(self, batch: ScriptBatch, query_id: uuid.UUID, answer: CachedAnswer) -> int:
         """`store` queued on a batch: for a query that did not ask for the cache it finds no intent and does
         nothing, at no round trip of its own. The index of its result (1 if stored)."""

@@ -33,6 +33,29 @@ REDIS_MAX_CONNECTIONS = 256
 REDIS_POOL_WAIT_SECONDS = 5.0
 
 
+def redis_client(
+    url: str,
+    *,
+    socket_timeout: float | None,
+    connect_timeout: float,
+    keepalive: bool = False,
+    health_check_interval: float = 0,
+) -> aioredis.Redis:
+    """A Redis client of its own (the publisher's, the wake-up subscriber's), for a `redis://`, `rediss://`,
+    `unix://` or kombu's `redis+socket://` URL. TCP keep-alive only where there is TCP: a unix-socket
+    connection refuses the option (TypeError)."""
+    if url.startswith("redis+socket://"):
+        url = "unix://" + url.removeprefix("redis+socket://")
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "health_check_interval": health_check_interval,
+    }
+    if keepalive and not url.startswith("unix://"):
+        options["socket_keepalive"] = True
+    return aioredis.Redis.from_url(url, **options)
+
+
 def make_redis(settings: Settings) -> aioredis.Redis:
     """The process's Redis client (limits, revocation, event logs): a bounded pool that queues, never refuses."""
     pool = aioredis.BlockingConnectionPool.from_url(

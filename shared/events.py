@@ -11,7 +11,9 @@ Keys (the query id is globally unique, the prefix keeps test runs that share a R
 - channel `aiq:{QUEUE_NAME}:wake`: the notices.
 
 The log is a convenience on top of the row, which stays the truth: a failed append is logged and the query
-goes on; a reader that finds the log gone replays the row (`shared/services/events.py`).
+goes on; a reader that finds the log gone replays the row (`shared/services/events.py`). A log lost mid-story
+(Redis restarted without it) begins again numbered from the clock, so a reader's position never lines up with
+it: the reader sees the gap and replays the row rather than tell the new log's events as the rest of its own.
 """
 
 from __future__ import annotations
@@ -70,7 +72,15 @@ class Event:
 # An empty channel sends no notice (nobody can be waiting yet: see `append`'s `notify`).
 _APPEND = """
 local seq = redis.call('INCR', KEYS[2])
-local id = seq .. '-0'
+if seq == 1 and ARGV[1] ~= 'queued' and not (ARGV[1] == 'started' and ARGV[2] == '1') then
+  -- A story starts with `queued` (or a first `started`: nothing is lost before it that a reader needs):
+  -- this log was lost mid-story (Redis restarted without it). Number on from the clock (ms), so no
+  -- reader's old position lines up with the new log: readers see the gap and fall back to the row.
+  local t = redis.call('TIME')
+  seq = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('SET', KEYS[2], seq)
+end
+local id = string.format('%d-0', seq)
 redis.call('XADD', KEYS[1], id, 't', ARGV[1], 'a', ARGV[2], 'd', ARGV[3])
 if ARGV[7] == '1' then redis.call('XTRIM', KEYS[1], 'MINID', id) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -189,13 +199,14 @@ class EventLog:
         value = await self._redis.get(f"{self._key(query_id)}:seq")
         return int(value) if value is not None else 0
 
-    async def discard(self, query_id: uuid.UUID) -> None:
-        """Forget a query's log (its text is being erased); with Redis down it lapses with its TTL."""
-        key = self._key(query_id)
+    async def discard(self, *query_ids: uuid.UUID) -> None:
+        """Forget queries' logs (their text is being erased); with Redis down they lapse with their TTL."""
+        keys = [k for q in query_ids for k in (self._key(q), f"{self._key(q)}:seq")]
         try:
-            await self._redis.delete(key, f"{key}:seq")
+            for start in range(0, len(keys), 1000):
+                await self._redis.delete(*keys[start : start + 1000])
         except (RedisError, OSError) as exc:
-            log.warning("event log not discarded", extra={"query_id": str(query_id), "error": repr(exc)})
+            log.warning("event log not discarded", extra={"count": len(query_ids), "error": type(exc).__name__})
 
 
 def _event(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:

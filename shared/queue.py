@@ -17,12 +17,12 @@ import uuid
 from typing import Any
 
 import aio_pika
-import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
 from shared.config import Settings
+from shared.db import redis_client
 
 PROCESS_TASK = "queries.process"
 # Moves one batch (`/v1/batches`) a step on: expand lines into queries, notice the end, write the output.
@@ -198,21 +198,12 @@ def amqp_message(task: str, args: list[Any], task_id: str) -> aio_pika.Message:
 _ORIGIN = f"aiq-api-{os.getpid()}@{socket.gethostname()}"
 
 
-def redis_client_url(broker_url: str) -> str:
-    """redis-py spells a unix-socket Redis differently from kombu."""
-    if broker_url.startswith("redis+socket://"):
-        return "unix://" + broker_url.removeprefix("redis+socket://")
-    return broker_url
-
-
 class _RedisBroker:
     """LPUSH of Celery's exact Redis envelope: one round trip, no kombu machinery."""
 
     def __init__(self, settings: Settings) -> None:
         timeout = settings.publish_timeout_seconds
-        self._client = aioredis.Redis.from_url(
-            redis_client_url(settings.broker_url), socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        self._client = redis_client(settings.broker_url, socket_timeout=timeout, connect_timeout=timeout)
 
     async def send(self, queue: str, task: str, args: list[Any], task_id: str) -> None:
         await self._client.lpush(queue, encode_redis_message(task, args, task_id, queue))

@@ -17,28 +17,16 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Iterator
-from typing import Any
-from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared.config import Settings
+from shared.db import redis_client
 from shared.events import TERMINAL_EVENTS, parse_notice, wake_channel
 
 log = logging.getLogger(__name__)
 RECONNECT_MAX_SECONDS = 2.0
 _TERMINAL_NAMES = frozenset(t.value for t in TERMINAL_EVENTS)
-
-
-def subscriber_options(redis_url: str) -> dict[str, Any]:
-    """The subscriber connection's options. TCP keepalive only over TCP: redis-py's unix-socket connection
-    refuses the option (a TypeError on every connect, so the subscriber never subscribed and every waiter
-    fell back to re-reading at each reconnect attempt, about a second late, on the embedded servers)."""
-    options: dict[str, Any] = {"socket_connect_timeout": 2, "health_check_interval": 10}
-    if urlsplit(redis_url).scheme in ("redis", "rediss"):
-        options["socket_keepalive"] = True
-    return options
 
 
 class Waiter:
@@ -130,7 +118,13 @@ class Wakeup:
         delay = 0.1
         while True:
             # A connection of its own, without a read timeout: it sits idle between notices.
-            client = aioredis.Redis.from_url(self._settings.redis_url, **subscriber_options(self._settings.redis_url))
+            client = redis_client(
+                self._settings.redis_url,
+                socket_timeout=None,
+                connect_timeout=2,
+                keepalive=True,
+                health_check_interval=10,
+            )
             try:
                 async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self._channel)

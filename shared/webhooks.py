@@ -136,6 +136,9 @@ def validate_url(settings: Settings, url: str) -> str:
     if parts.fragment:
         raise ValueError("URL must not have a fragment")
     ip = _literal(host)
+    if "[" in parts.netloc and (ip is None or ip.version != 6):
+        # Brackets hold an IPv6 literal; urlsplit also takes an IPvFuture (`[v1.x]`), which nothing resolves.
+        raise ValueError("URL is not valid")
     if ip is not None and not _allowed(settings, host, ip):
         reason = address_refusal(ip)
         if reason:
@@ -186,7 +189,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value)

@@ -94,7 +94,7 @@ async def _drain(rt: WorkerRuntime, model: str) -> None:
 async def _wait(rt: WorkerRuntime, claim: Claim, refusal: Refusal) -> None:
     """Give the claim back (not an attempt) and sleep until the budget says it may have room."""
     UPSTREAM_WAITS.labels(model=claim.model, reason=refusal.reason).inc()
-    await processing._run_autocommitted(rt, lambda conn: repo.unclaim_attempt(conn, claim, delay=timedelta(0)))
+    await processing.give_back(rt, claim)
     await processing._run_autocommitted(rt, lambda conn: repo.return_turn(conn, claim.query_id))
     await rt.budget.mark_waiting(claim.model, MARKER_SECONDS + refusal.wait_seconds)
     UPSTREAM_WAIT_SECONDS.labels(model=claim.model).observe(refusal.wait_seconds)

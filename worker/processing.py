@@ -35,9 +35,10 @@ from shared.repositories import queries_asyncpg as repo
 from shared.repositories.queries_asyncpg import Claim
 from shared.scriptbatch import ScriptBatch
 from shared.services import webhooks
+from shared.services.events import end_event
 from shared.upstream import Grant, Refusal
 from worker.runtime import StopReason, WorkerRuntime
-from worker.streaming import DeltaSink, end_event
+from worker.streaming import DeltaSink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -180,10 +181,20 @@ def _estimate(rt: WorkerRuntime, claim: Claim) -> int:
     return rt.budget.estimate(claim.prompt, claim.system, claim.max_tokens)
 
 
+async def give_back(rt: WorkerRuntime, claim: Claim) -> QueryStatus | None:
+    """Give an unused claim back (waiting for the budget is not an attempt). A cancel that came in meanwhile
+    makes this write the query's end: then it is settled and told like any other end."""
+    written = await _run_autocommitted(rt, lambda conn: repo.unclaim_attempt(conn, claim, delay=timedelta(0)))
+    if written is QueryStatus.CANCELLED:
+        await _end(rt, claim, written)
+    return written
+
+
 async def defer(rt: WorkerRuntime, claim: Claim, refusal: Refusal) -> Outcome:
-    """No budget now: give the claim back (waiting is not an attempt) and leave the row to the dispatcher."""
+    """No budget now: give the claim back and leave the row to the dispatcher."""
     UPSTREAM_WAITS.labels(model=claim.model, reason=refusal.reason).inc()
-    await _run_autocommitted(rt, lambda conn: repo.unclaim_attempt(conn, claim, delay=timedelta(0)))
+    if await give_back(rt, claim) is QueryStatus.CANCELLED:
+        return Outcome(OutcomeKind.CANCELLED, attempt=claim.attempt - 1)
     rt.wake(claim.model)
     return Outcome(OutcomeKind.DEFERRED, attempt=claim.attempt - 1)
 

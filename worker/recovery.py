@@ -18,9 +18,9 @@ from shared.models import TERMINAL_STATUSES
 from shared.repositories import queries_session as repo
 from shared.repositories.queries_session import WORKER_LOST_CODE, WORKER_LOST_MESSAGE
 from shared.services import webhooks
+from shared.services.events import tell_end
 from worker import batches
 from worker.runtime import StopReason, WorkerRuntime
-from worker.streaming import tell_end
 
 log = logging.getLogger(__name__)
 SWEEP_BATCH = 500

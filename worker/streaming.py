@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
-from typing import Any
 
 from shared.events import EventLog, EventType
 from shared.metrics import TIME_TO_FIRST_TOKEN
-from shared.models import QueryStatus
 from shared.repositories.queries_asyncpg import Claim
 
 
@@ -84,42 +81,3 @@ async def tell_start(events: EventLog, claim: Claim) -> None:
             claim.query_id, EventType.ATTEMPT_RESTARTED, {"previous_attempt": claim.attempt - 1}, claim.attempt
         )
     await events.append_quietly(claim.query_id, EventType.STARTED, {}, claim.attempt)
-
-
-def end_event(
-    status: QueryStatus | None,
-    *,
-    usage: dict[str, Any] | None = None,
-    code: str | None = None,
-    message: str | None = None,
-    delay_s: float | None = None,
-    retry_after_s: float | None = None,
-) -> tuple[EventType, dict[str, Any]] | None:
-    """The event (type and data) for the status an outcome write left; None when there is none (the write was
-    discarded, or the query was handed back without a delay)."""
-    if status is QueryStatus.COMPLETED:
-        return EventType.COMPLETED, {"usage": usage, "cached": False}
-    if status is QueryStatus.FAILED:
-        return EventType.FAILED, {"code": code, "message": message or ""}
-    if status is QueryStatus.CANCELLED:
-        return EventType.CANCELLED, {}
-    if status is QueryStatus.PENDING and delay_s is not None:
-        return EventType.RETRY_SCHEDULED, {"code": code, "delay_s": round(delay_s, 3), "retry_after_s": retry_after_s}
-    return None
-
-
-async def tell_end(
-    events: EventLog,
-    query_id: uuid.UUID,
-    status: QueryStatus | None,
-    attempt: int | None,
-    *,
-    code: str | None = None,
-    message: str | None = None,
-) -> None:
-    """Append the event for the status a write left (the sweeper's `worker_lost`); nothing when there is none.
-    The worker's own outcome writes send theirs in one batch with the rest of the query's end
-    (worker/processing.py `_end`)."""
-    event = end_event(status, code=code, message=message)
-    if event is not None:
-        await events.append_quietly(query_id, event[0], event[1], attempt)

@@ -39,7 +39,7 @@ def resume_point(after: int | None, last_event_id: str | None) -> int:
     """Where to start: `Last-Event-ID` (what a reconnecting EventSource sends) wins over `?after`."""
     if last_event_id is not None and last_event_id.strip():
         value = last_event_id.strip()
-        if not value.isdigit() or len(value) > 18:
+        if not (value.isascii() and value.isdigit()) or len(value) > 18:
             raise InvalidInput(
                 "Last-Event-ID must be an event's sequence number",
                 code="invalid_last_event_id",

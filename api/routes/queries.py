@@ -78,6 +78,8 @@ async def submit(
         # Answered from the response cache: the row is already completed, there is nothing to run.
         QUERIES_SUBMITTED.labels(model=accepted.model).inc()
         log.info("query answered from cache", extra={"query_id": str(accepted.query_id), "model": accepted.model})
+        # Its INSERT wrote the webhook outbox row (migration 0010's trigger), as any end does.
+        await webhooks.on_query_ended(pool, publisher, accepted.query_id)
         return accepted
     # The log's first event, before the publish so that it precedes the worker's `started`. Redis is up
     # (the limits just used it); a failure here is logged and the stream replays the row instead. No wake-up
@@ -145,10 +147,9 @@ async def cancel(
     events: EventLogDep,
 ) -> JSONResponse:
     """Cancel: a pending query ends at once (200); a running one stops shortly (202); a finished one is 409."""
-    query = await service.cancel_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
+    limiter = limiter_for(redis, settings)
+    query = await service.cancel_query(conn, limiter, user_id, query_id, events=events, publisher=publisher)
     code = status.HTTP_200_OK if query["status"] == QueryStatus.CANCELLED else status.HTTP_202_ACCEPTED
-    if code == status.HTTP_200_OK:
-        await webhooks.on_query_ended(conn, publisher, query_id)
     return JSONResponse(service.to_out(query).model_dump(mode="json"), status_code=code)
 
 
@@ -164,11 +165,13 @@ async def delete(
     conn: ConnectionDep,
     redis: RedisDep,
     settings: SettingsDep,
+    publisher: PublisherDep,
     events: EventLogDep,
 ) -> Response:
     """Erase a query's prompt, system prompt, answer and metadata (its usage stays counted); afterwards it
     is a 404. A pending query is cancelled first; a running one is a 409 (`query_running`): cancel it first."""
-    await service.delete_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
+    limiter = limiter_for(redis, settings)
+    await service.delete_query(conn, limiter, user_id, query_id, events=events, publisher=publisher)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -13,6 +13,7 @@ from api.deps import (
     AutocommitSessionDep,
     CurrentPrincipal,
     CurrentUserId,
+    EventLogDep,
     RedisDep,
     SessionDep,
     SessionUserId,
@@ -22,6 +23,7 @@ from api.deps import (
     session_user_id,
 )
 from api.errors import error_responses
+from shared.cache import response_cache_for
 from shared.limits import limiter_for
 from shared.schemas import UsageReport
 from shared.services import accounts
@@ -53,7 +55,10 @@ async def usage(
 @router.delete(
     "/users/me", status_code=status.HTTP_204_NO_CONTENT, tags=["users"], responses=error_responses(401, 403, 404, 503)
 )
-async def delete_me(user_id: SessionUserId, session: SessionDep, redis: RedisDep, settings: SettingsDep) -> Response:
+async def delete_me(
+    user_id: SessionUserId, session: SessionDep, redis: RedisDep, settings: SettingsDep, events: EventLogDep
+) -> Response:
     """Delete your account and erase all its queries. Irreversible; an access token only, never an API key."""
-    await accounts.delete_account(session, limiter_for(redis, settings), user_id)
+    limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
+    await accounts.delete_account(session, settings, limiter, events, cache, user_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -2,7 +2,8 @@
 and the delivery log on the API's AsyncSession.
 
 The outbox rows themselves are written by the `queries_webhook_outbox` trigger (migration 0008) in the
-transaction of the query's terminal write.
+transaction of the query's terminal write, and by `queries_webhook_outbox_insert` (0010) for a response-cache
+hit, which is stored already completed.
 """
 
 from __future__ import annotations

@@ -108,17 +108,23 @@ async def follow(
                     head = await log.last_seq(query_id)
             except (RedisError, OSError):
                 batch, log_ok = [], False
+            gap = False
             for event in batch:
+                if event.seq != last + 1 and event.type is not EventType.QUEUED:
+                    # Not the next one, and not a story (re)starting: the log was lost and began again
+                    # (shared/events.py numbers such a log from the clock). Its events are not ours to tell.
+                    gap = True
+                    break
                 yield event
                 last = event.seq
                 if event.terminal:
                     return
-            if len(batch) == READ_BATCH:
+            if len(batch) == READ_BATCH and not gap:
                 continue
             # Nothing new: the query has not moved, or the log cannot answer (gone, restarted below this reader
-            # by a Redis that lost it, unreachable), or an end was not appended. The row is read in those cases,
-            # or after a wait that no notice ended; never on an ordinary wake-up.
-            if not batch and (not log_ok or not woken or head is None or head == 0 or head < last):
+            # by a Redis that lost it, began again after such a loss, unreachable), or an end was not appended.
+            # The row is read in those cases, or after a wait that no notice ended; never on an ordinary wake-up.
+            if gap or (not batch and (not log_ok or not woken or head is None or head == 0 or head < last)):
                 row = await _fetch(pool, query_id)
                 if row is None:
                     return
@@ -155,3 +161,42 @@ async def with_keepalive(events: AsyncIterator[Event], interval: float) -> Async
         aclose = getattr(events, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def end_event(
+    status: QueryStatus | None,
+    *,
+    usage: dict[str, Any] | None = None,
+    code: str | None = None,
+    message: str | None = None,
+    delay_s: float | None = None,
+    retry_after_s: float | None = None,
+) -> tuple[EventType, dict[str, Any]] | None:
+    """The event (type and data) for the status an outcome write left; None when there is none (the write was
+    discarded, or the query was handed back without a delay)."""
+    if status is QueryStatus.COMPLETED:
+        return EventType.COMPLETED, {"usage": usage, "cached": False}
+    if status is QueryStatus.FAILED:
+        return EventType.FAILED, {"code": code, "message": message or ""}
+    if status is QueryStatus.CANCELLED:
+        return EventType.CANCELLED, {}
+    if status is QueryStatus.PENDING and delay_s is not None:
+        return EventType.RETRY_SCHEDULED, {"code": code, "delay_s": round(delay_s, 3), "retry_after_s": retry_after_s}
+    return None
+
+
+async def tell_end(
+    events: EventLog,
+    query_id: uuid.UUID,
+    status: QueryStatus | None,
+    attempt: int | None,
+    *,
+    code: str | None = None,
+    message: str | None = None,
+) -> None:
+    """Append the event for the status a write left (the sweeper's `worker_lost`); nothing when there is none.
+    The worker's own outcome writes send theirs in one batch with the rest of the query's end
+    (worker/processing.py `_end`)."""
+    event = end_event(status, code=code, message=message)
+    if event is not None:
+        await events.append_quietly(query_id, event[0], event[1], attempt)

@@ -26,9 +26,12 @@ from shared.errors import AppError, Conflict, InvalidInput, NotFound
 from shared.events import EventLog, EventType
 from shared.limits import Limiter, estimate_tokens
 from shared.models import TERMINAL_STATUSES, QueryStatus
+from shared.queue import Publisher
 from shared.repositories import queries_asyncpg, queries_session
 from shared.repositories.queries_common import RowLike
 from shared.schemas import QueryAccepted, QueryCreate, QueryError, QueryOut, QueryPage, Usage
+from shared.services import webhooks
+from shared.services.events import tell_end
 from shared.services.limits import effective_limits
 from shared.wakeup import Wakeup
 from shared.webhooks import validate_url
@@ -397,6 +400,30 @@ def to_out(query: RowLike) -> QueryOut:
     )
 
 
+async def after_outcome(
+    db: asyncpg.Pool | asyncpg.Connection,
+    publisher: Publisher | None,
+    limiter: Limiter,
+    events: EventLog,
+    query_id: uuid.UUID,
+    status: QueryStatus | None,
+    attempt: int | None,
+    *,
+    used_tokens: int = 0,
+    **told: Any,
+) -> None:
+    """What follows an API-side write that ended a query (a cancel, the cancel before a delete): settle its token
+    reservation, tell its event log and send its webhook messages (the outbox row came with the write; without
+    a publisher the workers' webhook sweep sends them). The worker's own ends batch the same steps
+    (worker/processing.py `_end`), the sweeper's too (worker/recovery.py). `status` None does nothing."""
+    ended = status in TERMINAL_STATUSES
+    if ended:
+        await limiter.settle_quietly(query_id, used_tokens)
+    await tell_end(events, query_id, status, attempt, **told)
+    if ended and publisher is not None:
+        await webhooks.on_query_ended(db, publisher, query_id)
+
+
 async def cancel_query(
     conn: asyncpg.Connection,
     limiter: Limiter,
@@ -404,17 +431,18 @@ async def cancel_query(
     query_id: uuid.UUID,
     *,
     events: EventLog,
+    publisher: Publisher | None = None,
 ) -> RowLike:
     """pending → cancelled now; running → cancel requested; terminal → 409; not the caller's → 404.
 
-    A pending query's end is told to its event log here; a running one's by its worker when the call stops.
+    A pending query's end is told here; a running one's by its worker when the call stops.
     """
     # A query can flip between pending and running (claim, retry) under us: try both transitions again then.
     for _ in range(3):
         cancelled = await queries_asyncpg.cancel_pending(conn, query_id, user_id)
         if cancelled is not None:
-            await limiter.settle_quietly(query_id, 0)
-            await events.append_quietly(query_id, EventType.CANCELLED, {}, cancelled["attempts"] or None)
+            attempt = cancelled["attempts"] or None
+            await after_outcome(conn, publisher, limiter, events, query_id, QueryStatus.CANCELLED, attempt)
             return cancelled
         requested = await queries_asyncpg.request_cancel(conn, query_id, user_id)
         if requested is not None:
@@ -432,6 +460,7 @@ async def delete_query(
     query_id: uuid.UUID,
     *,
     events: EventLog,
+    publisher: Publisher | None = None,
 ) -> None:
     """Erase a query's prompt, system prompt, answer and metadata; its usage stays counted.
 
@@ -439,8 +468,11 @@ async def delete_query(
     delete), because its worker may still write the answer that is to be erased. Its event log, which
     holds the answer's text, goes too.
     """
-    if await queries_asyncpg.cancel_pending(conn, query_id, user_id) is not None:
-        await limiter.settle_quietly(query_id, 0)
+    cancelled = await queries_asyncpg.cancel_pending(conn, query_id, user_id)
+    if cancelled is not None:
+        # Told like any cancel: open streams end now (they are woken) rather than at their idle re-read.
+        attempt = cancelled["attempts"] or None
+        await after_outcome(conn, publisher, limiter, events, query_id, QueryStatus.CANCELLED, attempt)
     if await queries_asyncpg.erase(conn, query_id, user_id):
         await events.discard(query_id)
         return

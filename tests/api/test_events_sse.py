@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,13 @@ def test_last_event_id_wins_over_after_and_must_be_a_number(sse_client: httpx.Cl
     r = sse_client.get(f"/api/v1/query/{query_id}/events", headers={**user["headers"], "Last-Event-ID": "two"})
     assert r.status_code == 422
     assert r.json()["error"]["code"] == "invalid_last_event_id"
+    # Latin-1 digits that are not ASCII (superscripts): str.isdigit() says yes, int() says no.
+    for raw in (b"\xb2", b"1\xb9"):
+        r = sse_client.get(
+            f"/api/v1/query/{query_id}/events", headers=[*user["headers"].items(), (b"Last-Event-ID", raw)]
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "invalid_last_event_id"
     r = sse_client.get(f"/api/v1/query/{query_id}/events", headers=user["headers"], params={"after": -1})
     assert r.status_code == 422
 
@@ -155,6 +164,33 @@ def test_cancelling_a_pending_query_tells_its_stream(
     finally:
         stop(api)
     assert [e["type"] for e in events] == ["queued", "cancelled"]
+
+
+def test_deleting_a_pending_query_ends_its_open_stream_at_once(
+    sse_client: httpx.Client, user: dict[str, Any], db: Engine, stack: Stack, tmp_path: Path
+) -> None:
+    # An API on a queue no worker reads: the query stays pending until the delete.
+    queue = f"aiq.sse.delete.{uuid.uuid4().hex[:6]}"
+    api, url = spawn_api(stack, tmp_path / "api.log", QUEUE_NAME=queue)
+    try:
+        with (
+            httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=30)) as other,
+            httpx.Client(base_url=url, timeout=10) as deleter,
+        ):
+            query_id = _submit(other, user["headers"], "never picked up, then deleted")
+            seen: list[dict[str, Any]] = []
+            path = f"/api/v1/query/{query_id}/events"
+            with connect_sse(other, "GET", path, headers=user["headers"]) as source:
+                for sse in source.iter_sse():
+                    seen.append(_data(sse))
+                    if len(seen) == 1:
+                        assert deleter.delete(f"/api/v1/query/{query_id}", headers=user["headers"]).status_code == 204
+                        deleted_at = time.monotonic()
+            # Told by the wake-up, not found by the stream's idle re-read (IDLE_REREAD_SECONDS, 30 s) of the row.
+            assert time.monotonic() - deleted_at < 15
+    finally:
+        stop(api)
+    assert [e["type"] for e in seen] == ["queued", "cancelled"]
 
 
 def row_status(client: httpx.Client, user: dict[str, Any], query_id: str) -> str:
@@ -201,6 +237,28 @@ def test_expired_log_replays_the_stored_answer(sse_client: httpx.Client, stack: 
     assert [e["seq"] for e in resumed] == [6, 7]
 
 
+def test_a_log_lost_mid_stream_never_gives_a_gap(sse_client: httpx.Client, stack: Stack, user: dict[str, Any]) -> None:
+    query_id = _submit(sse_client, user["headers"], "[[sim tokens=60 chunk_ms=100]] lost mid-stream")
+    seen: list[dict[str, Any]] = []
+    r = redis.Redis.from_url(stack.settings.redis_url)
+    key = f"aiq:{stack.settings.queue_name}:ev:{query_id}"
+    with connect_sse(sse_client, "GET", f"/api/v1/query/{query_id}/events", headers=user["headers"]) as source:
+        for sse in source.iter_sse():
+            seen.append(_data(sse))
+            if seen[-1]["type"] == "delta" and len([e for e in seen if e["type"] == "delta"]) == 1:
+                # As a Redis restart without persistence would: the worker's next appends start a new log.
+                r.delete(key, f"{key}:seq")
+    assert seen[-1]["type"] == "completed"
+    assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
+    text = ""
+    for e in seen:
+        if e["type"] == "delta":
+            text = e["text"] if e.get("replayed") else text + e["text"]
+    answer = sse_client.get(f"/api/v1/query/{query_id}", headers=user["headers"]).json()["response"]
+    assert text == answer
+    assert any(e.get("replayed") for e in seen)
+
+
 def test_another_users_query_is_a_404(sse_client: httpx.Client, user: dict[str, Any]) -> None:
     query_id = _submit(sse_client, user["headers"], "mine")
     stranger = register_and_login(sse_client)
@@ -244,6 +302,44 @@ def test_stream_cap_keepalives_and_slot_release(stack: Stack, tmp_path: Path) ->
             wait_until(reopened, timeout=10, interval=0.2)
     finally:
         stop(api)
+
+
+def test_stream_cap_holds_under_parallel_opens_on_two_api_processes(stack: Stack, tmp_path: Path) -> None:
+    cap, tries = 3, 12
+    apis = [
+        spawn_api(stack, tmp_path / f"api{i}.log", MAX_STREAMS_PER_USER=str(cap), SSE_KEEPALIVE_SECONDS="0.3")
+        for i in range(2)
+    ]
+    try:
+        with httpx.Client(base_url=apis[0][1], timeout=30) as c:
+            user = register_and_login(c)
+            slow = _submit(c, user["headers"], "[[sim latency_ms=8000]] held open")
+        start = threading.Barrier(tries)
+        release = threading.Event()
+        codes: list[int] = []
+        lock = threading.Lock()
+
+        def open_one(i: int) -> None:
+            with httpx.Client(base_url=apis[i % 2][1], timeout=httpx.Timeout(30, read=30)) as client:
+                start.wait()
+                with client.stream("GET", f"/api/v1/query/{slow}/events", headers=user["headers"]) as r:
+                    with lock:
+                        codes.append(r.status_code)
+                    if r.status_code == 200:
+                        # Hold the slot until every open has been answered.
+                        release.wait(30)
+
+        threads = [threading.Thread(target=open_one, args=(i,)) for i in range(tries)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(codes) == tries, timeout=30)
+        release.set()
+        for t in threads:
+            t.join(30)
+        assert sorted(codes) == [200] * cap + [429] * (tries - cap)
+    finally:
+        for api, _ in apis:
+            stop(api)
 
 
 def test_worker_sigkill_mid_stream_restarts_the_attempt_visibly(

@@ -15,7 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.repositories import queries_session
 from tests.support.api import TEST_PASSWORD, register_and_login, wait_terminal
 from tests.support.db import insert_query, insert_user, row
-from tests.support.limits import make_admin
+from tests.support.limits import limits_redis, make_admin
+from tests.support.polling import wait_until
 from tests.support.stack import Stack
 
 
@@ -153,6 +154,23 @@ def test_deleting_an_account_erases_its_queries(client: httpx.Client, user: dict
     assert left == 0
     login = client.post("/api/v1/auth/login", json={"email": user["email"], "password": TEST_PASSWORD})
     assert login.status_code == 401
+
+
+def test_deleting_an_account_erases_its_event_logs_and_cached_answers(
+    stack: Stack, client: httpx.Client, user: dict[str, Any]
+) -> None:
+    # The event log holds the answer's text (as DELETE of one query knows), the per-user cache the answer too.
+    body = {"query": f"my private question {uuid.uuid4().hex}", "cache": True}
+    query_id = client.post("/api/v1/query", json=body, headers=user["headers"]).json()["query_id"]
+    wait_terminal(client, user["headers"], query_id)
+    r = limits_redis(stack)
+    prefix = f"aiq:{stack.settings.queue_name}"
+    cached = f"{prefix}:cache:user:{user['user_id']}:*"
+    wait_until(lambda: list(r.scan_iter(cached)), timeout=10)
+    assert r.exists(f"{prefix}:ev:{query_id}")
+    assert client.delete("/api/v1/users/me", headers=user["headers"]).status_code == 204
+    assert not r.exists(f"{prefix}:ev:{query_id}", f"{prefix}:ev:{query_id}:seq")
+    assert list(r.scan_iter(cached)) == []
 
 
 def test_admin_reads_any_query_and_the_read_is_logged(

@@ -19,6 +19,7 @@ from standardwebhooks.webhooks import Webhook
 
 from tests.support.api import register_and_login, wait_terminal
 from tests.support.db import count_rows, insert_query
+from tests.support.limits import limits_redis
 from tests.support.polling import wait_until
 from tests.support.stack import Stack
 
@@ -195,6 +196,27 @@ def test_cancel_of_a_pending_query_sends_query_cancelled(
     payload = Webhook(secret).verify(receiver.wait(1)[0].body, receiver.received[0].headers)
     assert payload["type"] == "query.cancelled"
     assert payload["data"]["error"] == {"code": "cancelled"}
+
+
+def test_a_response_cache_hit_sends_its_webhook_too(
+    client: httpx.Client, stack: Stack, user: dict[str, Any], receiver: Receiver
+) -> None:
+    # A hit is stored completed by its INSERT: no status UPDATE, yet a service that gave a webhook_url so as
+    # not to poll must still hear that its query ended.
+    secret = _secret(client, user)
+    prompt = f"cached and hooked {uuid.uuid4()}"
+    first = _submit(client, user, prompt, cache=True, webhook_url=f"{receiver.url}/first")
+    wait_terminal(client, user["headers"], first)
+    receiver.wait(1)
+    wait_until(lambda: not limits_redis(stack).exists(f"aiq:{stack.settings.queue_name}:cache:intent:{first}"))
+    hit_id = _submit(client, user, prompt, cache=True, webhook_url=f"{receiver.url}/hit")
+    hit = client.get(f"/api/v1/query/{hit_id}", headers=user["headers"]).json()
+    assert hit["cached"] is True
+    got = wait_until(lambda: [x for x in receiver.received if x.path == "/hit"], timeout=30)[0]
+    payload = Webhook(secret).verify(got.body, got.headers)
+    assert payload["type"] == "query.completed"
+    assert payload["data"]["query_id"] == hit["query_id"]
+    assert payload["data"]["attempts"] == 0
 
 
 def test_an_end_written_without_any_message_is_still_delivered_by_the_sweep(

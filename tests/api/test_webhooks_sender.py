@@ -105,6 +105,9 @@ def test_public_addresses_pass(address: str) -> None:
         ("https://example.com/" + "a" * 2100, "longer"),
         ("https://exa mple.com/", "spaces"),
         ("https://example.com:99999/", "not valid"),
+        # Brackets hold an IPv6 literal; anything else there (an IPvFuture, a name) is not a host.
+        ("https://[v1.x]/hook", "not valid"),
+        ("https://[example.com]/hook", "not valid"),
     ],
 )
 def test_bad_urls_are_refused_before_anything_is_stored(url: str, message: str) -> None:
@@ -224,6 +227,9 @@ def test_retry_after_formats() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412480 - 60) == 60
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+    # A receiver's header is not ours to trust: non-ASCII digits are "no value", never an exception.
+    assert parse_retry_after("\u00b2") is None
+    assert parse_retry_after("1\u00b9") is None
 
 
 def _self_signed(tmp: Any, name: str) -> tuple[str, str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from sqlalchemy.engine import Engine
 
 from devkit.procs import free_port
@@ -195,6 +196,40 @@ def test_ask_stream_prints_the_answer_as_it_is_written(logged_in: dict[str, Any]
     query_id = proc.stderr.read().decode().split()[1]
     stored = json.loads(aiq(stack, logged_in["home"], "get", query_id, "--json").stdout)
     assert (first + rest).decode() == stored["response"] + "\n"
+
+
+def test_ask_stream_starts_over_on_its_own_line_when_the_log_is_replayed(
+    logged_in: dict[str, Any], stack: Stack
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "devkit.cli", "ask", f"[[sim tokens=60 chunk_ms=100]] lost {uuid.uuid4()}", "--stream"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(stack, logged_in["home"]),
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        first = proc.stdout.read(1)
+        # The log is lost mid-answer (a Redis restart): the stream ends with the stored answer, flagged replayed.
+        listed = httpx.get(f"{stack.api_url}/api/v1/query", headers=logged_in["headers"], params={"limit": 1})
+        query_id = listed.json()["items"][0]["query_id"]
+        r = redis.Redis.from_url(stack.settings.redis_url)
+        prefix = f"aiq:{stack.settings.queue_name}:ev:{query_id}"
+        assert r.delete(prefix, f"{prefix}:seq") >= 1
+        rest = proc.stdout.read()
+        proc.wait(timeout=60)
+        stderr = proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    stored = json.loads(aiq(stack, logged_in["home"], "get", query_id, "--json").stdout)
+    out = (first + rest).decode()
+    # What was printed stays; the whole answer follows on a line of its own, not glued to the partial text.
+    assert out.split("\n")[-2] == stored["response"]
+    assert "starts over" in stderr
 
 
 def test_ask_stream_json_is_one_event_per_line(logged_in: dict[str, Any], stack: Stack) -> None:

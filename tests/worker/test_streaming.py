@@ -31,13 +31,15 @@ def _claim(attempt: int = 1) -> Claim:
 
 async def test_deltas_are_coalesced_in_order_after_the_opening_events(log: EventLog) -> None:
     claim = _claim(attempt=2)
+    # The story's start, as the API appends it on submit (a log without it reads as one lost mid-story).
+    await log.append(claim.query_id, EventType.QUEUED, {})
     sink = DeltaSink(log, claim, interval_s=0.05)
     pieces = [f"w{i} " for i in range(200)]
     for piece in pieces:
         sink.push(piece)
         await asyncio.sleep(0.001)
     await sink.close()
-    events = await log.since(claim.query_id, 0)
+    events = await log.since(claim.query_id, 1)
     assert [e.type for e in events[:2]] == [EventType.ATTEMPT_RESTARTED, EventType.STARTED]
     assert events[0].data == {"previous_attempt": 1}
     deltas = events[2:]
@@ -45,7 +47,7 @@ async def test_deltas_are_coalesced_in_order_after_the_opening_events(log: Event
     assert "".join(e.data["text"] for e in deltas) == "".join(pieces)
     # ~0.2 s of pieces at one append per 50 ms: a handful of appends, not 200.
     assert 2 <= len(deltas) <= 20, len(deltas)
-    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert [e.seq for e in events] == list(range(2, len(events) + 2))
     assert all(e.attempt == 2 for e in events)
 
 
