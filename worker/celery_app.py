@@ -101,6 +101,15 @@ def _summary(outcome: processing.Outcome) -> str:
     return line if outcome.total_tokens is None else f"{line} tokens={outcome.total_tokens}"
 
 
+def _id_argument(value: str) -> uuid.UUID:
+    """Every task takes one id; anything else is dropped (logged without its value) instead of retried."""
+    try:
+        return uuid.UUID(value)
+    except (ValueError, TypeError):
+        log.error("malformed task argument dropped")
+        raise Ignore() from None
+
+
 @app.task(
     bind=True,
     name=PROCESS_TASK,
@@ -120,11 +129,7 @@ def process_query(self: Task, query_id: str) -> str:
     SUCCESS with a one-line summary. Deliveries that change nothing (duplicates, stale attempts) end with
     `Ignore`, so they never overwrite the state the real attempt reported.
     """
-    try:
-        qid = uuid.UUID(query_id)
-    except (ValueError, TypeError):
-        log.error("malformed task argument dropped")
-        raise Ignore() from None
+    qid = _id_argument(query_id)
     token = query_id_var.set(str(qid))
     try:
         rt = runtime()
@@ -166,11 +171,7 @@ def _retry(task: Task, query_id: uuid.UUID, outcome: processing.Outcome) -> Retr
 @app.task(name=DELIVER_WEBHOOK_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def deliver_webhook(delivery_id: str) -> str:
     """One attempt at a webhook delivery; retries are the row's (the webhook sweep re-sends due ones)."""
-    try:
-        did = uuid.UUID(delivery_id)
-    except (ValueError, TypeError):
-        log.error("malformed task argument dropped")
-        raise Ignore() from None
+    did = _id_argument(delivery_id)
     rt = runtime()
     outcome = rt.run(webhooks.deliver(rt, did))
     if outcome is DeliveryOutcome.SKIPPED:
@@ -181,11 +182,7 @@ def deliver_webhook(delivery_id: str) -> str:
 @app.task(name=BATCH_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def advance_batch(batch_id: str) -> None:
     """One step of a `/v1/batches` batch, then the next step is sent (a lost one is re-sent by the sweeper)."""
-    try:
-        bid = uuid.UUID(batch_id)
-    except (ValueError, TypeError):
-        log.error("malformed task argument dropped")
-        raise Ignore() from None
+    bid = _id_argument(batch_id)
     rt = runtime()
     delay = rt.run(batches.advance(rt, bid))
     if delay is not None and delay <= MAX_ETA_SECONDS:

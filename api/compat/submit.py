@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 
 import asyncpg
@@ -12,15 +11,12 @@ from fastapi import Request, Response
 from api.middleware import mark_long_request
 from shared.cache import response_cache_for
 from shared.config import Settings
-from shared.events import EventLog, EventType
+from shared.events import EventLog
 from shared.limits import limiter_for
-from shared.metrics import QUERIES_SUBMITTED
 from shared.queue import Publisher
 from shared.schemas import QueryAccepted, QueryCreate, QueryOut
 from shared.services import queries as service
 from shared.wakeup import Wakeup
-
-log = logging.getLogger(__name__)
 
 
 async def submit(
@@ -38,22 +34,7 @@ async def submit(
     limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
     accepted, limit_headers = await service.submit_query(pool, settings, limiter, cache, user_id, body)
     response.headers.update(limit_headers)
-    QUERIES_SUBMITTED.labels(model=accepted.model).inc()
-    if accepted.cached:
-        # Answered from the response cache: the row is already completed, there is nothing to run.
-        return accepted
-    # The log's first event precedes the worker's `started`; a failure is logged and streams replay the row.
-    await events.append_quietly(accepted.query_id, EventType.QUEUED, {"model": accepted.model})
-    # After the INSERT's commit; a failed publish leaves the row for the sweeper.
-    published = await publisher.publish(accepted.query_id)
-    log.info(
-        "query submitted",
-        extra={
-            "query_id": str(accepted.query_id),
-            "model": accepted.model,
-            "outcome": "sent" if published else "deferred",
-        },
-    )
+    await service.dispatch_accepted(pool, publisher, events, accepted)
     return accepted
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from typing import Annotated
 
@@ -23,18 +22,14 @@ from api.deps import (
 from api.errors import error_responses
 from api.middleware import mark_long_request
 from shared.cache import response_cache_for
-from shared.events import EventType
 from shared.limits import limiter_for
-from shared.metrics import QUERIES_SUBMITTED
 from shared.models import QueryStatus
 from shared.schemas import QueryAccepted, QueryCreate, QueryOut, QueryPage
 from shared.services import queries as service
-from shared.services import webhooks
 
 router = APIRouter(prefix="/query", tags=["queries"])
 # Long-polls end within this, well inside common proxy and load balancer idle timeouts (60 s).
 MAX_WAIT_SECONDS = 30.0
-log = logging.getLogger(__name__)
 
 
 @router.post(
@@ -74,29 +69,7 @@ async def submit(
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
         return accepted
-    if accepted.cached:
-        # Answered from the response cache: the row is already completed, there is nothing to run.
-        QUERIES_SUBMITTED.labels(model=accepted.model).inc()
-        log.info("query answered from cache", extra={"query_id": str(accepted.query_id), "model": accepted.model})
-        # Its INSERT wrote the webhook outbox row (migration 0010's trigger), as any end does.
-        await webhooks.on_query_ended(pool, publisher, accepted.query_id)
-        return accepted
-    # The log's first event, before the publish so that it precedes the worker's `started`. Redis is up
-    # (the limits just used it); a failure here is logged and the stream replays the row instead. No wake-up
-    # notice: the client learns the id from this response, so nobody waits on it yet.
-    await events.append_quietly(accepted.query_id, EventType.QUEUED, {"model": accepted.model}, notify=False)
-    # After commit, so a worker never looks for a row that is not there yet. A failed publish leaves the
-    # row pending for the recovery sweeper; the client's 202 stays true.
-    published = await publisher.publish(accepted.query_id)
-    QUERIES_SUBMITTED.labels(model=accepted.model).inc()
-    log.info(
-        "query submitted",
-        extra={
-            "query_id": str(accepted.query_id),
-            "model": accepted.model,
-            "outcome": "sent" if published else "deferred",
-        },
-    )
+    await service.dispatch_accepted(pool, publisher, events, accepted)
     return accepted
 
 

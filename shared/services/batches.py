@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -220,59 +221,14 @@ def _retry_after(exc: AppError) -> float:
         return 2.0
 
 
-async def _expand(
-    conn: asyncpg.Connection, settings: Settings, limiter: Limiter, batch: RowLike, taken: list[uuid.UUID]
-) -> float:
-    """Read up to EXPAND_LINES more lines into queries and error items; the delay before the next step."""
-    items: list[tuple[Any, ...]] = []
-    position = (batch["read_chunk"], batch["read_offset"])
-    line_no = batch["lines_read"]
-    delay, done = 0.0, True
-    max_line = settings.max_query_chars * 8 + 64 * 1024
-    async for raw, chunk, offset in files_service.iter_lines(
-        conn, batch["input_file_id"], batch["read_chunk"], batch["read_offset"], max_line
-    ):
-        if len(items) >= EXPAND_LINES:
-            done = False
-            break
-        custom_id, request = _line_request(raw, batch["endpoint"], max_line)
-        if isinstance(request, _BadLine):
-            items.append((line_no, custom_id, None, request.code, request.message))
-        else:
-            try:
-                # Refused lines are checked here as the native submit checks them (model, sizes, NUL).
-                accepted = await queries_service.submit_query_in(conn, settings, limiter, batch["user_id"], request)
-            except LimitExceeded as exc:
-                # The user's limits hold for batches too: wait for them, then go on from this line.
-                delay, done = _retry_after(exc), False
-                break
-            except AppError as exc:
-                if exc.status_code >= 500:
-                    delay, done = _retry_after(exc), False
-                    break
-                items.append((line_no, custom_id, None, exc.code, exc.message))
-            else:
-                taken.append(accepted.query_id)
-                items.append((line_no, custom_id, accepted.query_id, None, None))
-        line_no += 1
-        position = (chunk, offset)
-    if items:
-        await repo.add_items(conn, batch["id"], items)
-    await repo.update(
-        conn, batch["id"], read_chunk=position[0], read_offset=position[1], lines_read=line_no, input_done=done
-    )
-    return delay
+LineItem = tuple[int, str | None, uuid.UUID | None, str | None, str | None]
+TakeLine = Callable[[int, str | None, QueryCreate | _BadLine], Awaitable[LineItem | None]]
 
 
-async def _report_unread(conn: asyncpg.Connection, settings: Settings, batch: RowLike, status: BatchStatus) -> None:
-    """A batch ending before its input was all read: up to EXPAND_LINES more unread lines go to the error file,
-    each with its `custom_id` and why it never ran (as OpenAI reports a batch's unfinished requests)."""
-    code, message = (
-        ("batch_cancelled", "The batch was cancelled before this request ran")
-        if status == BatchStatus.CANCELLING
-        else ("batch_expired", "The batch expired before this request ran")
-    )
-    items: list[tuple[Any, ...]] = []
+async def _read_lines(conn: asyncpg.Connection, settings: Settings, batch: RowLike, take: TakeLine) -> None:
+    """Read up to EXPAND_LINES more input lines from where the batch stopped, each made an item by `take` (None:
+    stop before this line and read it again next step); record the items, the position and whether input is done."""
+    items: list[LineItem] = []
     position = (batch["read_chunk"], batch["read_offset"])
     line_no, done = batch["lines_read"], True
     max_line = settings.max_query_chars * 8 + 64 * 1024
@@ -283,10 +239,11 @@ async def _report_unread(conn: asyncpg.Connection, settings: Settings, batch: Ro
             done = False
             break
         custom_id, request = _line_request(raw, batch["endpoint"], max_line)
-        if isinstance(request, _BadLine):
-            items.append((line_no, custom_id, None, request.code, request.message))
-        else:
-            items.append((line_no, custom_id, None, code, message))
+        item = await take(line_no, custom_id, request)
+        if item is None:
+            done = False
+            break
+        items.append(item)
         line_no += 1
         position = (chunk, offset)
     if items:
@@ -294,6 +251,52 @@ async def _report_unread(conn: asyncpg.Connection, settings: Settings, batch: Ro
     await repo.update(
         conn, batch["id"], read_chunk=position[0], read_offset=position[1], lines_read=line_no, input_done=done
     )
+
+
+async def _expand(
+    conn: asyncpg.Connection, settings: Settings, limiter: Limiter, batch: RowLike, taken: list[uuid.UUID]
+) -> float:
+    """Read more lines into queries and error items; the delay before the next step."""
+    delay = 0.0
+
+    async def take(line_no: int, custom_id: str | None, request: QueryCreate | _BadLine) -> LineItem | None:
+        nonlocal delay
+        if isinstance(request, _BadLine):
+            return (line_no, custom_id, None, request.code, request.message)
+        try:
+            # Refused lines are checked here as the native submit checks them (model, sizes, NUL).
+            accepted = await queries_service.submit_query_in(conn, settings, limiter, batch["user_id"], request)
+        except LimitExceeded as exc:
+            # The user's limits hold for batches too: wait for them, then go on from this line.
+            delay = _retry_after(exc)
+            return None
+        except AppError as exc:
+            if exc.status_code >= 500:
+                delay = _retry_after(exc)
+                return None
+            return (line_no, custom_id, None, exc.code, exc.message)
+        taken.append(accepted.query_id)
+        return (line_no, custom_id, accepted.query_id, None, None)
+
+    await _read_lines(conn, settings, batch, take)
+    return delay
+
+
+async def _report_unread(conn: asyncpg.Connection, settings: Settings, batch: RowLike, status: BatchStatus) -> None:
+    """A batch ending before its input was all read: more unread lines go to the error file, each with its
+    `custom_id` and why it never ran (as OpenAI reports a batch's unfinished requests)."""
+    code, message = (
+        ("batch_cancelled", "The batch was cancelled before this request ran")
+        if status == BatchStatus.CANCELLING
+        else ("batch_expired", "The batch expired before this request ran")
+    )
+
+    async def take(line_no: int, custom_id: str | None, request: QueryCreate | _BadLine) -> LineItem:
+        if isinstance(request, _BadLine):
+            return (line_no, custom_id, None, request.code, request.message)
+        return (line_no, custom_id, None, code, message)
+
+    await _read_lines(conn, settings, batch, take)
 
 
 async def _cancel_live(

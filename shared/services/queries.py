@@ -25,6 +25,7 @@ from shared.config import Settings
 from shared.errors import AppError, Conflict, InvalidInput, NotFound
 from shared.events import EventLog, EventType
 from shared.limits import Limiter, estimate_tokens
+from shared.metrics import QUERIES_SUBMITTED
 from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.queue import Publisher
 from shared.repositories import queries_asyncpg, queries_session
@@ -422,6 +423,27 @@ async def after_outcome(
     await tell_end(events, query_id, status, attempt, **told)
     if ended and publisher is not None:
         await webhooks.on_query_ended(db, publisher, query_id)
+
+
+async def dispatch_accepted(
+    pool: asyncpg.Pool, publisher: Publisher, events: EventLog, accepted: QueryAccepted
+) -> None:
+    """After a new query's row has committed, whichever door it came in by: a cache hit has ended already (its
+    INSERT wrote the webhook outbox row, migration 0010), so only its webhook goes; anything else gets its
+    `queued` event and then the publish (a failed one leaves the row pending for the sweeper; the 202 stays true).
+    """
+    QUERIES_SUBMITTED.labels(model=accepted.model).inc()
+    extra = {"query_id": str(accepted.query_id), "model": accepted.model}
+    if accepted.cached:
+        log.info("query answered from cache", extra=extra)
+        await webhooks.on_query_ended(pool, publisher, accepted.query_id)
+        return
+    # The log's first event, before the publish so that it precedes the worker's `started`. Redis is up (the
+    # limits just used it); a failure is logged and streams replay the row instead. No wake-up notice: the client
+    # learns the id from the response, so nobody waits on it yet.
+    await events.append_quietly(accepted.query_id, EventType.QUEUED, {"model": accepted.model}, notify=False)
+    published = await publisher.publish(accepted.query_id)
+    log.info("query submitted", extra={**extra, "outcome": "sent" if published else "deferred"})
 
 
 async def cancel_query(
