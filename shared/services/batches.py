@@ -57,12 +57,10 @@ def batch_id(raw: uuid.UUID) -> str:
 
 
 def parse_batch_id(public_id: str) -> uuid.UUID:
-    if public_id.startswith(BATCH_PREFIX):
-        try:
-            return uuid.UUID(hex=public_id[len(BATCH_PREFIX) :])
-        except ValueError:
-            pass
-    raise NotFound(f"No batch found with id '{public_id[:80]}'", code="batch_not_found")
+    found = responses_service.uuid_after(public_id, BATCH_PREFIX)
+    if found is None:
+        raise NotFound(f"No batch found with id '{public_id[:80]}'", code="batch_not_found")
+    return found
 
 
 def _ts(value: datetime | None) -> int | None:

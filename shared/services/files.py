@@ -13,6 +13,7 @@ from shared.errors import AppError, Conflict, InvalidInput, NotFound
 from shared.models import BATCH_LIVE_STATUSES, FILE_CHUNK_BYTES, FilePurpose
 from shared.repositories import files as repo
 from shared.repositories.queries_common import RowLike
+from shared.services.responses import uuid_after
 
 FILE_PREFIX = "file-"
 
@@ -23,12 +24,10 @@ def file_id(raw: uuid.UUID) -> str:
 
 def parse_file_id(public_id: str) -> uuid.UUID:
     """The row id inside `file-<hex>`; anything else is a 404, like a missing file."""
-    if public_id.startswith(FILE_PREFIX):
-        try:
-            return uuid.UUID(hex=public_id[len(FILE_PREFIX) :])
-        except ValueError:
-            pass
-    raise NotFound(f"No such File object: {public_id[:80]}", code="file_not_found")
+    found = uuid_after(public_id, FILE_PREFIX)
+    if found is None:
+        raise NotFound(f"No such File object: {public_id[:80]}", code="file_not_found")
+    return found
 
 
 def file_object(row: RowLike) -> dict[str, Any]:

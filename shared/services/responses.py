@@ -34,14 +34,23 @@ def chat_completion_id(query_id: uuid.UUID) -> str:
     return f"{CHAT_PREFIX}{query_id.hex}"
 
 
-def parse_id(public_id: str, prefix: str, what: str) -> uuid.UUID:
-    """The query id inside a public id; anything else is a 404, like a missing one."""
+def uuid_after(public_id: str, prefix: str) -> uuid.UUID | None:
+    """The uuid inside an OpenAI-style public id `<prefix><hex>` (responses, chat completions, files, batches);
+    None for anything else, which callers answer like a missing object."""
     if public_id.startswith(prefix):
         try:
             return uuid.UUID(hex=public_id[len(prefix) :])
         except ValueError:
             pass
-    raise NotFound(f"No {what} found with id '{public_id[:80]}'", code="not_found")
+    return None
+
+
+def parse_id(public_id: str, prefix: str, what: str) -> uuid.UUID:
+    """The query id inside a public id; anything else is a 404, like a missing one."""
+    found = uuid_after(public_id, prefix)
+    if found is None:
+        raise NotFound(f"No {what} found with id '{public_id[:80]}'", code="not_found")
+    return found
 
 
 def _text(content: str | list[TextPart]) -> str:
