@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import uuid
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared.config import CacheScope, Settings
+from shared.db import per_redis_client
 from shared.metrics import RESPONSE_CACHE_LOOKUPS
 from shared.scriptbatch import ScriptBatch
 
@@ -168,12 +168,5 @@ def _parse(raw: bytes | str) -> CachedAnswer | None:
         return None
 
 
-_caches: weakref.WeakKeyDictionary[aioredis.Redis, ResponseCache] = weakref.WeakKeyDictionary()
-
-
-def response_cache_for(redis: aioredis.Redis, settings: Settings) -> ResponseCache:
-    """The process's cache on this Redis client: its script is registered once, not per request."""
-    cache = _caches.get(redis)
-    if cache is None:
-        cache = _caches[redis] = ResponseCache(redis, settings)
-    return cache
+# The process's ResponseCache on a Redis client: its scripts are registered once, not per request.
+response_cache_for = per_redis_client(ResponseCache)

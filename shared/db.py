@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -12,6 +14,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from shared.config import Settings
+
+T = TypeVar("T")
 
 # What a database restart or overload looks like from asyncpg and SQLAlchemy: the connection dies, the
 # server refuses for a moment, or no pooled connection frees up in time. Retryable, never a bug.
@@ -129,3 +133,17 @@ async def make_raw_pool(settings: Settings, application_name: str) -> asyncpg.Po
         reset=_no_reset,
         server_settings={"application_name": application_name},
     )
+
+
+def per_redis_client(make: Callable[[aioredis.Redis, Settings], T]) -> Callable[[aioredis.Redis, Settings], T]:
+    """`make(redis, settings)` once per Redis client of the process, then the same object: whatever registers
+    Lua scripts on a client (the limiter, the response cache) does so once, not per request."""
+    made: weakref.WeakKeyDictionary[aioredis.Redis, T] = weakref.WeakKeyDictionary()
+
+    def get(redis: aioredis.Redis, settings: Settings) -> T:
+        found = made.get(redis)
+        if found is None:
+            found = made[redis] = make(redis, settings)
+        return found
+
+    return get

@@ -21,7 +21,6 @@ import ipaddress
 import logging
 import math
 import uuid
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared.config import Settings
+from shared.db import per_redis_client
 from shared.errors import AppError
 from shared.metrics import LIMIT_REFUSALS
 from shared.scriptbatch import ScriptBatch
@@ -438,12 +438,5 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted: list[st
     return address
 
 
-_limiters: weakref.WeakKeyDictionary[aioredis.Redis, Limiter] = weakref.WeakKeyDictionary()
-
-
-def limiter_for(redis: aioredis.Redis, settings: Settings) -> Limiter:
-    """The process's Limiter on this Redis client: its scripts are registered once, not per request."""
-    limiter = _limiters.get(redis)
-    if limiter is None:
-        limiter = _limiters[redis] = Limiter(redis, settings)
-    return limiter
+# The process's Limiter on a Redis client: its scripts are registered once, not per request.
+limiter_for = per_redis_client(Limiter)
