@@ -17,7 +17,8 @@ from worker.broker import guard_dead_channel, reuse_sync_client
 def channel(server_urls: dict[str, str]) -> Iterator[Any]:
     guard_dead_channel(Settings())
     reuse_sync_client(Settings())
-    with Connection(server_urls["redis"]) as conn:
+    # Kombu's spelling of the URL (an embedded Redis listens on a unix socket).
+    with Connection(Settings(redis_url=server_urls["redis"]).broker_url) as conn:  # type: ignore[arg-type]
         ch = conn.channel()
         try:
             yield ch
