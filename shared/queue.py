@@ -72,7 +72,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         conf["task_queues"] = [task_queue(settings.queue_name)]
     else:
         conf["broker_transport_options"] = {
-            "visibility_timeout": redis_visibility_timeout(settings),
+            # kombu emulates AMQP acks on Redis by default: each delivered message is written to an unacked hash
+            # and index (one MULTI/EXEC) and removed on ack (another), so a dead consumer's messages come back
+            # after a visibility timeout. AIQ does not rely on it: a killed worker's claims come back when their
+            # lease expires, a message it held but had not started leaves a due pending row the sweeper re-sends
+            # (both sooner than any visibility timeout), and a restarted Redis loses the hash anyway. Off, unacked
+            # messages live in the worker's memory (a warm shutdown or a requeue still puts them back on the
+            # list) and a message costs its BRPOP alone.
+            "ack_emulation": False,
             "socket_connect_timeout": 2,
             "socket_timeout": 10,
         }
@@ -97,22 +104,15 @@ def task_queue(name: str) -> Queue:
     )
 
 
-def redis_visibility_timeout(settings: Settings) -> int:
-    """Redelivery of an unacked Redis message must not start while a healthy attempt is still running.
-
-    The longest call plus the longest short retry delay, with room to spare.
-    """
-    return int(max(300, 2 * (settings.llm_timeout_seconds + settings.retry_max_seconds)))
-
-
 def max_eta_seconds(settings: Settings) -> float:
     """The longest retry delay sent as a delayed message; longer ones are left to the sweeper.
 
-    On Redis an ETA message waits in worker memory and comes back after the visibility timeout: keep it well
-    inside. On RabbitMQ the delay waits in the broker (native delayed delivery); the same bound keeps the two
-    brokers' behaviour alike.
+    On Redis an ETA message waits in the worker's memory until it is due (lost with the worker, like any
+    message it holds: the sweeper re-sends the due row); on RabbitMQ the delay waits in the broker (native
+    delayed delivery). The bound, the longest call plus the longest short retry delay and at least 150 s,
+    keeps the two brokers' behaviour alike.
     """
-    return redis_visibility_timeout(settings) / 2
+    return float(max(150, settings.llm_timeout_seconds + settings.retry_max_seconds))
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -150,7 +150,7 @@ def process_query(self: Task, query_id: str) -> str:
 def _retry(task: Task, query_id: uuid.UUID, outcome: processing.Outcome) -> Retry:
     """Re-send this task after the retry delay: the row's `next_attempt_at` still guards the claim.
 
-    ETA messages wait in worker memory and come back after the visibility timeout, so a long delay (or a
+    On Redis an ETA message waits in this worker's memory (gone if the worker dies), so a long delay (or a
     broker that refuses the re-send) is left to the sweeper, which re-sends the due pending row.
     """
     # Rounded up (never down: the row's `next_attempt_at` must have passed when the message comes back), so

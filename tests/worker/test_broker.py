@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 from kombu import Connection
 
 from shared.config import Settings
+from shared.queue import celery_config
 from worker.broker import guard_dead_channel, reuse_sync_client
 
 
@@ -18,7 +20,9 @@ def channel(server_urls: dict[str, str]) -> Iterator[Any]:
     guard_dead_channel(Settings())
     reuse_sync_client(Settings())
     # Kombu's spelling of the URL (an embedded Redis listens on a unix socket).
-    with Connection(Settings(redis_url=server_urls["redis"]).broker_url) as conn:  # type: ignore[arg-type]
+    settings = Settings(redis_url=server_urls["redis"])  # type: ignore[arg-type]
+    # The worker's transport options (shared/queue.py), as Celery passes them.
+    with Connection(settings.broker_url, transport_options=celery_config(settings)["broker_transport_options"]) as conn:
         ch = conn.channel()
         try:
             yield ch
@@ -39,14 +43,25 @@ def test_one_sync_client_per_pool_and_a_new_one_after_a_reconnect(channel: Any) 
         assert after.connection_pool is channel.pool
 
 
-def test_acks_late_bookkeeping_still_lands_in_redis(channel: Any) -> None:
+def test_unacked_messages_live_in_the_worker_and_go_back_on_the_list_when_the_channel_closes(channel: Any) -> None:
     queue = f"aiq.test.broker.{uuid.uuid4().hex[:8]}"
     channel.queue_declare(queue)
-    channel.basic_publish(channel.prepare_message("hello"), "", queue)
-    message = channel.basic_get(queue, no_ack=False)
-    assert message is not None
+    channel.basic_publish(channel.prepare_message("acked"), "", queue)
+    channel.basic_publish(channel.prepare_message("held"), "", queue)
+    acked = channel.basic_get(queue, no_ack=False)
+    held = channel.basic_get(queue, no_ack=False)
+    assert acked is not None
+    assert held is not None
     with channel.conn_or_acquire() as client:
-        assert client.hexists(channel.unacked_key, message.delivery_tag)
-        message.ack()
-        assert not client.hexists(channel.unacked_key, message.delivery_tag)
-        client.delete(queue)
+        try:
+            # No acknowledgement bookkeeping in Redis: the delivery costs its read alone.
+            assert client.llen(queue) == 0
+            assert not client.hexists(channel.unacked_key, held.delivery_tag)
+            assert client.zscore(channel.unacked_index_key, held.delivery_tag) is None
+            acked.ack()
+            # A warm shutdown closes the channel: what was taken and never acked goes back on the list.
+            channel.close()
+            payloads = [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+            assert [channel.decode_body(p["body"], p["properties"]["body_encoding"]) for p in payloads] == [b"held"]
+        finally:
+            client.delete(queue)
