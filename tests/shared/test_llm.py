@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import httpx2
+import openai
 import orjson
 import pytest
 
@@ -70,3 +71,74 @@ def test_a_stream_cut_after_its_headers_is_a_transient_connection_failure() -> N
     assert (failure.kind, failure.code, failure.transient) == ("connection", "upstream_unreachable", True)
     bad = llm.classify(orjson.JSONDecodeError("bad", "{", 0))
     assert (bad.code, bad.transient) == ("upstream_invalid_response", True)
+
+
+def _answer(request: httpx2.Request) -> httpx2.Response:
+    if orjson.loads(request.content).get("stream"):
+        chunks = (
+            b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+            b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\n\n'
+            b"data: [DONE]\n\n"
+        )
+        return httpx2.Response(200, content=chunks, headers={"content-type": "text/event-stream"})
+    answer = {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+    return httpx2.Response(200, json=answer)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [True, False])
+async def test_the_skipped_sdk_transform_is_the_sdks_own_result_for_every_call_complete_makes(
+    monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    from openai._utils import async_maybe_transform as sdk_transform
+    from openai.resources.chat.completions import completions
+
+    client = llm.make_client(SETTINGS)  # installs the skip
+    await client.close()
+    skipping = completions.async_maybe_transform  # type: ignore[attr-defined]
+    compared: list[bool] = []
+
+    async def both(data: object, expected_type: object) -> object:
+        ours = await skipping(data, expected_type)
+        assert llm._identity_body(data) is not None
+        compared.append(ours == await sdk_transform(data, expected_type))
+        return ours
+
+    monkeypatch.setattr(completions, "async_maybe_transform", both)
+    client = openai.AsyncOpenAI(
+        api_key="k",
+        base_url="http://provider.test/v1",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(_answer)),
+    )
+    for system, temperature, max_tokens in [(None, None, None), ("Be brief.", 0.2, 64), ("", 1, 1)]:
+        done = await llm.complete(
+            client,
+            model="gpt-4o-mini",
+            prompt="What is a queue?",
+            system=system,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            headers={"X-AIQ-Attempt": "1"},
+            stream=stream,
+        )
+        assert (done.text, done.total_tokens) == ("hi", 4)
+    await client.close()
+    assert compared == [True, True, True]
+
+
+def test_bodies_complete_never_sends_go_through_the_sdks_transform() -> None:
+    plain = {"model": "m", "messages": [{"role": "user", "content": "q"}], "stream": openai.omit}
+    assert llm._identity_body(plain) == {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+    parts = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]}
+    tools = {"model": "m", "messages": [{"role": "user", "content": "q"}], "tools": []}
+    named = {"model": "m", "messages": [{"role": "user", "content": "q", "name": "n"}]}
+    options = {"model": "m", "messages": [], "stream_options": {"include_usage": True, "x": 1}}
+    assert [llm._identity_body(b) for b in (parts, tools, named, options)] == [None] * 4
