@@ -12,7 +12,7 @@ from api.compat.router import router as compat_router
 from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.metrics_server import MetricsServer
-from api.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
+from api.middleware import EdgeMiddleware
 from api.openapi import install_openapi
 from api.routes import admin, auth, events, health, keys, limits, queries, usage, webhooks
 from shared.config import Settings, get_settings
@@ -90,14 +90,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(compat_router)
     app.include_router(health.router)
     install_openapi(app)
-    # Outermost last: the request id must be set before metrics and handlers run; the body limit answers
-    # before any parser; every answer, the limit's own included, gets the security headers.
+    # The request id is set before metrics and handlers run; the body limit answers before any parser; every
+    # answer, the limit's own and an unhandled error's 500 included, gets the security headers.
     # A batch file upload is a multipart form: the file plus room for the form's own parts.
     uploads = {f"{COMPAT_PREFIX}/files": settings.max_file_bytes + 64 * 1024}
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, uploads=uploads)
-    app.add_middleware(MetricsMiddleware)
-    app.add_middleware(SecurityHeadersMiddleware)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(EdgeMiddleware, max_bytes=settings.max_body_bytes, uploads=uploads)
     return app
 
 
