@@ -121,16 +121,17 @@ EventLogDep = Annotated[EventLog, Depends(app_event_log)]
 WakeupDep = Annotated[Wakeup, Depends(app_wakeup)]
 
 
-async def current_principal(
-    settings: SettingsDep,
-    redis: RedisDep,
-    pool: PoolDep,
-    token: Annotated[str | None, Depends(oauth2_scheme)],
-) -> Principal:
-    """Who is calling: an access token or an API key, checked against revocation state (one Redis MGET)."""
+async def current_principal(request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]) -> Principal:
+    """Who is calling: an access token or an API key, checked against revocation state (one Redis MGET).
+
+    It reads the handles off `app.state` itself rather than through `SettingsDep`, `RedisDep` and `PoolDep`:
+    FastAPI solves every sub-dependency of every authenticated request afresh (even a cached one), and these
+    three would cost most of what this dependency does itself.
+    """
     if not token:
         raise Unauthorized("Not authenticated", code="not_authenticated")
-    return await credentials.resolve(settings, redis, pool, token)
+    state = request.app.state
+    return await credentials.resolve(state.settings, state.redis, state.raw_pool, token)
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
