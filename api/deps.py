@@ -164,7 +164,9 @@ class Submitter:
 
 async def submitter(request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]) -> Submitter:
     """`CurrentUserId` for a submit, whose limits take reads an access token's revocation state in the same Redis
-    round trip (`credentials.resolve_deferred`): the service runs `check` before it stores anything."""
+    round trip (`credentials.resolve_deferred`): the service runs `check` before it takes or stores anything. The
+    token's signature and expiry are checked here; so only a well-signed but revoked token with an invalid body
+    hears the body's 422 before its 401."""
     if not token:
         raise Unauthorized("Not authenticated", code="not_authenticated")
     state = request.app.state
