@@ -10,7 +10,8 @@ Database handles, one per use:
 
 Who is calling: `CurrentUserId` (an access token or an API key, with the key's scope checked),
 `SessionUserId`/`SessionPrincipal` (access tokens only), `AdminUserId` (access token of an admin). Each costs
-one Redis MGET of revocation state (shared/services/credentials.py).
+one Redis MGET of revocation state (shared/services/credentials.py). `SubmitterDep` (submit only) reads an access
+token's revocation state in the limits take's round trip instead.
 
 The database dependencies exit with `scope="function"`: after the route returns but before the response is
 sent (FastAPI >= 0.121; the default "request" scope would exit after sending). So a commit that fails
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated
 
 import asyncpg
@@ -38,7 +40,7 @@ from shared.models import Role
 from shared.queue import Publisher
 from shared.repositories import users as users_repo
 from shared.services import credentials
-from shared.services.credentials import READ_SCOPE, WRITE_SCOPE, Principal
+from shared.services.credentials import READ_SCOPE, WRITE_SCOPE, DeferredCheck, Principal
 from shared.wakeup import Wakeup
 
 # auto_error=False: a missing token must come out as our JSON 401, not FastAPI's default body.
@@ -121,23 +123,23 @@ EventLogDep = Annotated[EventLog, Depends(app_event_log)]
 WakeupDep = Annotated[Wakeup, Depends(app_wakeup)]
 
 
-async def current_principal(
-    settings: SettingsDep,
-    redis: RedisDep,
-    pool: PoolDep,
-    token: Annotated[str | None, Depends(oauth2_scheme)],
-) -> Principal:
-    """Who is calling: an access token or an API key, checked against revocation state (one Redis MGET)."""
+async def current_principal(request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]) -> Principal:
+    """Who is calling: an access token or an API key, checked against revocation state (one Redis MGET).
+
+    It reads the handles off `app.state` itself rather than through `SettingsDep`, `RedisDep` and `PoolDep`:
+    FastAPI solves every sub-dependency of every authenticated request afresh (even a cached one), and these
+    three would cost most of what this dependency does itself.
+    """
     if not token:
         raise Unauthorized("Not authenticated", code="not_authenticated")
-    return await credentials.resolve(settings, redis, pool, token)
+    state = request.app.state
+    return await credentials.resolve(state.settings, state.redis, state.raw_pool, token)
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 
-async def current_user_id(request: Request, principal: CurrentPrincipal) -> uuid.UUID:
-    """The caller's user id. An API key needs `queries:read` for reading (GET) routes, `queries:write` for others."""
+def _scoped_user_id(request: Request, principal: Principal) -> uuid.UUID:
     if principal.via == "api_key":
         needed = READ_SCOPE if request.method in _SAFE_METHODS else WRITE_SCOPE
         if needed not in principal.scopes:
@@ -145,7 +147,34 @@ async def current_user_id(request: Request, principal: CurrentPrincipal) -> uuid
     return principal.user_id
 
 
+async def current_user_id(request: Request, principal: CurrentPrincipal) -> uuid.UUID:
+    """The caller's user id. An API key needs `queries:read` for reading (GET) routes, `queries:write` for others."""
+    return _scoped_user_id(request, principal)
+
+
 CurrentUserId = Annotated[uuid.UUID, Depends(current_user_id)]
+
+
+@dataclass(frozen=True, slots=True)
+class Submitter:
+    user_id: uuid.UUID
+    # An access token's revocation state, still to be read: with the submit's limits, in the same round trip.
+    check: DeferredCheck | None
+
+
+async def submitter(request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]) -> Submitter:
+    """`CurrentUserId` for a submit, whose limits take reads an access token's revocation state in the same Redis
+    round trip (`credentials.resolve_deferred`): the service runs `check` before it takes or stores anything. The
+    token's signature and expiry are checked here; so only a well-signed but revoked token with an invalid body
+    hears the body's 422 before its 401."""
+    if not token:
+        raise Unauthorized("Not authenticated", code="not_authenticated")
+    state = request.app.state
+    principal, check = await credentials.resolve_deferred(state.settings, state.redis, state.raw_pool, token)
+    return Submitter(_scoped_user_id(request, principal), check)
+
+
+SubmitterDep = Annotated[Submitter, Depends(submitter)]
 
 
 async def session_principal(principal: CurrentPrincipal) -> Principal:

@@ -1,7 +1,9 @@
-"""Pure ASGI middlewares: request metrics, request ids, the body limit and content type, security headers.
+"""The API's edge: one pure ASGI middleware for request ids, metrics, the body limit and security headers.
 
 Pure ASGI rather than `BaseHTTPMiddleware`: the latter wraps every request in extra tasks and memory
 streams, which costs real throughput at the API's >1,000 req/s target and breaks streaming responses.
+One layer rather than one per job: every response message (each SSE frame too) then passes one `send`
+wrapper instead of four, and the response's headers are copied once.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,10 +27,7 @@ __all__ = [
     "LONG_REQUEST_SCOPE_KEY",
     "REQUEST_ID_HEADER",
     "UNMATCHED_ROUTE",
-    "BodyLimitMiddleware",
-    "MetricsMiddleware",
-    "RequestIdMiddleware",
-    "SecurityHeadersMiddleware",
+    "EdgeMiddleware",
     "mark_long_request",
     "request_id_var",
 ]
@@ -80,85 +79,11 @@ def _template(route: object) -> str | None:
     return path if isinstance(path, str) and path else None
 
 
-class MetricsMiddleware:
-    """Counts requests and observes their duration, labelled by route template, method and status."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        start = time.perf_counter()
-        status = 500
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_status)
-        except BaseException:
-            # Starlette's outer ServerErrorMiddleware turns this into a 500; count it as one.
-            status = 500
-            raise
-        finally:
-            method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
-            route = route_label(scope)
-            HTTP_REQUESTS.labels(method, route, str(status)).inc()
-            if not scope.get(LONG_REQUEST_SCOPE_KEY):
-                HTTP_REQUEST_DURATION.labels(method, route).observe(time.perf_counter() - start)
-
-
 def _incoming_request_id(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
         if name == _REQUEST_ID_HEADER_LOWER:
             return value.decode("ascii") if _VALID_REQUEST_ID.fullmatch(value) else None
     return None
-
-
-class RequestIdMiddleware:
-    """Adopts a valid `X-Request-ID` or makes one, exposes it to logs and echoes it in the response."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
-        # Handlers read it as `request.state.request_id` (e.g. to pass along with a task).
-        scope.setdefault("state", {})["request_id"] = request_id
-        encoded = request_id.encode("ascii")
-
-        started = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != _REQUEST_ID_HEADER_LOWER]
-                headers.append((_REQUEST_ID_HEADER_LOWER, encoded))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        token = request_id_var.set(request_id)
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception as exc:
-            # Starlette answers unhandled errors in its outermost middleware, after this one has unset the
-            # request id: answer here instead, so the 500 and its log line carry the id like any other.
-            if started:
-                raise
-            await internal_error(exc)(scope, receive, send_with_id)
-        finally:
-            request_id_var.reset(token)
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -183,15 +108,64 @@ def _is_form(content_type: bytes) -> bool:
     return media in (b"application/x-www-form-urlencoded", b"multipart/form-data")
 
 
-class BodyLimitMiddleware:
-    """The edge of every request body, before any parser sees it.
+def _error_response(exc: StarletteHTTPException, scope: Scope) -> Response:
+    code = "payload_too_large" if exc.status_code == 413 else "unsupported_media_type"
+    return error_response(exc.status_code, code, str(exc.detail), path=scope["path"])
 
-    - A declared `Content-Length` over `max_bytes` is a 413 at once, without reading the body.
-    - A body without one (chunked) is counted as it arrives; the chunk that passes the limit is a 413, so
-      no more than `max_bytes` is ever buffered.
-    - A non-empty body that is not JSON (`application/json` or `application/*+json`) is a 415
-      `unsupported_media_type`; only the login route also takes the OAuth2 form.
-    - Upload paths (`uploads`: path → their own byte limit, e.g. `POST /v1/files`) take a multipart form.
+
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+# The docs pages load their scripts and styles from this server only (api/static/); Swagger UI and ReDoc
+# set inline styles, ReDoc runs its search in a blob: worker, both draw icons from data: URIs.
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "font-src 'self'; connect-src 'self'; worker-src 'self' blob:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+_HTML_HEADERS = (
+    (b"content-security-policy", DOCS_CSP.encode("ascii")),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+)
+_SECURITY_HEADER_NAMES = frozenset({NOSNIFF[0], *(name for name, _ in _HTML_HEADERS)})
+
+
+# Names the edge sets itself: whatever the app sent under them is replaced.
+_EDGE_HEADER_NAMES = _SECURITY_HEADER_NAMES | {_REQUEST_ID_HEADER_LOWER}
+
+
+def _edge_headers(headers: Any, request_id: bytes) -> list[tuple[bytes, bytes]]:
+    """The response's headers in one pass: `nosniff`, the HTML protections for HTML, and the request id."""
+    out: list[tuple[bytes, bytes]] = []
+    html = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _EDGE_HEADER_NAMES:
+            continue
+        if lower == b"content-type" and value.startswith(b"text/html"):
+            html = True
+        out.append((name, value))
+    out.append(NOSNIFF)
+    if html:
+        out.extend(_HTML_HEADERS)
+    out.append((_REQUEST_ID_HEADER_LOWER, request_id))
+    return out
+
+
+class EdgeMiddleware:
+    """Every HTTP request's edge, in one pure ASGI layer (one `send` wrapper, one pass over the headers):
+
+    - the request id: a valid incoming `X-Request-ID` or a new one, in `request.state.request_id`, in logs
+      (`request_id_var`) and echoed in the response; an unhandled error is answered here as a 500 that
+      carries it;
+    - metrics: requests counted and timed by route template, method and status (an exception counts as a
+      500; long requests, `mark_long_request`, are counted but not timed);
+    - the body limit: a declared `Content-Length` over the limit is a 413 at once, without reading the body;
+      a body without one (chunked) is counted as it arrives and the chunk that passes the limit is a 413, so
+      no more than the limit is ever buffered; a non-empty body that is not JSON (`application/json` or
+      `application/*+json`) is a 415 `unsupported_media_type`, except the login route's OAuth2 form and the
+      upload paths' multipart forms (`uploads`: path → their own byte limit, e.g. `POST /v1/files`);
+    - security headers: `X-Content-Type-Options: nosniff` on every response; HTML also gets a CSP, frame and
+      referrer protection.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, uploads: dict[str, int] | None = None) -> None:
@@ -200,7 +174,52 @@ class BodyLimitMiddleware:
         self.uploads = uploads or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        # Handlers read it as `request.state.request_id` (e.g. to pass along with a task).
+        scope.setdefault("state", {})["request_id"] = request_id
+        encoded = request_id.encode("ascii")
+        start = time.perf_counter()
+        status = 500
+        started = False
+
+        async def edge_send(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                message = {**message, "headers": _edge_headers(message.get("headers", ()), encoded)}
+            await send(message)
+
+        token = request_id_var.set(request_id)
+        try:
+            try:
+                await self._limited(scope, receive, edge_send, lambda: started)
+            except BaseException:
+                # Starlette's outer ServerErrorMiddleware would turn this into a 500; count it as one.
+                status = 500
+                raise
+            finally:
+                method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
+                route = route_label(scope)
+                HTTP_REQUESTS.labels(method, route, str(status)).inc()
+                if not scope.get(LONG_REQUEST_SCOPE_KEY):
+                    HTTP_REQUEST_DURATION.labels(method, route).observe(time.perf_counter() - start)
+        except Exception as exc:
+            # Starlette answers unhandled errors in its outermost middleware, after the request id is unset:
+            # answer here instead, so the 500 and its log line carry the id like any other.
+            if started:
+                raise
+            await internal_error(exc)(scope, receive, edge_send)
+        finally:
+            request_id_var.reset(token)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send, started: Callable[[], bool]) -> None:
+        """The app behind the body limit and the content-type check (only methods that carry a body)."""
+        if scope["method"] not in _BODY_METHODS:
             await self.app(scope, receive, send)
             return
         length: int | None = None
@@ -240,62 +259,10 @@ class BodyLimitMiddleware:
                     raise BodyTooLarge(limit)
             return message
 
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, send)
         except BodyTooLarge as exc:
             # Raised where no handler turned it into a response (a parser outside FastAPI's body reading).
-            if started:
+            if started():
                 raise
             await _error_response(exc, scope)(scope, receive, send)
-
-
-def _error_response(exc: StarletteHTTPException, scope: Scope) -> Response:
-    code = "payload_too_large" if exc.status_code == 413 else "unsupported_media_type"
-    return error_response(exc.status_code, code, str(exc.detail), path=scope["path"])
-
-
-NOSNIFF = (b"x-content-type-options", b"nosniff")
-# The docs pages load their scripts and styles from this server only (api/static/); Swagger UI and ReDoc
-# set inline styles, ReDoc runs its search in a blob: worker, both draw icons from data: URIs.
-DOCS_CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-    "font-src 'self'; connect-src 'self'; worker-src 'self' blob:; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'"
-)
-_HTML_HEADERS = (
-    (b"content-security-policy", DOCS_CSP.encode("ascii")),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-)
-_SECURITY_HEADER_NAMES = frozenset({NOSNIFF[0], *(name for name, _ in _HTML_HEADERS)})
-
-
-class SecurityHeadersMiddleware:
-    """`X-Content-Type-Options: nosniff` on every response; HTML also gets a CSP, frame and referrer protection."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in _SECURITY_HEADER_NAMES]
-                headers.append(NOSNIFF)
-                if any(k.lower() == b"content-type" and v.startswith(b"text/html") for k, v in headers):
-                    headers.extend(_HTML_HEADERS)
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)

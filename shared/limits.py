@@ -31,6 +31,7 @@ from shared.config import Settings
 from shared.db import per_redis_client
 from shared.errors import AppError
 from shared.metrics import LIMIT_REFUSALS
+from shared.revocation import GUARD_LUA, CheckNeeded, Guard
 from shared.scriptbatch import ScriptBatch
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,15 @@ local function gcra(key, limit, period_ms, take)
 end
 """
 
-# KEYS: rpm, pending, reservation, token-window key base. ARGV: rpm, max_pending, budget, window_s, tokens,
-# query_id, user_id, force. Returns {refused (0 ok | 1 rpm | 2 pending | 3 tokens), retry_ms,
-# rpm_left, rpm_reset_ms, pending_left, tokens_left, tokens_reset_ms}.
+# KEYS: rpm, pending, reservation, token-window key base, then optionally a revocation guard's keys (the caller's
+# state and markers, shared/revocation.py). ARGV: rpm, max_pending, budget, window_s, tokens, query_id, user_id,
+# force, then the guard's issued-at. Returns {refused (0 ok | 1 rpm | 2 pending | 3 tokens | 4 guard unsure),
+# retry_ms, rpm_left, rpm_reset_ms, pending_left, tokens_left, tokens_reset_ms}. An unsure guard takes nothing.
 _SUBMIT = (
     _LUA_PRELUDE
+    + GUARD_LUA
     + """
+if #KEYS > 4 and not revocation_clear(5, #KEYS, tonumber(ARGV[9])) then return {4, 0, -1, 0, -1, -1, 0} end
 local rpm, maxp, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local window_ms, tokens, force = tonumber(ARGV[4]) * 1000, tonumber(ARGV[5]), ARGV[8] == '1'
 local win = math.floor(now / window_ms)
@@ -280,18 +284,29 @@ class Limiter:
             raise limits_unavailable() from exc
 
     async def take_submit(
-        self, user_id: uuid.UUID, query_id: uuid.UUID, limits: Limits, tokens: int, *, force: bool = False
+        self,
+        user_id: uuid.UUID,
+        query_id: uuid.UUID,
+        limits: Limits,
+        tokens: int,
+        *,
+        force: bool = False,
+        guard: Guard | None = None,
     ) -> dict[str, str]:
         """Check and take all three limits at once; the `RateLimit` headers, or `LimitExceeded`.
 
         `force` takes without checking (an admin's requeue), so the settle still books the real usage.
+        `guard` checks the caller's revocation state in the same round trip and takes nothing unless it clears
+        them (`CheckNeeded` otherwise: run the full check, then take without a guard).
         """
         if not (limits.requests_per_minute or limits.max_pending or limits.token_budget or force):
+            if guard is not None:
+                raise CheckNeeded
             # Every limit off for this user: no Redis round trip, nothing to settle later.
             return {}
         p, u = self._prefix, str(user_id)
         keys = [f"{p}rpm:{u}", f"{p}pending:{u}", f"{p}res:{query_id}", f"{p}tok:{u}:"]
-        args = [
+        args: list[Any] = [
             limits.requests_per_minute,
             limits.max_pending,
             limits.token_budget,
@@ -301,9 +316,14 @@ class Limiter:
             u,
             int(force),
         ]
+        if guard is not None:
+            keys += guard.keys
+            args.append(repr(guard.issued_at))
         refused, retry_ms, rpm_left, rpm_reset, pending_left, tokens_left, tokens_reset = (
             int(v) for v in await self._run(self._submit, keys, args)
         )
+        if refused == 4:
+            raise CheckNeeded
         headers = {"RateLimit": _status_header(limits, rpm_left, rpm_reset, pending_left, tokens_left, tokens_reset)}
         if policy := limits.policy_header():
             headers["RateLimit-Policy"] = policy

@@ -69,6 +69,38 @@ class UserState:
 GONE = UserState(disabled=True, sessions_valid_after=None)
 
 
+class CheckNeeded(Exception):
+    """The one-round-trip check (`GUARD_LUA`) could not clear a credential: run the full check."""
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """What `GUARD_LUA` checks inside another script: `keys[0]` the user's state, the rest markers that must not
+    exist; `issued_at` the access token's issue time (unix seconds)."""
+
+    keys: list[str]
+    issued_at: float
+
+
+# A Lua function for another script (the submit's limits take, shared/limits.py) that reads the revocation state of
+# an access token in the same round trip. It clears a token only where the full check (shared/services/credentials.py)
+# would pass: the user's state cached, not disabled, issued at least 1 ms after its valid-after instant (so no
+# rounding can tell them apart), no marker set. Anything else (a revoked or disabled credential, a state not cached)
+# is "unsure": the caller runs the full check, which gives the right answer and refills the cache.
+GUARD_LUA = """
+local function revocation_clear(first, last, issued_at)
+  local state = redis.call('GET', KEYS[first])
+  if not state or string.sub(state, 1, 3) ~= 'ok:' then return false end
+  local after = tonumber(string.sub(state, 4))
+  if after == nil or issued_at == nil or issued_at < after + 0.001 then return false end
+  for i = first + 1, last do
+    if redis.call('EXISTS', KEYS[i]) == 1 then return false end
+  end
+  return true
+end
+"""
+
+
 def jti_key(jti: uuid.UUID) -> str:
     return f"aiq:auth:jti:{jti}"
 

@@ -17,6 +17,7 @@ from api.deps import (
     PublisherDep,
     RedisDep,
     SettingsDep,
+    SubmitterDep,
     WakeupDep,
 )
 from api.errors import error_responses
@@ -42,7 +43,7 @@ MAX_WAIT_SECONDS = 30.0
 async def submit(
     body: QueryCreate,
     response: Response,
-    user_id: CurrentUserId,
+    caller: SubmitterDep,
     settings: SettingsDep,
     pool: PoolDep,
     publisher: PublisherDep,
@@ -57,12 +58,13 @@ async def submit(
     # Each holds a connection only for its database step, never through the publish: a slow broker must
     # not pin database connections. Both have committed when they return, so the publish may follow.
     limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
+    user_id, check = caller.user_id, caller.check
     if idempotency_key is None:
-        submitted = await service.submit_query(pool, settings, limiter, cache, user_id, body)
+        submitted = await service.submit_query(pool, settings, limiter, cache, user_id, body, check)
         (accepted, limit_headers), replayed = submitted, False
     else:
         accepted, replayed, limit_headers = await service.submit_query_once(
-            pool, settings, limiter, cache, user_id, body, idempotency_key
+            pool, settings, limiter, cache, user_id, body, idempotency_key, check
         )
     response.headers.update(limit_headers)
     response.headers["Location"] = f"/api/v1/query/{accepted.query_id}"

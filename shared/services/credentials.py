@@ -2,7 +2,8 @@
 
 Cost per request: the JWT's claims come from an in-process cache of verified tokens (shared/security.py) or an
 API key's facts from an in-process cache (below); then one Redis MGET reads the revocation state (logged-out
-token, revoked family or key, the user's disabled/valid-after state). PostgreSQL is read only on a cache
+token, revoked family or key, the user's disabled/valid-after state); a submit with an access token reads them
+inside its limits script instead (`resolve_deferred`, `revocation.GUARD_LUA`). PostgreSQL is read only on a cache
 miss: a user's state once per USER_STATE_TTL_SECONDS for all processes, a key once per process per
 KEY_CACHE_SECONDS.
 
@@ -163,6 +164,37 @@ async def resolve(settings: Settings, redis: aioredis.Redis, pool: asyncpg.Pool,
     if state.sessions_valid_after is not None and claims.issued_at < state.sessions_valid_after:
         raise Unauthorized("Token has been revoked", code="token_revoked")
     return Principal(user_id=claims.user_id, via="access_token", scopes=ALL_SCOPES, token=claims)
+
+
+@dataclass(frozen=True, slots=True)
+class DeferredCheck:
+    """An access token verified offline whose revocation state is still to be read: with the submit's limits
+    (`guard`, one Redis round trip for both), or on its own (`run`)."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    pool: asyncpg.Pool
+    bearer: str
+    guard: revocation.Guard
+
+    async def run(self) -> None:
+        """The full check of `resolve`: 401 for a revoked credential or disabled account (503 if nothing can tell)."""
+        await resolve(self.settings, self.redis, self.pool, self.bearer)
+
+
+async def resolve_deferred(
+    settings: Settings, redis: aioredis.Redis, pool: asyncpg.Pool, bearer: str
+) -> tuple[Principal, DeferredCheck | None]:
+    """`resolve` for a submit: an access token is verified here and its revocation state read later, with the limits
+    (the check must have passed before anything is stored); an API key is checked at once (no check returned)."""
+    if bearer.startswith(API_KEY_PREFIX):
+        return await _resolve_api_key(redis, pool, bearer), None
+    claims = decode_token(settings, bearer, "access")
+    keys = [revocation.user_key(claims.user_id), revocation.jti_key(claims.jti)]
+    if claims.family_id is not None:
+        keys.append(revocation.family_key(claims.family_id))
+    check = DeferredCheck(settings, redis, pool, bearer, revocation.Guard(keys, claims.issued_at.timestamp()))
+    return Principal(user_id=claims.user_id, via="access_token", scopes=ALL_SCOPES, token=claims), check
 
 
 async def _token_from_database(pool: asyncpg.Pool, claims: TokenClaims) -> Principal:

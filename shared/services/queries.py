@@ -24,14 +24,16 @@ from shared.cache import CachedAnswer, ResponseCache
 from shared.config import Settings
 from shared.errors import AppError, Conflict, InvalidInput, NotFound
 from shared.events import EventLog, EventType
-from shared.limits import Limiter, estimate_tokens
+from shared.limits import Limiter, LimitExceeded, estimate_tokens
 from shared.metrics import QUERIES_SUBMITTED
 from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.queue import Publisher
 from shared.repositories import queries_asyncpg, queries_session
 from shared.repositories.queries_common import RowLike
+from shared.revocation import CheckNeeded
 from shared.schemas import QueryAccepted, QueryCreate, QueryError, QueryOut, QueryPage, Usage
 from shared.services import webhooks
+from shared.services.credentials import DeferredCheck
 from shared.services.events import tell_end
 from shared.services.limits import effective_limits
 from shared.wakeup import Wakeup
@@ -143,13 +145,19 @@ async def _take_limits_or_answer(
     body: QueryCreate,
     accepted: QueryAccepted,
     row: dict[str, Any],
+    check: DeferredCheck | None = None,
 ) -> tuple[QueryAccepted, dict[str, str], str | None]:
     """A cache hit takes only the per-minute limit and completes the row at once; anything else takes every
-    limit. Returns the 202 body, the `RateLimit` headers and, for a cache-enabled miss, the answer's key."""
+    limit. Returns the 202 body, the `RateLimit` headers and, for a cache-enabled miss, the answer's key.
+    `check`: the caller's revocation state, still to be read (`credentials.resolve_deferred`)."""
     key = cache.answer_key(user_id, row) if cache.wanted(body.cache) else None
+    if key is not None and check is not None:
+        # A hit takes only the per-minute limit, without the guard: the caller is checked before the lookup.
+        await check.run()
+        check = None
     answer = await cache.lookup(key) if key is not None else None
     if answer is None:
-        return accepted, await _take_limits(db, settings, limiter, user_id, body, row), key
+        return accepted, await _take_limits(db, settings, limiter, user_id, body, row, check), key
     # A hit costs no provider call: it is not charged to the token budget and holds no pending slot.
     headers = await limiter.take_request(user_id, await effective_limits(db, settings, user_id))
     return _answered_from_cache(accepted, row, answer), headers, None
@@ -162,10 +170,27 @@ async def _take_limits(
     user_id: uuid.UUID,
     body: QueryCreate,
     row: dict[str, Any],
+    check: DeferredCheck | None = None,
 ) -> dict[str, str]:
-    """Reserve the query's token estimate and take its rate and pending slots; the `RateLimit` headers."""
+    """Reserve the query's token estimate and take its rate and pending slots; the `RateLimit` headers.
+
+    With `check`, the caller's revocation state is read in the same round trip (the script takes nothing for a
+    credential it cannot clear); whatever it cannot clear gets the full check, then a take without the guard.
+    """
     limits = await effective_limits(db, settings, user_id)
     row["reserved_tokens"] = estimate_tokens(body.query, body.system, body.max_tokens, settings)
+    if check is not None:
+        try:
+            return await limiter.take_submit(user_id, row["id"], limits, row["reserved_tokens"], guard=check.guard)
+        except CheckNeeded:
+            pass
+        except LimitExceeded:
+            raise
+        except AppError:
+            # Redis is down: the full check still answers from PostgreSQL (a 401 for a revoked credential).
+            await check.run()
+            raise
+        await check.run()
     return await limiter.take_submit(user_id, row["id"], limits, row["reserved_tokens"])
 
 
@@ -181,15 +206,17 @@ async def submit_query(
     cache: ResponseCache,
     user_id: uuid.UUID,
     body: QueryCreate,
+    check: DeferredCheck | None = None,
 ) -> tuple[QueryAccepted, dict[str, str]]:
     """Take the user's limits, then store a pending query in one autocommitted INSERT; the caller enqueues it
     unless the response cache answered it (then the row is stored completed).
 
-    Returns the 202 body and the `RateLimit` headers. A refusal stores nothing.
+    Returns the 202 body and the `RateLimit` headers. A refusal stores nothing. `check`: the caller's revocation
+    state, read with the limits (`credentials.resolve_deferred`).
     """
     accepted, row = _new_query(settings, user_id, body)
     accepted, headers, cache_key = await _take_limits_or_answer(
-        pool, settings, limiter, cache, user_id, body, accepted, row
+        pool, settings, limiter, cache, user_id, body, accepted, row, check
     )
     try:
         async with pool.acquire() as conn:
@@ -243,12 +270,16 @@ async def submit_query_once(
     user_id: uuid.UUID,
     body: QueryCreate,
     key: str,
+    check: DeferredCheck | None = None,
 ) -> tuple[QueryAccepted, bool, dict[str, str]]:
     """Submit under an `Idempotency-Key` in one transaction; returns the response, whether it is a replay and
     the `RateLimit` headers (none for a replay, which takes no limits).
 
     The transaction is this function's own: it has committed when it returns, so the caller may publish.
+    `check`: the caller's revocation state, read first (a replay takes no limits to read it with).
     """
+    if check is not None:
+        await check.run()
     if not _IDEMPOTENCY_KEY.match(key):
         raise AppError(
             "Idempotency-Key must be 1-255 visible ASCII characters", status_code=400, code="invalid_idempotency_key"

@@ -115,6 +115,55 @@ def test_user_state_comes_from_postgresql_when_redis_forgot_it(
     r.close()
 
 
+def _submit(client: httpx.Client, token: str) -> httpx.Response:
+    return client.post("/api/v1/query", json={"query": "hello"}, headers=_bearer(token))
+
+
+def _rate_state(r: redis.Redis, stack: Stack, user_id: str) -> bytes | None:
+    """The user's requests-per-minute state in Redis: every take moves it (a query's end does not)."""
+    state: bytes | None = r.get(f"aiq:{stack.settings.queue_name}:lim:rpm:{user_id}")
+    return state
+
+
+def test_a_submit_reads_revocation_with_its_limits_and_a_revoked_token_takes_nothing(
+    client: httpx.Client, stack: Stack, user: dict[str, Any]
+) -> None:
+    r = redis.Redis.from_url(stack.settings.redis_url)
+    access = user["tokens"]["access_token"]
+    assert _submit(client, access).status_code == 202
+    held = _rate_state(r, stack, user["user_id"])
+    assert held is not None
+    assert client.post("/api/v1/auth/logout", headers=_bearer(access)).status_code == 204
+    assert _code(_submit(client, access)) == "token_revoked"
+    # Refused inside the limits script before it took anything: no rate step, no row.
+    assert _rate_state(r, stack, user["user_id"]) == held
+    listed = client.get("/api/v1/query", headers=_bearer(_login(client, user["email"])["access_token"]))
+    assert len(listed.json()["items"]) == 1
+    r.close()
+
+
+def test_a_submit_whose_user_state_is_not_cached_gets_the_full_check(
+    client: httpx.Client, stack: Stack, db: Any, user: dict[str, Any]
+) -> None:
+    r = redis.Redis.from_url(stack.settings.redis_url)
+    key = f"aiq:auth:user:{user['user_id']}"
+    access = user["tokens"]["access_token"]
+    r.delete(key)
+    assert _submit(client, access).status_code == 202
+    assert r.get(key) is not None
+    with db.begin() as conn:
+        conn.execute(
+            text("UPDATE users SET disabled_at = now(), sessions_valid_after = now() WHERE id = :id"),
+            {"id": user["user_id"]},
+        )
+    r.delete(key)
+    held = _rate_state(r, stack, user["user_id"])
+    assert _code(_submit(client, access)) == "account_disabled"
+    assert r.get(key) == b"disabled"
+    assert _rate_state(r, stack, user["user_id"]) == held
+    r.close()
+
+
 def test_redis_down_falls_back_to_postgresql_and_lets_no_revoked_credential_in(
     client: httpx.Client, stack: Stack, user: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -131,6 +180,9 @@ def test_redis_down_falls_back_to_postgresql_and_lets_no_revoked_credential_in(
             assert c.get("/api/v1/query", headers=_bearer(key["key"])).status_code == 200
             assert _code(c.get("/api/v1/users/me", headers=_bearer(logged_out["access_token"]))) == "token_revoked"
             assert _code(c.get("/api/v1/query", headers=_bearer(revoked_key["key"]))) == "invalid_api_key"
+            # A submit cannot take its limits without Redis (503), but a revoked token still hears 401.
+            assert _code(_submit(c, logged_out["access_token"])) == "token_revoked"
+            assert _code(_submit(c, user["tokens"]["access_token"]), 503) == "limits_unavailable"
             # Revoking needs Redis: 503 with Retry-After, never a 2xx that did not take effect everywhere.
             r = c.post("/api/v1/auth/logout", headers=user["headers"])
             assert r.status_code == 503, r.text

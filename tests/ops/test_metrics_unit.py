@@ -29,8 +29,7 @@ from starlette.testclient import TestClient
 from api.middleware import (
     LONG_REQUEST_SCOPE_KEY,
     UNMATCHED_ROUTE,
-    MetricsMiddleware,
-    RequestIdMiddleware,
+    EdgeMiddleware,
     mark_long_request,
     request_id_var,
 )
@@ -123,9 +122,7 @@ def client() -> Iterator[TestClient]:
             Route("/wait", long_poll),
         ]
     )
-    # Same order as the API: request id outermost so even metrics-side logs carry it.
-    app.add_middleware(MetricsMiddleware)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(EdgeMiddleware, max_bytes=64 * 1024)
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 
@@ -221,7 +218,7 @@ def test_fastapi_nested_routers_give_full_templates() -> None:
 
     v1.include_router(queries)
     app.include_router(v1)
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(EdgeMiddleware, max_bytes=64 * 1024)
     client = TestClient(app)
     cases = [
         ("GET", f"/api/v1/query/{uuid.uuid4()}", "/api/v1/query/{query_id}", "200"),
