@@ -55,8 +55,11 @@ def test_background_create_is_queued_at_once_then_retrieved_completed(sdk: opena
     )
     assert created.id.startswith("resp_")
     assert created.status == "queued"
+    assert created.background is True
     done = _until_terminal(sdk, created.id)
     assert done.status == "completed"
+    # Kept from the create, on every read (OpenAI's behaviour).
+    assert done.background is True
     assert done.output_text
     assert done.instructions == "Be brief."
     assert done.metadata == {"ticket": "T-1"}
@@ -79,6 +82,8 @@ def test_a_foreground_create_waits_and_takes_a_message_list(sdk: openai.OpenAI, 
     assert response.output_text
     assert response.instructions == "Answer in one word."
     assert response.model == "sim-large"
+    assert response.background is False
+    assert sdk.responses.retrieve(response.id).background is False
 
 
 @pytest.mark.anyio
@@ -97,10 +102,14 @@ def test_cancel_is_idempotent(sdk: openai.OpenAI) -> None:
     created = sdk.responses.create(model="sim-small", input="slow one [[sim latency_ms=20000]]", background=True)
     first = sdk.responses.cancel(created.id)
     assert first.status == "cancelled"
+    assert first.background is True
     again = sdk.responses.cancel(created.id)
     assert again.status == "cancelled"
     assert again.id == created.id
-    assert sdk.responses.retrieve(created.id).status == "cancelled"
+    assert again.background is True
+    retrieved = sdk.responses.retrieve(created.id)
+    assert retrieved.status == "cancelled"
+    assert retrieved.background is True
     sdk.responses.delete(created.id)
     with pytest.raises(openai.NotFoundError):
         sdk.responses.retrieve(created.id)
