@@ -349,11 +349,12 @@ def _output_line(batch: RowLike, item: RowLike) -> tuple[bool, dict[str, Any]]:
     return False, {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
 
 
-async def _finalize(conn: asyncpg.Connection, batch: RowLike) -> dict[str, Any]:
-    """Write the output and error files (input order); the columns to set on the batch."""
-    short = batch["id"].hex
-    output = await files_service.open_output(conn, batch["user_id"], f"batch_{short}_output.jsonl")
-    errors = await files_service.open_output(conn, batch["user_id"], f"batch_{short}_error.jsonl")
+async def _finalize(conn: asyncpg.Connection, settings: Settings, batch: RowLike) -> dict[str, Any]:
+    """Write the output and error files (input order, expiring after BATCH_OUTPUT_EXPIRES_SECONDS); the columns
+    to set on the batch."""
+    short, expires = batch["id"].hex, settings.batch_output_expires_seconds or None
+    output = await files_service.open_output(conn, batch["user_id"], f"batch_{short}_output.jsonl", expires)
+    errors = await files_service.open_output(conn, batch["user_id"], f"batch_{short}_error.jsonl", expires)
     after = -1
     while page := await repo.items_page(conn, batch["id"], after, OUTPUT_PAGE):
         for item in page:
@@ -423,7 +424,7 @@ async def _step(
             if batch["expired_at"]
             else BatchStatus.COMPLETED
         )
-        files = await _finalize(conn, batch)
+        files = await _finalize(conn, settings, batch)
         stamp = {
             BatchStatus.CANCELLED: "cancelled_at",
             BatchStatus.EXPIRED: "expired_at",

@@ -16,6 +16,8 @@ from shared.repositories.queries_common import RowLike
 from shared.services.responses import uuid_after
 
 FILE_PREFIX = "file-"
+# OpenAI's bounds of `expires_after.seconds`: one hour to 30 days.
+MIN_EXPIRES_SECONDS, MAX_EXPIRES_SECONDS = 3600, 30 * 24 * 3600
 
 
 def file_id(raw: uuid.UUID) -> str:
@@ -37,7 +39,7 @@ def file_object(row: RowLike) -> dict[str, Any]:
         "object": "file",
         "bytes": row["bytes"],
         "created_at": int(row["created_at"].timestamp()),
-        "expires_at": None,
+        "expires_at": int(row["expires_at"].timestamp()) if row["expires_at"] else None,
         "filename": row["filename"],
         "purpose": row["purpose"],
         "status": "processed",
@@ -67,6 +69,30 @@ class LineCounter:
         return self.lines
 
 
+def _bad_expiry(field: str, message: str) -> InvalidInput:
+    return InvalidInput(
+        f"Invalid 'expires_after.{field}': {message}",
+        code="invalid_value",
+        details=[{"loc": ["body", "expires_after", field], "msg": message, "type": "invalid_value"}],
+    )
+
+
+def expires_after_seconds(anchor: str | None, seconds: str | None) -> int | None:
+    """The seconds of an upload's `expires_after` (multipart `expires_after[anchor]`, `expires_after[seconds]`):
+    anchor `created_at`, 3600 to 2592000 seconds; None when it is not given. Anything else is a 400."""
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise _bad_expiry("anchor", "the only supported anchor is 'created_at'")
+    try:
+        value = int(seconds or "")
+    except ValueError:
+        raise _bad_expiry("seconds", "an integer number of seconds is required") from None
+    if not MIN_EXPIRES_SECONDS <= value <= MAX_EXPIRES_SECONDS:
+        raise _bad_expiry("seconds", f"must be between {MIN_EXPIRES_SECONDS} and {MAX_EXPIRES_SECONDS}")
+    return value
+
+
 def _check_filename(filename: str) -> str:
     name = filename.strip() or "upload.jsonl"
     if "\x00" in name:
@@ -82,8 +108,10 @@ async def upload(
     purpose: str,
     filename: str,
     read: Callable[[int], Awaitable[bytes]],
+    expires_seconds: int | None = None,
 ) -> RowLike:
-    """Store an uploaded batch input file chunk by chunk, in one transaction: all of it or nothing.
+    """Store an uploaded batch input file chunk by chunk, in one transaction: all of it or nothing. It expires
+    `expires_seconds` after its creation (see `expires_after_seconds`), or never.
 
     At most MAX_FILE_BYTES (a 413 otherwise) and MAX_BATCH_LINES non-blank lines (a 400); the lines
     themselves are checked when a batch reads them, each bad one reported in its error file.
@@ -96,7 +124,14 @@ async def upload(
         )
     new_id, counter, size, seq = uuid.uuid4(), LineCounter(), 0, 0
     async with pool.acquire() as conn, conn.transaction():
-        await repo.insert(conn, file_id=new_id, user_id=user_id, purpose=purpose, filename=_check_filename(filename))
+        await repo.insert(
+            conn,
+            file_id=new_id,
+            user_id=user_id,
+            purpose=purpose,
+            filename=_check_filename(filename),
+            expires_seconds=expires_seconds,
+        )
         while data := await read(FILE_CHUNK_BYTES):
             size += len(data)
             if size > settings.max_file_bytes:
@@ -204,11 +239,33 @@ class ChunkWriter:
         return await repo.finish(self.conn, self.id, self.size, self.lines)
 
 
-async def open_output(conn: asyncpg.Connection, user_id: uuid.UUID, filename: str) -> ChunkWriter:
-    """A new `batch_output` file of the user, written by the returned writer."""
+async def open_output(
+    conn: asyncpg.Connection, user_id: uuid.UUID, filename: str, expires_seconds: int | None
+) -> ChunkWriter:
+    """A new `batch_output` file of the user (expiring `expires_seconds` after now, or never), written by the
+    returned writer."""
     new_id = uuid.uuid4()
-    await repo.insert(conn, file_id=new_id, user_id=user_id, purpose=FilePurpose.BATCH_OUTPUT, filename=filename)
+    await repo.insert(
+        conn,
+        file_id=new_id,
+        user_id=user_id,
+        purpose=FilePurpose.BATCH_OUTPUT,
+        filename=filename,
+        expires_seconds=expires_seconds,
+    )
     return ChunkWriter(conn, new_id)
+
+
+async def delete_expired(pool: asyncpg.Pool, limit: int) -> int:
+    """Delete up to `limit` expired files (with their chunks) in one transaction; returns how many went.
+
+    An expired file reads as missing already; one a live batch still reads stays until the batch ends, as a
+    client's delete would wait (409) for it.
+    """
+    live = [s.value for s in BATCH_LIVE_STATUSES]
+    async with pool.acquire() as conn, conn.transaction():
+        found = await repo.lock_expired(conn, live, limit)
+        return await repo.delete_unread(conn, found, live) if found else 0
 
 
 async def iter_lines(
