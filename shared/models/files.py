@@ -111,6 +111,9 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
     expires_at: Mapped[datetime]
+    # `output_expires_after.seconds` of the create: its output and error files expire this long after they are
+    # written (null: BATCH_OUTPUT_EXPIRES_SECONDS).
+    output_expires_seconds: Mapped[int | None]
     in_progress_at: Mapped[datetime | None]
     finalizing_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]

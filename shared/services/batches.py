@@ -123,6 +123,7 @@ async def _create(conn: asyncpg.Connection, user_id: uuid.UUID, body: BatchCreat
         request_total=file_row["line_count"],
         created_at=now,
         updated_at=now,
+        output_expires_seconds=body.output_expires_after.seconds if body.output_expires_after else None,
         next_check_at=now + timedelta(seconds=OVERDUE_SECONDS),
         expires_at=now + COMPLETION_WINDOW,
     )
@@ -350,9 +351,10 @@ def _output_line(batch: RowLike, item: RowLike) -> tuple[bool, dict[str, Any]]:
 
 
 async def _finalize(conn: asyncpg.Connection, settings: Settings, batch: RowLike) -> dict[str, Any]:
-    """Write the output and error files (input order, expiring after BATCH_OUTPUT_EXPIRES_SECONDS); the columns
-    to set on the batch."""
-    short, expires = batch["id"].hex, settings.batch_output_expires_seconds or None
+    """Write the output and error files (input order, expiring as the batch asked, else after
+    BATCH_OUTPUT_EXPIRES_SECONDS); the columns to set on the batch."""
+    short = batch["id"].hex
+    expires = batch["output_expires_seconds"] or settings.batch_output_expires_seconds or None
     output = await files_service.open_output(conn, batch["user_id"], f"batch_{short}_output.jsonl", expires)
     errors = await files_service.open_output(conn, batch["user_id"], f"batch_{short}_error.jsonl", expires)
     after = -1

@@ -7,17 +7,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
+from pydantic import ValidationError
 
 from shared.config import Settings
 from shared.errors import AppError, Conflict, InvalidInput, NotFound
 from shared.models import BATCH_LIVE_STATUSES, FILE_CHUNK_BYTES, FilePurpose
 from shared.repositories import files as repo
 from shared.repositories.queries_common import RowLike
+from shared.schemas_openai import ExpiresAfter
 from shared.services.responses import uuid_after
 
 FILE_PREFIX = "file-"
-# OpenAI's bounds of `expires_after.seconds`: one hour to 30 days.
-MIN_EXPIRES_SECONDS, MAX_EXPIRES_SECONDS = 3600, 30 * 24 * 3600
 
 
 def file_id(raw: uuid.UUID) -> str:
@@ -69,28 +69,19 @@ class LineCounter:
         return self.lines
 
 
-def _bad_expiry(field: str, message: str) -> InvalidInput:
-    return InvalidInput(
-        f"Invalid 'expires_after.{field}': {message}",
-        code="invalid_value",
-        details=[{"loc": ["body", "expires_after", field], "msg": message, "type": "invalid_value"}],
-    )
-
-
 def expires_after_seconds(anchor: str | None, seconds: str | None) -> int | None:
-    """The seconds of an upload's `expires_after` (multipart `expires_after[anchor]`, `expires_after[seconds]`):
-    anchor `created_at`, 3600 to 2592000 seconds; None when it is not given. Anything else is a 400."""
+    """The seconds of an upload's `expires_after` (multipart `expires_after[anchor]`, `expires_after[seconds]`),
+    checked by the model `output_expires_after` of a batch is; None when it is not given, a 400 when invalid."""
     if anchor is None and seconds is None:
         return None
-    if anchor != "created_at":
-        raise _bad_expiry("anchor", "the only supported anchor is 'created_at'")
     try:
-        value = int(seconds or "")
-    except ValueError:
-        raise _bad_expiry("seconds", "an integer number of seconds is required") from None
-    if not MIN_EXPIRES_SECONDS <= value <= MAX_EXPIRES_SECONDS:
-        raise _bad_expiry("seconds", f"must be between {MIN_EXPIRES_SECONDS} and {MAX_EXPIRES_SECONDS}")
-    return value
+        return ExpiresAfter.model_validate({"anchor": anchor, "seconds": seconds}).seconds
+    except ValidationError as exc:
+        details = [
+            {"loc": ["body", "expires_after", *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors()
+        ]
+        raise InvalidInput("Invalid 'expires_after'", code="invalid_value", details=details) from exc
 
 
 def _check_filename(filename: str) -> str:

@@ -93,14 +93,33 @@ def test_a_bad_expires_after_is_a_400_and_stores_nothing(sdk: openai.OpenAI, cli
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "expires_after.seconds"
     assert list(sdk.files.list()) == []
+    # A batch's `output_expires_after` has the same bounds.
+    uploaded = sdk.files.create(file=("good.jsonl", content), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            output_expires_after={"anchor": "created_at", "seconds": 60},
+        )
+    assert caught.value.body["param"] == "output_expires_after.seconds"  # type: ignore[index]
+    assert list(sdk.batches.list()) == []
 
 
-def test_a_batchs_output_and_error_files_expire_after_the_default(sdk: openai.OpenAI) -> None:
+@pytest.mark.parametrize("asked", [None, 7200])
+def test_a_batchs_output_and_error_files_expire_as_it_asked_or_after_the_default(
+    sdk: openai.OpenAI, asked: int | None
+) -> None:
     uploaded = sdk.files.create(
         file=("mixed.jsonl", _jsonl([_line("ok", "hello"), _line("refused", "no [[sim fail=400]]")])),
         purpose="batch",
     )
-    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = sdk.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        **({"output_expires_after": {"anchor": "created_at", "seconds": asked}} if asked else {}),  # type: ignore[arg-type]
+    )
     deadline = time.monotonic() + 120
     while batch.status not in ("completed", "failed", "expired", "cancelled") and time.monotonic() < deadline:
         time.sleep(0.3)
@@ -108,10 +127,10 @@ def test_a_batchs_output_and_error_files_expire_after_the_default(sdk: openai.Op
     assert batch.status == "completed"
     assert batch.output_file_id is not None
     assert batch.error_file_id is not None
-    default = Settings.model_fields["batch_output_expires_seconds"].default
+    expected = asked or Settings.model_fields["batch_output_expires_seconds"].default
     for file_id in (batch.output_file_id, batch.error_file_id):
         written = sdk.files.retrieve(file_id)
-        assert written.expires_at == written.created_at + default
+        assert written.expires_at == written.created_at + expected
     # The input file was uploaded without `expires_after`: kept until deleted.
     assert sdk.files.retrieve(uploaded.id).expires_at is None
 
