@@ -363,13 +363,7 @@ async def _finalize(conn: asyncpg.Connection, settings: Settings, batch: RowLike
             ok, line = _output_line(batch, item)
             await (output if ok else errors).write_line(json.dumps(line, separators=(",", ":")).encode())
         after = page[-1]["item_line_no"]
-    await output.close()
-    await errors.close()
-    # OpenAI leaves out a file that would be empty.
-    return {
-        "output_file_id": output.id if output.lines else None,
-        "error_file_id": errors.id if errors.lines else None,
-    }
+    return {"output_file_id": await output.close(), "error_file_id": await errors.close()}
 
 
 async def advance(

@@ -225,9 +225,15 @@ class ChunkWriter:
             await repo.add_chunk(self.conn, self.id, self._seq, piece)
             self._seq += 1
 
-    async def close(self) -> RowLike:
+    async def close(self) -> uuid.UUID | None:
+        """Finish the file; one without a line is not kept (OpenAI leaves out a file that would be empty):
+        returns its id, or None then."""
+        if not self.lines:
+            await repo.delete(self.conn, self.id)
+            return None
         await self._flush(1)
-        return await repo.finish(self.conn, self.id, self.size, self.lines)
+        await repo.finish(self.conn, self.id, self.size, self.lines)
+        return self.id
 
 
 async def open_output(
