@@ -205,12 +205,14 @@ def test_a_foreground_call_past_compat_wait_is_a_504_naming_the_response_to_fetc
     try:
         sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=30)
         with sdk:
+            # Past the 1 s wait, well within the stack's LLM_TIMEOUT_SECONDS=3 (a 3 s answer raced the timeout).
             with pytest.raises(openai.InternalServerError) as caught:
                 sdk.chat.completions.create(
-                    model="sim-small", messages=[{"role": "user", "content": "[[sim latency_ms=3000]] slow"}]
+                    model="sim-small", messages=[{"role": "user", "content": "[[sim latency_ms=2000]] slow"}]
                 )
             assert caught.value.status_code == 504
             response_id = caught.value.body["message"].split("GET /v1/responses/")[1]  # type: ignore[index]
-            assert _until_terminal(sdk, response_id).status == "completed"
+            done = _until_terminal(sdk, response_id)
+            assert done.status == "completed", done.error
     finally:
         stop(api)
