@@ -129,7 +129,8 @@ async def lock_expired(conn: asyncpg.Connection, live_statuses: list[str], limit
 
 async def delete_unread(conn: asyncpg.Connection, file_ids: list[uuid.UUID], live_statuses: list[str]) -> int:
     """Delete the given (locked) files but any a live batch reads, checked again on this statement's fresher
-    snapshot: a batch created on one just before the lock committed first. Returns how many went."""
+    snapshot: a batch created on one after `lock_expired`'s snapshot but before its lock is seen here.
+    Returns how many went."""
     status: str = await conn.execute(
         "DELETE FROM files f WHERE f.id = ANY($1::uuid[]) AND NOT EXISTS "
         "(SELECT 1 FROM batches b WHERE b.input_file_id = f.id AND b.status = ANY($2::text[]))",

@@ -71,7 +71,7 @@ class LineCounter:
 
 def expires_after_seconds(anchor: str | None, seconds: str | None) -> int | None:
     """The seconds of an upload's `expires_after` (multipart `expires_after[anchor]`, `expires_after[seconds]`),
-    checked by the model `output_expires_after` of a batch is; None when it is not given, a 400 when invalid."""
+    checked by the model a batch's `output_expires_after` is; None when it is not given, a 400 when invalid."""
     if anchor is None and seconds is None:
         return None
     try:
