@@ -136,6 +136,9 @@ class Settings(BaseSettings):
     # `POST /v1/files` (purpose=batch): OpenAI's limits are 200 MB and 50,000 lines per batch file.
     max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     max_batch_lines: int = Field(default=50_000, ge=1)
+    # A batch's output and error files expire this long after they are written (OpenAI: 30 days) unless its
+    # `output_expires_after` says otherwise; past it they read as missing and the workers delete them. 0: kept.
+    batch_output_expires_seconds: int = Field(default=30 * 24 * 3600, ge=0)
 
     # Webhooks (issue 12): after a secret rotation the previous secret keeps signing (a second signature) this
     # long; receivers on either secret keep verifying. Hosts, IPs or CIDRs a webhook may reach although they

@@ -213,6 +213,8 @@ class QueryOut(BaseModel):
     error: QueryError | None
     usage: Usage | None = Field(description="Token counts once the model answered; null until then and when it did not")
     cached: bool = Field(description="Answered from the response cache at submit, without a provider call")
+    # The `/v1` door's (OpenAI's `background` of a response); not part of the native view.
+    background: bool = Field(default=False, exclude=True)
     attempts: int
     cancel_requested: bool = Field(description="A cancel was asked for; a running query ends cancelled shortly")
     created_at: datetime

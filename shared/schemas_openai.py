@@ -86,6 +86,18 @@ class ResponseCreate(_Body):
         return value
 
 
+# OpenAI's bounds of an expiry's `seconds`: one hour to 30 days.
+MIN_EXPIRES_SECONDS, MAX_EXPIRES_SECONDS = 3600, 30 * 24 * 3600
+
+
+class ExpiresAfter(_Body):
+    """A file's expiry: `expires_after` of `POST /v1/files` (a multipart form: `expires_after[anchor]`,
+    `expires_after[seconds]`), `output_expires_after` of `POST /v1/batches`."""
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=MIN_EXPIRES_SECONDS, le=MAX_EXPIRES_SECONDS)
+
+
 class BatchCreate(_Body):
     """`POST /v1/batches`."""
 
@@ -93,3 +105,5 @@ class BatchCreate(_Body):
     endpoint: Literal["/v1/chat/completions", "/v1/responses"]
     completion_window: Literal["24h"]
     metadata: Metadata | None = None
+    # Of its output and error files, from their creation (else BATCH_OUTPUT_EXPIRES_SECONDS).
+    output_expires_after: ExpiresAfter | None = None

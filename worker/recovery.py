@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from shared.models import TERMINAL_STATUSES
 from shared.repositories import queries_session as repo
 from shared.repositories.queries_session import WORKER_LOST_CODE, WORKER_LOST_MESSAGE
-from shared.services import webhooks
+from shared.services import files, webhooks
 from shared.services.events import tell_end
 from worker import batches
 from worker.runtime import StopReason, WorkerRuntime
@@ -27,6 +27,8 @@ SWEEP_BATCH = 500
 # Retention runs with the sweeper but less often; each run deletes at most this many batches.
 PURGE_INTERVAL_SECONDS = 60.0
 PURGE_MAX_BATCHES = 20
+# Expired files per transaction: each takes its content's chunk rows (up to 200 per 200 MB file) with it.
+FILE_PURGE_BATCH = 50
 
 
 async def heartbeat_once(rt: WorkerRuntime) -> None:
@@ -101,6 +103,19 @@ async def purge_once(rt: WorkerRuntime) -> int:
     return total
 
 
+async def purge_expired_files_once(rt: WorkerRuntime) -> int:
+    """Delete files past their `expires_at` (they read as missing already), in batches; returns how many."""
+    total = 0
+    for _ in range(PURGE_MAX_BATCHES):
+        deleted = await files.delete_expired(rt.raw_pool, FILE_PURGE_BATCH)
+        total += deleted
+        if deleted < FILE_PURGE_BATCH:
+            break
+    if total:
+        log.info("expired files purge", extra={"count": total})
+    return total
+
+
 async def sweep_loop(rt: WorkerRuntime) -> None:
     last_purge = 0.0
     while True:
@@ -111,5 +126,6 @@ async def sweep_loop(rt: WorkerRuntime) -> None:
             if time.monotonic() - last_purge >= PURGE_INTERVAL_SECONDS:
                 last_purge = time.monotonic()
                 await purge_once(rt)
+                await purge_expired_files_once(rt)
         except Exception as exc:  # noqa: BLE001 - the next sweep tries again
             log.warning("sweep failed", extra={"error": type(exc).__name__})

@@ -17,7 +17,8 @@ router = APIRouter()
 
 @router.post("/files")
 async def upload_file(request: Request, user_id: CurrentUserId, settings: SettingsDep, pool: PoolDep) -> dict[str, Any]:
-    """A JSONL batch input file (multipart: `file`, `purpose=batch`): at most MAX_FILE_BYTES and MAX_BATCH_LINES.
+    """A JSONL batch input file (multipart: `file`, `purpose=batch`, optional `expires_after[anchor]` and
+    `expires_after[seconds]`): at most MAX_FILE_BYTES and MAX_BATCH_LINES.
 
     The form is read here, after the caller is authenticated (declared `File()`/`Form()` parameters would be
     parsed before the credentials are checked). The parser spools the file to a temporary file on disk, never
@@ -29,10 +30,24 @@ async def upload_file(request: Request, user_id: CurrentUserId, settings: Settin
             raise _missing("file", "a file part named 'file' is required")
         if not isinstance(purpose, str):
             raise _missing("purpose", "a form field named 'purpose' is required")
+        expires = service.expires_after_seconds(
+            _text(form.get("expires_after[anchor]")), _text(form.get("expires_after[seconds]"))
+        )
         row = await service.upload(
-            pool, settings, user_id, purpose=purpose, filename=upload.filename or "upload.jsonl", read=upload.read
+            pool,
+            settings,
+            user_id,
+            purpose=purpose,
+            filename=upload.filename or "upload.jsonl",
+            read=upload.read,
+            expires_seconds=expires,
         )
     return service.file_object(row)
+
+
+def _text(value: str | UploadFile | None) -> str | None:
+    # A file part where a text field belongs is as invalid as an empty value.
+    return value if value is None or isinstance(value, str) else ""
 
 
 def _missing(field: str, message: str) -> InvalidInput:

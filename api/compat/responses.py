@@ -44,20 +44,18 @@ async def create_response(
     if body.stream:
         slot = await streams.reserve()
         try:
-            accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
+            accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response, background)
             current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
         except BaseException:
             await streams.release(slot)
             raise
-        translator = service.ResponseEvents(current, background=background)
+        translator = service.ResponseEvents(current)
         return streams.respond(request, accepted.query_id, translator, slot, chat=False)
-    accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
+    accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response, background)
     if not background:
         answered = await wait(request, pool, settings, wakeup, user_id, accepted.query_id)
-        return service.response_object(answered, background=False)
-    created = service.response_object(
-        await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup), background=True
-    )
+        return service.response_object(answered)
+    created = service.response_object(await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup))
     # The create answers the response as created: a worker may have claimed it already (read after the
     # publish), which the next retrieve shows; only an end already reached (a cache hit) is told as it is.
     if created["status"] == "in_progress":

@@ -28,11 +28,14 @@ async def submit(
     user_id: uuid.UUID,
     body: QueryCreate,
     response: Response,
+    background: bool = False,
 ) -> QueryAccepted:
     """Store a pending query under the caller's limits (the `RateLimit` headers go on `response`), then publish
-    it, as the native submit does."""
+    it, as the native submit does; `background` is a Responses create's, kept on the row."""
     limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
-    accepted, limit_headers = await service.submit_query(pool, settings, limiter, cache, user_id, body)
+    accepted, limit_headers = await service.submit_query(
+        pool, settings, limiter, cache, user_id, body, background=background
+    )
     response.headers.update(limit_headers)
     await service.dispatch_accepted(pool, publisher, events, accepted)
     return accepted

@@ -49,6 +49,8 @@ class File(Base):
     __table_args__ = (
         CheckConstraint(f"purpose IN ({_PURPOSES})", name="purpose_valid"),
         Index("ix_files_user_created", "user_id", text("created_at DESC")),
+        # The workers' sweep deletes expired files, oldest expiry first.
+        Index("ix_files_expires_at", "expires_at", postgresql_where=text("expires_at IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -59,6 +61,9 @@ class File(Base):
     # Non-blank lines: the requests of a batch input file.
     line_count: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # OpenAI's `expires_at`: past it the file reads as missing and the workers' sweep deletes it; null: kept
+    # until deleted. From the upload's `expires_after`, or BATCH_OUTPUT_EXPIRES_SECONDS for a batch's output.
+    expires_at: Mapped[datetime | None]
 
 
 class FileChunk(Base):
@@ -106,6 +111,9 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
     expires_at: Mapped[datetime]
+    # `output_expires_after.seconds` of the create: its output and error files expire this long after they are
+    # written (null: BATCH_OUTPUT_EXPIRES_SECONDS).
+    output_expires_seconds: Mapped[int | None]
     in_progress_at: Mapped[datetime | None]
     finalizing_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]

@@ -94,6 +94,8 @@ class Query(Base):
     reserved_tokens: Mapped[int | None]
     # Answered from the response cache at submit: no provider call, no worker, no token budget.
     cached: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
+    # Created by `POST /v1/responses` with `background: true`: OpenAI's field, echoed on every read of it.
+    background: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
 
     attempts: Mapped[int] = mapped_column(default=0, server_default="0")
     next_attempt_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -48,6 +48,7 @@ _INSERTABLE = _UPDATABLE | {
     "created_at",
     "updated_at",
     "expires_at",
+    "output_expires_seconds",
 }
 
 

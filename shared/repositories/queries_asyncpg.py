@@ -66,7 +66,7 @@ class Claim:
 _INSERT_COLUMNS = (
     "id", "user_id", "prompt", "system", "model", "temperature", "max_tokens", "meta", "priority", "status", "attempts",
     "created_at", "updated_at", "next_attempt_at", "reserved_tokens", "response", "prompt_tokens",
-    "completion_tokens", "total_tokens", "cached", "started_at", "finished_at", "webhook_url",
+    "completion_tokens", "total_tokens", "cached", "started_at", "finished_at", "webhook_url", "background",
 )  # fmt: skip
 _INSERT = CompiledStatement.of(sa_insert(Query).values({name: bindparam(name) for name in _INSERT_COLUMNS}))
 _FETCH_FOR_USER = CompiledStatement.of(

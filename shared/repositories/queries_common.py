@@ -31,6 +31,7 @@ PUBLIC_COLUMNS = (
     Query.completion_tokens,
     Query.total_tokens,
     Query.cached,
+    Query.background,
     Query.attempts,
     Query.cancel_requested_at,
     Query.created_at,

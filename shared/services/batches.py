@@ -123,6 +123,7 @@ async def _create(conn: asyncpg.Connection, user_id: uuid.UUID, body: BatchCreat
         request_total=file_row["line_count"],
         created_at=now,
         updated_at=now,
+        output_expires_seconds=body.output_expires_after.seconds if body.output_expires_after else None,
         next_check_at=now + timedelta(seconds=OVERDUE_SECONDS),
         expires_at=now + COMPLETION_WINDOW,
     )
@@ -349,24 +350,20 @@ def _output_line(batch: RowLike, item: RowLike) -> tuple[bool, dict[str, Any]]:
     return False, {"id": line_id, "custom_id": custom_id, "response": response, "error": None}
 
 
-async def _finalize(conn: asyncpg.Connection, batch: RowLike) -> dict[str, Any]:
-    """Write the output and error files (input order); the columns to set on the batch."""
+async def _finalize(conn: asyncpg.Connection, settings: Settings, batch: RowLike) -> dict[str, Any]:
+    """Write the output and error files (input order, expiring as the batch asked, else after
+    BATCH_OUTPUT_EXPIRES_SECONDS); the columns to set on the batch."""
     short = batch["id"].hex
-    output = await files_service.open_output(conn, batch["user_id"], f"batch_{short}_output.jsonl")
-    errors = await files_service.open_output(conn, batch["user_id"], f"batch_{short}_error.jsonl")
+    expires = batch["output_expires_seconds"] or settings.batch_output_expires_seconds or None
+    output = await files_service.open_output(conn, batch["user_id"], f"batch_{short}_output.jsonl", expires)
+    errors = await files_service.open_output(conn, batch["user_id"], f"batch_{short}_error.jsonl", expires)
     after = -1
     while page := await repo.items_page(conn, batch["id"], after, OUTPUT_PAGE):
         for item in page:
             ok, line = _output_line(batch, item)
             await (output if ok else errors).write_line(json.dumps(line, separators=(",", ":")).encode())
         after = page[-1]["item_line_no"]
-    await output.close()
-    await errors.close()
-    # OpenAI leaves out a file that would be empty.
-    return {
-        "output_file_id": output.id if output.lines else None,
-        "error_file_id": errors.id if errors.lines else None,
-    }
+    return {"output_file_id": await output.close(), "error_file_id": await errors.close()}
 
 
 async def advance(
@@ -423,7 +420,7 @@ async def _step(
             if batch["expired_at"]
             else BatchStatus.COMPLETED
         )
-        files = await _finalize(conn, batch)
+        files = await _finalize(conn, settings, batch)
         stamp = {
             BatchStatus.CANCELLED: "cancelled_at",
             BatchStatus.EXPIRED: "expired_at",

@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
+from pydantic import ValidationError
 
 from shared.config import Settings
 from shared.errors import AppError, Conflict, InvalidInput, NotFound
 from shared.models import BATCH_LIVE_STATUSES, FILE_CHUNK_BYTES, FilePurpose
 from shared.repositories import files as repo
 from shared.repositories.queries_common import RowLike
+from shared.schemas_openai import ExpiresAfter
 from shared.services.responses import uuid_after
 
 FILE_PREFIX = "file-"
@@ -37,7 +39,7 @@ def file_object(row: RowLike) -> dict[str, Any]:
         "object": "file",
         "bytes": row["bytes"],
         "created_at": int(row["created_at"].timestamp()),
-        "expires_at": None,
+        "expires_at": int(row["expires_at"].timestamp()) if row["expires_at"] else None,
         "filename": row["filename"],
         "purpose": row["purpose"],
         "status": "processed",
@@ -67,6 +69,21 @@ class LineCounter:
         return self.lines
 
 
+def expires_after_seconds(anchor: str | None, seconds: str | None) -> int | None:
+    """The seconds of an upload's `expires_after` (multipart `expires_after[anchor]`, `expires_after[seconds]`),
+    checked by the model a batch's `output_expires_after` is; None when it is not given, a 400 when invalid."""
+    if anchor is None and seconds is None:
+        return None
+    try:
+        return ExpiresAfter.model_validate({"anchor": anchor, "seconds": seconds}).seconds
+    except ValidationError as exc:
+        details = [
+            {"loc": ["body", "expires_after", *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors()
+        ]
+        raise InvalidInput("Invalid 'expires_after'", code="invalid_value", details=details) from exc
+
+
 def _check_filename(filename: str) -> str:
     name = filename.strip() or "upload.jsonl"
     if "\x00" in name:
@@ -82,8 +99,10 @@ async def upload(
     purpose: str,
     filename: str,
     read: Callable[[int], Awaitable[bytes]],
+    expires_seconds: int | None = None,
 ) -> RowLike:
-    """Store an uploaded batch input file chunk by chunk, in one transaction: all of it or nothing.
+    """Store an uploaded batch input file chunk by chunk, in one transaction: all of it or nothing. It expires
+    `expires_seconds` after its creation (see `expires_after_seconds`), or never.
 
     At most MAX_FILE_BYTES (a 413 otherwise) and MAX_BATCH_LINES non-blank lines (a 400); the lines
     themselves are checked when a batch reads them, each bad one reported in its error file.
@@ -96,7 +115,14 @@ async def upload(
         )
     new_id, counter, size, seq = uuid.uuid4(), LineCounter(), 0, 0
     async with pool.acquire() as conn, conn.transaction():
-        await repo.insert(conn, file_id=new_id, user_id=user_id, purpose=purpose, filename=_check_filename(filename))
+        await repo.insert(
+            conn,
+            file_id=new_id,
+            user_id=user_id,
+            purpose=purpose,
+            filename=_check_filename(filename),
+            expires_seconds=expires_seconds,
+        )
         while data := await read(FILE_CHUNK_BYTES):
             size += len(data)
             if size > settings.max_file_bytes:
@@ -199,16 +225,44 @@ class ChunkWriter:
             await repo.add_chunk(self.conn, self.id, self._seq, piece)
             self._seq += 1
 
-    async def close(self) -> RowLike:
+    async def close(self) -> uuid.UUID | None:
+        """Finish the file; one without a line is not kept (OpenAI leaves out a file that would be empty):
+        returns its id, or None then."""
+        if not self.lines:
+            await repo.delete(self.conn, self.id)
+            return None
         await self._flush(1)
-        return await repo.finish(self.conn, self.id, self.size, self.lines)
+        await repo.finish(self.conn, self.id, self.size, self.lines)
+        return self.id
 
 
-async def open_output(conn: asyncpg.Connection, user_id: uuid.UUID, filename: str) -> ChunkWriter:
-    """A new `batch_output` file of the user, written by the returned writer."""
+async def open_output(
+    conn: asyncpg.Connection, user_id: uuid.UUID, filename: str, expires_seconds: int | None
+) -> ChunkWriter:
+    """A new `batch_output` file of the user (expiring `expires_seconds` after now, or never), written by the
+    returned writer."""
     new_id = uuid.uuid4()
-    await repo.insert(conn, file_id=new_id, user_id=user_id, purpose=FilePurpose.BATCH_OUTPUT, filename=filename)
+    await repo.insert(
+        conn,
+        file_id=new_id,
+        user_id=user_id,
+        purpose=FilePurpose.BATCH_OUTPUT,
+        filename=filename,
+        expires_seconds=expires_seconds,
+    )
     return ChunkWriter(conn, new_id)
+
+
+async def delete_expired(pool: asyncpg.Pool, limit: int) -> int:
+    """Delete up to `limit` expired files (with their chunks) in one transaction; returns how many went.
+
+    An expired file reads as missing already; one a live batch still reads stays until the batch ends, as a
+    client's delete would wait (409) for it.
+    """
+    live = [s.value for s in BATCH_LIVE_STATUSES]
+    async with pool.acquire() as conn, conn.transaction():
+        found = await repo.lock_expired(conn, live, limit)
+        return await repo.delete_unread(conn, found, live) if found else 0
 
 
 async def iter_lines(

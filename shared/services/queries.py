@@ -87,8 +87,10 @@ def validate_submission(settings: Settings, body: QueryCreate) -> str:
     return model
 
 
-def _new_query(settings: Settings, user_id: uuid.UUID, body: QueryCreate) -> tuple[QueryAccepted, dict[str, Any]]:
-    """Validate a submission; returns the 202 body and the row to insert."""
+def _new_query(
+    settings: Settings, user_id: uuid.UUID, body: QueryCreate, *, background: bool = False
+) -> tuple[QueryAccepted, dict[str, Any]]:
+    """Validate a submission; returns the 202 body and the row to insert (`background`: see the column)."""
     now = datetime.now(UTC)
     accepted = QueryAccepted(
         query_id=uuid.uuid4(), status=QueryStatus.PENDING, model=validate_submission(settings, body), created_at=now
@@ -114,6 +116,7 @@ def _new_query(settings: Settings, user_id: uuid.UUID, body: QueryCreate) -> tup
         "completion_tokens": None,
         "total_tokens": None,
         "cached": False,
+        "background": background,
         "started_at": None,
         "finished_at": None,
     }
@@ -207,14 +210,17 @@ async def submit_query(
     user_id: uuid.UUID,
     body: QueryCreate,
     check: DeferredCheck | None = None,
+    *,
+    background: bool = False,
 ) -> tuple[QueryAccepted, dict[str, str]]:
     """Take the user's limits, then store a pending query in one autocommitted INSERT; the caller enqueues it
-    unless the response cache answered it (then the row is stored completed).
+    unless the response cache answered it (then the row is stored completed). `background`: how a
+    `/v1/responses` create asked for it, kept for its reads.
 
     Returns the 202 body and the `RateLimit` headers. A refusal stores nothing. `check`: the caller's revocation
     state, read with the limits (`credentials.resolve_deferred`).
     """
-    accepted, row = _new_query(settings, user_id, body)
+    accepted, row = _new_query(settings, user_id, body, background=background)
     accepted, headers, cache_key = await _take_limits_or_answer(
         pool, settings, limiter, cache, user_id, body, accepted, row, check
     )
@@ -417,6 +423,7 @@ def to_out(query: RowLike) -> QueryOut:
         error=QueryError(code=code, message=query["error_message"] or "") if code else None,
         # An object of nulls says nothing: usage is null until (and unless) the model reported it.
         cached=query["cached"],
+        background=query["background"],
         usage=Usage(
             prompt_tokens=query["prompt_tokens"],
             completion_tokens=query["completion_tokens"],

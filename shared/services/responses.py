@@ -156,8 +156,8 @@ def _timestamp(query: QueryOut) -> int:
     return int(query.created_at.timestamp())
 
 
-def response_object(query: QueryOut, *, background: bool | None = None) -> dict[str, Any]:
-    """A query as an OpenAI `response` object."""
+def response_object(query: QueryOut) -> dict[str, Any]:
+    """A query as an OpenAI `response` object; `background` as it was created (false for other doors' rows)."""
     status = response_status(query)
     output: list[dict[str, Any]] = []
     if query.response is not None:
@@ -177,7 +177,7 @@ def response_object(query: QueryOut, *, background: bool | None = None) -> dict[
         "created_at": _timestamp(query),
         "completed_at": int(query.finished_at.timestamp()) if query.finished_at and status == "completed" else None,
         "status": status,
-        "background": background,
+        "background": query.background,
         "error": (
             {"code": _error_code(query.error.code), "message": f"{query.error.message} ({query.error.code})"}
             if query.error and query.status == QueryStatus.FAILED
@@ -275,15 +275,14 @@ class ResponseEvents:
     response carry the answer as stored.
     """
 
-    def __init__(self, query: QueryOut, *, background: bool | None = None) -> None:
+    def __init__(self, query: QueryOut) -> None:
         self.query = query
-        self.background = background
         self._item_id = f"{MESSAGE_PREFIX}{query.query_id.hex}"
         self._in_progress = False
         self._item_added = False
 
     def _response(self, query: QueryOut, status: str | None = None) -> dict[str, Any]:
-        obj = response_object(query, background=self.background)
+        obj = response_object(query)
         if status is not None:
             obj["status"] = status
         return obj

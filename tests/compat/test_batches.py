@@ -118,6 +118,8 @@ async def test_a_responses_batch_through_the_async_client(async_sdk: openai.Asyn
     assert batch.status == "completed"
     assert batch.error_file_id is None
     assert batch.output_file_id is not None
+    # The empty error file is not stored either: the user's files are the input and the output.
+    assert {f.id async for f in async_sdk.files.list()} == {uploaded.id, batch.output_file_id}
     content = await (await async_sdk.files.content(batch.output_file_id)).aread()
     out = [json.loads(line) for line in content.splitlines()]
     assert sorted(o["custom_id"] for o in out) == [f"r-{i}" for i in range(5)]

@@ -55,8 +55,11 @@ def test_background_create_is_queued_at_once_then_retrieved_completed(sdk: opena
     )
     assert created.id.startswith("resp_")
     assert created.status == "queued"
+    assert created.background is True
     done = _until_terminal(sdk, created.id)
     assert done.status == "completed"
+    # Kept from the create, on every read (OpenAI's behaviour).
+    assert done.background is True
     assert done.output_text
     assert done.instructions == "Be brief."
     assert done.metadata == {"ticket": "T-1"}
@@ -79,6 +82,8 @@ def test_a_foreground_create_waits_and_takes_a_message_list(sdk: openai.OpenAI, 
     assert response.output_text
     assert response.instructions == "Answer in one word."
     assert response.model == "sim-large"
+    assert response.background is False
+    assert sdk.responses.retrieve(response.id).background is False
 
 
 @pytest.mark.anyio
@@ -97,10 +102,14 @@ def test_cancel_is_idempotent(sdk: openai.OpenAI) -> None:
     created = sdk.responses.create(model="sim-small", input="slow one [[sim latency_ms=20000]]", background=True)
     first = sdk.responses.cancel(created.id)
     assert first.status == "cancelled"
+    assert first.background is True
     again = sdk.responses.cancel(created.id)
     assert again.status == "cancelled"
     assert again.id == created.id
-    assert sdk.responses.retrieve(created.id).status == "cancelled"
+    assert again.background is True
+    retrieved = sdk.responses.retrieve(created.id)
+    assert retrieved.status == "cancelled"
+    assert retrieved.background is True
     sdk.responses.delete(created.id)
     with pytest.raises(openai.NotFoundError):
         sdk.responses.retrieve(created.id)
@@ -196,12 +205,14 @@ def test_a_foreground_call_past_compat_wait_is_a_504_naming_the_response_to_fetc
     try:
         sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=30)
         with sdk:
+            # Past the 1 s wait, well within the stack's LLM_TIMEOUT_SECONDS=3 (a 3 s answer raced the timeout).
             with pytest.raises(openai.InternalServerError) as caught:
                 sdk.chat.completions.create(
-                    model="sim-small", messages=[{"role": "user", "content": "[[sim latency_ms=3000]] slow"}]
+                    model="sim-small", messages=[{"role": "user", "content": "[[sim latency_ms=2000]] slow"}]
                 )
             assert caught.value.status_code == 504
             response_id = caught.value.body["message"].split("GET /v1/responses/")[1]  # type: ignore[index]
-            assert _until_terminal(sdk, response_id).status == "completed"
+            done = _until_terminal(sdk, response_id)
+            assert done.status == "completed", done.error
     finally:
         stop(api)

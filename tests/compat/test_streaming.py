@@ -62,6 +62,8 @@ def test_a_dropped_stream_resumes_after_the_last_event_seen(sdk: openai.OpenAI) 
     assert rest[0].sequence_number == last + 1
     assert [e.sequence_number for e in rest] == list(range(last + 1, last + 1 + len(rest)))
     assert rest[-1].type == "response.completed"
+    # The resumed stream (a plain retrieve) still says how the response was created.
+    assert rest[-1].response.background is True
     assert _text(seen) + _text(rest) == rest[-1].response.output_text
     # Resuming again from the start gives the same events, numbered the same.
     again = list(sdk.responses.retrieve(response_id, stream=True))
