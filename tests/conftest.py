@@ -33,6 +33,15 @@ from tests.support.polling import wait_for_http
 from tests.support.stack import Stack, running_stack, stack_settings
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test`: `--dist loadgroup`), the tests on the RabbitMQ stack share one worker, so
+    the run starts one such stack rather than one per worker."""
+    for item in items:
+        if "amqp_stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("amqp"))
+
+
 @pytest.fixture(scope="session")
 def tmp_root() -> Iterator[Path]:
     # Short on purpose: unix socket paths of the embedded servers are limited to ~100 characters.

@@ -6,6 +6,7 @@ own queue name; the Redis keys of that queue are deleted at the end.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
@@ -25,6 +27,11 @@ from shared.config import Settings
 from tests.support.db import throwaway_database
 from tests.support.polling import wait_for_http
 from tests.support.stack import stack_settings
+
+# The tests that start a whole stack of their own (these flow tests, the chaos smoke run) take turns on one
+# pytest-xdist worker (`make test` runs `--dist loadgroup`): two at once would hold most of the server's
+# connections and both cores, and their timings (a fair turn, a drain floor, the smoke budget) assume less load.
+OWN_STACK = pytest.mark.xdist_group("own-stack")
 
 
 @dataclass
@@ -130,13 +137,14 @@ def limited_stack(
                 ],
                 base_env,
             )
-            wait_for_http(f"{sim_url}/healthz", proc=sim.popen)
             api_port = free_port()
             api = launcher.start(
                 "api",
                 [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(api_port)],
                 {**base_env, **values},
             )
+            # Every process starts at once and is waited for after: their imports overlap instead of queueing.
+            ready: list[tuple[str, subprocess.Popen[bytes]]] = [(f"{sim_url}/healthz", sim.popen)]
             for n in range(workers):
                 port = str(free_port())
                 proc = launcher.start(
@@ -154,9 +162,11 @@ def limited_stack(
                     {**base_env, **values, "WORKER_METRICS_PORT": port},
                 )
                 logs.append(root / f"worker{n}.log")
-                wait_for_http(f"http://127.0.0.1:{port}/healthz", timeout=60, proc=proc.popen)
+                ready.append((f"http://127.0.0.1:{port}/healthz", proc.popen))
             api_url = f"http://127.0.0.1:{api_port}"
-            wait_for_http(f"{api_url}/readyz", proc=api.popen)
+            ready.append((f"{api_url}/readyz", api.popen))
+            for url, popen in ready:
+                wait_for_http(url, timeout=60, proc=popen)
             settings = Settings(**{k.lower(): v for k, v in values.items()})  # type: ignore[arg-type]
             stack = LimitedStack(api_url, sim_url, settings, engine, server_urls["redis"], logs)
             yield stack
