@@ -12,8 +12,7 @@ STAMP := $(VENV)/.aiq-installed
 DEV_ARGS ?=
 PYTEST_ARGS ?=
 # Most of the suite waits on its servers rather than computing, so two processes finish in about half the
-# time even on a two-core machine. Each has its own session fixtures: stack, databases, queue name;
-# loadgroup keeps the tests marked xdist_group (the RabbitMQ stack's, those with a stack of their own) together.
+# time even on a two-core machine. Each has its own session fixtures: stack, databases, queue name.
 PYTEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
@@ -41,7 +40,7 @@ test: tools $(STAMP) ## ruff, mypy, then the whole test suite (alembic check and
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy only
 	$(BIN)/ruff check .

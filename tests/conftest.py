@@ -8,6 +8,7 @@ other's rows or messages. The repository tests get a second throwaway database t
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 import tempfile
@@ -33,13 +34,15 @@ from tests.support.polling import wait_for_http
 from tests.support.stack import Stack, running_stack, stack_settings
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test`: `--dist loadgroup`), the tests on the RabbitMQ stack share one worker, so
-    the run starts one such stack rather than one per worker."""
-    for item in items:
-        if "amqp_stack" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("amqp"))
+@pytest.fixture
+def stack_turn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Held by a test that starts a whole stack of its own (tests/support/flow.py): under pytest-xdist such tests
+    take turns across the workers, as two at once could take most of PostgreSQL's 100 connections."""
+    # A pytest-xdist worker's base temp sits in the run's own: the lock is per run, held by one worker at a time.
+    lock = tmp_path_factory.getbasetemp().parent / "aiq-stack-turn.lock"
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="session")

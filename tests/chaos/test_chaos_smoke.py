@@ -17,12 +17,10 @@ from pathlib import Path
 import pytest
 
 from devkit.paths import ROOT
-from tests.support.flow import OWN_STACK
 
 SMOKE_BUDGET_SECONDS = 170  # the run targets <= 120 s; the rest is slack for a slow machine
 
 
-@OWN_STACK
 @pytest.mark.timeout(SMOKE_BUDGET_SECONDS + 30)
 def test_chaos_smoke_loses_nothing_and_never_rewrites_a_terminal_row(tmp_path: Path) -> None:
     report_path = tmp_path / "chaos-smoke.json"

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
@@ -27,11 +26,6 @@ from shared.config import Settings
 from tests.support.db import throwaway_database
 from tests.support.polling import wait_for_http
 from tests.support.stack import stack_settings
-
-# The tests that start a whole stack of their own (these flow tests, the chaos smoke run) take turns on one
-# pytest-xdist worker (`make test` runs `--dist loadgroup`): two at once would hold most of the server's
-# connections and both cores, and their timings (a fair turn, a drain floor, the smoke budget) assume less load.
-OWN_STACK = pytest.mark.xdist_group("own-stack")
 
 
 @dataclass
@@ -110,7 +104,10 @@ def limited_stack(
     env: dict[str, str],
     workers: int = 2,
 ) -> Iterator[LimitedStack]:
-    """Simulator with `sim_args` (e.g. `--limit-rpm 240`), an API and `workers` worker processes."""
+    """Simulator with `sim_args` (e.g. `--limit-rpm 240`), an API and `workers` worker processes.
+
+    A test that calls it takes the `stack_turn` fixture (tests/conftest.py).
+    """
     root.mkdir(parents=True, exist_ok=True)
     with throwaway_database(server_urls["database"]) as database_url:
         sim_port = free_port()

@@ -20,7 +20,7 @@ from shared.models import QueryStatus
 from shared.repositories import queries_asyncpg
 from tests.support.api import register_and_login
 from tests.support.db import insert_user, row
-from tests.support.flow import OWN_STACK, limited_stack, submit_many
+from tests.support.flow import limited_stack, submit_many
 
 LEASE = timedelta(seconds=60)
 AGEING = timedelta(minutes=5)
@@ -141,7 +141,7 @@ async def test_giving_a_claim_back_to_wait_for_budget_is_not_an_attempt(
     assert again.attempt == 1
 
 
-@OWN_STACK
+@pytest.mark.usefixtures("stack_turn")
 def test_end_to_end_a_second_users_queries_finish_within_a_turn_of_a_backlog_and_batch_waits(
     server_urls: dict[str, str], tmp_path: Path
 ) -> None:
