@@ -8,6 +8,7 @@ other's rows or messages. The repository tests get a second throwaway database t
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 import tempfile
@@ -31,6 +32,30 @@ from tests.support.api import register_and_login
 from tests.support.db import throwaway_database
 from tests.support.polling import wait_for_http
 from tests.support.stack import Stack, running_stack, stack_settings
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Spread the tests that take a stack turn (each runs for 10-25 s) evenly over the run: under pytest-xdist they
+    then seldom wait for each other's turn, and do not end the run together on one worker while the other idles."""
+    turns = [item for item in items if "stack_turn" in getattr(item, "fixturenames", ())]
+    if not turns:
+        return
+    rest = [item for item in items if "stack_turn" not in getattr(item, "fixturenames", ())]
+    step = len(rest) / len(turns)
+    for k, item in enumerate(turns):
+        rest.insert(round(step * (k + 0.5)) + k, item)
+    items[:] = rest
+
+
+@pytest.fixture
+def stack_turn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Held by a test that starts a whole stack of its own (tests/support/flow.py): under pytest-xdist such tests
+    take turns across the workers, as two at once could take most of PostgreSQL's 100 connections."""
+    # A pytest-xdist worker's base temp sits in the run's own: the lock is per run, held by one worker at a time.
+    lock = tmp_path_factory.getbasetemp().parent / "aiq-stack-turn.lock"
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ own queue name; the Redis keys of that queue are deleted at the end.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -103,7 +104,10 @@ def limited_stack(
     env: dict[str, str],
     workers: int = 2,
 ) -> Iterator[LimitedStack]:
-    """Simulator with `sim_args` (e.g. `--limit-rpm 240`), an API and `workers` worker processes."""
+    """Simulator with `sim_args` (e.g. `--limit-rpm 240`), an API and `workers` worker processes.
+
+    A test that calls it takes the `stack_turn` fixture (tests/conftest.py).
+    """
     root.mkdir(parents=True, exist_ok=True)
     with throwaway_database(server_urls["database"]) as database_url:
         sim_port = free_port()
@@ -130,13 +134,14 @@ def limited_stack(
                 ],
                 base_env,
             )
-            wait_for_http(f"{sim_url}/healthz", proc=sim.popen)
             api_port = free_port()
             api = launcher.start(
                 "api",
                 [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(api_port)],
                 {**base_env, **values},
             )
+            # Every process starts at once and is waited for after: their imports overlap instead of queueing.
+            ready: list[tuple[str, subprocess.Popen[bytes]]] = [(f"{sim_url}/healthz", sim.popen)]
             for n in range(workers):
                 port = str(free_port())
                 proc = launcher.start(
@@ -154,9 +159,11 @@ def limited_stack(
                     {**base_env, **values, "WORKER_METRICS_PORT": port},
                 )
                 logs.append(root / f"worker{n}.log")
-                wait_for_http(f"http://127.0.0.1:{port}/healthz", timeout=60, proc=proc.popen)
+                ready.append((f"http://127.0.0.1:{port}/healthz", proc.popen))
             api_url = f"http://127.0.0.1:{api_port}"
-            wait_for_http(f"{api_url}/readyz", proc=api.popen)
+            ready.append((f"{api_url}/readyz", api.popen))
+            for url, popen in ready:
+                wait_for_http(url, timeout=60, proc=popen)
             settings = Settings(**{k.lower(): v for k, v in values.items()})  # type: ignore[arg-type]
             stack = LimitedStack(api_url, sim_url, settings, engine, server_urls["redis"], logs)
             yield stack

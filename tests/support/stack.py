@@ -63,6 +63,10 @@ def stack_settings(
         "LLM_TIMEOUT_SECONDS": "3",
         "BCRYPT_ROUNDS": "4",
         "WORKER_CONCURRENCY": "50",
+        # Small pools: a run holds several stacks at once (one per pytest-xdist worker, the RabbitMQ one, the flow
+        # tests' own) on a server that allows 100 connections, and the defaults let each process keep 20 open.
+        "DB_POOL_SIZE": "5",
+        "DB_MAX_OVERFLOW": "5",
         # Fast recovery so the tests can watch it happen.
         "LEASE_SECONDS": "3",
         "HEARTBEAT_SECONDS": "0.5",

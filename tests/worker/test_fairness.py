@@ -141,6 +141,7 @@ async def test_giving_a_claim_back_to_wait_for_budget_is_not_an_attempt(
     assert again.attempt == 1
 
 
+@pytest.mark.usefixtures("stack_turn")
 def test_end_to_end_a_second_users_queries_finish_within_a_turn_of_a_backlog_and_batch_waits(
     server_urls: dict[str, str], tmp_path: Path
 ) -> None:

@@ -18,6 +18,8 @@ import pytest
 from tests.support.api import register_and_login
 from tests.support.flow import LimitedStack, limited_stack, submit_many
 
+pytestmark = pytest.mark.usefixtures("stack_turn")
+
 # 240 requests a minute = 4 a second, with a burst of 8 (2 s): a backlog of 60 takes about 13 s.
 SIM_LIMITS = ["--latency-ms", "100", "--limit-rpm", "240", "--limit-burst-seconds", "2"]
 BACKLOG = 60
