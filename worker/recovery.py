@@ -12,6 +12,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from shared.models import TERMINAL_STATUSES
@@ -91,28 +92,32 @@ async def purge_once(rt: WorkerRuntime) -> int:
     if not rt.settings.retention_days:
         return 0
     cutoff = datetime.now(UTC) - timedelta(days=rt.settings.retention_days)
-    total = 0
-    for _ in range(PURGE_MAX_BATCHES):
+
+    async def step() -> int:
         async with rt.sessionmaker.begin() as session:
-            purged = await repo.purge_finished_before(session, cutoff, SWEEP_BATCH)
-        total += purged
-        if purged < SWEEP_BATCH:
-            break
-    if total:
-        log.info("retention purge", extra={"count": total})
-    return total
+            return await repo.purge_finished_before(session, cutoff, SWEEP_BATCH)
+
+    return await _in_batches(step, SWEEP_BATCH, "retention purge")
 
 
 async def purge_expired_files_once(rt: WorkerRuntime) -> int:
     """Delete files past their `expires_at` (they read as missing already), in batches; returns how many."""
+    return await _in_batches(
+        lambda: files.delete_expired(rt.raw_pool, FILE_PURGE_BATCH), FILE_PURGE_BATCH, "expired files purge"
+    )
+
+
+async def _in_batches(step: Callable[[], Awaitable[int]], batch: int, what: str) -> int:
+    """Run a deleting `step` (one transaction, up to `batch` rows) until it deletes fewer, at most
+    PURGE_MAX_BATCHES times per sweep; log and return how many in all."""
     total = 0
     for _ in range(PURGE_MAX_BATCHES):
-        deleted = await files.delete_expired(rt.raw_pool, FILE_PURGE_BATCH)
+        deleted = await step()
         total += deleted
-        if deleted < FILE_PURGE_BATCH:
+        if deleted < batch:
             break
     if total:
-        log.info("expired files purge", extra={"count": total})
+        log.info(what, extra={"count": total})
     return total
 
 

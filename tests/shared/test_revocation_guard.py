@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,15 +16,6 @@ pytestmark = pytest.mark.anyio
 
 ISSUED_AT = 1_800_000_000.25
 LIMITS = Limits(requests_per_minute=1000, max_pending=1000, token_budget=10**9, token_window_seconds=3600)
-
-
-@pytest.fixture
-async def redis(server_urls: dict[str, str]) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(server_urls["redis"])
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 QUEUE = f"guard-{uuid.uuid4().hex[:8]}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,15 +12,6 @@ from redis.exceptions import ResponseError
 from shared.scriptbatch import ScriptBatch
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def redis(server_urls: dict[str, str]) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(server_urls["redis"])
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def _key() -> str:
