@@ -11,6 +11,7 @@ import anyio
 import orjson
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
+from redis.asyncio import Redis
 
 from api.deps import CurrentUserId, EventLogDep, PoolDep, RedisDep, SettingsDep, WakeupDep
 from api.errors import error_responses
@@ -20,6 +21,7 @@ from shared.errors import InvalidInput
 from shared.events import Event, EventLog
 from shared.limits import Limiter, limiter_for
 from shared.metrics import SSE_STREAMS_OPEN
+from shared.services import credentials
 from shared.services.events import ensure_owner, follow, with_keepalive
 from shared.wakeup import Wakeup
 
@@ -88,7 +90,7 @@ async def stream_events(
     await limiter.take_stream(user_id, slot, lease)
     # A stream's duration is the query's, not latency: keep it out of the latency histogram.
     mark_long_request(request.scope)
-    body = _frames(settings, log, wakeup, pool, limiter, user_id, query_id, start, slot, lease)
+    body = _frames(settings, log, wakeup, pool, redis, limiter, user_id, query_id, start, slot, lease)
     return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -102,6 +104,7 @@ async def _frames(
     log: EventLog,
     wakeup: Wakeup,
     pool: PoolDep,
+    redis: Redis,
     limiter: Limiter,
     user_id: uuid.UUID,
     query_id: uuid.UUID,
@@ -110,12 +113,20 @@ async def _frames(
     lease: float,
 ) -> AsyncIterator[bytes]:
     SSE_STREAMS_OPEN.inc()
-    renewed = time.monotonic()
+    renewed = checked = time.monotonic()
+    interval = settings.sse_keepalive_seconds
     try:
-        async for event in with_keepalive(follow(log, wakeup, pool, query_id, after), settings.sse_keepalive_seconds):
+        async for event in with_keepalive(follow(log, wakeup, pool, query_id, after), interval):
             yield KEEPALIVE if event is None else sse_frame(event)
-            if time.monotonic() - renewed >= lease / 4:
-                renewed = time.monotonic()
+            now = time.monotonic()
+            if now - checked >= interval:
+                # An account disabled meanwhile ends its open streams (at most one keep-alive interval later);
+                # the client's reconnect then hears the 401 `account_disabled`.
+                checked = now
+                if not await credentials.account_enabled(redis, pool, user_id):
+                    return
+            if now - renewed >= lease / 4:
+                renewed = now
                 await limiter.renew_stream(user_id, slot, lease)
     finally:
         SSE_STREAMS_OPEN.dec()

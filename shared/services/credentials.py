@@ -145,6 +145,17 @@ async def _check_user(
     return state
 
 
+async def account_enabled(redis: aioredis.Redis, pool: asyncpg.Pool, user_id: uuid.UUID) -> bool:
+    """Whether a user let in earlier may still be served (not disabled, not deleted): the re-check of a long-lived
+    response such as an event stream. True when the state cannot be read now (the next re-check will tell)."""
+    try:
+        (cached,) = await revocation.read(redis, [revocation.user_key(user_id)])
+        state = await revocation.user_state(redis, user_id, cached, lambda: _load_user_state(pool, user_id))
+    except revocation.AuthUnavailable:
+        return True
+    return not state.disabled
+
+
 async def resolve(settings: Settings, redis: aioredis.Redis, pool: asyncpg.Pool, bearer: str) -> Principal:
     """The principal behind a bearer credential, or a 401 (503 when revocation state cannot be read)."""
     if bearer.startswith(API_KEY_PREFIX):

@@ -432,3 +432,34 @@ def test_a_cache_hit_streams_its_stored_answer_at_once(sse_client: httpx.Client,
     assert events[0]["text"] == _text(answer)
     assert events[1]["cached"] is True
     assert events[1]["usage"] == answer[-1]["usage"]
+
+
+def test_disabling_an_account_ends_its_open_streams(stack: Stack, db: Engine, tmp_path: Path) -> None:
+    # An API on a queue no worker reads: the query stays pending and its stream open, on keep-alives only.
+    queue = f"aiq.sse.disable.{uuid.uuid4().hex[:6]}"
+    api, url = spawn_api(stack, tmp_path / "api.log", QUEUE_NAME=queue, SSE_KEEPALIVE_SECONDS="0.3")
+    try:
+        with (
+            httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=30)) as c,
+            httpx.Client(base_url=url, timeout=10) as admin_client,
+        ):
+            user = register_and_login(c)
+            admin = register_and_login(admin_client)
+            make_admin(db, admin["user_id"])
+            query_id = _submit(c, user["headers"], "never picked up; its owner is disabled meanwhile")
+            path = f"/api/v1/query/{query_id}/events"
+            seen: list[str] = []
+            with connect_sse(c, "GET", path, headers=user["headers"]) as source:
+                for sse in source.iter_sse():
+                    seen.append(_data(sse)["type"])
+                    r = admin_client.post(f"/api/v1/admin/users/{user['user_id']}/disable", headers=admin["headers"])
+                    assert r.status_code == 200, r.text
+                    disabled_at = time.monotonic()
+            # Ended by the account re-check (once per keep-alive interval), not by an event or the read timeout.
+            assert time.monotonic() - disabled_at < 10
+            assert seen == ["queued"]
+            again = c.get(path, headers=user["headers"])
+            assert again.status_code == 401
+            assert again.json()["error"]["code"] == "account_disabled"
+    finally:
+        stop(api)
