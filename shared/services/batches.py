@@ -140,14 +140,7 @@ async def list_page(conn: asyncpg.Connection, user_id: uuid.UUID, after: str | N
     """OpenAI's cursor list: newest first, `after` the last id of the previous page."""
     after_id = parse_batch_id(after) if after else None
     rows = await repo.list_for_user(conn, user_id, after=after_id, limit=limit + 1)
-    data = [batch_object(r) for r in rows[:limit]]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": len(rows) > limit,
-    }
+    return responses_service.list_object(rows, limit, batch_object)
 
 
 async def cancel(conn: asyncpg.Connection, user_id: uuid.UUID, public_id: str) -> tuple[RowLike, bool]:

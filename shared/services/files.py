@@ -15,7 +15,7 @@ from shared.models import BATCH_LIVE_STATUSES, FILE_CHUNK_BYTES, FilePurpose
 from shared.repositories import files as repo
 from shared.repositories.queries_common import RowLike
 from shared.schemas_openai import ExpiresAfter
-from shared.services.responses import uuid_after
+from shared.services.responses import list_object, uuid_after
 
 FILE_PREFIX = "file-"
 
@@ -179,14 +179,7 @@ async def list_page(
     """OpenAI's cursor list of the caller's files, newest first."""
     after_id = parse_file_id(after) if after else None
     rows = await repo.list_for_user(conn, user_id, purpose=purpose, after=after_id, limit=limit + 1)
-    data = [file_object(r) for r in rows[:limit]]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": len(rows) > limit,
-    }
+    return list_object(rows, limit, file_object)
 
 
 async def content(pool: asyncpg.Pool, file_row: RowLike) -> AsyncIterator[bytes]:

@@ -8,12 +8,14 @@ one row, one lifecycle, one set of limits whichever door a query came in by. Req
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
 
 from shared.errors import AppError, InvalidInput, NotFound
 from shared.models import QueryStatus
+from shared.repositories.queries_common import RowLike
 from shared.schemas import QueryCreate, QueryOut
 from shared.schemas_openai import ChatCompletionCreate, ChatMessage, InputMessage, ResponseCreate, TextPart
 
@@ -43,6 +45,18 @@ def uuid_after(public_id: str, prefix: str) -> uuid.UUID | None:
         except ValueError:
             pass
     return None
+
+
+def list_object(rows: Sequence[RowLike], limit: int, to_object: Callable[[RowLike], dict[str, Any]]) -> dict[str, Any]:
+    """OpenAI's cursor list from up to `limit + 1` rows, newest first (the extra row only says there is more)."""
+    data = [to_object(r) for r in rows[:limit]]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(rows) > limit,
+    }
 
 
 def parse_id(public_id: str, prefix: str, what: str) -> uuid.UUID:
