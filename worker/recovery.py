@@ -18,8 +18,8 @@ from datetime import UTC, datetime, timedelta
 from shared.models import TERMINAL_STATUSES
 from shared.repositories import queries_session as repo
 from shared.repositories.queries_session import WORKER_LOST_CODE, WORKER_LOST_MESSAGE
-from shared.services import files, webhooks
-from shared.services.events import tell_end
+from shared.services import files
+from shared.services.queries import after_outcome
 from worker import batches
 from worker.runtime import StopReason, WorkerRuntime
 
@@ -66,9 +66,10 @@ async def sweep_once(rt: WorkerRuntime) -> int:
     # usage is unknown, so none is booked).
     for query_id, status in reclaimed:
         if status in TERMINAL_STATUSES:
-            await rt.limiter.settle_quietly(query_id, 0)
-            await tell_end(rt.events, query_id, status, None, code=WORKER_LOST_CODE, message=WORKER_LOST_MESSAGE)
-            await webhooks.on_query_ended(rt.raw_pool, rt.publisher, query_id)
+            await after_outcome(
+                rt.raw_pool, rt.publisher, rt.limiter, rt.events, query_id, status, None,
+                code=WORKER_LOST_CODE, message=WORKER_LOST_MESSAGE,
+            )  # fmt: skip
     async with rt.sessionmaker.begin() as session:
         due = await repo.lock_stale_pending(session, stale, SWEEP_BATCH)
         sent: list[uuid.UUID] = []

@@ -12,11 +12,9 @@ from api.compat.submit import submit, wait
 from api.deps import ConnectionDep, CurrentUserId, EventLogDep, PoolDep, PublisherDep, RedisDep, SettingsDep, WakeupDep
 from shared.errors import Conflict
 from shared.limits import limiter_for
-from shared.models import QueryStatus
 from shared.schemas_openai import ResponseCreate
 from shared.services import queries as queries_service
 from shared.services import responses as service
-from shared.services import webhooks
 
 router = APIRouter()
 # A cancel of a running query is carried out by its worker; wait this long for it to say so.
@@ -101,10 +99,8 @@ async def cancel_response(
     try:
         async with pool.acquire() as conn:
             limiter = limiter_for(redis, settings)
-            row = await queries_service.cancel_query(conn, limiter, user_id, query_id, events=events)
-            if row["status"] == QueryStatus.CANCELLED:
-                # Ended here, not by a worker: its webhooks are sent now, as the native cancel does.
-                await webhooks.on_query_ended(conn, publisher, query_id)
+            # Ended here, not by a worker: its webhooks are sent now, as the native cancel's are.
+            await queries_service.cancel_query(conn, limiter, user_id, query_id, events=events, publisher=publisher)
     except Conflict as exc:
         if exc.code != "query_not_cancellable":
             raise
@@ -119,11 +115,13 @@ async def delete_response(
     response_id: str,
     user_id: CurrentUserId,
     conn: ConnectionDep,
+    publisher: PublisherDep,
     redis: RedisDep,
     settings: SettingsDep,
     events: EventLogDep,
 ) -> dict[str, Any]:
     """Erase the response's text (the native delete: a running one is a 409, cancel it first)."""
     query_id = service.parse_id(response_id, service.RESPONSE_PREFIX, "response")
-    await queries_service.delete_query(conn, limiter_for(redis, settings), user_id, query_id, events=events)
+    limiter = limiter_for(redis, settings)
+    await queries_service.delete_query(conn, limiter, user_id, query_id, events=events, publisher=publisher)
     return {"id": response_id, "object": "response.deleted", "deleted": True}

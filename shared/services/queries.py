@@ -453,8 +453,9 @@ async def after_outcome(
 ) -> None:
     """What follows an API-side write that ended a query (a cancel, the cancel before a delete): settle its token
     reservation, tell its event log and send its webhook messages (the outbox row came with the write; without
-    a publisher the workers' webhook sweep sends them). The worker's own ends batch the same steps
-    (worker/processing.py `_end`), the sweeper's too (worker/recovery.py). `status` None does nothing."""
+    a publisher the workers' webhook sweep sends them). The sweeper's `worker_lost` ends run it too;
+    the worker's own ends batch the same steps in one round trip (worker/processing.py `_end`).
+    `status` None does nothing."""
     ended = status in TERMINAL_STATUSES
     if ended:
         await limiter.settle_quietly(query_id, used_tokens)
