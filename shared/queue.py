@@ -340,7 +340,7 @@ class Publisher:
         return self._broker
 
     def publish_sync(self, query_id: uuid.UUID, countdown: float | None = None, task: str = PROCESS_TASK) -> None:
-        """Blocking `send_task` (workers use it from their own threads)."""
+        """Blocking `send_task` (tools and tests)."""
         if self._app is None:
             self._app = make_celery(self._settings)
         self._app.send_task(
