@@ -54,11 +54,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "interval_step": 0.2,
             "interval_max": 0.3,
         },
-        # Prefetch = concurrency x 1: each reserved message has a thread waiting for it, none waits behind
-        # another's LLM call (on RabbitMQ that is the consumer's static basic.qos: quorum queues have no global QoS).
+        # Prefetch = concurrency x 1: each reserved message's task runs at once, none waits behind another's
+        # LLM call (on RabbitMQ that is the consumer's static basic.qos: quorum queues have no global QoS).
+        # The worker's pool (worker/pool.py: every task a coroutine on one asyncio loop) is set by worker/celery_app.py.
         "worker_prefetch_multiplier": 1,
-        # Each in-flight LLM call is a waiting thread; the calls themselves run on one asyncio loop.
-        "worker_pool": "threads",
         "worker_concurrency": settings.worker_concurrency,
         # Task events cost a broker publish per task state. Flower switches them on in the workers it watches
         # (its default `--enable_events`), so the price is paid only while someone is looking.
@@ -341,7 +340,7 @@ class Publisher:
         return self._broker
 
     def publish_sync(self, query_id: uuid.UUID, countdown: float | None = None, task: str = PROCESS_TASK) -> None:
-        """Blocking `send_task` (workers use it from their own threads)."""
+        """Blocking `send_task` (tools and tests)."""
         if self._app is None:
             self._app = make_celery(self._settings)
         self._app.send_task(

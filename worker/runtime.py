@@ -1,8 +1,9 @@
 """One asyncio loop per worker process, on its own thread.
 
-Celery's threads pool gives each in-flight message a thread that only waits; the database and LLM I/O of
-all of them runs on this loop, so a thousand calls in flight cost a thousand coroutines, not processes.
-The loop also runs the background loops the worker's start-up hands it (lease renewal, the recovery sweeper).
+Every in-flight message's task runs on this loop (worker/pool.py): its synchronous Celery code in a greenlet
+of its own, its database and LLM I/O as coroutines, so a thousand calls in flight cost a thousand coroutines,
+not threads or processes. The loop also runs the background loops the worker's start-up hands it (lease
+renewal, the recovery sweeper).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 import asyncpg
+import greenlet
 import redis.asyncio as aioredis
 from celery import Celery
 from openai import AsyncOpenAI
@@ -135,7 +137,13 @@ class WorkerRuntime:
         await self.engine.dispose()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run a coroutine on the loop and wait for it from the calling thread."""
+        """Run a coroutine on the loop and wait for it: from a task's greenlet on the loop (see `run_task`),
+        by handing it to the loop's side of that greenlet; from any other thread, by blocking that thread."""
+        current = greenlet.getcurrent()
+        if isinstance(current, TaskGreenlet):
+            awaited = coro if timeout is None else asyncio.wait_for(coro, timeout)
+            result: T = current.parent.switch(awaited)
+            return result
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def track(self, claim: Claim, task: asyncio.Task[Any]) -> InFlight:
@@ -169,6 +177,34 @@ class WorkerRuntime:
         self.publisher.close()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
+
+
+class TaskGreenlet(greenlet.greenlet):  # type: ignore[misc] # greenlet's C type is untyped to mypy
+    """A Celery task's synchronous code, running on the loop thread inside `run_task`."""
+
+
+async def run_task(fn: Callable[..., T], *args: Any) -> T:
+    """On the loop: run synchronous `fn` (a Celery task and its bookkeeping) to its end without a thread.
+
+    `fn` runs in a greenlet of its own that shares this coroutine's context variables. Each
+    `WorkerRuntime.run(coro)` it makes switches back here with the coroutine, which is awaited on the loop
+    while other tasks run; its result (or exception) is switched back in. The rest of `fn` is ordinary
+    synchronous code that runs on the loop thread, so it must not block for long (Celery's own publishes, a
+    retry's re-send, are the only blocking I/O left there).
+    """
+    here = greenlet.getcurrent()
+    task = TaskGreenlet(fn, here)
+    task.gr_context = here.gr_context
+    pending = task.switch(*args)
+    while not task.dead:
+        try:
+            value = await pending
+        except BaseException as exc:  # noqa: BLE001 - handed to the task's code, which decides
+            pending = task.throw(exc)
+        else:
+            pending = task.switch(value)
+    result: T = pending
+    return result
 
 
 def new_loop() -> asyncio.AbstractEventLoop:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -141,6 +142,20 @@ def test_secrets_and_prompts_never_reach_the_logs(client: httpx.Client, stack: S
         stack.settings.openai_api_key.get_secret_value(),
     ):
         assert secret not in logs
+
+
+def test_each_worker_log_line_carries_its_own_tasks_query_id(
+    client: httpx.Client, stack: Stack, user: dict[str, Any]
+) -> None:
+    """Each message's task runs on the shared loop in a greenlet (worker/pool.py); the query id the task sets
+    reaches the lines its coroutines log, and never another task's lines (they overlap in time here)."""
+    ids = [_submit(client, user, f"[[sim latency_ms=300]] overlap {i}") for i in range(6)]
+    for query_id in ids:
+        assert wait_terminal(client, user["headers"], query_id)["status"] == "completed"
+    lines = [json.loads(line) for line in stack.logs["worker"].read_text().splitlines() if line.startswith("{")]
+    completed = [line for line in lines if line["msg"] == "query completed"]
+    # Six distinct ids on six overlapping tasks' lines: no task's context leaked into another's.
+    assert {line.get("query_id") for line in completed} >= set(ids)
 
 
 def _long_poll(
