@@ -156,6 +156,10 @@ class EventLog:
         EVENTS_PUBLISHED.labels(type=type.value).inc()
         return int(seq)
 
+    def batch(self) -> ScriptBatch:
+        """A batch on the log's Redis, for appends that ride in one round trip with other steps."""
+        return ScriptBatch(self._redis)
+
     def append_in(
         self,
         batch: ScriptBatch,
