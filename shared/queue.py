@@ -408,7 +408,8 @@ class Publisher:
             )
             return False
         if carried is not None:
-            # Outside the deadline: the message is in; a step Redis did not know is run again (and loaded).
+            # Outside the deadline: the message is in. A step Redis did not know (only after a Redis restart or
+            # SCRIPT FLUSH) is run again here, which loads it; it then follows the message instead of preceding it.
             await carried.settle(steps)
         return True
 
