@@ -4,9 +4,11 @@
 
 One API process and one worker process on their own embedded PostgreSQL and Redis, the simulator at 0.5 s,
 the client-side scenario's clients (bench/clientgen.py) at one rate per mode. Per mode: answers/s, the
-overhead the clients saw (P50/P99), CPU-ms per answer by process, and two counts that do not depend on how
+overhead the clients saw (P50/P99), CPU-ms per answer by process, and counts that do not depend on how
 busy the machine is: Redis commands per answer (INFO commandstats; a script's inner commands count too,
-`evalsha` is the number of script calls) and PostgreSQL transactions per answer (pg_stat_database). Made
+`evalsha` is the number of script calls), Redis round trips per answer (`redis_reads`: INFO stats
+`total_reads_processed`, a pipeline arriving in one read) and PostgreSQL transactions per answer
+(pg_stat_database). Made
 for before/after comparisons in one sitting: run it from each tree in turn (`PYTHONPATH=<tree>`).
 `--profile TAG` adds py-spy on the API and the worker for 12 s at the same rate (/tmp/profile-TAG-*.txt).
 """
@@ -38,10 +40,13 @@ from devkit.procs import Launcher
 
 
 def counts(servers: Servers, aiq: System) -> dict[str, int]:
-    """Redis commands by name so far, and the run database's committed plus rolled-back transactions."""
+    """Redis commands by name so far, Redis' reads of client input (`redis_reads`: round trips, near enough),
+    and the run database's committed plus rolled-back transactions."""
     rc = redis.Redis.from_url(servers.redis)
     try:
         out = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in rc.info("commandstats").items()}
+        # Reads of client input: about one per round trip (a pipeline's commands arrive in one read).
+        out["redis_reads"] = int(rc.info("stats")["total_reads_processed"])
     finally:
         rc.close()
     with psycopg2.connect(aiq.db_url) as pc, pc.cursor() as cur:

@@ -37,6 +37,13 @@ REDIS_MAX_CONNECTIONS = 256
 REDIS_POOL_WAIT_SECONDS = 5.0
 
 
+def redis_py_url(url: str) -> str:
+    """A Redis URL as redis-py spells it: kombu's `redis+socket://` is redis-py's `unix://`."""
+    if url.startswith("redis+socket://"):
+        return "unix://" + url.removeprefix("redis+socket://")
+    return url
+
+
 def redis_client(
     url: str,
     *,
@@ -48,8 +55,7 @@ def redis_client(
     """A Redis client of its own (the publisher's, the wake-up subscriber's), for a `redis://`, `rediss://`,
     `unix://` or kombu's `redis+socket://` URL. TCP keep-alive only where there is TCP: a unix-socket
     connection refuses the option (TypeError)."""
-    if url.startswith("redis+socket://"):
-        url = "unix://" + url.removeprefix("redis+socket://")
+    url = redis_py_url(url)
     options: dict[str, Any] = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": connect_timeout,

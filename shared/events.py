@@ -156,18 +156,35 @@ class EventLog:
         EVENTS_PUBLISHED.labels(type=type.value).inc()
         return int(seq)
 
+    def batch(self) -> ScriptBatch:
+        """A batch on the log's Redis, for appends that ride in one round trip with other steps."""
+        return ScriptBatch(self._redis)
+
     def append_in(
-        self, batch: ScriptBatch, query_id: uuid.UUID, type: EventType, data: dict[str, Any], attempt: int | None
+        self,
+        batch: ScriptBatch,
+        query_id: uuid.UUID,
+        type: EventType,
+        data: dict[str, Any],
+        attempt: int | None,
+        *,
+        notify: bool = True,
     ) -> int:
         """`append` queued on a batch (shared with other features' scripts); the index of its result (the
-        sequence number). Call `appended` once the batch has run."""
-        keys, args = self._call(query_id, type, data, attempt, False)
+        sequence number). Call `landed` once the batch has run."""
+        keys, args = self._call(query_id, type, data, attempt, False, notify)
         return batch.add(self._append, keys, args)
 
     @staticmethod
-    def appended(type: EventType) -> None:
-        """Count an event appended through a batch."""
+    def landed(query_id: uuid.UUID, type: EventType, result: Any) -> bool:
+        """After a batch ran: count its event appended, or log it not appended (its result is an error)."""
+        if isinstance(result, BaseException):
+            log.warning(
+                "event not appended", extra={"query_id": str(query_id), "outcome": type.value, "error": repr(result)}
+            )
+            return False
         EVENTS_PUBLISHED.labels(type=type.value).inc()
+        return True
 
     async def append_quietly(
         self,

@@ -207,11 +207,14 @@ async def complete(
     max_tokens: int | None,
     headers: dict[str, str],
     on_delta: Callable[[str], None] | None = None,
+    on_end: Callable[[], None] | None = None,
     stream: bool = True,
 ) -> Completion:
     """One chat completion, streamed (each content piece goes to `on_delta` as it arrives) unless `stream` is
     off; raises the SDK's exceptions for `classify` to read.
 
+    `on_end` is called once the answer's text is all in, in the same loop turn as the read that brought its
+    end (before the response is closed): a listener learns then that no piece follows the last one it holds.
     A provider that refuses to stream is asked again without streaming; a call that did not stream hands its
     whole answer to `on_delta` as one piece.
     """
@@ -222,7 +225,7 @@ async def complete(
     started = time.perf_counter()
     if stream:
         try:
-            return await _streamed(client, model, messages, temperature, max_tokens, headers, on_delta, started)
+            return await _streamed(client, model, messages, temperature, max_tokens, headers, on_delta, on_end, started)
         except openai.BadRequestError as exc:
             if "stream" not in str(exc.message).lower():
                 raise
@@ -240,6 +243,8 @@ async def complete(
     text = result.choices[0].message.content or "" if result.choices else ""
     if text and on_delta is not None:
         on_delta(text)
+    if on_end is not None:
+        on_end()
     usage = result.usage
     return Completion(
         text=text,
@@ -259,6 +264,7 @@ async def _streamed(
     max_tokens: int | None,
     headers: dict[str, str],
     on_delta: Callable[[str], None] | None,
+    on_end: Callable[[], None] | None,
     started: float,
 ) -> Completion:
     """The streamed call. The SDK sends it (typed request, retries off, its exceptions for HTTP errors, the
@@ -295,6 +301,8 @@ async def _streamed(
                     parts.append(piece)
                     if on_delta is not None:
                         on_delta(piece)
+        if on_end is not None:
+            on_end()
     return Completion(
         text="".join(parts),
         prompt_tokens=_int(usage, "prompt_tokens"),

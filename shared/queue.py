@@ -20,9 +20,11 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from celery import Celery
 from kombu.entity import Exchange, Queue
+from redis.exceptions import RedisError
 
 from shared.config import Settings
-from shared.db import redis_client
+from shared.db import redis_client, redis_py_url
+from shared.scriptbatch import ScriptBatch
 
 PROCESS_TASK = "queries.process"
 # Moves one batch (`/v1/batches`) a step on: expand lines into queries, notice the end, write the output.
@@ -198,14 +200,29 @@ _ORIGIN = f"aiq-api-{os.getpid()}@{socket.gethostname()}"
 
 
 class _RedisBroker:
-    """LPUSH of Celery's exact Redis envelope: one round trip, no kombu machinery."""
+    """LPUSH of Celery's exact Redis envelope: one round trip, no kombu machinery (with the scripted steps that
+    go first, when there are any)."""
 
     def __init__(self, settings: Settings) -> None:
         timeout = settings.publish_timeout_seconds
         self._client = redis_client(settings.broker_url, socket_timeout=timeout, connect_timeout=timeout)
 
-    async def send(self, queue: str, task: str, args: list[Any], task_id: str) -> None:
-        await self._client.lpush(queue, encode_redis_message(task, args, task_id, queue))
+    async def send(
+        self, queue: str, task: str, args: list[Any], task_id: str, first: ScriptBatch | None = None
+    ) -> list[Any]:
+        """LPUSH the message, behind `first`'s scripts in the same pipeline (not a transaction: a script's error
+        is its own result); their results. A refused LPUSH raises."""
+        message = encode_redis_message(task, args, task_id, queue)
+        if first is None:
+            await self._client.lpush(queue, message)
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        first.queue_on(pipe)
+        pipe.lpush(queue, message)
+        *steps, pushed = await pipe.execute(raise_on_error=False)
+        if isinstance(pushed, Exception):
+            raise pushed
+        return steps
 
     async def ping(self) -> None:
         await self._client.ping()
@@ -330,6 +347,10 @@ class Publisher:
         # Only an app made here is closed here; a worker's own app closes with the worker.
         self._owns_app = app is None
         self._broker: _RedisBroker | _AmqpBroker | None = None
+        # The broker is the app's Redis (the default: BROKER_URL unset): steps on it can ride with a message.
+        self._carries_steps = not settings.broker_is_amqp and redis_py_url(settings.broker_url) == redis_py_url(
+            settings.redis_url
+        )
 
     def _client(self) -> _RedisBroker | _AmqpBroker:
         # Created on first use, inside the event loop that will use it.
@@ -351,24 +372,44 @@ class Publisher:
             countdown=countdown,
         )
 
-    async def publish(self, query_id: uuid.UUID, task: str = PROCESS_TASK) -> bool:
+    async def publish(self, query_id: uuid.UUID, task: str = PROCESS_TASK, *, first: ScriptBatch | None = None) -> bool:
         """Send `task` for this id (`queries.process`, `webhooks.deliver` with a delivery's id, `batches.advance`
-        with a batch's); False if the broker did not take it in time."""
-        return await self.send(task, [str(query_id)], str(query_id))
+        with a batch's); False if the broker did not take it in time. `first`: see `send`."""
+        return await self.send(task, [str(query_id)], str(query_id), first=first)
 
-    async def send(self, task: str, args: list[Any], task_id: str) -> bool:
-        """Send any task by name without blocking the event loop; False if the broker did not confirm it in time."""
+    async def send(self, task: str, args: list[Any], task_id: str, *, first: ScriptBatch | None = None) -> bool:
+        """Send any task by name without blocking the event loop; False if the broker did not confirm it in time.
+
+        `first`: scripted steps on the app's Redis that must precede the message (a new query's `queued`
+        event). When the broker is that Redis they ride in the message's round trip, ahead of it, within the
+        same deadline; otherwise (RabbitMQ, another Redis) they run just before the send. Their outcomes are
+        theirs (`first.results`, an error never raised), never the publish's."""
         queue = self._settings.queue_name
+        carried = first if self._carries_steps else None
+        if first is not None and carried is None:
+            with contextlib.suppress(RedisError, OSError):
+                await first.run()
+        steps: list[Any] = []
         try:
             # A deadline on this task, not `wait_for`'s extra task per publish.
             async with asyncio.timeout(self._settings.publish_timeout_seconds):
-                await self._client().send(queue, task, args, task_id)
+                broker = self._client()
+                if isinstance(broker, _RedisBroker):
+                    steps = await broker.send(queue, task, args, task_id, carried)
+                else:
+                    await broker.send(queue, task, args, task_id)
         except Exception as exc:  # noqa: BLE001 - any broker failure leaves the row pending for recovery
+            if carried is not None:
+                carried.lost(exc)
             log.warning(
                 "publish failed; query stays pending",
                 extra={"query_id": task_id, "task": task, "error": type(exc).__name__},
             )
             return False
+        if carried is not None:
+            # Outside the deadline: the message is in. A step Redis did not know (only after a Redis restart or
+            # SCRIPT FLUSH) is run again here, which loads it; it then follows the message instead of preceding it.
+            await carried.settle(steps)
         return True
 
     async def ping(self) -> None:

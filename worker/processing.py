@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from shared import llm
 from shared.cache import CachedAnswer, response_cache_for
 from shared.db import DATABASE_UNAVAILABLE
+from shared.events import EventType
 from shared.metrics import (
     LLM_CALLS_IN_FLIGHT,
     LLM_ERRORS,
@@ -113,15 +114,18 @@ async def _end(
     claim: Claim,
     written: QueryStatus | None,
     *,
+    sink: DeltaSink | None = None,
     used_tokens: int = 0,
     answer: CachedAnswer | None = None,
     **event: Any,
 ) -> None:
     """What follows an outcome write, in one Redis round trip: a write that ended the query settles its token
     reservation (once: the reservation is the marker), a completion fills the response cache if its query
-    asked for it (the script finds the API's intent, else does nothing), and the event for the status the
-    write left goes to the log last, so a client woken by it finds the rest done. Then, for a claim that saw a
-    webhook target, the `webhooks.deliver` kick (the outbox rows were written with the terminal write).
+    asked for it (the script finds the API's intent, else does nothing), the attempt's text its sink had not
+    sent yet is appended, and the event for the status the write left goes to the log last, so a client woken
+    by it finds the rest done (the delta then sends no notice of its own: the event's wakes its readers). Then,
+    for a claim that saw a webhook target, the `webhooks.deliver` kick (the outbox rows were written with the
+    terminal write).
 
     Redis down costs what each step alone would: the reservation lapses with its window, the answer is not
     cached, readers replay the row. Never raises.
@@ -133,18 +137,23 @@ async def _end(
     if written is QueryStatus.COMPLETED and answer is not None:
         response_cache_for(rt.redis, rt.settings).store_in(batch, claim.query_id, answer)
     told = end_event(written, **event)
+    appends: dict[int, EventType] = {}
+    if sink is not None:
+        index = sink.rest_in(batch, notify=told is None)
+        if index is not None:
+            appends[index] = EventType.DELTA
     if told is not None:
-        rt.events.append_in(batch, claim.query_id, told[0], told[1], claim.attempt)
+        appends[rt.events.append_in(batch, claim.query_id, told[0], told[1], claim.attempt)] = told[0]
     try:
         results = await batch.run()
     except (RedisError, OSError) as exc:
         log.warning("query end not recorded in Redis", extra={"error": type(exc).__name__})
     else:
-        for result in results:
-            if isinstance(result, Exception):
+        for index, result in enumerate(results):
+            if index in appends:
+                rt.events.landed(claim.query_id, appends[index], result)
+            elif isinstance(result, Exception):
                 log.warning("query end step failed in Redis", extra={"error": type(result).__name__})
-        if told is not None and not isinstance(results[-1], Exception):
-            rt.events.appended(told[0])
     if ended and claim.webhook:
         await webhooks.on_query_ended(rt.raw_pool, rt.publisher, claim.query_id)
 
@@ -253,6 +262,14 @@ def _spawn(rt: WorkerRuntime, work: Awaitable[None]) -> None:
 async def run_attempt(rt: WorkerRuntime, claim: Claim, grant: Grant) -> Outcome:
     """The claimed attempt's call, within the budget it holds, and its outcome write."""
     sink = DeltaSink(rt.events, claim, rt.settings.event_flush_ms / 1000)
+    try:
+        return await _attempt(rt, claim, grant, sink)
+    finally:
+        # The text no end took (a lost lease, a write that gave up, a cancelled task) still goes to the log.
+        await sink.flush()
+
+
+async def _attempt(rt: WorkerRuntime, claim: Claim, grant: Grant, sink: DeltaSink) -> Outcome:
     call = asyncio.ensure_future(
         _within_budget(
             rt,
@@ -267,6 +284,7 @@ async def run_attempt(rt: WorkerRuntime, claim: Claim, grant: Grant) -> Outcome:
                 max_tokens=claim.max_tokens,
                 headers={"X-AIQ-Query-Id": str(claim.query_id), "X-AIQ-Attempt": str(claim.attempt)},
                 on_delta=sink.push,
+                on_end=sink.end,
                 stream=rt.settings.llm_stream,
             ),
         )
@@ -287,12 +305,13 @@ async def run_attempt(rt: WorkerRuntime, claim: Claim, grant: Grant) -> Outcome:
     finally:
         LLM_CALLS_IN_FLIGHT.dec()
         rt.untrack(claim)
-        # Every delta this attempt received is in the log before the event that ends it.
+        # Every delta this attempt received is in the log before the event that ends it: the writer stops here,
+        # what it had not sent rides with that event (`_end`).
         await sink.close()
     if stopped is not None:
-        return await _handle_stop(rt, claim, stopped)
+        return await _handle_stop(rt, claim, stopped, sink)
     if failure is not None:
-        return await _handle_failure(rt, claim, failure)
+        return await _handle_failure(rt, claim, failure, sink)
 
     LLM_REQUEST_DURATION.labels(model=claim.model).observe(result.latency_ms / 1000)
     LLM_TOKENS.labels(model=claim.model, kind="prompt").inc(result.prompt_tokens or 0)
@@ -315,7 +334,7 @@ async def run_attempt(rt: WorkerRuntime, claim: Claim, grant: Grant) -> Outcome:
         "total_tokens": result.total_tokens,
     }
     answer = CachedAnswer(result.text, result.prompt_tokens, result.completion_tokens, result.total_tokens)
-    await _end(rt, claim, written, used_tokens=result.total_tokens or 0, answer=answer, usage=usage)
+    await _end(rt, claim, written, sink=sink, used_tokens=result.total_tokens or 0, answer=answer, usage=usage)
     if written is None:
         log.warning("completion discarded: attempt no longer owns the query", extra={"attempt": claim.attempt})
         return Outcome(OutcomeKind.LOST)
@@ -323,23 +342,23 @@ async def run_attempt(rt: WorkerRuntime, claim: Claim, grant: Grant) -> Outcome:
     return _outcome(written, OutcomeKind.COMPLETED, attempt=claim.attempt, total_tokens=result.total_tokens)
 
 
-async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: StopReason) -> Outcome:
+async def _handle_stop(rt: WorkerRuntime, claim: Claim, reason: StopReason, sink: DeltaSink) -> Outcome:
     extra = {"attempt": claim.attempt, "outcome": reason.value}
     if reason is StopReason.CANCEL:
         written = await _run_autocommitted(rt, lambda conn: repo.cancel_attempt(conn, claim))
-        await _end(rt, claim, written)
+        await _end(rt, claim, written, sink=sink)
         log.info("call stopped: query cancelled", extra=extra)
         return _outcome(written, OutcomeKind.CANCELLED, attempt=claim.attempt)
     if reason is StopReason.SHUTDOWN:
         written = await _run_autocommitted(rt, lambda conn: repo.release_attempt(conn, claim))
-        await _end(rt, claim, written)
+        await _end(rt, claim, written, sink=sink)
         log.info("call stopped: worker shutting down, query handed back", extra=extra)
         return _outcome(written, OutcomeKind.RELEASED, retry_in=0, attempt=claim.attempt)
     log.warning("call stopped: lease lost to another worker", extra=extra)
     return Outcome(OutcomeKind.LOST)
 
 
-async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.UpstreamFailure) -> Outcome:
+async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.UpstreamFailure, sink: DeltaSink) -> Outcome:
     settings = rt.settings
     extra = {"attempt": claim.attempt, "kind": failure.kind, "code": failure.code}
     if failure.transient and claim.attempt < settings.max_attempts:
@@ -350,7 +369,7 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
                 conn, claim, delay=timedelta(seconds=delay), code=failure.code, message=failure.message
             ),
         )
-        await _end(rt, claim, written, code=failure.code, delay_s=delay, retry_after_s=failure.retry_after)
+        await _end(rt, claim, written, sink=sink, code=failure.code, delay_s=delay, retry_after_s=failure.retry_after)
         TASK_RETRIES.labels(reason=failure.kind).inc()
         log.warning("transient upstream error; retry scheduled", extra={**extra, "delay_s": round(delay, 2)})
         return _outcome(written, OutcomeKind.RETRIED, retry_in=delay, attempt=claim.attempt, error_code=failure.code)
@@ -361,6 +380,6 @@ async def _handle_failure(rt: WorkerRuntime, claim: Claim, failure: llm.Upstream
     else:
         code, message = failure.code, failure.message
     written = await _run_autocommitted(rt, lambda conn: repo.fail_attempt(conn, claim, code=code, message=message))
-    await _end(rt, claim, written, code=code, message=message)
+    await _end(rt, claim, written, sink=sink, code=code, message=message)
     log.warning("query failed", extra=extra)
     return _outcome(written, OutcomeKind.FAILED, attempt=claim.attempt, error_code=code)

@@ -1,8 +1,11 @@
 """What an attempt tells its query's event log: its start, its text as it streams in, and how it ended.
 
-Deltas are coalesced: the first piece goes out at once (time to first token), later ones at most every
-EVENT_FLUSH_MS, each batch one append (one EVALSHA: XADD + PUBLISH). Appends never fail the query: the row
-is the truth and a reader replays it when the log is missing (`shared/services/events.py`).
+Deltas are coalesced: the first piece goes out at once (time to first token) while the stream goes on, later
+ones at most every EVENT_FLUSH_MS, each batch one append (one EVALSHA: XADD + PUBLISH). Once the stream has
+ended nothing more goes out on its own: what is still buffered rides in the round trip of the attempt's end,
+ahead of its event (`worker/processing.py` `_end`). A short answer that arrives in one read with its
+end-of-stream thus costs no append of its own. Appends never fail the query: the row is the truth and a reader
+replays it when the log is missing (`shared/services/events.py`).
 """
 
 from __future__ import annotations
@@ -14,11 +17,16 @@ import time
 from shared.events import EventLog, EventType
 from shared.metrics import TIME_TO_FIRST_TOKEN
 from shared.repositories.queries_asyncpg import Claim
+from shared.scriptbatch import ScriptBatch
 
 
 class DeltaSink:
     """One attempt's events before its end: `started` (and `attempt_restarted`), then its streamed pieces
-    appended in batches, in order, from one task. `close()` before the event that ends the attempt."""
+    appended in batches, in order, from one task.
+
+    The call reports its pieces (`push`) and the end of its stream (`end`). `close()` stops the writer before
+    the attempt's end; what it had not sent then goes with the end's event (`rest_in`) or, when no end is
+    told, alone (`flush`): either way every delta is in the log before the event that ends the attempt."""
 
     def __init__(self, events: EventLog, claim: Claim, interval_s: float) -> None:
         # The attempt's opening events go out while the call starts, not before it; deltas wait for them.
@@ -29,9 +37,10 @@ class DeltaSink:
         self._model = claim.model
         self._interval = interval_s
         self._parts: list[str] = []
+        # A piece came, or the writer is to stop.
         self._ready = asyncio.Event()
-        self._closing = False
-        self._closed = asyncio.Event()
+        # The stream ended or the attempt is closing: the writer sends nothing more.
+        self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._started = time.perf_counter()
 
@@ -41,37 +50,59 @@ class DeltaSink:
             return
         if self._task is None:
             TIME_TO_FIRST_TOKEN.labels(model=self._model).observe(time.perf_counter() - self._started)
+            # The writer runs once this loop turn is over: when the read that brought this piece also brought
+            # the end of the stream, `end()` has been called by then and the piece waits for the attempt's end.
             self._task = asyncio.create_task(self._run())
         self._parts.append(text)
         self._ready.set()
 
+    def end(self) -> None:
+        """The stream has ended (called by the call, on the loop, as it reads the end): what is buffered now
+        waits for the attempt's end, which is a round trip anyway."""
+        self._stopped.set()
+        self._ready.set()
+
     async def _run(self) -> None:
         await self._opening
-        while True:
-            if not self._parts and not self._closing:
+        while not self._stopped.is_set():
+            if not self._parts:
                 await self._ready.wait()
                 self._ready.clear()
-            if self._parts:
-                text = "".join(self._parts)
-                self._parts.clear()
-                await self._events.append_quietly(self._query_id, EventType.DELTA, {"text": text}, self._attempt)
-            if self._closing and not self._parts:
-                return
-            if not self._closing and self._interval:
-                # The coalescing pause; `close()` cuts it short, so the end is not delayed by it.
+                continue
+            text = "".join(self._parts)
+            self._parts.clear()
+            await self._events.append_quietly(self._query_id, EventType.DELTA, {"text": text}, self._attempt)
+            if self._interval:
+                # The coalescing pause; the stream's end (or `close()`) cuts it short.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._interval):
-                        await self._closed.wait()
+                        await self._stopped.wait()
 
     async def close(self) -> None:
-        """Append what is still buffered; after this the attempt's deltas are all in the log."""
-        if self._task is None:
-            await asyncio.shield(self._opening)
-            return
-        self._closing = True
-        self._ready.set()
-        self._closed.set()
-        await asyncio.shield(self._task)
+        """Stop the writer: after this the opening events and every batch it sent are in the log, and what it
+        had not sent waits for `rest_in` or `flush`."""
+        self.end()
+        await asyncio.shield(self._opening if self._task is None else self._task)
+
+    def rest_in(self, batch: ScriptBatch, *, notify: bool) -> int | None:
+        """Queue what `close()` left as one delta append on the attempt's end batch; the index of its result,
+        None when nothing was left. `notify=False` when the end's event follows in the same batch: its notice
+        wakes the readers for both."""
+        if not self._parts:
+            return None
+        text = "".join(self._parts)
+        self._parts.clear()
+        return self._events.append_in(
+            batch, self._query_id, EventType.DELTA, {"text": text}, self._attempt, notify=notify
+        )
+
+    async def flush(self) -> None:
+        """Append what no end took (`rest_in`), alone; nothing when it was taken."""
+        if self._parts:
+            text = "".join(self._parts)
+            self._parts.clear()
+            append = self._events.append_quietly(self._query_id, EventType.DELTA, {"text": text}, self._attempt)
+            await asyncio.shield(append)
 
 
 async def tell_start(events: EventLog, claim: Claim) -> None:

@@ -469,7 +469,8 @@ async def dispatch_accepted(
 ) -> None:
     """After a new query's row has committed, whichever door it came in by: a cache hit has ended already (its
     INSERT wrote the webhook outbox row, migration 0010), so only its webhook goes; anything else gets its
-    `queued` event and then the publish (a failed one leaves the row pending for the sweeper; the 202 stays true).
+    `queued` event and then the publish (a failed one leaves the row pending for the sweeper; the 202 stays true),
+    in one Redis round trip when the broker is the app's Redis.
     """
     QUERIES_SUBMITTED.labels(model=accepted.model).inc()
     extra = {"query_id": str(accepted.query_id), "model": accepted.model}
@@ -477,11 +478,13 @@ async def dispatch_accepted(
         log.info("query answered from cache", extra=extra)
         await webhooks.on_query_ended(pool, publisher, accepted.query_id)
         return
-    # The log's first event, before the publish so that it precedes the worker's `started`. Redis is up (the
+    # The log's first event, ahead of the message so that it precedes the worker's `started`. Redis is up (the
     # limits just used it); a failure is logged and streams replay the row instead. No wake-up notice: the client
     # learns the id from the response, so nobody waits on it yet.
-    await events.append_quietly(accepted.query_id, EventType.QUEUED, {"model": accepted.model}, notify=False)
-    published = await publisher.publish(accepted.query_id)
+    first = events.batch()
+    queued = events.append_in(first, accepted.query_id, EventType.QUEUED, {"model": accepted.model}, None, notify=False)
+    published = await publisher.publish(accepted.query_id, first=first)
+    events.landed(accepted.query_id, EventType.QUEUED, first.results[queued])
     log.info("query submitted", extra={**extra, "outcome": "sent" if published else "deferred"})
 
 

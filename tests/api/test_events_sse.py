@@ -95,6 +95,30 @@ def test_stream_tells_the_whole_story_and_the_deltas_make_the_answer(
     assert events[1]["attempt"] == 1
 
 
+def test_a_one_read_answer_tells_started_delta_completed_with_one_notice_for_its_end(
+    sse_client: httpx.Client, stack: Stack, user: dict[str, Any]
+) -> None:
+    # A short answer arrives in one read with its end of stream: its text rides in the end's round trip, ahead of
+    # `completed`, and sends no wake-up notice of its own (the end's wakes the readers for both).
+    r = redis.Redis.from_url(stack.settings.redis_url)
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(f"aiq:{stack.settings.queue_name}:wake")
+    query_id = _submit(sse_client, user["headers"], "[[sim tokens=12]] short")
+    events = _events(sse_client, user["headers"], query_id)
+    notices: list[str] = []
+    deadline = time.monotonic() + 1
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.1)
+        if message is not None and message["data"].decode().startswith(query_id):
+            notices.append(message["data"].decode().split()[1])
+    pubsub.close()
+    r.close()
+    assert [e["type"] for e in events] == ["queued", "started", "delta", "completed"]
+    assert [e["seq"] for e in events] == [1, 2, 3, 4]
+    assert events[2]["text"] == sse_client.get(f"/api/v1/query/{query_id}", headers=user["headers"]).json()["response"]
+    assert notices == ["started", "completed"]
+
+
 def test_resume_at_every_position_gives_exactly_the_rest(sse_client: httpx.Client, user: dict[str, Any]) -> None:
     query_id = _submit(sse_client, user["headers"], "[[sim tokens=60 chunk_ms=20]] resumable")
     # Live: drop after two events (the query is still streaming), resume with Last-Event-ID.

@@ -7,14 +7,19 @@ import base64
 import contextlib
 import json
 import os
+import time
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 import redis
+import redis.asyncio as aioredis
 from kombu import Connection
 
+from devkit.procs import free_port
 from shared.config import Settings
+from shared.events import EventLog, EventType
 from shared.queue import Publisher, encode_task_message
 from tests.support.amqp import delete_amqp_queues
 
@@ -209,3 +214,84 @@ def test_any_task_travels_by_name_on_both_brokers(server_urls: dict[str, str]) -
         assert headers["task"] == "webhooks.deliver", kind
         assert headers["id"] == task_id, kind
         assert body[0] == [task_id, 3], kind
+
+
+def _queued_then_publish(settings: Settings, query_id: uuid.UUID) -> tuple[bool, Any, list[int], float]:
+    """A new query's dispatch: its `queued` event as the step that goes first, then the publish. What the
+    publish said, the event's result, how many commands each pipeline sent, and how long it took."""
+    sent: list[int] = []
+    real_execute = aioredis.client.Pipeline.execute
+
+    async def counting_execute(self: aioredis.client.Pipeline, raise_on_error: bool = True) -> list[object]:
+        sent.append(len(self.command_stack))
+        return await real_execute(self, raise_on_error)
+
+    async def go() -> tuple[bool, Any, list[int], float]:
+        client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=1)
+        events = EventLog(client, settings)
+        publisher = Publisher(settings)
+        try:
+            first = events.batch()
+            index = events.append_in(first, query_id, EventType.QUEUED, {"model": "m"}, None, notify=False)
+            started = time.monotonic()
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(aioredis.client.Pipeline, "execute", counting_execute)
+                published = await publisher.publish(query_id, first=first)
+            return published, first.results[index], sent, time.monotonic() - started
+        finally:
+            await publisher.aclose()
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def test_a_new_querys_event_and_message_go_in_one_round_trip_on_the_apps_redis(server_urls: dict[str, str]) -> None:
+    queue = f"aiq.first.{uuid.uuid4().hex[:8]}"
+    settings = Settings(redis_url=server_urls["redis"], queue_name=queue, jwt_secret_key="k" * 48)  # type: ignore[arg-type]
+    query_id = uuid.uuid4()
+    published, seq, sent, _ = _queued_then_publish(settings, query_id)
+    client = redis.Redis.from_url(server_urls["redis"])
+    try:
+        raw = client.rpop(queue)
+        events = client.xrange(f"aiq:{queue}:ev:{query_id}")
+    finally:
+        client.delete(queue, f"aiq:{queue}:ev:{query_id}", f"aiq:{queue}:ev:{query_id}:seq")
+        client.close()
+    assert published is True
+    # One pipeline: the event's script, then the LPUSH.
+    assert sent == [2]
+    assert seq == 1
+    assert [fields[b"t"] for _, fields in events] == [b"queued"]
+    assert isinstance(raw, bytes)
+    assert json.loads(raw)["headers"]["id"] == str(query_id)
+
+
+def test_a_dead_broker_on_another_redis_still_gets_the_event_first_and_answers_false_in_time(
+    server_urls: dict[str, str],
+) -> None:
+    queue = f"aiq.first.{uuid.uuid4().hex[:8]}"
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    settings = Settings(  # type: ignore[arg-type]
+        redis_url=server_urls["redis"], broker_url=dead, queue_name=queue, jwt_secret_key="k" * 48
+    )
+    query_id = uuid.uuid4()
+    published, seq, sent, took = _queued_then_publish(settings, query_id)
+    client = redis.Redis.from_url(server_urls["redis"])
+    try:
+        events = client.xrange(f"aiq:{queue}:ev:{query_id}")
+    finally:
+        client.delete(f"aiq:{queue}:ev:{query_id}", f"aiq:{queue}:ev:{query_id}:seq")
+        client.close()
+    # The event went alone on the app's Redis, before the publish; the publish failed within its deadline.
+    assert (published, seq, sent) == (False, 1, [1])
+    assert [fields[b"t"] for _, fields in events] == [b"queued"]
+    assert took < settings.publish_timeout_seconds + 0.5, took
+
+
+def test_a_dead_shared_redis_fails_the_publish_in_time_and_the_event_quietly() -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    settings = Settings(redis_url=dead, queue_name="aiq.first.dead", jwt_secret_key="k" * 48)  # type: ignore[arg-type]
+    published, result, _sent, took = _queued_then_publish(settings, uuid.uuid4())
+    assert published is False
+    assert isinstance(result, Exception)
+    assert took < settings.publish_timeout_seconds + 0.5, took

@@ -1,5 +1,6 @@
 """What an attempt writes to its query's event log, against a real Redis: coalesced deltas in order, the
-opening events first, and appends that never fail the query when Redis is gone."""
+opening events first, the text left when the stream ended riding with the attempt's end, and appends that
+never fail the query when Redis is gone."""
 
 from __future__ import annotations
 
@@ -11,18 +12,29 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.config import Settings
-from shared.events import EventLog, EventType
+from shared.events import EventLog, EventType, wake_channel
 from shared.repositories.queries_asyncpg import Claim
+from shared.scriptbatch import ScriptBatch
 from worker.streaming import DeltaSink
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def log(server_urls: dict[str, str]) -> AsyncIterator[EventLog]:
-    client = aioredis.Redis.from_url(server_urls["redis"], socket_timeout=2)
-    yield EventLog(client, Settings(redis_url=server_urls["redis"], queue_name=f"aiq.t.{uuid.uuid4().hex[:6]}"))
-    await client.aclose()
+async def client(server_urls: dict[str, str]) -> AsyncIterator[aioredis.Redis]:
+    redis = aioredis.Redis.from_url(server_urls["redis"], socket_timeout=2)
+    yield redis
+    await redis.aclose()
+
+
+@pytest.fixture
+def settings(server_urls: dict[str, str]) -> Settings:
+    return Settings(redis_url=server_urls["redis"], queue_name=f"aiq.t.{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture
+def log(client: aioredis.Redis, settings: Settings) -> EventLog:
+    return EventLog(client, settings)
 
 
 def _claim(attempt: int = 1) -> Claim:
@@ -39,6 +51,7 @@ async def test_deltas_are_coalesced_in_order_after_the_opening_events(log: Event
         sink.push(piece)
         await asyncio.sleep(0.001)
     await sink.close()
+    await sink.flush()
     events = await log.since(claim.query_id, 1)
     assert [e.type for e in events[:2]] == [EventType.ATTEMPT_RESTARTED, EventType.STARTED]
     assert events[0].data == {"previous_attempt": 1}
@@ -65,5 +78,68 @@ async def test_redis_down_never_fails_the_attempt() -> None:
     sink = DeltaSink(log, _claim(), interval_s=0.01)
     sink.push("text")
     await sink.close()
+    await sink.flush()
+    sink.push("more")
+    sink.end()
+    await sink.close()
+    await sink.flush()
     assert await log.append_quietly(uuid.uuid4(), EventType.COMPLETED, {}) is None
     await client.aclose()
+
+
+async def test_a_one_read_answer_rides_with_the_end_in_order_with_one_notice(
+    client: aioredis.Redis, settings: Settings, log: EventLog
+) -> None:
+    claim = _claim()
+    await log.append(claim.query_id, EventType.QUEUED, {}, notify=False)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(wake_channel(settings))
+    sink = DeltaSink(log, claim, interval_s=0.02)
+    # As a short streamed answer arrives: its only piece and the end of the stream in one read (one loop turn).
+    sink.push("the whole answer")
+    sink.end()
+    await sink.close()
+    # Nothing went out on its own but `started`: the text waits for the attempt's end.
+    assert [e.type for e in await log.since(claim.query_id, 0)] == [EventType.QUEUED, EventType.STARTED]
+    batch = ScriptBatch(client)
+    delta = sink.rest_in(batch, notify=False)
+    end = log.append_in(batch, claim.query_id, EventType.COMPLETED, {}, claim.attempt)
+    results = await batch.run()
+    assert (delta, end, results) == (0, 1, [3, 4])
+    events = await log.since(claim.query_id, 0)
+    assert [e.type for e in events] == [EventType.QUEUED, EventType.STARTED, EventType.DELTA, EventType.COMPLETED]
+    assert events[2].data == {"text": "the whole answer"}
+    # One wake-up notice for `started`, one for the end: the delta's readers are woken by the end's.
+    notices = []
+    deadline = asyncio.get_running_loop().time() + 0.5
+    while asyncio.get_running_loop().time() < deadline:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+        if message is not None:
+            notices.append(message["data"].decode())
+    assert notices == [f"{claim.query_id} started", f"{claim.query_id} completed"]
+    # Nothing is left for a flush.
+    await sink.flush()
+    assert len(await log.since(claim.query_id, 0)) == 4
+    await pubsub.aclose()
+
+
+async def test_a_stream_that_goes_on_sends_its_first_piece_at_once(log: EventLog) -> None:
+    claim = _claim()
+    sink = DeltaSink(log, claim, interval_s=10)
+    sink.push("first")
+    # The stream goes back to the network: the first piece goes out now, not after the coalescing pause.
+    await asyncio.sleep(0.2)
+    assert [(e.type, e.data) for e in await log.since(claim.query_id, 0)] == [
+        (EventType.STARTED, {}),
+        (EventType.DELTA, {"text": "first"}),
+    ]
+    # Later pieces wait for the pause; the stream's end cuts it short and leaves them for the attempt's end.
+    sink.push("second ")
+    sink.push("third")
+    sink.end()
+    await asyncio.wait_for(sink.close(), 1)
+    assert len(await log.since(claim.query_id, 0)) == 2
+    # An end that tells nothing (e.g. a lost lease) leaves them to `flush`, still in order.
+    await sink.flush()
+    events = await log.since(claim.query_id, 0)
+    assert [e.data.get("text") for e in events] == [None, "first", "second third"]
