@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from api.compat.errors import COMPAT_PREFIX
 from api.compat.router import router as compat_router
+from api.deps import Handles
 from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.metrics_server import MetricsServer
@@ -36,14 +37,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = make_engine(settings, "aiq-api")
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.autocommit_sessionmaker = make_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
-        app.state.raw_pool = await make_raw_pool(settings, "aiq-api")
-        app.state.redis = make_redis(settings)
-        app.state.publisher = Publisher(settings)
-        app.state.event_log = EventLog(app.state.redis, settings)
+        raw_pool = await make_raw_pool(settings, "aiq-api")
+        redis = make_redis(settings)
         # ONE subscriber per process wakes every waiting SSE stream and long-poll (shared/wakeup.py).
-        wakeup = app.state.wakeup = Wakeup(settings)
+        wakeup = Wakeup(settings)
         wakeup.start()
-        stats = app.state.queue_stats = QueueStats()
+        stats = QueueStats()
+        handles = app.state.handles = Handles(
+            settings=settings,
+            pool=raw_pool,
+            redis=redis,
+            publisher=Publisher(settings),
+            events=EventLog(redis, settings),
+            wakeup=wakeup,
+            queue_stats=stats,
+        )
         collector = register_queue_collector(
             lambda: stats.depth,
             lambda: stats.oldest_pending_age,
@@ -62,9 +70,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await metrics_server.stop()
             unregister_collector(collector)
             await wakeup.stop()
-            await app.state.publisher.aclose()
-            await app.state.raw_pool.close()
-            await app.state.redis.aclose()
+            await handles.publisher.aclose()
+            await raw_pool.close()
+            await redis.aclose()
             await engine.dispose()
 
     app = FastAPI(
@@ -75,7 +83,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.settings = settings
     install_error_handlers(app)
     install_docs(app)
     # Each router straight under the app: FastAPI matches included routers lazily and re-checks every nested
