@@ -123,7 +123,7 @@ async def current_principal(request: Request, token: Token) -> Principal:
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 
-def scoped_user_id(request: Request, principal: Principal) -> uuid.UUID:
+def _scoped_user_id(request: Request, principal: Principal) -> uuid.UUID:
     """The principal's user id; an API key needs `queries:read` for reading (GET) routes, `queries:write` for others."""
     if principal.via == "api_key":
         needed = READ_SCOPE if request.method in _SAFE_METHODS else WRITE_SCOPE
@@ -137,10 +137,19 @@ async def current_user_id(request: Request, token: Token) -> uuid.UUID:
 
     It resolves the principal itself rather than through `CurrentPrincipal`: each level of dependencies costs
     every authenticated request its own solving."""
-    return scoped_user_id(request, await _principal(request, token))
+    return _scoped_user_id(request, await _principal(request, token))
 
 
 CurrentUserId = Annotated[uuid.UUID, Depends(current_user_id)]
+
+
+async def scoped_principal(request: Request, principal: CurrentPrincipal) -> Principal:
+    """`CurrentUserId`'s checks, for a route that needs the principal itself: `.user_id` is the caller's id."""
+    _scoped_user_id(request, principal)
+    return principal
+
+
+ScopedPrincipal = Annotated[Principal, Depends(scoped_principal)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +168,7 @@ async def submitter(request: Request, token: Token) -> Submitter:
         raise Unauthorized("Not authenticated", code="not_authenticated")
     handles: Handles = request.app.state.handles
     principal, check = await credentials.resolve_deferred(handles.settings, handles.redis, handles.pool, token)
-    return Submitter(scoped_user_id(request, principal), check)
+    return Submitter(_scoped_user_id(request, principal), check)
 
 
 SubmitterDep = Annotated[Submitter, Depends(submitter)]

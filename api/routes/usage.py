@@ -6,17 +6,16 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Query, status
 from fastapi.responses import Response
 
 from api.deps import (
     AutocommitSessionDep,
-    CurrentPrincipal,
     HandlesDep,
+    ScopedPrincipal,
     SessionDep,
     SessionUserId,
     admin_user_id,
-    scoped_user_id,
     session_principal,
     session_user_id,
 )
@@ -32,8 +31,7 @@ router = APIRouter(tags=["usage"])
 
 @router.get("/usage", response_model=UsageReport, responses=error_responses(401, 403, 404, 422))
 async def usage(
-    request: Request,
-    principal: CurrentPrincipal,
+    principal: ScopedPrincipal,
     session: AutocommitSessionDep,
     start: Annotated[datetime | None, Query(alias="from", description="Inclusive; default: `to` - 30 days")] = None,
     end: Annotated[datetime | None, Query(alias="to", description="Exclusive; default: now")] = None,
@@ -43,7 +41,7 @@ async def usage(
     """Queries and tokens (prompt, completion, total; reserved vs used) per UTC day or per model.
 
     Another user's (`user_id`) needs the admin role and an access token, not an API key."""
-    user_id = scoped_user_id(request, principal)
+    user_id = principal.user_id
     if of_user is not None and of_user != user_id:
         # Admin work: the same checks as every admin route's `AdminUserId` (an access token, the admin role).
         await admin_user_id(await session_user_id(await session_principal(principal)), session)
