@@ -1,12 +1,17 @@
 """Request dependencies: typed aliases for what routes use. Only this module reads `app.state`.
 
-Database handles, one per use:
-- `PoolDep`: the raw asyncpg pool, for routes that hold a connection only for their database step
-  (submit releases it before the publish; a long-poll holds none while it waits).
+Database handles, one per use (besides `Handles.pool`):
 - `ConnectionDep`: one pooled asyncpg connection; each statement autocommits.
 - `SessionDep`: a session whose transaction commits when the route returns and rolls back when it raises.
 - `AutocommitSessionDep`: each statement commits on its own: reads without BEGIN/ROLLBACK round trips, and
   the rare write whose commit must precede telling Redis (admin disable).
+
+Process handles: `HandlesDep`, every long-lived handle of the process in one object (`Handles`: settings, the raw
+asyncpg pool, Redis, the publisher, the event log, the wake-up subscriber, the queue stats), made once in the
+lifespan. One dependency rather than one per handle: FastAPI solves every dependency afresh on each request
+(~20 µs apiece, even one that only reads `app.state`), and the hot routes need four or five handles. Routes hold
+the raw pool only for their database step (submit releases it before the publish; a long-poll holds none while
+it waits).
 
 Who is calling: `CurrentUserId` (an access token or an API key, with the key's scope checked),
 `SessionUserId`/`SessionPrincipal` (access tokens only), `AdminUserId` (access token of an admin). Each costs
@@ -52,19 +57,27 @@ oauth2_scheme = OAuth2PasswordBearer(
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-async def app_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+@dataclass(frozen=True, slots=True)
+class Handles:
+    """The process's long-lived handles, made once in the lifespan (`app.state.handles`)."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    publisher: Publisher
+    events: EventLog
+    wakeup: Wakeup
+    queue_stats: QueueStats
 
 
-async def app_raw_pool(request: Request) -> asyncpg.Pool:
-    pool: asyncpg.Pool = request.app.state.raw_pool
-    return pool
+async def app_handles(request: Request) -> Handles:
+    handles: Handles = request.app.state.handles
+    return handles
 
 
 async def pool_connection(request: Request) -> AsyncIterator[asyncpg.Connection]:
     """One connection of the raw pool for the whole route; statements autocommit unless it opens a transaction."""
-    async with request.app.state.raw_pool.acquire() as conn:
+    async with request.app.state.handles.pool.acquire() as conn:
         yield conn
 
 
@@ -85,61 +98,33 @@ async def autocommit_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-async def app_publisher(request: Request) -> Publisher:
-    publisher: Publisher = request.app.state.publisher
-    return publisher
-
-
-async def app_redis(request: Request) -> aioredis.Redis:
-    client: aioredis.Redis = request.app.state.redis
-    return client
-
-
-async def app_queue_stats(request: Request) -> QueueStats:
-    stats: QueueStats = request.app.state.queue_stats
-    return stats
-
-
-async def app_event_log(request: Request) -> EventLog:
-    log: EventLog = request.app.state.event_log
-    return log
-
-
-async def app_wakeup(request: Request) -> Wakeup:
-    """The process's one wake-up subscriber (SSE streams and long-polls wait on it)."""
-    wakeup: Wakeup = request.app.state.wakeup
-    return wakeup
-
-
-SettingsDep = Annotated[Settings, Depends(app_settings)]
-PoolDep = Annotated[asyncpg.Pool, Depends(app_raw_pool)]
+HandlesDep = Annotated[Handles, Depends(app_handles)]
 ConnectionDep = Annotated[asyncpg.Connection, Depends(pool_connection, scope="function")]
 SessionDep = Annotated[AsyncSession, Depends(transaction, scope="function")]
 AutocommitSessionDep = Annotated[AsyncSession, Depends(autocommit_session, scope="function")]
-PublisherDep = Annotated[Publisher, Depends(app_publisher)]
-RedisDep = Annotated[aioredis.Redis, Depends(app_redis)]
-QueueStatsDep = Annotated[QueueStats, Depends(app_queue_stats)]
-EventLogDep = Annotated[EventLog, Depends(app_event_log)]
-WakeupDep = Annotated[Wakeup, Depends(app_wakeup)]
 
 
-async def current_principal(request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]) -> Principal:
-    """Who is calling: an access token or an API key, checked against revocation state (one Redis MGET).
+Token = Annotated[str | None, Depends(oauth2_scheme)]
 
-    It reads the handles off `app.state` itself rather than through `SettingsDep`, `RedisDep` and `PoolDep`:
-    FastAPI solves every sub-dependency of every authenticated request afresh (even a cached one), and these
-    three would cost most of what this dependency does itself.
-    """
+
+async def _principal(request: Request, token: str | None) -> Principal:
+    """Who is calling: an access token or an API key, checked against revocation state (one Redis MGET)."""
     if not token:
         raise Unauthorized("Not authenticated", code="not_authenticated")
-    state = request.app.state
-    return await credentials.resolve(state.settings, state.redis, state.raw_pool, token)
+    handles: Handles = request.app.state.handles
+    return await credentials.resolve(handles.settings, handles.redis, handles.pool, token)
+
+
+async def current_principal(request: Request, token: Token) -> Principal:
+    """Who is calling (`_principal`), for the routes that look at the principal itself."""
+    return await _principal(request, token)
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 
 def _scoped_user_id(request: Request, principal: Principal) -> uuid.UUID:
+    """The principal's user id; an API key needs `queries:read` for reading (GET) routes, `queries:write` for others."""
     if principal.via == "api_key":
         needed = READ_SCOPE if request.method in _SAFE_METHODS else WRITE_SCOPE
         if needed not in principal.scopes:
@@ -147,12 +132,24 @@ def _scoped_user_id(request: Request, principal: Principal) -> uuid.UUID:
     return principal.user_id
 
 
-async def current_user_id(request: Request, principal: CurrentPrincipal) -> uuid.UUID:
-    """The caller's user id. An API key needs `queries:read` for reading (GET) routes, `queries:write` for others."""
-    return _scoped_user_id(request, principal)
+async def current_user_id(request: Request, token: Token) -> uuid.UUID:
+    """The caller's user id. An API key needs `queries:read` for reading (GET) routes, `queries:write` for others.
+
+    It resolves the principal itself rather than through `CurrentPrincipal`: each level of dependencies costs
+    every authenticated request its own solving."""
+    return _scoped_user_id(request, await _principal(request, token))
 
 
 CurrentUserId = Annotated[uuid.UUID, Depends(current_user_id)]
+
+
+async def scoped_principal(request: Request, principal: CurrentPrincipal) -> Principal:
+    """`CurrentUserId`'s checks, for a route that needs the principal itself: `.user_id` is the caller's id."""
+    _scoped_user_id(request, principal)
+    return principal
+
+
+ScopedPrincipal = Annotated[Principal, Depends(scoped_principal)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,15 +159,15 @@ class Submitter:
     check: DeferredCheck | None
 
 
-async def submitter(request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]) -> Submitter:
+async def submitter(request: Request, token: Token) -> Submitter:
     """`CurrentUserId` for a submit, whose limits take reads an access token's revocation state in the same Redis
     round trip (`credentials.resolve_deferred`): the service runs `check` before it takes or stores anything. The
     token's signature and expiry are checked here; so only a well-signed but revoked token with an invalid body
     hears the body's 422 before its 401."""
     if not token:
         raise Unauthorized("Not authenticated", code="not_authenticated")
-    state = request.app.state
-    principal, check = await credentials.resolve_deferred(state.settings, state.redis, state.raw_pool, token)
+    handles: Handles = request.app.state.handles
+    principal, check = await credentials.resolve_deferred(handles.settings, handles.redis, handles.pool, token)
     return Submitter(_scoped_user_id(request, principal), check)
 
 

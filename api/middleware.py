@@ -47,6 +47,28 @@ _REQUEST_ID_HEADER_LOWER = REQUEST_ID_HEADER.lower().encode("latin-1")
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 
 
+# The metrics' children by label values, so that a request costs a dict lookup rather than `labels()` (which
+# checks and joins the values under a lock). Bounded: route templates, known methods and status codes.
+_counted: dict[tuple[str, str, int], Any] = {}
+_timed: dict[tuple[str, str], Any] = {}
+
+
+def _count(method: str, route: str, status: int) -> None:
+    key = (method, route, status)
+    child = _counted.get(key)
+    if child is None:
+        child = _counted[key] = HTTP_REQUESTS.labels(method, route, str(status))
+    child.inc()
+
+
+def _time(method: str, route: str, seconds: float) -> None:
+    key = (method, route)
+    child = _timed.get(key)
+    if child is None:
+        child = _timed[key] = HTTP_REQUEST_DURATION.labels(method, route)
+    child.observe(seconds)
+
+
 def mark_long_request(scope: MutableMapping[str, Any]) -> None:
     """Exclude this request from the latency histogram (its count and status are still recorded)."""
     scope[LONG_REQUEST_SCOPE_KEY] = True
@@ -205,9 +227,9 @@ class EdgeMiddleware:
             finally:
                 method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
                 route = route_label(scope)
-                HTTP_REQUESTS.labels(method, route, str(status)).inc()
+                _count(method, route, status)
                 if not scope.get(LONG_REQUEST_SCOPE_KEY):
-                    HTTP_REQUEST_DURATION.labels(method, route).observe(time.perf_counter() - start)
+                    _time(method, route, time.perf_counter() - start)
         except Exception as exc:
             # Starlette answers unhandled errors in its outermost middleware, after the request id is unset:
             # answer here instead, so the 500 and its log line carry the id like any other.

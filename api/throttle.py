@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from api.deps import RedisDep, SettingsDep
+from api.deps import HandlesDep
 from shared.config import Settings
 from shared.limits import client_address, limiter_for
 from shared.services.auth import normalize_email
@@ -56,23 +56,24 @@ def mark_login_succeeded(request: Request) -> None:
     request.state.login_succeeded = True
 
 
-async def throttle_login(request: Request, redis: RedisDep, settings: SettingsDep) -> AsyncIterator[None]:
+async def throttle_login(request: Request, handles: HandlesDep) -> AsyncIterator[None]:
     """429 while this account or this address is locked out; each attempt counts as a failure up front (so
     parallel guesses cannot slip through) and a success gives it back, clearing this address's count."""
     email = await _login_email(request)
     if email is None:
         yield
         return
-    limiter, address = limiter_for(redis, settings), request_address(request, settings)
+    limiter, address = limiter_for(handles.redis, handles.settings), request_address(request, handles.settings)
     await limiter.login_attempt(email, address)
     yield
     if getattr(request.state, "login_succeeded", False):
         await limiter.login_succeeded(email, address)
 
 
-async def throttle_register(request: Request, redis: RedisDep, settings: SettingsDep) -> None:
+async def throttle_register(request: Request, handles: HandlesDep) -> None:
     """Registrations per client address (REGISTER_PER_HOUR)."""
-    await limiter_for(redis, settings).register_attempt(request_address(request, settings))
+    settings = handles.settings
+    await limiter_for(handles.redis, settings).register_attempt(request_address(request, settings))
 
 
 LoginThrottle = Annotated[None, Depends(throttle_login, scope="function")]

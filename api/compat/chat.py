@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from api.compat.streaming import StreamContextDep
 from api.compat.submit import submit, wait
-from api.deps import CurrentUserId, EventLogDep, PoolDep, PublisherDep, RedisDep, SettingsDep, WakeupDep
+from api.deps import CurrentUserId, HandlesDep
 from shared.schemas_openai import ChatCompletionCreate
 from shared.services import queries as queries_service
 from shared.services import responses as service
@@ -23,12 +23,7 @@ async def create_chat_completion(
     request: Request,
     response: Response,
     user_id: CurrentUserId,
-    settings: SettingsDep,
-    pool: PoolDep,
-    publisher: PublisherDep,
-    redis: RedisDep,
-    events: EventLogDep,
-    wakeup: WakeupDep,
+    handles: HandlesDep,
     streams: StreamContextDep,
 ) -> dict[str, Any] | StreamingResponse:
     """Enqueue the conversation as a query and answer in `chat.completion` form when it is done (or stream it
@@ -41,13 +36,13 @@ async def create_chat_completion(
     if body.stream:
         slot = await streams.reserve()
         try:
-            accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
-            current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
+            accepted = await submit(handles, user_id, query, response)
+            current = await queries_service.wait_for_query(handles.pool, user_id, accepted.query_id, 0, handles.wakeup)
         except BaseException:
             await streams.release(slot)
             raise
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         translator = service.ChatChunks(current, include_usage=include_usage)
         return streams.respond(request, accepted.query_id, translator, slot, chat=True)
-    accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response)
-    return service.chat_completion_object(await wait(request, pool, settings, wakeup, user_id, accepted.query_id))
+    accepted = await submit(handles, user_id, query, response)
+    return service.chat_completion_object(await wait(request, handles, user_id, accepted.query_id))

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
-from api.deps import ConnectionDep, CurrentUserId, PoolDep, SettingsDep
+from api.deps import ConnectionDep, CurrentUserId, HandlesDep
 from shared.errors import InvalidInput
 from shared.services import files as service
 
@@ -16,7 +16,7 @@ router = APIRouter()
 
 
 @router.post("/files")
-async def upload_file(request: Request, user_id: CurrentUserId, settings: SettingsDep, pool: PoolDep) -> dict[str, Any]:
+async def upload_file(request: Request, user_id: CurrentUserId, handles: HandlesDep) -> dict[str, Any]:
     """A JSONL batch input file (multipart: `file`, `purpose=batch`, optional `expires_after[anchor]` and
     `expires_after[seconds]`): at most MAX_FILE_BYTES and MAX_BATCH_LINES.
 
@@ -34,8 +34,8 @@ async def upload_file(request: Request, user_id: CurrentUserId, settings: Settin
             _text(form.get("expires_after[anchor]")), _text(form.get("expires_after[seconds]"))
         )
         row = await service.upload(
-            pool,
-            settings,
+            handles.pool,
+            handles.settings,
             user_id,
             purpose=purpose,
             filename=upload.filename or "upload.jsonl",
@@ -81,12 +81,12 @@ async def get_file(file_id: str, user_id: CurrentUserId, conn: ConnectionDep) ->
 
 
 @router.get("/files/{file_id}/content")
-async def get_file_content(file_id: str, user_id: CurrentUserId, pool: PoolDep) -> StreamingResponse:
+async def get_file_content(file_id: str, user_id: CurrentUserId, handles: HandlesDep) -> StreamingResponse:
     """The file's bytes, streamed one stored chunk at a time."""
-    async with pool.acquire() as conn:
+    async with handles.pool.acquire() as conn:
         row = await service.get_file(conn, user_id, file_id)
     return StreamingResponse(
-        service.content(pool, row),
+        service.content(handles.pool, row),
         media_type="application/jsonl",
         headers={"Content-Length": str(row["bytes"])},
     )

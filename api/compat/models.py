@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import CurrentUserId, SettingsDep
+from api.deps import CurrentUserId, HandlesDep
 from shared.errors import NotFound
 
 router = APIRouter()
@@ -17,14 +17,14 @@ def _model(model_id: str) -> dict[str, Any]:
 
 
 @router.get("/models")
-async def list_models(_: CurrentUserId, settings: SettingsDep) -> dict[str, Any]:
+async def list_models(_: CurrentUserId, handles: HandlesDep) -> dict[str, Any]:
     """The allowed models, as OpenAI lists models."""
-    return {"object": "list", "data": [_model(m) for m in settings.allowed_models]}
+    return {"object": "list", "data": [_model(m) for m in handles.settings.allowed_models]}
 
 
 @router.get("/models/{model_id:path}")
-async def get_model(model_id: str, _: CurrentUserId, settings: SettingsDep) -> dict[str, Any]:
+async def get_model(model_id: str, _: CurrentUserId, handles: HandlesDep) -> dict[str, Any]:
     """One allowed model; any other name is a 404."""
-    if model_id not in settings.allowed_models:
+    if model_id not in handles.settings.allowed_models:
         raise NotFound(f"The model '{model_id[:200]}' does not exist", code="model_not_found")
     return _model(model_id)

@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from api.compat.streaming import StreamContextDep
 from api.compat.submit import submit, wait
-from api.deps import ConnectionDep, CurrentUserId, EventLogDep, PoolDep, PublisherDep, RedisDep, SettingsDep, WakeupDep
+from api.deps import ConnectionDep, CurrentUserId, HandlesDep
 from shared.errors import Conflict
 from shared.limits import limiter_for
 from shared.schemas_openai import ResponseCreate
@@ -27,31 +27,27 @@ async def create_response(
     request: Request,
     response: Response,
     user_id: CurrentUserId,
-    settings: SettingsDep,
-    pool: PoolDep,
-    publisher: PublisherDep,
-    redis: RedisDep,
-    events: EventLogDep,
-    wakeup: WakeupDep,
+    handles: HandlesDep,
     streams: StreamContextDep,
 ) -> dict[str, Any] | StreamingResponse:
     """`background: true` answers `queued` at once; `stream: true` streams its events; otherwise the call
     waits for the answer."""
     query = service.query_from_response(body)
     background = bool(body.background)
+    pool, wakeup = handles.pool, handles.wakeup
     if body.stream:
         slot = await streams.reserve()
         try:
-            accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response, background)
+            accepted = await submit(handles, user_id, query, response, background)
             current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
         except BaseException:
             await streams.release(slot)
             raise
         translator = service.ResponseEvents(current)
         return streams.respond(request, accepted.query_id, translator, slot, chat=False)
-    accepted = await submit(pool, settings, redis, publisher, events, user_id, query, response, background)
+    accepted = await submit(handles, user_id, query, response, background)
     if not background:
-        answered = await wait(request, pool, settings, wakeup, user_id, accepted.query_id)
+        answered = await wait(request, handles, user_id, accepted.query_id)
         return service.response_object(answered)
     created = service.response_object(await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup))
     # The create answers the response as created: a worker may have claimed it already (read after the
@@ -87,26 +83,23 @@ async def get_response(
 async def cancel_response(
     response_id: str,
     user_id: CurrentUserId,
-    pool: PoolDep,
-    publisher: PublisherDep,
-    redis: RedisDep,
-    settings: SettingsDep,
-    events: EventLogDep,
-    wakeup: WakeupDep,
+    handles: HandlesDep,
 ) -> dict[str, Any]:
     """Cancel; idempotent: a finished response (cancelled or not) is returned as it is."""
     query_id = service.parse_id(response_id, service.RESPONSE_PREFIX, "response")
     try:
-        async with pool.acquire() as conn:
-            limiter = limiter_for(redis, settings)
+        async with handles.pool.acquire() as conn:
+            limiter = limiter_for(handles.redis, handles.settings)
             # Ended here, not by a worker: its webhooks are sent now, as the native cancel's are.
-            await queries_service.cancel_query(conn, limiter, user_id, query_id, events=events, publisher=publisher)
+            await queries_service.cancel_query(
+                conn, limiter, user_id, query_id, events=handles.events, publisher=handles.publisher
+            )
     except Conflict as exc:
         if exc.code != "query_not_cancellable":
             raise
     # A running query ends cancelled once its worker notices (within a heartbeat): answer with that.
     return service.response_object(
-        await queries_service.wait_for_query(pool, user_id, query_id, CANCEL_WAIT_SECONDS, wakeup)
+        await queries_service.wait_for_query(handles.pool, user_id, query_id, CANCEL_WAIT_SECONDS, handles.wakeup)
     )
 
 
@@ -115,13 +108,12 @@ async def delete_response(
     response_id: str,
     user_id: CurrentUserId,
     conn: ConnectionDep,
-    publisher: PublisherDep,
-    redis: RedisDep,
-    settings: SettingsDep,
-    events: EventLogDep,
+    handles: HandlesDep,
 ) -> dict[str, Any]:
     """Erase the response's text (the native delete: a running one is a 409, cancel it first)."""
     query_id = service.parse_id(response_id, service.RESPONSE_PREFIX, "response")
-    limiter = limiter_for(redis, settings)
-    await queries_service.delete_query(conn, limiter, user_id, query_id, events=events, publisher=publisher)
+    limiter = limiter_for(handles.redis, handles.settings)
+    await queries_service.delete_query(
+        conn, limiter, user_id, query_id, events=handles.events, publisher=handles.publisher
+    )
     return {"id": response_id, "object": "response.deleted", "deleted": True}

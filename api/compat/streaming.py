@@ -20,7 +20,7 @@ import orjson
 from fastapi import Depends, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import CurrentUserId, EventLogDep, PoolDep, RedisDep, SettingsDep, WakeupDep
+from api.deps import CurrentUserId, HandlesDep
 from api.middleware import mark_long_request
 from api.routes.events import KEEPALIVE, SSE_HEADERS
 from shared.config import Settings
@@ -140,10 +140,11 @@ class StreamContext:
                 await self.limiter.release_stream(self.user_id, slot)
 
 
-async def stream_context(
-    settings: SettingsDep, log: EventLogDep, wakeup: WakeupDep, pool: PoolDep, redis: RedisDep, user_id: CurrentUserId
-) -> StreamContext:
-    return StreamContext(settings, log, wakeup, pool, limiter_for(redis, settings), user_id)
+async def stream_context(handles: HandlesDep, user_id: CurrentUserId) -> StreamContext:
+    settings = handles.settings
+    return StreamContext(
+        settings, handles.events, handles.wakeup, handles.pool, limiter_for(handles.redis, settings), user_id
+    )
 
 
 StreamContextDep = Annotated[StreamContext, Depends(stream_context)]

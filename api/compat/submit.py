@@ -4,51 +4,33 @@ from __future__ import annotations
 
 import uuid
 
-import asyncpg
-import redis.asyncio as aioredis
 from fastapi import Request, Response
 
+from api.deps import Handles
 from api.middleware import mark_long_request
 from shared.cache import response_cache_for
-from shared.config import Settings
-from shared.events import EventLog
 from shared.limits import limiter_for
-from shared.queue import Publisher
 from shared.schemas import QueryAccepted, QueryCreate, QueryOut
 from shared.services import queries as service
-from shared.wakeup import Wakeup
 
 
 async def submit(
-    pool: asyncpg.Pool,
-    settings: Settings,
-    redis: aioredis.Redis,
-    publisher: Publisher,
-    events: EventLog,
-    user_id: uuid.UUID,
-    body: QueryCreate,
-    response: Response,
-    background: bool = False,
+    handles: Handles, user_id: uuid.UUID, body: QueryCreate, response: Response, background: bool = False
 ) -> QueryAccepted:
     """Store a pending query under the caller's limits (the `RateLimit` headers go on `response`), then publish
     it, as the native submit does; `background` is a Responses create's, kept on the row."""
+    settings, pool, redis = handles.settings, handles.pool, handles.redis
     limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
     accepted, limit_headers = await service.submit_query(
         pool, settings, limiter, cache, user_id, body, background=background
     )
     response.headers.update(limit_headers)
-    await service.dispatch_accepted(pool, publisher, events, accepted)
+    await service.dispatch_accepted(pool, handles.publisher, handles.events, accepted)
     return accepted
 
 
-async def wait(
-    request: Request,
-    pool: asyncpg.Pool,
-    settings: Settings,
-    wakeup: Wakeup,
-    user_id: uuid.UUID,
-    query_id: uuid.UUID,
-) -> QueryOut:
+async def wait(request: Request, handles: Handles, user_id: uuid.UUID, query_id: uuid.UUID) -> QueryOut:
     """The query once it is terminal, or as it stands after COMPAT_WAIT_SECONDS (the native long-poll's wait)."""
     mark_long_request(request.scope)
-    return await service.wait_for_query(pool, user_id, query_id, settings.compat_wait_seconds, wakeup)
+    wait_s = handles.settings.compat_wait_seconds
+    return await service.wait_for_query(handles.pool, user_id, query_id, wait_s, handles.wakeup)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import AdminUserId, AutocommitSessionDep, RedisDep
+from api.deps import AdminUserId, AutocommitSessionDep, HandlesDep
 from api.errors import error_responses
 from shared.errors import InvalidInput
 from shared.models import Role
@@ -42,15 +42,15 @@ async def list_users(
     "/users/{user_id}/disable", response_model=AdminUserOut, responses=error_responses(401, 403, 404, 409, 422, 503)
 )
 async def disable_user(
-    user_id: uuid.UUID, admin_id: AdminUserId, session: AutocommitSessionDep, redis: RedisDep
+    user_id: uuid.UUID, admin_id: AdminUserId, session: AutocommitSessionDep, handles: HandlesDep
 ) -> AdminUserOut:
     """Disable an account: its tokens and API keys stop working on every API process at once."""
-    return AdminUserOut.model_validate(await admin_users.set_disabled(session, redis, admin_id, user_id, True))
+    return AdminUserOut.model_validate(await admin_users.set_disabled(session, handles.redis, admin_id, user_id, True))
 
 
 @router.post("/users/{user_id}/enable", response_model=AdminUserOut, responses=error_responses(401, 403, 404, 422, 503))
 async def enable_user(
-    user_id: uuid.UUID, admin_id: AdminUserId, session: AutocommitSessionDep, redis: RedisDep
+    user_id: uuid.UUID, admin_id: AdminUserId, session: AutocommitSessionDep, handles: HandlesDep
 ) -> AdminUserOut:
     """Enable an account again: the user logs in anew; their API keys work again."""
-    return AdminUserOut.model_validate(await admin_users.set_disabled(session, redis, admin_id, user_id, False))
+    return AdminUserOut.model_validate(await admin_users.set_disabled(session, handles.redis, admin_id, user_id, False))

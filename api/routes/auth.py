@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from api.deps import AutocommitSessionDep, CurrentUserId, PoolDep, RedisDep, SessionDep, SessionPrincipal, SettingsDep
+from api.deps import AutocommitSessionDep, CurrentUserId, HandlesDep, SessionDep, SessionPrincipal
 from api.errors import error_responses
 from api.throttle import LoginThrottle, RegisterThrottle, mark_login_succeeded
 from shared.errors import AppError, InvalidInput, NotFound, Unauthorized
@@ -46,9 +46,9 @@ _LOGIN_BODY = {
     response_model=UserOut,
     responses=error_responses(409, 422, 429, 503),
 )
-async def register(body: Registration, session: SessionDep, settings: SettingsDep, _: RegisterThrottle) -> UserOut:
+async def register(body: Registration, session: SessionDep, handles: HandlesDep, _: RegisterThrottle) -> UserOut:
     """Create an account."""
-    user = await auth.register(session, settings, body.email, body.password)
+    user = await auth.register(session, handles.settings, body.email, body.password)
     return UserOut.model_validate(user)
 
 
@@ -103,9 +103,10 @@ _OAUTH2_ERROR = {
     responses={400: _OAUTH2_ERROR, **error_responses(401, 403, 422, 429, 503)},
 )
 async def login(
-    request: Request, response: Response, session: SessionDep, settings: SettingsDep, _: LoginThrottle
+    request: Request, response: Response, session: SessionDep, handles: HandlesDep, _: LoginThrottle
 ) -> Any:
     """Exchange email and password for an access and a refresh token."""
+    settings = handles.settings
     try:
         creds = await _read_credentials(request)
         user = await auth.authenticate(session, settings, creds.email, creds.password)
@@ -124,14 +125,12 @@ async def refresh(
     body: RefreshRequest,
     response: Response,
     session: SessionDep,
-    settings: SettingsDep,
-    redis: RedisDep,
-    pool: PoolDep,
+    handles: HandlesDep,
 ) -> TokenPair:
     """Trade a refresh token for a new pair; the old refresh token stops working."""
     response.headers.update(NO_STORE)
     try:
-        return await auth.refresh(session, settings, redis, pool, body.refresh_token)
+        return await auth.refresh(session, handles.settings, handles.redis, handles.pool, body.refresh_token)
     except auth.RefreshTokenReused:
         # The one commit a route makes itself: the request fails (and SessionDep rolls back what is left),
         # but the revocation of the family must stick.
@@ -148,13 +147,13 @@ async def refresh(
 async def logout(
     principal: SessionPrincipal,
     session: SessionDep,
-    settings: SettingsDep,
-    redis: RedisDep,
+    handles: HandlesDep,
     body: Annotated[LogoutRequest | None, Body()] = None,
 ) -> Response:
     """Revoke this access token at once, and its refresh family (plus that of `refresh_token`, if given)."""
     assert principal.token is not None  # SessionPrincipal is an access token
-    await auth.logout(session, settings, redis, principal.token, body.refresh_token if body else None)
+    refresh_token = body.refresh_token if body else None
+    await auth.logout(session, handles.settings, handles.redis, principal.token, refresh_token)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
+import asyncpg
 import orjson
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from redis.asyncio import Redis
 
-from api.deps import CurrentUserId, EventLogDep, PoolDep, RedisDep, SettingsDep, WakeupDep
+from api.deps import CurrentUserId, HandlesDep
 from api.errors import error_responses
 from api.middleware import mark_long_request
 from shared.config import Settings
@@ -64,11 +65,7 @@ async def stream_events(
     query_id: uuid.UUID,
     request: Request,
     user_id: CurrentUserId,
-    settings: SettingsDep,
-    pool: PoolDep,
-    redis: RedisDep,
-    log: EventLogDep,
-    wakeup: WakeupDep,
+    handles: HandlesDep,
     after: Annotated[
         int | None, Query(ge=0, le=10**15, description="Resume: only the events numbered above this")
     ] = None,
@@ -83,6 +80,7 @@ async def stream_events(
     connections open. Another user's query is a 404; too many open streams a 429.
     """
     start = resume_point(after, last_event_id)
+    settings, pool, redis = handles.settings, handles.pool, handles.redis
     await ensure_owner(pool, user_id, query_id)
     limiter = limiter_for(redis, settings)
     slot = uuid.uuid4().hex
@@ -90,7 +88,9 @@ async def stream_events(
     await limiter.take_stream(user_id, slot, lease)
     # A stream's duration is the query's, not latency: keep it out of the latency histogram.
     mark_long_request(request.scope)
-    body = _frames(settings, log, wakeup, pool, redis, limiter, user_id, query_id, start, slot, lease)
+    body = _frames(
+        settings, handles.events, handles.wakeup, pool, redis, limiter, user_id, query_id, start, slot, lease
+    )
     return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -103,7 +103,7 @@ async def _frames(
     settings: Settings,
     log: EventLog,
     wakeup: Wakeup,
-    pool: PoolDep,
+    pool: asyncpg.Pool,
     redis: Redis,
     limiter: Limiter,
     user_id: uuid.UUID,

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.deps import AutocommitSessionDep, PublisherDep, QueueStatsDep, RedisDep, SettingsDep
+from api.deps import AutocommitSessionDep, HandlesDep
 from shared.metrics import render_metrics
 from shared.repositories import queries_session
 
@@ -45,15 +45,16 @@ async def _ok(check: Awaitable[object]) -> bool:
         }
     },
 )
-async def readyz(
-    session: AutocommitSessionDep, publisher: PublisherDep, redis: RedisDep, settings: SettingsDep
-) -> JSONResponse:
+async def readyz(session: AutocommitSessionDep, handles: HandlesDep) -> JSONResponse:
     """Database and the configured broker reachable (and Redis, when it is not the broker)."""
     # The session connects on its first statement, inside the guard: a dead database means "down", not 503.
-    probes: dict[str, Awaitable[object]] = {"database": session.execute(text("SELECT 1")), "broker": publisher.ping()}
-    if settings.broker_is_amqp:
+    probes: dict[str, Awaitable[object]] = {
+        "database": session.execute(text("SELECT 1")),
+        "broker": handles.publisher.ping(),
+    }
+    if handles.settings.broker_is_amqp:
         # Limits, revocation and throttles live in Redis whatever the broker.
-        probes["redis"] = redis.ping()
+        probes["redis"] = handles.redis.ping()
     results = await asyncio.gather(*(_ok(p) for p in probes.values()))
     checks = {name: "ok" if ok else "down" for name, ok in zip(probes, results, strict=True)}
     ready = all(results)
@@ -63,15 +64,16 @@ async def readyz(
 
 
 @metrics_router.get("/metrics", include_in_schema=False)
-async def metrics(session: AutocommitSessionDep, publisher: PublisherDep, stats: QueueStatsDep) -> Response:
+async def metrics(session: AutocommitSessionDep, handles: HandlesDep) -> Response:
     """Prometheus exposition, with queue depth and the oldest pending age read at scrape time."""
+    stats = handles.queue_stats
 
     async def from_database() -> None:
         stats.counts, stats.oldest_pending_age = await queries_session.live_stats(session)
         stats.users_waiting = await queries_session.users_with_queued_work(session)
 
     async def from_broker() -> None:
-        stats.depth = await publisher.depth()
+        stats.depth = await handles.publisher.depth()
 
     await asyncio.gather(_ok(from_database()), _ok(from_broker()))
     body, content_type = render_metrics()

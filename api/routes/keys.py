@@ -6,7 +6,7 @@ import uuid
 
 from fastapi import APIRouter, Response, status
 
-from api.deps import RedisDep, SessionDep, SessionUserId
+from api.deps import HandlesDep, SessionDep, SessionUserId
 from api.errors import error_responses
 from shared.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyOut
 from shared.services import api_keys
@@ -38,7 +38,7 @@ async def list_(user_id: SessionUserId, session: SessionDep) -> list[ApiKeyOut]:
     response_class=Response,
     responses=error_responses(401, 403, 404, 422, 503),
 )
-async def revoke(key_id: uuid.UUID, user_id: SessionUserId, session: SessionDep, redis: RedisDep) -> Response:
+async def revoke(key_id: uuid.UUID, user_id: SessionUserId, session: SessionDep, handles: HandlesDep) -> Response:
     """Revoke a key: it stops working on every API process at once. Another user's key is a 404."""
-    await api_keys.revoke(session, redis, user_id, key_id)
+    await api_keys.revoke(session, handles.redis, user_id, key_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

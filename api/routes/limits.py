@@ -10,11 +10,8 @@ from api.deps import (
     AdminUserId,
     AutocommitSessionDep,
     ConnectionDep,
-    EventLogDep,
-    PublisherDep,
-    RedisDep,
+    HandlesDep,
     SessionDep,
-    SettingsDep,
 )
 from api.errors import error_responses
 from shared.limits import limiter_for
@@ -27,19 +24,19 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 
 @router.put("/users/{user_id}/limits", response_model=LimitsOut, responses=error_responses(401, 403, 404, 422))
 async def set_limits(
-    user_id: uuid.UUID, body: LimitsIn, admin_id: AdminUserId, session: SessionDep, settings: SettingsDep
+    user_id: uuid.UUID, body: LimitsIn, admin_id: AdminUserId, session: SessionDep, handles: HandlesDep
 ) -> LimitsOut:
     """Replace a user's limit overrides (null: the default, 0: no limit). Every API process applies them
     within LIMITS_CACHE_SECONDS."""
-    return await limits_service.set_user_limits(session, settings, admin_id, user_id, body)
+    return await limits_service.set_user_limits(session, handles.settings, admin_id, user_id, body)
 
 
 @router.get("/users/{user_id}/limits", response_model=LimitsOut, responses=error_responses(401, 403, 404, 422))
 async def get_limits(
-    user_id: uuid.UUID, _admin: AdminUserId, session: AutocommitSessionDep, settings: SettingsDep
+    user_id: uuid.UUID, _admin: AdminUserId, session: AutocommitSessionDep, handles: HandlesDep
 ) -> LimitsOut:
     """A user's limits in force and their overrides."""
-    return await limits_service.get_user_limits(session, settings, user_id)
+    return await limits_service.get_user_limits(session, handles.settings, user_id)
 
 
 @router.get("/queries/{query_id}", response_model=QueryOut, responses=error_responses(401, 403, 404, 422))
@@ -55,13 +52,12 @@ async def requeue(
     query_id: uuid.UUID,
     _admin: AdminUserId,
     conn: ConnectionDep,
-    redis: RedisDep,
-    settings: SettingsDep,
-    publisher: PublisherDep,
-    events: EventLogDep,
+    handles: HandlesDep,
 ) -> QueryOut:
     """Send a failed query back to pending for one more attempt (its attempt count is kept)."""
-    query = await queries_service.requeue_query(conn, settings, limiter_for(redis, settings), query_id, events=events)
+    settings = handles.settings
+    limiter = limiter_for(handles.redis, settings)
+    query = await queries_service.requeue_query(conn, settings, limiter, query_id, events=handles.events)
     # A failed publish leaves the row pending for the sweeper, as on submit.
-    await publisher.publish(query_id)
+    await handles.publisher.publish(query_id)
     return query

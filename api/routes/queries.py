@@ -8,18 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 
-from api.deps import (
-    AutocommitSessionDep,
-    ConnectionDep,
-    CurrentUserId,
-    EventLogDep,
-    PoolDep,
-    PublisherDep,
-    RedisDep,
-    SettingsDep,
-    SubmitterDep,
-    WakeupDep,
-)
+from api.deps import AutocommitSessionDep, ConnectionDep, CurrentUserId, HandlesDep, SubmitterDep
 from api.errors import error_responses
 from api.middleware import mark_long_request
 from shared.cache import response_cache_for
@@ -44,11 +33,7 @@ async def submit(
     body: QueryCreate,
     response: Response,
     caller: SubmitterDep,
-    settings: SettingsDep,
-    pool: PoolDep,
-    publisher: PublisherDep,
-    redis: RedisDep,
-    events: EventLogDep,
+    handles: HandlesDep,
     idempotency_key: Annotated[
         str | None,
         Header(alias="Idempotency-Key", description="Retry-safe submit: same key and body return the original 202"),
@@ -57,7 +42,8 @@ async def submit(
     """Accept a query; poll the `Location` for the answer."""
     # Each holds a connection only for its database step, never through the publish: a slow broker must
     # not pin database connections. Both have committed when they return, so the publish may follow.
-    limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
+    settings, pool = handles.settings, handles.pool
+    limiter, cache = limiter_for(handles.redis, settings), response_cache_for(handles.redis, settings)
     user_id, check = caller.user_id, caller.check
     if idempotency_key is None:
         submitted = await service.submit_query(pool, settings, limiter, cache, user_id, body, check)
@@ -71,7 +57,7 @@ async def submit(
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
         return accepted
-    await service.dispatch_accepted(pool, publisher, events, accepted)
+    await service.dispatch_accepted(pool, handles.publisher, handles.events, accepted)
     return accepted
 
 
@@ -85,8 +71,7 @@ async def get(
     query_id: uuid.UUID,
     request: Request,
     user_id: CurrentUserId,
-    pool: PoolDep,
-    wakeup: WakeupDep,
+    handles: HandlesDep,
     wait: Annotated[
         float,
         Query(
@@ -100,7 +85,7 @@ async def get(
     if wait:
         # Its duration is the client's chosen wait, not latency: keep it out of the latency histogram.
         mark_long_request(request.scope)
-    return await service.wait_for_query(pool, user_id, query_id, wait, wakeup)
+    return await service.wait_for_query(handles.pool, user_id, query_id, wait, handles.wakeup)
 
 
 @router.post(
@@ -116,14 +101,13 @@ async def cancel(
     query_id: uuid.UUID,
     user_id: CurrentUserId,
     conn: ConnectionDep,
-    redis: RedisDep,
-    settings: SettingsDep,
-    publisher: PublisherDep,
-    events: EventLogDep,
+    handles: HandlesDep,
 ) -> JSONResponse:
     """Cancel: a pending query ends at once (200); a running one stops shortly (202); a finished one is 409."""
-    limiter = limiter_for(redis, settings)
-    query = await service.cancel_query(conn, limiter, user_id, query_id, events=events, publisher=publisher)
+    limiter = limiter_for(handles.redis, handles.settings)
+    query = await service.cancel_query(
+        conn, limiter, user_id, query_id, events=handles.events, publisher=handles.publisher
+    )
     code = status.HTTP_200_OK if query["status"] == QueryStatus.CANCELLED else status.HTTP_202_ACCEPTED
     return JSONResponse(service.to_out(query).model_dump(mode="json"), status_code=code)
 
@@ -138,15 +122,12 @@ async def delete(
     query_id: uuid.UUID,
     user_id: CurrentUserId,
     conn: ConnectionDep,
-    redis: RedisDep,
-    settings: SettingsDep,
-    publisher: PublisherDep,
-    events: EventLogDep,
+    handles: HandlesDep,
 ) -> Response:
     """Erase a query's prompt, system prompt, answer and metadata (its usage stays counted); afterwards it
     is a 404. A pending query is cancelled first; a running one is a 409 (`query_running`): cancel it first."""
-    limiter = limiter_for(redis, settings)
-    await service.delete_query(conn, limiter, user_id, query_id, events=events, publisher=publisher)
+    limiter = limiter_for(handles.redis, handles.settings)
+    await service.delete_query(conn, limiter, user_id, query_id, events=handles.events, publisher=handles.publisher)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

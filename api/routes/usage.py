@@ -11,13 +11,10 @@ from fastapi.responses import Response
 
 from api.deps import (
     AutocommitSessionDep,
-    CurrentPrincipal,
-    CurrentUserId,
-    EventLogDep,
-    RedisDep,
+    HandlesDep,
+    ScopedPrincipal,
     SessionDep,
     SessionUserId,
-    SettingsDep,
     admin_user_id,
     session_principal,
     session_user_id,
@@ -34,8 +31,7 @@ router = APIRouter(tags=["usage"])
 
 @router.get("/usage", response_model=UsageReport, responses=error_responses(401, 403, 404, 422))
 async def usage(
-    user_id: CurrentUserId,
-    principal: CurrentPrincipal,
+    principal: ScopedPrincipal,
     session: AutocommitSessionDep,
     start: Annotated[datetime | None, Query(alias="from", description="Inclusive; default: `to` - 30 days")] = None,
     end: Annotated[datetime | None, Query(alias="to", description="Exclusive; default: now")] = None,
@@ -45,6 +41,7 @@ async def usage(
     """Queries and tokens (prompt, completion, total; reserved vs used) per UTC day or per model.
 
     Another user's (`user_id`) needs the admin role and an access token, not an API key."""
+    user_id = principal.user_id
     if of_user is not None and of_user != user_id:
         # Admin work: the same checks as every admin route's `AdminUserId` (an access token, the admin role).
         await admin_user_id(await session_user_id(await session_principal(principal)), session)
@@ -55,10 +52,9 @@ async def usage(
 @router.delete(
     "/users/me", status_code=status.HTTP_204_NO_CONTENT, tags=["users"], responses=error_responses(401, 403, 404, 503)
 )
-async def delete_me(
-    user_id: SessionUserId, session: SessionDep, redis: RedisDep, settings: SettingsDep, events: EventLogDep
-) -> Response:
+async def delete_me(user_id: SessionUserId, session: SessionDep, handles: HandlesDep) -> Response:
     """Delete your account and erase all its queries. Irreversible; an access token only, never an API key."""
+    settings, redis = handles.settings, handles.redis
     limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
-    await accounts.delete_account(session, settings, limiter, events, cache, user_id)
+    await accounts.delete_account(session, settings, limiter, handles.events, cache, user_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

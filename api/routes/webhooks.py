@@ -6,7 +6,7 @@ import uuid
 
 from fastapi import APIRouter, Response, status
 
-from api.deps import AutocommitSessionDep, CurrentUserId, PublisherDep, SessionDep, SessionUserId, SettingsDep
+from api.deps import AutocommitSessionDep, CurrentUserId, HandlesDep, SessionDep, SessionUserId
 from api.errors import error_responses
 from shared.queue import DELIVER_WEBHOOK_TASK
 from shared.schemas import WebhookDeliveryOut, WebhookEndpointIn, WebhookEndpointOut, WebhookSecretOut
@@ -24,10 +24,10 @@ async def get_endpoint(user_id: SessionUserId, session: SessionDep) -> WebhookEn
 
 @router.put("/endpoint", response_model=WebhookEndpointOut, responses=error_responses(401, 403, 422, 503))
 async def put_endpoint(
-    body: WebhookEndpointIn, user_id: SessionUserId, session: SessionDep, settings: SettingsDep
+    body: WebhookEndpointIn, user_id: SessionUserId, session: SessionDep, handles: HandlesDep
 ) -> WebhookEndpointOut:
     """Set the endpoint (enabling it again after a 410 disabled it). Sign-check with `GET /webhooks/secret`."""
-    return await service.set_endpoint(session, settings, user_id, body.url)
+    return await service.set_endpoint(session, handles.settings, user_id, body.url)
 
 
 @router.delete(
@@ -49,9 +49,9 @@ async def get_secret(user_id: SessionUserId, session: SessionDep) -> WebhookSecr
 
 
 @router.post("/secret/rotate", response_model=WebhookSecretOut, responses=error_responses(401, 403, 503))
-async def rotate_secret(user_id: SessionUserId, session: SessionDep, settings: SettingsDep) -> WebhookSecretOut:
+async def rotate_secret(user_id: SessionUserId, session: SessionDep, handles: HandlesDep) -> WebhookSecretOut:
     """A new secret; the old one keeps signing beside it (two signatures) for WEBHOOK_SECRET_GRACE_SECONDS."""
-    return await service.rotate_secret(session, settings, user_id)
+    return await service.rotate_secret(session, handles.settings, user_id)
 
 
 @deliveries.get(
@@ -79,10 +79,10 @@ async def redeliver(
     delivery_id: uuid.UUID,
     user_id: CurrentUserId,
     session: AutocommitSessionDep,
-    publisher: PublisherDep,
+    handles: HandlesDep,
 ) -> WebhookDeliveryOut:
     """One more attempt, now, with the same `webhook-id` and body (a failed, delivered or pending one alike)."""
     out = await service.redeliver(session, user_id, query_id, delivery_id)
     # The update has committed (autocommit): a failed publish leaves it to the workers' webhook sweep.
-    await publisher.publish(delivery_id, DELIVER_WEBHOOK_TASK)
+    await handles.publisher.publish(delivery_id, DELIVER_WEBHOOK_TASK)
     return out

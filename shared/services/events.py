@@ -137,27 +137,40 @@ async def follow(
 
 
 async def with_keepalive(events: AsyncIterator[Event], interval: float) -> AsyncIterator[Event | None]:
-    """The events, with a None whenever `interval` passed without one (time for a keep-alive)."""
-    pending: asyncio.Future[Event] | None = None
+    """The events, with a None whenever `interval` passed without one (time for a keep-alive).
+
+    One task reads `events` for the whole stream and hands each one over through a one-slot queue (so it reads
+    at most one event ahead): a task and an `asyncio.wait` per event cost more than the event's own work.
+    """
+    handover: asyncio.Queue[tuple[Event | None, Exception | None]] = asyncio.Queue(maxsize=1)
+
+    async def read() -> None:
+        try:
+            async for event in events:
+                await handover.put((event, None))
+        except Exception as exc:  # noqa: BLE001 - raised again on the reading side
+            await handover.put((None, exc))
+            return
+        await handover.put((None, None))
+
+    reader = asyncio.ensure_future(read())
     try:
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(events))
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
+            try:
+                async with asyncio.timeout(interval):
+                    event, error = await handover.get()
+            except TimeoutError:
                 yield None
                 continue
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
+            if error is not None:
+                raise error
+            if event is None:
                 return
-            pending = None
             yield event
     finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
         aclose = getattr(events, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -66,6 +66,18 @@ def test_scopes_read_only_key_gets_403_on_submit_and_cancel(client: httpx.Client
     assert client.post("/api/v1/query", json={"query": "y"}, headers=_bearer(write_only)).status_code == 202
 
 
+def test_the_scope_is_checked_before_the_parameters(client: httpx.Client, user: dict[str, Any]) -> None:
+    """A key lacking the scope hears 403 whatever its parameters, on the routes that read the principal too."""
+    write_only = _key(client, user, scopes=["queries:write"])["key"]
+    for path in ("/api/v1/usage?from=not-a-date", "/api/v1/query/not-a-uuid", "/api/v1/query?limit=0"):
+        r = client.get(path, headers=_bearer(write_only))
+        assert r.status_code == 403, (path, r.text)
+        assert r.json()["error"]["code"] == "insufficient_scope"
+    read_only = _key(client, user, scopes=["queries:read"])["key"]
+    assert client.get("/api/v1/usage", headers=_bearer(read_only)).status_code == 200
+    assert client.get("/api/v1/usage?from=not-a-date", headers=_bearer(read_only)).status_code == 422
+
+
 def test_keys_cannot_manage_keys_log_out_or_delete_the_account(client: httpx.Client, user: dict[str, Any]) -> None:
     key = _key(client, user)["key"]
     for method, path in (
