@@ -19,13 +19,13 @@ from shared.queue import BATCH_TASK, DELIVER_WEBHOOK_TASK, PROCESS_TASK, make_ce
 from shared.services.webhooks import DeliveryOutcome
 from worker import batches, dispatcher, processing, recovery, webhooks
 from worker.broker import guard_dead_channel, reuse_sync_client
-from worker.pool import LoopPool
 from worker.runtime import BackgroundLoop, StopReason, WorkerRuntime, current_runtime, get_runtime, shutdown_runtime
 
 settings = get_settings()
 app = make_celery(settings)
-# Each message's task runs on the runtime's asyncio loop (worker/pool.py), not on a thread of its own.
-app.conf.worker_pool = LoopPool
+# Each message's task runs on the runtime's asyncio loop (worker/pool.py), not on a thread of its own. By name, as
+# Celery's own settings are: `celery inspect conf` and Flower serialise the configuration.
+app.conf.worker_pool = "worker.pool:LoopPool"
 guard_dead_channel(settings)
 reuse_sync_client(settings)
 log = logging.getLogger("worker")

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from sqlalchemy.engine import Engine
 
-from shared.queue import Publisher
+from shared.queue import Publisher, make_celery
 from tests.support.api import register_and_login, wait_terminal
 from tests.support.db import insert_query
 from tests.support.stack import Stack, sim_calls
@@ -142,6 +142,19 @@ def test_secrets_and_prompts_never_reach_the_logs(client: httpx.Client, stack: S
         stack.settings.openai_api_key.get_secret_value(),
     ):
         assert secret not in logs
+
+
+def test_the_worker_runs_its_tasks_on_the_loop_pool(stack: Stack) -> None:
+    """The worker's pool is AIQ's loop pool (worker/pool.py), as Celery's remote control reports it."""
+    app = make_celery(stack.settings)
+    try:
+        stats = app.control.inspect(timeout=5).stats() or {}
+    finally:
+        app.close()
+    assert stats, "no worker answered"
+    for worker in stats.values():
+        assert worker["pool"]["implementation"] == "worker.pool:LoopPool"
+        assert worker["pool"]["max-concurrency"] == stack.settings.worker_concurrency
 
 
 def test_each_worker_log_line_carries_its_own_tasks_query_id(
