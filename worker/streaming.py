@@ -69,9 +69,7 @@ class DeltaSink:
                 await self._ready.wait()
                 self._ready.clear()
                 continue
-            text = "".join(self._parts)
-            self._parts.clear()
-            await self._events.append_quietly(self._query_id, EventType.DELTA, {"text": text}, self._attempt)
+            await self._events.append_quietly(self._query_id, EventType.DELTA, self._take(), self._attempt)
             if self._interval:
                 # The coalescing pause; the stream's end (or `close()`) cuts it short.
                 with contextlib.suppress(TimeoutError):
@@ -90,19 +88,21 @@ class DeltaSink:
         wakes the readers for both."""
         if not self._parts:
             return None
-        text = "".join(self._parts)
-        self._parts.clear()
         return self._events.append_in(
-            batch, self._query_id, EventType.DELTA, {"text": text}, self._attempt, notify=notify
+            batch, self._query_id, EventType.DELTA, self._take(), self._attempt, notify=notify
         )
 
     async def flush(self) -> None:
         """Append what no end took (`rest_in`), alone; nothing when it was taken."""
         if self._parts:
-            text = "".join(self._parts)
-            self._parts.clear()
-            append = self._events.append_quietly(self._query_id, EventType.DELTA, {"text": text}, self._attempt)
+            append = self._events.append_quietly(self._query_id, EventType.DELTA, self._take(), self._attempt)
             await asyncio.shield(append)
+
+    def _take(self) -> dict[str, str]:
+        """The buffered pieces as one delta's data; the buffer is empty after."""
+        text = "".join(self._parts)
+        self._parts.clear()
+        return {"text": text}
 
 
 async def tell_start(events: EventLog, claim: Claim) -> None:

@@ -104,15 +104,19 @@ def test_user_state_comes_from_postgresql_when_redis_forgot_it(
     assert client.get("/api/v1/users/me", headers=user["headers"]).status_code == 200
     assert r.get(key) is not None
     # An operator disables the row directly; Redis still says "ok" until the entry is dropped (a flush).
-    with db.begin() as conn:
-        conn.execute(
-            text("UPDATE users SET disabled_at = now(), sessions_valid_after = now() WHERE id = :id"),
-            {"id": user["user_id"]},
-        )
+    _disable_in_database(db, user["user_id"])
     r.delete(key)
     assert _code(client.get("/api/v1/users/me", headers=user["headers"])) == "account_disabled"
     assert r.get(key) == b"disabled"
     r.close()
+
+
+def _disable_in_database(db: Any, user_id: str) -> None:
+    """An operator disables the row directly, behind the API's back (Redis keeps its cached state)."""
+    with db.begin() as conn:
+        conn.execute(
+            text("UPDATE users SET disabled_at = now(), sessions_valid_after = now() WHERE id = :id"), {"id": user_id}
+        )
 
 
 def _submit(client: httpx.Client, token: str) -> httpx.Response:
@@ -151,11 +155,7 @@ def test_a_submit_whose_user_state_is_not_cached_gets_the_full_check(
     r.delete(key)
     assert _submit(client, access).status_code == 202
     assert r.get(key) is not None
-    with db.begin() as conn:
-        conn.execute(
-            text("UPDATE users SET disabled_at = now(), sessions_valid_after = now() WHERE id = :id"),
-            {"id": user["user_id"]},
-        )
+    _disable_in_database(db, user["user_id"])
     r.delete(key)
     held = _rate_state(r, stack, user["user_id"])
     assert _code(_submit(client, access)) == "account_disabled"
