@@ -49,24 +49,15 @@ _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 
 # The metrics' children by label values, so that a request costs a dict lookup rather than `labels()` (which
 # checks and joins the values under a lock). Bounded: route templates, known methods and status codes.
-_counted: dict[tuple[str, str, int], Any] = {}
-_timed: dict[tuple[str, str], Any] = {}
+_children: dict[tuple[Any, ...], Any] = {}
 
 
-def _count(method: str, route: str, status: int) -> None:
-    key = (method, route, status)
-    child = _counted.get(key)
+def _child(metric: Any, *values: str) -> Any:
+    key = (metric, *values)
+    child = _children.get(key)
     if child is None:
-        child = _counted[key] = HTTP_REQUESTS.labels(method, route, str(status))
-    child.inc()
-
-
-def _time(method: str, route: str, seconds: float) -> None:
-    key = (method, route)
-    child = _timed.get(key)
-    if child is None:
-        child = _timed[key] = HTTP_REQUEST_DURATION.labels(method, route)
-    child.observe(seconds)
+        child = _children[key] = metric.labels(*values)
+    return child
 
 
 def mark_long_request(scope: MutableMapping[str, Any]) -> None:
@@ -227,9 +218,9 @@ class EdgeMiddleware:
             finally:
                 method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
                 route = route_label(scope)
-                _count(method, route, status)
+                _child(HTTP_REQUESTS, method, route, str(status)).inc()
                 if not scope.get(LONG_REQUEST_SCOPE_KEY):
-                    _time(method, route, time.perf_counter() - start)
+                    _child(HTTP_REQUEST_DURATION, method, route).observe(time.perf_counter() - start)
         except Exception as exc:
             # Starlette answers unhandled errors in its outermost middleware, after the request id is unset:
             # answer here instead, so the 500 and its log line carry the id like any other.
