@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import Query
 
+from api.compat import compat_router
 from api.deps import CurrentUserId, HandlesDep
 from shared.schemas_openai import BatchCreate
 from shared.services import batches as service
 
-router = APIRouter()
+router = compat_router()
 
 
 @router.post("/batches")

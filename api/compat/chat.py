@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from api.compat import compat_router
 from api.compat.streaming import StreamContextDep
 from api.compat.submit import submit, wait
 from api.deps import CurrentUserId, HandlesDep
@@ -14,7 +15,7 @@ from shared.schemas_openai import ChatCompletionCreate
 from shared.services import queries as queries_service
 from shared.services import responses as service
 
-router = APIRouter()
+router = compat_router()
 
 
 @router.post("/chat/completions", response_model=None)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
+from api.compat import compat_router
 from api.deps import ConnectionDep, CurrentUserId, HandlesDep
 from shared.errors import InvalidInput
 from shared.services import files as service
 
-router = APIRouter()
+router = compat_router()
 
 
 @router.post("/files")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
-
+from api.compat import compat_router
 from api.deps import CurrentUserId, HandlesDep
 from shared.errors import NotFound
 
-router = APIRouter()
+router = compat_router()
 
 
 def _model(model_id: str) -> dict[str, Any]:

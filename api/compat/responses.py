@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from api.compat import compat_router
 from api.compat.streaming import StreamContextDep
 from api.compat.submit import submit, wait
 from api.deps import ConnectionDep, CurrentUserId, HandlesDep
@@ -16,7 +17,7 @@ from shared.schemas_openai import ResponseCreate
 from shared.services import queries as queries_service
 from shared.services import responses as service
 
-router = APIRouter()
+router = compat_router()
 # A cancel of a running query is carried out by its worker; wait this long for it to say so.
 CANCEL_WAIT_SECONDS = 5.0
 

@@ -9,12 +9,13 @@ from fastapi import APIRouter, Query
 
 from api.deps import AdminUserId, AutocommitSessionDep, HandlesDep
 from api.errors import error_responses
+from api.routes import V1_PREFIX
 from shared.errors import InvalidInput
 from shared.models import Role
 from shared.schemas import AdminUserOut, AdminUserPage
 from shared.services import admin_users
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix=f"{V1_PREFIX}/admin", tags=["admin"])
 
 
 @router.get("/users", response_model=AdminUserPage, responses=error_responses(401, 403, 422, 503))

@@ -11,13 +11,14 @@ from pydantic import ValidationError
 
 from api.deps import AutocommitSessionDep, CurrentUserId, HandlesDep, SessionDep, SessionPrincipal
 from api.errors import error_responses
+from api.routes import V1_PREFIX
 from api.throttle import LoginThrottle, RegisterThrottle, mark_login_succeeded
 from shared.errors import AppError, InvalidInput, NotFound, Unauthorized
 from shared.repositories import users as users_repo
 from shared.schemas import Credentials, LogoutRequest, RefreshRequest, Registration, TokenPair, UserOut
 from shared.services import auth
 
-router = APIRouter(tags=["auth"])
+router = APIRouter(prefix=V1_PREFIX, tags=["auth"])
 # RFC 6749 §5.1: token responses must not be cached by the client or anything in between.
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from api.deps import CurrentUserId, HandlesDep
 from api.errors import error_responses
 from api.middleware import mark_long_request
+from api.routes import V1_PREFIX
 from shared.config import Settings
 from shared.errors import InvalidInput
 from shared.events import Event, EventLog
@@ -26,7 +27,7 @@ from shared.services import credentials
 from shared.services.events import ensure_owner, follow, with_keepalive
 from shared.wakeup import Wakeup
 
-router = APIRouter(prefix="/query", tags=["events"])
+router = APIRouter(prefix=f"{V1_PREFIX}/query", tags=["events"])
 # A comment line alone, without the blank line that would end an event: some SSE clients (httpx-sse) would
 # dispatch an empty event for a bare blank line once they have seen an `id:`.
 KEEPALIVE = b": keep-alive\n"

@@ -8,10 +8,11 @@ from fastapi import APIRouter, Response, status
 
 from api.deps import HandlesDep, SessionDep, SessionUserId
 from api.errors import error_responses
+from api.routes import V1_PREFIX
 from shared.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyOut
 from shared.services import api_keys
 
-router = APIRouter(prefix="/keys", tags=["api keys"])
+router = APIRouter(prefix=f"{V1_PREFIX}/keys", tags=["api keys"])
 
 
 @router.post(

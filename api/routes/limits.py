@@ -14,12 +14,13 @@ from api.deps import (
     SessionDep,
 )
 from api.errors import error_responses
+from api.routes import V1_PREFIX
 from shared.limits import limiter_for
 from shared.schemas import LimitsIn, LimitsOut, QueryOut
 from shared.services import limits as limits_service
 from shared.services import queries as queries_service
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix=f"{V1_PREFIX}/admin", tags=["admin"])
 
 
 @router.put("/users/{user_id}/limits", response_model=LimitsOut, responses=error_responses(401, 403, 404, 422))

@@ -11,13 +11,14 @@ from fastapi.responses import JSONResponse
 from api.deps import AutocommitSessionDep, ConnectionDep, CurrentUserId, HandlesDep, SubmitterDep
 from api.errors import error_responses
 from api.middleware import mark_long_request
+from api.routes import V1_PREFIX
 from shared.cache import response_cache_for
 from shared.limits import limiter_for
 from shared.models import QueryStatus
 from shared.schemas import QueryAccepted, QueryCreate, QueryOut, QueryPage
 from shared.services import queries as service
 
-router = APIRouter(prefix="/query", tags=["queries"])
+router = APIRouter(prefix=f"{V1_PREFIX}/query", tags=["queries"])
 # Long-polls end within this, well inside common proxy and load balancer idle timeouts (60 s).
 MAX_WAIT_SECONDS = 30.0
 

@@ -20,13 +20,14 @@ from api.deps import (
     session_user_id,
 )
 from api.errors import error_responses
+from api.routes import V1_PREFIX
 from shared.cache import response_cache_for
 from shared.limits import limiter_for
 from shared.schemas import UsageReport
 from shared.services import accounts
 from shared.services.usage import GroupBy, usage_report
 
-router = APIRouter(tags=["usage"])
+router = APIRouter(prefix=V1_PREFIX, tags=["usage"])
 
 
 @router.get("/usage", response_model=UsageReport, responses=error_responses(401, 403, 404, 422))

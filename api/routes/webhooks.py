@@ -8,12 +8,13 @@ from fastapi import APIRouter, Response, status
 
 from api.deps import AutocommitSessionDep, CurrentUserId, HandlesDep, SessionDep, SessionUserId
 from api.errors import error_responses
+from api.routes import V1_PREFIX
 from shared.queue import DELIVER_WEBHOOK_TASK
 from shared.schemas import WebhookDeliveryOut, WebhookEndpointIn, WebhookEndpointOut, WebhookSecretOut
 from shared.services import webhooks as service
 
-router = APIRouter(prefix="/webhooks", tags=["webhooks"])
-deliveries = APIRouter(prefix="/query", tags=["webhooks"])
+router = APIRouter(prefix=f"{V1_PREFIX}/webhooks", tags=["webhooks"])
+deliveries = APIRouter(prefix=f"{V1_PREFIX}/query", tags=["webhooks"])
 
 
 @router.get("/endpoint", response_model=WebhookEndpointOut, responses=error_responses(401, 403, 404, 503))

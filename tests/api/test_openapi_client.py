@@ -80,6 +80,9 @@ def test_the_document_declares_aiq_errors_only(stack: Stack) -> None:
             if "requestBody" in op:
                 assert {"413", "415", "422"} <= set(op["responses"]), (path, method)
     assert seen.count("GET /api/v1/users/me") == 1
+    # An operation without an explicit summary takes its docstring's first line, not FastAPI's name-made one.
+    assert spec["paths"]["/api/v1/auth/register"]["post"]["summary"] == "Create an account"
+    assert spec["paths"]["/api/v1/keys"]["get"]["summary"].startswith("Your live API keys")
     # The documented example of a submit is accepted as it stands (Swagger's "Try it out" sends it).
     example = schemas["QueryCreate"]["examples"][0]
     assert "model" not in example or example["model"] != "string"
