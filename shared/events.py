@@ -2,12 +2,21 @@
 
 One append is one Lua script (one round trip): INCR the query's sequence counter, XADD the event with the
 explicit id `<seq>-0`, refresh the TTL of both keys, and PUBLISH a tiny wake-up notice
-(`<query id> <event type>`) on the one channel every API process listens to (`api/wakeup.py`). Stream ids
+(`<query id> <event type>`) on the one channel every API process listens to (`shared/wakeup.py`). Stream ids
 are the sequence numbers, so "the events after N" is one XRANGE from `(N-0`.
+
+Who needs a notice: a terminal event wakes long-polls and streams alike, so it always sends one; any other
+event (`started`, each `delta` …) matters only to a stream that follows the query. A follower marks the query
+(`since(…, mark=True)`: SET of the follow key, then the XRANGE, in one round trip) and renews the mark while it
+follows; the script sends a non-terminal event's notice only while the mark stands. Every API process's
+subscriber then reads a notice per query end, not one per delta of every query. Nothing is missed: Redis runs
+the script (XADD, then the mark's check) and the follower's SET-then-XRANGE each as a whole, so an event
+appended before the mark is in the follower's read, and one appended after it sends its notice.
 
 Keys (the query id is globally unique, the prefix keeps test runs that share a Redis apart):
 - `aiq:{QUEUE_NAME}:ev:{query}`: the stream; fields `t` (type), `a` (attempt, "" when none), `d` (JSON data).
 - `aiq:{QUEUE_NAME}:ev:{query}:seq`: the last sequence number given out.
+- `aiq:{QUEUE_NAME}:ev:{query}:follow`: set while a stream follows the query (FOLLOW_MARK_SECONDS, renewed).
 - channel `aiq:{QUEUE_NAME}:wake`: the notices.
 
 The log is a convenience on top of the row, which stays the truth: a failed append is logged and the query
@@ -47,6 +56,10 @@ class EventType(StrEnum):
 
 
 TERMINAL_EVENTS = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED})
+# How long a follower's mark stands unless renewed; a follower renews it well before (at a third of it, and
+# whenever the wake-up resubscribed: a Redis restart lost it). Longer than a follower's longest wait between
+# reads (`IDLE_REREAD_SECONDS` in shared/services/events.py), so a live follower never loses it.
+FOLLOW_MARK_SECONDS = 90
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +80,10 @@ class Event:
         return {**self.data, "seq": self.seq, "type": self.type.value, "attempt": self.attempt}
 
 
-# KEYS: stream, counter. ARGV: type, attempt, data, ttl_s, channel, notice, reset.
+# KEYS: stream, counter, follow mark. ARGV: type, attempt, data, ttl_s, channel, notice, reset, terminal.
 # `reset` = 1 trims every earlier event (an admin requeue starts the query's story again after its end).
-# An empty channel sends no notice (nobody can be waiting yet: see `append`'s `notify`).
+# An empty channel sends no notice (nobody can be waiting yet: see `append`'s `notify`); otherwise a terminal
+# event sends one, any other only while a follower's mark stands.
 _APPEND = """
 local seq = redis.call('INCR', KEYS[2])
 if seq == 1 and ARGV[1] ~= 'queued' and not (ARGV[1] == 'started' and ARGV[2] == '1') then
@@ -85,7 +99,9 @@ redis.call('XADD', KEYS[1], id, 't', ARGV[1], 'a', ARGV[2], 'd', ARGV[3])
 if ARGV[7] == '1' then redis.call('XTRIM', KEYS[1], 'MINID', id) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[1]) end
+if ARGV[5] ~= '' and (ARGV[8] == '1' or redis.call('EXISTS', KEYS[3]) == 1) then
+  redis.call('PUBLISH', ARGV[5], ARGV[6] .. ' ' .. ARGV[1])
+end
 return seq
 """
 
@@ -133,8 +149,9 @@ class EventLog:
             self._channel if notify else "",
             str(query_id),
             "1" if reset else "0",
+            "1" if type in TERMINAL_EVENTS else "0",
         ]
-        return [key, f"{key}:seq"], args
+        return [key, f"{key}:seq", f"{key}:follow"], args
 
     async def append(
         self,
@@ -205,9 +222,23 @@ class EventLog:
             )
             return None
 
-    async def since(self, query_id: uuid.UUID, after: int, count: int | None = None) -> list[Event]:
-        """The events numbered above `after`, in order (empty when there are none or the log is gone)."""
-        raw: Any = await self._redis.xrange(self._key(query_id), min=f"({max(after, 0)}-0", count=count)
+    async def since(
+        self, query_id: uuid.UUID, after: int, count: int | None = None, *, mark: bool = False
+    ) -> list[Event]:
+        """The events numbered above `after`, in order (empty when there are none or the log is gone).
+
+        `mark`: (re)set the follow mark first, in the same round trip, so that every later event sends its notice
+        for FOLLOW_MARK_SECONDS (module docstring)."""
+        key = self._key(query_id)
+        bound = f"({max(after, 0)}-0"
+        raw: Any
+        if mark:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(f"{key}:follow", 1, ex=FOLLOW_MARK_SECONDS)
+            pipe.xrange(key, min=bound, count=count)
+            _, raw = await pipe.execute()
+        else:
+            raw = await self._redis.xrange(key, min=bound, count=count)
         entries: list[tuple[bytes, dict[bytes, bytes]]] = raw
         return [_event(entry_id, fields) for entry_id, fields in entries]
 
@@ -218,7 +249,7 @@ class EventLog:
 
     async def discard(self, *query_ids: uuid.UUID) -> None:
         """Forget queries' logs (their text is being erased); with Redis down they lapse with their TTL."""
-        keys = [k for q in query_ids for k in (self._key(q), f"{self._key(q)}:seq")]
+        keys = [k for q in query_ids for k in (self._key(q), f"{self._key(q)}:seq", f"{self._key(q)}:follow")]
         try:
             for start in range(0, len(keys), 1000):
                 await self._redis.delete(*keys[start : start + 1000])

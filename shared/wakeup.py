@@ -1,11 +1,13 @@
 """The one wake-up of waiting clients: a Redis subscriber per API process, per-query asyncio waiters.
 
-Every append to a query's event log PUBLISHes `<query id> <event type>` on `aiq:{QUEUE_NAME}:wake`
-(`shared/events.py`). Each API process runs ONE subscriber task (started in the lifespan, reached through
-`api/deps.py`) that wakes the waiters registered for that query: SSE streams and long-polls alike.
+A query's terminal event, and any other while a stream follows the query, PUBLISHes `<query id> <event type>`
+on `aiq:{QUEUE_NAME}:wake` (`shared/events.py`). Each API process runs ONE subscriber task (started in the
+lifespan, reached through `api/deps.py`) that wakes the waiters registered for that query: SSE streams and
+long-polls alike.
 
 A notice sent while the subscriber is disconnected is lost, so:
-- after every (re)subscribe, all waiters are woken once to re-read;
+- after every (re)subscribe, all waiters are woken once to re-read (and `generation` counts up: followers mark
+  their queries again, in case Redis restarted without the marks);
 - while disconnected, `timeout()` caps every wait at WAKEUP_FALLBACK_SECONDS: a bounded re-read, never a
   lost answer.
 """
@@ -62,6 +64,8 @@ class Wakeup:
         self._task: asyncio.Task[None] | None = None
         self.connected = False
         self.subscribed = asyncio.Event()
+        # Counts the subscriptions made: a follower whose mark predates the current one sets it again.
+        self.generation = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="aiq-wakeup")
@@ -129,6 +133,7 @@ class Wakeup:
                 async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self._channel)
                     self.connected = True
+                    self.generation += 1
                     self.subscribed.set()
                     delay = 0.1
                     # Notices sent while we were away are lost: everybody re-reads once.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from shared.errors import NotFound
-from shared.events import Event, EventLog, EventType
+from shared.events import FOLLOW_MARK_SECONDS, Event, EventLog, EventType
 from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.repositories import queries_asyncpg
 from shared.repositories.queries_common import RowLike
@@ -29,6 +30,9 @@ from shared.wakeup import Wakeup
 # append failed (Redis blip) is then found. While the wake-up is disconnected, WAKEUP_FALLBACK_SECONDS.
 IDLE_REREAD_SECONDS = 30.0
 READ_BATCH = 1000
+# A follower renews its mark on the first read after this; the mark stands FOLLOW_MARK_SECONDS, longer than
+# this plus the longest wait between two reads.
+MARK_RENEW_SECONDS = FOLLOW_MARK_SECONDS / 3
 
 
 async def ensure_owner(pool: asyncpg.Pool, user_id: uuid.UUID, query_id: uuid.UUID) -> RowLike:
@@ -92,6 +96,13 @@ async def follow(
     """
     last = max(after, 0)
     woken = True
+    # When this follower last marked the query (wake-up generation, clock): events other than the end send
+    # their notices only while the mark stands (shared/events.py).
+    marked: tuple[int, float] | None = None
+
+    def mark_due() -> bool:
+        return marked is None or marked[0] != wakeup.generation or time.monotonic() - marked[1] > MARK_RENEW_SECONDS
+
     with wakeup.watch(query_id) as waiter:
         if last:
             # A client resuming after the terminal event has nothing more to wait for.
@@ -103,7 +114,12 @@ async def follow(
             log_ok = True
             head = None
             try:
-                batch = await log.since(query_id, last, count=READ_BATCH)
+                if mark_due():
+                    generation, now = wakeup.generation, time.monotonic()
+                    batch = await log.since(query_id, last, count=READ_BATCH, mark=True)
+                    marked = (generation, now)
+                else:
+                    batch = await log.since(query_id, last, count=READ_BATCH)
                 if not batch:
                     head = await log.last_seq(query_id)
             except (RedisError, OSError):

@@ -99,7 +99,8 @@ def test_a_one_read_answer_tells_started_delta_completed_with_one_notice_for_its
     sse_client: httpx.Client, stack: Stack, user: dict[str, Any]
 ) -> None:
     # A short answer arrives in one read with its end of stream: its text rides in the end's round trip, ahead of
-    # `completed`, and sends no wake-up notice of its own (the end's wakes the readers for both).
+    # `completed`, and sends no wake-up notice of its own (the end's wakes the readers for both). The other
+    # events tell only a query that a stream follows (shared/events.py).
     r = redis.Redis.from_url(stack.settings.redis_url)
     pubsub = r.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(f"aiq:{stack.settings.queue_name}:wake")
@@ -116,7 +117,8 @@ def test_a_one_read_answer_tells_started_delta_completed_with_one_notice_for_its
     assert [e["type"] for e in events] == ["queued", "started", "delta", "completed"]
     assert [e["seq"] for e in events] == [1, 2, 3, 4]
     assert events[2]["text"] == sse_client.get(f"/api/v1/query/{query_id}", headers=user["headers"]).json()["response"]
-    assert notices == ["started", "completed"]
+    # `started` is told only if the stream marked the query before the worker appended it (it usually has).
+    assert notices in (["started", "completed"], ["completed"])
 
 
 def test_resume_at_every_position_gives_exactly_the_rest(sse_client: httpx.Client, user: dict[str, Any]) -> None:

@@ -14,14 +14,44 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from bench.chaos.services import OwnRedis
 from shared.config import Settings
-from shared.events import EventLog, EventType
+from shared.events import EventLog, EventType, wake_channel
 from shared.wakeup import Wakeup
 from tests.support.db import row
 from tests.support.stack import Stack, spawn_api, stop
+
+
+def test_a_query_nobody_streams_sends_one_notice_its_end(
+    client: httpx.Client, stack: Stack, user: dict[str, Any]
+) -> None:
+    # Every API process reads every notice: a long-polled query's `started` and deltas would wake them all for
+    # nothing. Only its end goes out (a stream that follows a query marks it and hears the rest).
+    r = redis.Redis.from_url(stack.settings.redis_url)
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(wake_channel(stack.settings))
+    try:
+        submitted = client.post(
+            "/api/v1/query", json={"query": f"[[sim chunk_ms=30]] unfollowed {uuid.uuid4()}"}, headers=user["headers"]
+        )
+        assert submitted.status_code == 202
+        query_id = submitted.json()["query_id"]
+        body = client.get(f"/api/v1/query/{query_id}", params={"wait": 20}, headers=user["headers"]).json()
+        assert body["status"] == "completed"
+        notices: list[str] = []
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.1)
+            if message is not None and message["data"].decode().startswith(query_id):
+                notices.append(message["data"].decode().split()[1])
+    finally:
+        pubsub.close()
+        r.close()
+    # A slow stream of several chunks: `started` and several deltas were appended, none of them told.
+    assert notices == ["completed"]
 
 
 def test_long_poll_on_another_api_process_is_woken_right_after_the_end(
@@ -76,6 +106,10 @@ async def test_wakeup_wakes_waiters_and_survives_a_redis_restart(tmp_path: Path)
             wakeup.watch(query_id, only_terminal=True) as terminal_only,
             wakeup.watch(other_id) as unrelated,
         ):
+            # A delta sends its notice only while a stream follows the query (its mark, set with a read).
+            await log.append(query_id, EventType.DELTA, {"text": "unfollowed"}, 1)
+            assert not await any_event.wait(0.3)
+            await log.since(query_id, 0, mark=True)
             started = time.monotonic()
             await log.append(query_id, EventType.DELTA, {"text": "hi"}, 1)
             assert await any_event.wait(5)
@@ -96,7 +130,10 @@ async def test_wakeup_wakes_waiters_and_survives_a_redis_restart(tmp_path: Path)
             await asyncio.wait_for(wakeup.subscribed.wait(), 15)
             assert await unrelated.wait(5)
             assert wakeup.timeout(30) == 30
+            # The mark went with the server; the new subscription tells followers to set it again.
+            assert wakeup.generation == 2
             await client.connection_pool.disconnect()  # the test's own connection died with the server
+            await log.since(query_id, 0, mark=True)
             await log.append(query_id, EventType.DELTA, {"text": "again"}, 2)
             assert await any_event.wait(5)
     finally:

@@ -92,6 +92,7 @@ async def test_a_one_read_answer_rides_with_the_end_in_order_with_one_notice(
 ) -> None:
     claim = _claim()
     await log.append(claim.query_id, EventType.QUEUED, {}, notify=False)
+    await log.since(claim.query_id, 0, mark=True)  # a stream follows the query: its events are told
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(wake_channel(settings))
     sink = DeltaSink(log, claim, interval_s=0.02)
@@ -143,3 +144,35 @@ async def test_a_stream_that_goes_on_sends_its_first_piece_at_once(log: EventLog
     await sink.flush()
     events = await log.since(claim.query_id, 0)
     assert [e.data.get("text") for e in events] == [None, "first", "second third"]
+
+
+async def test_only_an_end_or_a_followed_query_sends_a_notice(
+    client: aioredis.Redis, settings: Settings, log: EventLog
+) -> None:
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(wake_channel(settings))
+    query_id, other_id = uuid.uuid4(), uuid.uuid4()
+    await log.append(query_id, EventType.QUEUED, {}, notify=False)
+    # Nobody follows yet: these go to the log without a notice.
+    await log.append(query_id, EventType.STARTED, {}, 1)
+    await log.append(query_id, EventType.DELTA, {"text": "a"}, 1)
+    # A follower's read marks the query and sees what came before the mark.
+    seen = await log.since(query_id, 0, mark=True)
+    assert [e.type for e in seen] == [EventType.QUEUED, EventType.STARTED, EventType.DELTA]
+    assert 0 < await client.ttl(f"aiq:{settings.queue_name}:ev:{query_id}:follow") <= 90
+    await log.append(query_id, EventType.DELTA, {"text": "b"}, 1)
+    await log.append(query_id, EventType.COMPLETED, {}, 1)
+    # An end always tells (long-polls wait for it), followed or not.
+    await log.append(other_id, EventType.STARTED, {}, 1)
+    await log.append(other_id, EventType.FAILED, {"code": "x"}, 1)
+    notices = []
+    deadline = asyncio.get_running_loop().time() + 0.5
+    while asyncio.get_running_loop().time() < deadline:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+        if message is not None:
+            notices.append(message["data"].decode())
+    await pubsub.aclose()
+    assert notices == [f"{query_id} delta", f"{query_id} completed", f"{other_id} failed"]
+    # Forgetting the query forgets its mark.
+    await log.discard(query_id)
+    assert await client.exists(f"aiq:{settings.queue_name}:ev:{query_id}:follow") == 0
