@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 from shared.config import Settings
 from shared.llm import RateLimitInfo
 from shared.metrics import UPSTREAM_BUDGET_LEVEL, UPSTREAM_THROTTLED
+from shared.scriptbatch import ScriptBatch
 
 log = logging.getLogger(__name__)
 
@@ -300,10 +301,41 @@ class UpstreamBudget:
         `throttled_after` seconds. Never raises: a lost settle is repaired by the buckets' refill."""
         if grant.offline:
             return
+        args = self._settle_args(grant, used_tokens, ratelimit, answered, throttled_after, throttled_kind)
+        try:
+            await self._settle(keys=self.keys(grant.model)[:5], args=args)
+        except RedisError as exc:
+            log.warning("upstream budget settle skipped", extra={"error": type(exc).__name__})
+
+    def settle_in(
+        self,
+        batch: ScriptBatch,
+        grant: Grant,
+        *,
+        used_tokens: int | None,
+        ratelimit: RateLimitInfo | None = None,
+        answered: bool = False,
+    ) -> int | None:
+        """`settle` queued on a batch (a query's end: one round trip with the rest); the index of its result,
+        None when there is nothing to settle. A failed batch is repaired like a lost settle."""
+        if grant.offline:
+            return None
+        args = self._settle_args(grant, used_tokens, ratelimit, answered, None, None)
+        return batch.add(self._settle, self.keys(grant.model)[:5], args)
+
+    def _settle_args(
+        self,
+        grant: Grant,
+        used_tokens: int | None,
+        ratelimit: RateLimitInfo | None,
+        answered: bool,
+        throttled_after: float | None,
+        throttled_kind: str | None,
+    ) -> list[Any]:
         info = ratelimit or RateLimitInfo()
         if throttled_after is not None:
             UPSTREAM_THROTTLED.labels(model=grant.model).inc()
-        args: list[Any] = [
+        return [
             grant.slot or "-",
             grant.reserved_tokens,
             -1 if used_tokens is None else used_tokens,
@@ -319,10 +351,6 @@ class UpstreamBudget:
             -1 if info.reset_tokens is None else math.ceil(info.reset_tokens * 1000),
             max(0, math.floor((time.monotonic() - grant.taken_at) * 1000)),
         ]
-        try:
-            await self._settle(keys=self.keys(grant.model)[:5], args=args)
-        except RedisError as exc:
-            log.warning("upstream budget settle skipped", extra={"error": type(exc).__name__})
 
     async def mark_waiting(self, model: str, ttl_seconds: float) -> None:
         """Say that work for this model is waiting: new deliveries queue behind it until the marker lapses."""

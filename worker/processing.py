@@ -117,10 +117,12 @@ async def _end(
     sink: DeltaSink | None = None,
     used_tokens: int = 0,
     answer: CachedAnswer | None = None,
+    settle: Callable[[ScriptBatch | None], Any] | None = None,
     **event: Any,
 ) -> None:
     """What follows an outcome write, in one Redis round trip: a write that ended the query settles its token
-    reservation (once: the reservation is the marker), a completion fills the response cache if its query
+    reservation (once: the reservation is the marker), an answered call settles its upstream budget (`settle`,
+    from `_answered_settle`), a completion fills the response cache if its query
     asked for it (the script finds the API's intent, else does nothing), the attempt's text its sink had not
     sent yet is appended, and the event for the status the write left goes to the log last, so a client woken
     by it finds the rest done (the delta then sends no notice of its own: the event's wakes its readers). Then,
@@ -132,6 +134,8 @@ async def _end(
     """
     ended = written in TERMINAL_STATUSES
     batch = ScriptBatch(rt.redis)
+    if settle is not None:
+        settle(batch)
     if ended:
         rt.limiter.settle_in(batch, claim.query_id, used_tokens)
     if written is QueryStatus.COMPLETED and answer is not None:
@@ -208,15 +212,12 @@ async def defer(rt: WorkerRuntime, claim: Claim, refusal: Refusal) -> Outcome:
     return Outcome(OutcomeKind.DEFERRED, attempt=claim.attempt - 1)
 
 
-async def _within_budget(
-    rt: WorkerRuntime, grant: Grant, capped: bool, call: Awaitable[llm.Completion]
-) -> llm.Completion:
-    """Await the call, then settle its budget: real usage, learned limits, or a 429's closing. The settle
-    runs beside the outcome write, never before it.
+async def _within_budget(rt: WorkerRuntime, grant: Grant, call: Awaitable[llm.Completion]) -> llm.Completion:
+    """Await the call; one that did not answer settles its budget here (a 429's closing, a refund, or the
+    reservation standing), beside the outcome write. An answer's settle (`_answered_settle`) rides in the round
+    trip of the query's end (`_end`).
 
-    What the provider counted is booked: OpenAI counts a call on arrival as its prompt estimate plus
-    `max_tokens`, so a capped call's reservation stands (plus any excess); an uncapped one is trued up to its
-    real usage. A call the provider refused is refunded in full.
+    A call the provider refused is refunded in full.
     """
     try:
         result = await call
@@ -245,12 +246,30 @@ async def _within_budget(
             answered = failure.kind not in ("timeout", "connection", "other")
             _spawn(rt, rt.budget.settle(grant, used_tokens=0 if answered else None))
         raise
-    if grant.needs_settle(result.ratelimit):
-        used = result.total_tokens
-        if capped or used is None:
-            used = max(grant.reserved_tokens, used or 0)
-        _spawn(rt, rt.budget.settle(grant, used_tokens=used, ratelimit=result.ratelimit, answered=True))
     return result
+
+
+def _answered_settle(
+    rt: WorkerRuntime, grant: Grant, capped: bool, result: llm.Completion
+) -> Callable[[ScriptBatch | None], Any] | None:
+    """How an answered call's budget is settled (None: nothing to settle): its real usage and the limits it
+    advertised, queued on the batch of the query's end, or on its own (batch None: the end was not reached).
+
+    What the provider counted is booked: OpenAI counts a call on arrival as its prompt estimate plus
+    `max_tokens`, so a capped call's reservation stands (plus any excess); an uncapped one is trued up to its
+    real usage."""
+    if not grant.needs_settle(result.ratelimit):
+        return None
+    used = result.total_tokens
+    if capped or used is None:
+        used = max(grant.reserved_tokens, used or 0)
+
+    def settle(batch: ScriptBatch | None) -> Any:
+        if batch is None:
+            return _spawn(rt, rt.budget.settle(grant, used_tokens=used, ratelimit=result.ratelimit, answered=True))
+        return rt.budget.settle_in(batch, grant, used_tokens=used, ratelimit=result.ratelimit, answered=True)
+
+    return settle
 
 
 def _spawn(rt: WorkerRuntime, work: Awaitable[None]) -> None:
@@ -274,7 +293,6 @@ async def _attempt(rt: WorkerRuntime, claim: Claim, grant: Grant, sink: DeltaSin
         _within_budget(
             rt,
             grant,
-            claim.max_tokens is not None,
             llm.complete(
                 rt.llm,
                 model=claim.model,
@@ -316,25 +334,34 @@ async def _attempt(rt: WorkerRuntime, claim: Claim, grant: Grant, sink: DeltaSin
     LLM_REQUEST_DURATION.labels(model=claim.model).observe(result.latency_ms / 1000)
     LLM_TOKENS.labels(model=claim.model, kind="prompt").inc(result.prompt_tokens or 0)
     LLM_TOKENS.labels(model=claim.model, kind="completion").inc(result.completion_tokens or 0)
-    written = await _run_autocommitted(
-        rt,
-        lambda conn: repo.complete_attempt(
-            conn,
-            claim,
-            response=result.text,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            total_tokens=result.total_tokens,
-            latency_ms=result.latency_ms,
-        ),
-    )
+    settle = _answered_settle(rt, grant, claim.max_tokens is not None, result)
+    try:
+        written = await _run_autocommitted(
+            rt,
+            lambda conn: repo.complete_attempt(
+                conn,
+                claim,
+                response=result.text,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                total_tokens=result.total_tokens,
+                latency_ms=result.latency_ms,
+            ),
+        )
+    except BaseException:
+        # The write gave up (or this task was cancelled): the budget is settled all the same.
+        if settle is not None:
+            settle(None)
+        raise
     usage = {
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "total_tokens": result.total_tokens,
     }
     answer = CachedAnswer(result.text, result.prompt_tokens, result.completion_tokens, result.total_tokens)
-    await _end(rt, claim, written, sink=sink, used_tokens=result.total_tokens or 0, answer=answer, usage=usage)
+    await _end(
+        rt, claim, written, sink=sink, used_tokens=result.total_tokens or 0, answer=answer, settle=settle, usage=usage
+    )
     if written is None:
         log.warning("completion discarded: attempt no longer owns the query", extra={"attempt": claim.attempt})
         return Outcome(OutcomeKind.LOST)

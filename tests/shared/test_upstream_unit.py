@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from shared.config import Settings, parse_upstream_limits
 from shared.llm import RateLimitInfo, parse_duration, parse_ratelimit_headers
+from shared.scriptbatch import ScriptBatch
 from shared.upstream import Grant, Refusal, UpstreamBudget, jittered
 
 MODEL = "m-test"
@@ -153,6 +154,13 @@ async def test_calls_in_flight_are_capped_and_a_dead_workers_slot_expires(
     assert isinstance(third, Refusal)
     assert third.reason == "concurrency"
     await budget.settle(a, used_tokens=1)
+    replacement = await budget.acquire(MODEL, 1)
+    assert isinstance(replacement, Grant)
+    # A settle that rides in a query end's batch (one round trip with the end's other scripts) frees the same.
+    batch = ScriptBatch(redis_client)
+    assert budget.settle_in(batch, replacement, used_tokens=1, answered=True) == 0
+    assert budget.settle_in(batch, Grant(MODEL, "", 0, offline=True), used_tokens=1) is None
+    assert len(await batch.run()) == 1
     assert isinstance(await budget.acquire(MODEL, 1), Grant)
     # Nobody settles `b` (its worker was SIGKILLed): its slot lapses after LLM_TIMEOUT_SECONDS + 5 s.
     await redis_client.zadd(budget.keys(MODEL)[2], {b.slot: 0})
