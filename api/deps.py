@@ -13,8 +13,9 @@ lifespan. One dependency rather than one per handle: FastAPI solves every depend
 the raw pool only for their database step (submit releases it before the publish; a long-poll holds none while
 it waits).
 
-Who is calling: `CurrentUserId` (an access token or an API key, with the key's scope checked),
-`SessionUserId`/`SessionPrincipal` (access tokens only), `AdminUserId` (access token of an admin). Each costs
+Who is calling: `CurrentUserId` (an access token or an API key, with the key's scope checked), `ScopedPrincipal`
+(the same checks, the principal itself: what an open stream re-checks), `SessionUserId`/`SessionPrincipal` (access
+tokens only), `AdminUserId` (access token of an admin). Each costs
 one Redis MGET of revocation state (shared/services/credentials.py). `SubmitterDep` (submit only) reads an access
 token's revocation state in the limits take's round trip instead.
 
@@ -143,8 +144,10 @@ async def current_user_id(request: Request, token: Token) -> uuid.UUID:
 CurrentUserId = Annotated[uuid.UUID, Depends(current_user_id)]
 
 
-async def scoped_principal(request: Request, principal: CurrentPrincipal) -> Principal:
-    """`CurrentUserId`'s checks, for a route that needs the principal itself: `.user_id` is the caller's id."""
+async def scoped_principal(request: Request, token: Token) -> Principal:
+    """`CurrentUserId`'s checks, for a route that needs the principal itself (a stream re-checks it while it runs):
+    `.user_id` is the caller's id. Resolved here, as `current_user_id` does, rather than through `CurrentPrincipal`."""
+    principal = await _principal(request, token)
     _scoped_user_id(request, principal)
     return principal
 

@@ -6,14 +6,16 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, JsonValue, field_validator
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, JsonValue, StrictBool, field_validator
 from pydantic_core import PydanticCustomError
 
 from shared.models import QueryStatus
 
 
 class StrictBody(BaseModel):
-    # Unknown fields are a client bug worth reporting, not something to drop silently.
+    """A request body. Unknown fields are a client bug worth reporting, not something to drop silently; so is a
+    boolean sent as a string or a number (`"yes"`, `"false"`, `0`): its fields are `StrictBool`, JSON's own."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -158,7 +160,7 @@ class QueryCreate(StrictBody):
         default="interactive",
         description="`batch` runs only on the upstream budget interactive work leaves (aged, so never starved)",
     )
-    cache: bool | None = Field(
+    cache: StrictBool | None = Field(
         default=None,
         description="Answer from the response cache when an identical request (model, system, query, temperature, "
         "max_tokens) was answered before, and cache this answer; null: the server's RESPONSE_CACHE_DEFAULT",

@@ -1,14 +1,15 @@
 """Request bodies of the OpenAI-compatible door (`/v1`), as OpenAI's API reference names their fields.
 
 Only what AIQ can honour is accepted: an unknown field (tools, response_format …) is a 400 that names it,
-never silently dropped. A batch line's `body` is parsed with the same models.
+never silently dropped; a boolean is JSON's `true`/`false` (`StrictBool`: `"true"` or `1` is a 400, as the
+SDK only sends real booleans). A batch line's `body` is parsed with the same models.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from pydantic_core import PydanticCustomError
 
 # OpenAI: at most 16 pairs, keys up to 64 characters, values up to 512.
@@ -35,7 +36,7 @@ class ChatMessage(_Body):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionCreate(_Body):
@@ -47,11 +48,11 @@ class ChatCompletionCreate(_Body):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     metadata: Metadata | None = None
-    stream: bool | None = False
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     n: Literal[1] | None = None
     user: str | None = Field(default=None, max_length=256)
-    store: bool | None = None
+    store: StrictBool | None = None
 
 
 class InputMessage(_Body):
@@ -72,9 +73,9 @@ class ResponseCreate(_Body):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_output_tokens: int | None = Field(default=None, ge=1)
     metadata: Metadata | None = None
-    background: bool | None = False
-    stream: bool | None = False
-    store: bool | None = None
+    background: StrictBool | None = False
+    stream: StrictBool | None = False
+    store: StrictBool | None = None
     user: str | None = Field(default=None, max_length=256)
 
     @field_validator("store")

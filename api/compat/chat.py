@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from api.compat import compat_router
 from api.compat.streaming import StreamContextDep
 from api.compat.submit import submit, wait
-from api.deps import CurrentUserId, HandlesDep
+from api.deps import HandlesDep, ScopedPrincipal
 from shared.schemas_openai import ChatCompletionCreate
 from shared.services import queries as queries_service
 from shared.services import responses as service
@@ -23,7 +23,7 @@ async def create_chat_completion(
     body: ChatCompletionCreate,
     request: Request,
     response: Response,
-    user_id: CurrentUserId,
+    principal: ScopedPrincipal,
     handles: HandlesDep,
     streams: StreamContextDep,
 ) -> dict[str, Any] | StreamingResponse:
@@ -33,6 +33,7 @@ async def create_chat_completion(
     The client must wait as long as the queue takes (COMPAT_WAIT_SECONDS at most, then a 504 that names the
     response id to retrieve it by): keep the SDK's `timeout` above it.
     """
+    user_id = principal.user_id
     query = service.query_from_chat(body)
     if body.stream:
         slot = await streams.reserve()

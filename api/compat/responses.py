@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from api.compat import compat_router
 from api.compat.streaming import StreamContextDep
 from api.compat.submit import submit, wait
-from api.deps import ConnectionDep, CurrentUserId, HandlesDep
+from api.deps import ConnectionDep, CurrentUserId, HandlesDep, ScopedPrincipal
 from shared.errors import Conflict
 from shared.limits import limiter_for
 from shared.schemas_openai import ResponseCreate
@@ -27,12 +27,13 @@ async def create_response(
     body: ResponseCreate,
     request: Request,
     response: Response,
-    user_id: CurrentUserId,
+    principal: ScopedPrincipal,
     handles: HandlesDep,
     streams: StreamContextDep,
 ) -> dict[str, Any] | StreamingResponse:
     """`background: true` answers `queued` at once; `stream: true` streams its events; otherwise the call
     waits for the answer."""
+    user_id = principal.user_id
     query = service.query_from_response(body)
     background = bool(body.background)
     pool, wakeup = handles.pool, handles.wakeup
@@ -62,7 +63,7 @@ async def create_response(
 async def get_response(
     response_id: str,
     request: Request,
-    user_id: CurrentUserId,
+    principal: ScopedPrincipal,
     conn: ConnectionDep,
     streams: StreamContextDep,
     stream: bool = False,
@@ -71,7 +72,7 @@ async def get_response(
     """The response as it stands; with `stream=true` its events (from the start, or after `starting_after`).
     Another user's is a 404 like a missing one."""
     query_id = service.parse_id(response_id, service.RESPONSE_PREFIX, "response")
-    current = await queries_service.get_query(conn, user_id, query_id)
+    current = await queries_service.get_query(conn, principal.user_id, query_id)
     if not stream:
         return service.response_object(current)
     slot = await streams.reserve()

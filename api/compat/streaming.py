@@ -4,32 +4,33 @@ Responses streams carry `event: <type>` and a `sequence_number` in every event; 
 start of the log each time, so the same log always gives the same numbers and
 `GET /v1/responses/{id}?stream=true&starting_after=N` resumes exactly after event N. Chat completion streams
 are `data:` chunks closed by `data: [DONE]`. Open streams count against the user's stream cap like the
-native `/api/v1/query/{id}/events`.
+native `/api/v1/query/{id}/events` and, like it, end once the credential they were opened with is no longer
+valid (`StreamUpkeep`: re-checked once per keep-alive interval).
 """
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Annotated, Any, Protocol
 
-import anyio
 import asyncpg
 import orjson
 from fastapi import Depends, Request
 from fastapi.responses import StreamingResponse
+from redis.asyncio import Redis
 
-from api.deps import CurrentUserId, HandlesDep
+from api.deps import HandlesDep, ScopedPrincipal
 from api.middleware import mark_long_request
-from api.routes.events import KEEPALIVE, SSE_HEADERS
+from api.routes.events import KEEPALIVE, SSE_HEADERS, StreamUpkeep
 from shared.config import Settings
 from shared.events import EventLog
 from shared.limits import Limiter, limiter_for
-from shared.metrics import SSE_STREAMS_OPEN
 from shared.models import TERMINAL_STATUSES
 from shared.schemas import QueryOut
 from shared.services import queries as queries_service
+from shared.services.credentials import Principal
 from shared.services.events import follow, with_keepalive
 from shared.wakeup import Wakeup
 
@@ -44,7 +45,7 @@ class Translator(Protocol):
 
 
 class StreamContext:
-    """What a stream needs from the request: its handles and the caller."""
+    """What a stream needs from the request: its handles and the caller (re-checked while the stream runs)."""
 
     def __init__(
         self,
@@ -52,23 +53,24 @@ class StreamContext:
         log: EventLog,
         wakeup: Wakeup,
         pool: asyncpg.Pool,
+        redis: Redis,
         limiter: Limiter,
-        user_id: uuid.UUID,
+        principal: Principal,
     ) -> None:
-        self.settings, self.log, self.wakeup, self.pool = settings, log, wakeup, pool
-        self.limiter, self.user_id = limiter, user_id
+        self.settings, self.log, self.wakeup, self.pool, self.redis = settings, log, wakeup, pool, redis
+        self.limiter, self.principal, self.user_id = limiter, principal, principal.user_id
 
-    def _lease(self) -> float:
-        return max(30.0, self.settings.sse_keepalive_seconds * 4)
+    def _upkeep(self, slot: str) -> StreamUpkeep:
+        return StreamUpkeep(self.settings, self.redis, self.pool, self.limiter, self.principal, slot)
 
     async def reserve(self) -> str:
         """Take one of the caller's stream slots (a 429 when they are all open), before anything is stored."""
         slot = uuid.uuid4().hex
-        await self.limiter.take_stream(self.user_id, slot, self._lease())
+        await self.limiter.take_stream(self.user_id, slot, self._upkeep(slot).lease)
         return slot
 
     async def release(self, slot: str) -> None:
-        await self.limiter.release_stream(self.user_id, slot)
+        await self._upkeep(slot).release()
 
     def respond(
         self,
@@ -82,7 +84,7 @@ class StreamContext:
     ) -> StreamingResponse:
         """The stream on a reserved slot; the slot is given back when the stream ends."""
         mark_long_request(request.scope)
-        body = self._frames(query_id, translator, starting_after, chat, slot, self._lease())
+        body = self._frames(query_id, translator, starting_after, chat, self._upkeep(slot))
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def _final(self, query_id: uuid.UUID) -> QueryOut:
@@ -90,7 +92,7 @@ class StreamContext:
             self.pool, self.user_id, query_id, FINAL_READ_WAIT_SECONDS, self.wakeup
         )
 
-    async def _objects(self, query_id: uuid.UUID, translator: Translator) -> AsyncIterator[dict[str, Any] | None]:
+    async def _objects(self, query_id: uuid.UUID, translator: Translator) -> AsyncGenerator[dict[str, Any] | None]:
         for obj in translator.start():
             yield obj
         events = follow(self.log, self.wakeup, self.pool, query_id, 0)
@@ -111,12 +113,12 @@ class StreamContext:
                 yield obj
 
     async def _frames(
-        self, query_id: uuid.UUID, translator: Translator, starting_after: int, chat: bool, slot: str, lease: float
+        self, query_id: uuid.UUID, translator: Translator, starting_after: int, chat: bool, upkeep: StreamUpkeep
     ) -> AsyncIterator[bytes]:
-        SSE_STREAMS_OPEN.inc()
-        renewed, number = time.monotonic(), -1
-        try:
-            async for obj in self._objects(query_id, translator):
+        number = -1
+        objects = self._objects(query_id, translator)
+        async with upkeep, aclosing(objects):
+            async for obj in objects:
                 if obj is None:
                     yield KEEPALIVE
                 elif chat:
@@ -128,22 +130,18 @@ class StreamContext:
                             obj["type"].encode(),
                             orjson.dumps({**obj, "sequence_number": number}),
                         )
-                if time.monotonic() - renewed >= lease / 4:
-                    renewed = time.monotonic()
-                    await self.limiter.renew_stream(self.user_id, slot, lease)
+                # A credential no longer valid ends the stream as a log that ends early does: nothing more is told
+                # (a chat stream still gets its `[DONE]`).
+                if not await upkeep.keep():
+                    break
             if chat:
                 yield b"data: [DONE]\n\n"
-        finally:
-            SSE_STREAMS_OPEN.dec()
-            # The client may be gone and this task cancelled: the slot is still given back.
-            with anyio.CancelScope(shield=True):
-                await self.limiter.release_stream(self.user_id, slot)
 
 
-async def stream_context(handles: HandlesDep, user_id: CurrentUserId) -> StreamContext:
-    settings = handles.settings
+async def stream_context(handles: HandlesDep, principal: ScopedPrincipal) -> StreamContext:
+    settings, redis = handles.settings, handles.redis
     return StreamContext(
-        settings, handles.events, handles.wakeup, handles.pool, limiter_for(handles.redis, settings), user_id
+        settings, handles.events, handles.wakeup, handles.pool, redis, limiter_for(redis, settings), principal
     )
 
 

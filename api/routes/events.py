@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
+from types import TracebackType
 from typing import Annotated
 
 import anyio
@@ -14,7 +16,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from redis.asyncio import Redis
 
-from api.deps import CurrentUserId, HandlesDep
+from api.deps import HandlesDep, ScopedPrincipal
 from api.errors import error_responses
 from api.middleware import mark_long_request
 from api.routes import V1_PREFIX
@@ -24,6 +26,7 @@ from shared.events import Event, EventLog
 from shared.limits import Limiter, limiter_for
 from shared.metrics import SSE_STREAMS_OPEN
 from shared.services import credentials
+from shared.services.credentials import Principal
 from shared.services.events import ensure_owner, follow, with_keepalive
 from shared.wakeup import Wakeup
 
@@ -65,7 +68,7 @@ def resume_point(after: int | None, last_event_id: str | None) -> int:
 async def stream_events(
     query_id: uuid.UUID,
     request: Request,
-    user_id: CurrentUserId,
+    principal: ScopedPrincipal,
     handles: HandlesDep,
     after: Annotated[
         int | None, Query(ge=0, le=10**15, description="Resume: only the events numbered above this")
@@ -78,59 +81,75 @@ async def stream_events(
 
     Events: queued, started, delta (`text`), attempt_restarted (drop the text of `previous_attempt`),
     retry_scheduled, completed (usage), failed (code, message), cancelled. `: keep-alive` comments keep idle
-    connections open. Another user's query is a 404; too many open streams a 429.
+    connections open. Another user's query is a 404; too many open streams a 429. The stream ends without a
+    terminal event once its credential is no longer valid (checked once per keep-alive interval); the reconnect
+    hears the 401.
     """
     start = resume_point(after, last_event_id)
     settings, pool, redis = handles.settings, handles.pool, handles.redis
+    user_id = principal.user_id
     await ensure_owner(pool, user_id, query_id)
     limiter = limiter_for(redis, settings)
     slot = uuid.uuid4().hex
-    lease = _lease_seconds(settings)
-    await limiter.take_stream(user_id, slot, lease)
+    upkeep = StreamUpkeep(settings, redis, pool, limiter, principal, slot)
+    await limiter.take_stream(user_id, slot, upkeep.lease)
     # A stream's duration is the query's, not latency: keep it out of the latency histogram.
     mark_long_request(request.scope)
-    body = _frames(
-        settings, handles.events, handles.wakeup, pool, redis, limiter, user_id, query_id, start, slot, lease
-    )
+    body = _frames(upkeep, handles.events, handles.wakeup, pool, query_id, start)
     return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _lease_seconds(settings: Settings) -> float:
-    # Renewed at every keep-alive: a few missed renewals before a slot lapses.
-    return max(30.0, settings.sse_keepalive_seconds * 4)
+class StreamUpkeep:
+    """What an open stream does besides its events, the same for this route and the `/v1` door's streams: it
+    renews its slot's lease (taken with `lease`), re-checks the credential it was opened with once per keep-alive
+    interval, and gives the slot back when it ends (`async with`, which also counts it in `aiq_sse_streams_open`).
+
+    An access token's stream runs until the token expires, then ends like a revoked one: the client reconnects with
+    a fresh token and resumes where it was (`Last-Event-ID`, `starting_after`)."""
+
+    def __init__(
+        self, settings: Settings, redis: Redis, pool: asyncpg.Pool, limiter: Limiter, principal: Principal, slot: str
+    ) -> None:
+        # Renewed every lease/4: a few missed renewals before a slot lapses.
+        self.lease = max(30.0, settings.sse_keepalive_seconds * 4)
+        self.interval = settings.sse_keepalive_seconds
+        self._redis, self._pool, self._limiter = redis, pool, limiter
+        self._principal, self._slot = principal, slot
+        self._renewed = self._checked = time.monotonic()
+
+    async def keep(self) -> bool:
+        """Run after each frame: False when the stream must end now (its credential is no longer valid)."""
+        now = time.monotonic()
+        if now - self._renewed >= self.lease / 4:
+            self._renewed = now
+            await self._limiter.renew_stream(self._principal.user_id, self._slot, self.lease)
+        if now - self._checked < self.interval:
+            return True
+        self._checked = now
+        return await credentials.still_valid(self._redis, self._pool, self._principal)
+
+    async def release(self) -> None:
+        """Give the slot back; the client may be gone and this task cancelled, so it is shielded."""
+        with anyio.CancelScope(shield=True):
+            await self._limiter.release_stream(self._principal.user_id, self._slot)
+
+    async def __aenter__(self) -> StreamUpkeep:
+        SSE_STREAMS_OPEN.inc()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        SSE_STREAMS_OPEN.dec()
+        await self.release()
 
 
 async def _frames(
-    settings: Settings,
-    log: EventLog,
-    wakeup: Wakeup,
-    pool: asyncpg.Pool,
-    redis: Redis,
-    limiter: Limiter,
-    user_id: uuid.UUID,
-    query_id: uuid.UUID,
-    after: int,
-    slot: str,
-    lease: float,
+    upkeep: StreamUpkeep, log: EventLog, wakeup: Wakeup, pool: asyncpg.Pool, query_id: uuid.UUID, after: int
 ) -> AsyncIterator[bytes]:
-    SSE_STREAMS_OPEN.inc()
-    renewed = checked = time.monotonic()
-    interval = settings.sse_keepalive_seconds
-    try:
-        async for event in with_keepalive(follow(log, wakeup, pool, query_id, after), interval):
+    events = with_keepalive(follow(log, wakeup, pool, query_id, after), upkeep.interval)
+    async with upkeep, aclosing(events):
+        async for event in events:
             yield KEEPALIVE if event is None else sse_frame(event)
-            now = time.monotonic()
-            if now - checked >= interval:
-                # An account disabled meanwhile ends its open streams (at most one keep-alive interval later);
-                # the client's reconnect then hears the 401 `account_disabled`.
-                checked = now
-                if not await credentials.account_enabled(redis, pool, user_id):
-                    return
-            if now - renewed >= lease / 4:
-                renewed = now
-                await limiter.renew_stream(user_id, slot, lease)
-    finally:
-        SSE_STREAMS_OPEN.dec()
-        # The client may be gone and this task cancelled: the slot is still given back.
-        with anyio.CancelScope(shield=True):
-            await limiter.release_stream(user_id, slot)
+            if not await upkeep.keep():
+                return

@@ -12,6 +12,9 @@ lasts), so no revoked credential gets in and the API stays available (submits ar
 the sweeper). A token revoked by logout or reuse is refused through its family's rows; a token without a
 family claim (issued before families existed) cannot be checked that way and is refused (503) until
 Redis is back. Logout, key revocation and admin disable need Redis and answer 503 `auth_unavailable`.
+
+An open stream re-checks the principal it was opened with (`still_valid`: the same state, one MGET, at most once
+per keep-alive interval); a stream is not ended for state that cannot be read.
 """
 
 from __future__ import annotations
@@ -145,15 +148,52 @@ async def _check_user(
     return state
 
 
-async def account_enabled(redis: aioredis.Redis, pool: asyncpg.Pool, user_id: uuid.UUID) -> bool:
-    """Whether a user let in earlier may still be served (not disabled, not deleted): the re-check of a long-lived
-    response such as an event stream. True when the state cannot be read now (the next re-check will tell)."""
+def _state_keys(principal: Principal) -> list[str]:
+    """The markers that revoke the principal's credential, then its user's state: what one MGET reads."""
+    if principal.token is not None:
+        keys = [revocation.jti_key(principal.token.jti)]
+        if principal.token.family_id is not None:
+            keys.append(revocation.family_key(principal.token.family_id))
+    else:
+        assert principal.key_id is not None  # an API key's principal
+        keys = [revocation.api_key_key(principal.key_id)]
+    keys.append(revocation.user_key(principal.user_id))
+    return keys
+
+
+async def _check_state(
+    redis: aioredis.Redis, pool: asyncpg.Pool, principal: Principal, values: list[bytes | None]
+) -> None:
+    """401 when the state read by `_state_keys` refuses the principal: a marker set (logged-out token, revoked
+    family or key), the account disabled or gone, an access token issued before the user's valid-after instant."""
+    *revoked, cached_state = values
+    if any(revoked):
+        if principal.key_id is not None:
+            _keys.drop(principal.key_id)
+            raise Unauthorized("Invalid API key", code="invalid_api_key")
+        raise Unauthorized("Token has been revoked", code="token_revoked")
+    state = await _check_user(redis, pool, principal.user_id, cached_state)
+    token = principal.token
+    if token is not None and state.sessions_valid_after is not None and token.issued_at < state.sessions_valid_after:
+        raise Unauthorized("Token has been revoked", code="token_revoked")
+
+
+async def still_valid(redis: aioredis.Redis, pool: asyncpg.Pool, principal: Principal) -> bool:
+    """Whether a principal let in earlier may still be served: the re-check of a long-lived response (an event
+    stream), run at most once per keep-alive interval. False for all that `resolve` would now refuse: an access
+    token expired or revoked (logout, its refresh family, "log out everywhere"), an API key revoked, the account
+    disabled or deleted. True when the state cannot be read now (the next re-check will tell): an outage must
+    not end healthy streams."""
+    token = principal.token
+    if token is not None and token.expires_at <= datetime.now(UTC):
+        return False
     try:
-        (cached,) = await revocation.read(redis, [revocation.user_key(user_id)])
-        state = await revocation.user_state(redis, user_id, cached, lambda: _load_user_state(pool, user_id))
-    except revocation.AuthUnavailable:
+        await _check_state(redis, pool, principal, await revocation.read(redis, _state_keys(principal)))
+    except Unauthorized:
+        return False
+    except (revocation.AuthUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
         return True
-    return not state.disabled
+    return True
 
 
 async def resolve(settings: Settings, redis: aioredis.Redis, pool: asyncpg.Pool, bearer: str) -> Principal:
@@ -161,20 +201,13 @@ async def resolve(settings: Settings, redis: aioredis.Redis, pool: asyncpg.Pool,
     if bearer.startswith(API_KEY_PREFIX):
         return await _resolve_api_key(redis, pool, bearer)
     claims = decode_token(settings, bearer, "access")
-    keys = [revocation.jti_key(claims.jti)]
-    if claims.family_id is not None:
-        keys.append(revocation.family_key(claims.family_id))
-    keys.append(revocation.user_key(claims.user_id))
+    principal = Principal(user_id=claims.user_id, via="access_token", scopes=ALL_SCOPES, token=claims)
     try:
-        *revoked, cached_state = await revocation.read(redis, keys)
+        values = await revocation.read(redis, _state_keys(principal))
     except revocation.AuthUnavailable:
         return await _token_from_database(pool, claims)
-    if any(revoked):
-        raise Unauthorized("Token has been revoked", code="token_revoked")
-    state = await _check_user(redis, pool, claims.user_id, cached_state)
-    if state.sessions_valid_after is not None and claims.issued_at < state.sessions_valid_after:
-        raise Unauthorized("Token has been revoked", code="token_revoked")
-    return Principal(user_id=claims.user_id, via="access_token", scopes=ALL_SCOPES, token=claims)
+    await _check_state(redis, pool, principal, values)
+    return principal
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,18 +275,14 @@ async def _resolve_api_key(redis: aioredis.Redis, pool: asyncpg.Pool, secret: st
         key_id, user_id, scopes = row
         facts = _KeyFacts(key_id=key_id, user_id=user_id, scopes=frozenset(scopes), read_at=time.monotonic())
         _keys.put(secret_hash, facts)
+    principal = Principal(user_id=facts.user_id, via="api_key", scopes=facts.scopes, key_id=facts.key_id)
     try:
-        revoked, cached_state = await revocation.read(
-            redis, [revocation.api_key_key(facts.key_id), revocation.user_key(facts.user_id)]
-        )
+        values = await revocation.read(redis, _state_keys(principal))
     except revocation.AuthUnavailable:
         return await _api_key_from_database(pool, secret_hash)
-    if revoked:
-        _keys.drop(facts.key_id)
-        raise Unauthorized("Invalid API key", code="invalid_api_key")
-    await _check_user(redis, pool, facts.user_id, cached_state)
+    await _check_state(redis, pool, principal, values)
     _last_used.record(pool, facts.key_id)
-    return Principal(user_id=facts.user_id, via="api_key", scopes=facts.scopes, key_id=facts.key_id)
+    return principal
 
 
 async def check_user_active(redis: aioredis.Redis, pool: asyncpg.Pool, user_id: uuid.UUID) -> None:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -152,7 +152,7 @@ async def follow(
             woken = await waiter.wait(idle)
 
 
-async def with_keepalive(events: AsyncIterator[Event], interval: float) -> AsyncIterator[Event | None]:
+async def with_keepalive(events: AsyncIterator[Event], interval: float) -> AsyncGenerator[Event | None]:
     """The events, with a None whenever `interval` passed without one (time for a keep-alive).
 
     One task reads `events` for the whole stream and hands each one over through a one-slot queue (so it reads

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tests.support.db import row
 from tests.support.limits import make_admin
 from tests.support.polling import wait_until
 from tests.support.stack import Stack, spawn_api, spawn_worker, stop
+from tests.support.stack import idle_api as idle_api_process
 
 TERMINAL = {"completed", "failed", "cancelled"}
 
@@ -460,32 +462,87 @@ def test_a_cache_hit_streams_its_stored_answer_at_once(sse_client: httpx.Client,
     assert events[1]["usage"] == answer[-1]["usage"]
 
 
-def test_disabling_an_account_ends_its_open_streams(stack: Stack, db: Engine, tmp_path: Path) -> None:
-    # An API on a queue no worker reads: the query stays pending and its stream open, on keep-alives only.
-    queue = f"aiq.sse.disable.{uuid.uuid4().hex[:6]}"
-    api, url = spawn_api(stack, tmp_path / "api.log", QUEUE_NAME=queue, SSE_KEEPALIVE_SECONDS="0.3")
-    try:
-        with (
-            httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=30)) as c,
-            httpx.Client(base_url=url, timeout=10) as admin_client,
-        ):
-            user = register_and_login(c)
-            admin = register_and_login(admin_client)
-            make_admin(db, admin["user_id"])
-            query_id = _submit(c, user["headers"], "never picked up; its owner is disabled meanwhile")
-            path = f"/api/v1/query/{query_id}/events"
-            seen: list[str] = []
-            with connect_sse(c, "GET", path, headers=user["headers"]) as source:
-                for sse in source.iter_sse():
-                    seen.append(_data(sse)["type"])
-                    r = admin_client.post(f"/api/v1/admin/users/{user['user_id']}/disable", headers=admin["headers"])
-                    assert r.status_code == 200, r.text
-                    disabled_at = time.monotonic()
-            # Ended by the account re-check (once per keep-alive interval), not by an event or the read timeout.
-            assert time.monotonic() - disabled_at < 10
-            assert seen == ["queued"]
-            again = c.get(path, headers=user["headers"])
-            assert again.status_code == 401
-            assert again.json()["error"]["code"] == "account_disabled"
-    finally:
-        stop(api)
+@pytest.fixture
+def idle_api(stack: Stack, tmp_path: Path) -> Iterator[str]:
+    with idle_api_process(stack, tmp_path / "api.log") as url:
+        yield url
+
+
+def _stream_ended_by(client: httpx.Client, path: str, headers: dict[str, str], act: Callable[[], None]) -> list[str]:
+    """Open the stream, `act` at its first event, read on to the stream's end: the event types seen. The end must come
+    from the credential re-check (once per keep-alive interval), not from an event or the read timeout."""
+    seen: list[str] = []
+    acted_at = float("inf")
+    with connect_sse(client, "GET", path, headers=headers) as source:
+        assert source.response.status_code == 200, source.response.read()
+        for sse in source.iter_sse():
+            seen.append(_data(sse)["type"])
+            if len(seen) == 1:
+                act()
+                acted_at = time.monotonic()
+    assert time.monotonic() - acted_at < 10
+    return seen
+
+
+def test_logging_out_ends_the_streams_its_access_token_opened(idle_api: str) -> None:
+    with (
+        httpx.Client(base_url=idle_api, timeout=httpx.Timeout(30, read=30)) as c,
+        httpx.Client(base_url=idle_api, timeout=10) as other,
+    ):
+        user = register_and_login(c)
+        path = f"/api/v1/query/{_submit(c, user['headers'], 'never picked up; its owner logs out')}/events"
+
+        def log_out() -> None:
+            r = other.post("/api/v1/auth/logout", headers=user["headers"])
+            assert r.status_code == 204, r.text
+
+        assert _stream_ended_by(c, path, user["headers"], log_out) == ["queued"]
+        again = c.get(path, headers=user["headers"])
+        assert again.status_code == 401
+        assert again.json()["error"]["code"] == "token_revoked"
+
+
+def test_revoking_an_api_key_ends_the_streams_it_opened_and_only_those(idle_api: str) -> None:
+    with (
+        httpx.Client(base_url=idle_api, timeout=httpx.Timeout(30, read=30)) as c,
+        httpx.Client(base_url=idle_api, timeout=10) as other,
+    ):
+        user = register_and_login(c)
+        created = c.post("/api/v1/keys", json={"name": "streamer"}, headers=user["headers"])
+        assert created.status_code == 201, created.text
+        key_headers = {"Authorization": f"Bearer {created.json()['key']}"}
+        path = f"/api/v1/query/{_submit(c, key_headers, 'never picked up; its key is revoked')}/events"
+
+        def revoke() -> None:
+            r = other.delete(f"/api/v1/keys/{created.json()['id']}", headers=user["headers"])
+            assert r.status_code == 204, r.text
+
+        assert _stream_ended_by(c, path, key_headers, revoke) == ["queued"]
+        again = c.get(path, headers=key_headers)
+        assert again.status_code == 401
+        assert again.json()["error"]["code"] == "invalid_api_key"
+        # The user's access token is not the key: its stream of the same query stays open past several re-checks.
+        with connect_sse(c, "GET", path, headers=user["headers"]) as source:
+            lines = source.response.iter_lines()
+            seen = [next(lines) for _ in range(12)]
+        assert seen.count(": keep-alive") >= 4, seen
+
+
+def test_disabling_an_account_ends_its_open_streams(idle_api: str, db: Engine) -> None:
+    with (
+        httpx.Client(base_url=idle_api, timeout=httpx.Timeout(30, read=30)) as c,
+        httpx.Client(base_url=idle_api, timeout=10) as admin_client,
+    ):
+        user = register_and_login(c)
+        admin = register_and_login(admin_client)
+        make_admin(db, admin["user_id"])
+        path = f"/api/v1/query/{_submit(c, user['headers'], 'never picked up; its owner is disabled meanwhile')}/events"
+
+        def disable() -> None:
+            r = admin_client.post(f"/api/v1/admin/users/{user['user_id']}/disable", headers=admin["headers"])
+            assert r.status_code == 200, r.text
+
+        assert _stream_ended_by(c, path, user["headers"], disable) == ["queued"]
+        again = c.get(path, headers=user["headers"])
+        assert again.status_code == 401
+        assert again.json()["error"]["code"] == "account_disabled"

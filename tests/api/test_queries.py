@@ -97,6 +97,22 @@ def test_invalid_submissions_are_422_and_store_nothing(client: httpx.Client, use
     assert count_rows(db, "SELECT count(*) FROM queries WHERE user_id = :u", u=user["user_id"]) == before
 
 
+def test_a_boolean_sent_as_a_string_or_a_number_is_422_and_stores_nothing(
+    client: httpx.Client, user: dict[str, Any], db: Engine
+) -> None:
+    before = count_rows(db, "SELECT count(*) FROM queries WHERE user_id = :u", u=user["user_id"])
+    for value in ("yes", "true", "false", "1", 1, 0):
+        r = client.post("/api/v1/query", json={"query": "hi", "cache": value}, headers=user["headers"])
+        assert r.status_code == 422, (value, r.text)
+        error = r.json()["error"]
+        assert error["code"] == "validation_error"
+        assert error["details"][0]["loc"] == ["body", "cache"]
+        assert "boolean" in error["details"][0]["msg"]
+    assert count_rows(db, "SELECT count(*) FROM queries WHERE user_id = :u", u=user["user_id"]) == before
+    accepted = client.post("/api/v1/query", json={"query": "hi", "cache": False}, headers=user["headers"])
+    assert accepted.status_code == 202, accepted.text
+
+
 def test_validation_errors_do_not_echo_the_input(client: httpx.Client, user: dict[str, Any]) -> None:
     secret = f"top-secret-{uuid.uuid4().hex}"
     r = client.post("/api/v1/query", json={"query": secret, "temperature": "hot"}, headers=user["headers"])

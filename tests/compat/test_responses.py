@@ -9,9 +9,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from sqlalchemy.engine import Engine
 
 from tests.compat.conftest import make_api_key
 from tests.support.api import register_and_login
+from tests.support.db import count_rows
 from tests.support.limits import tight_apis
 from tests.support.stack import Stack, spawn_api, stop
 
@@ -149,6 +151,31 @@ def test_invalid_input_is_a_bad_request_naming_the_param(sdk: openai.OpenAI, cli
     with pytest.raises(openai.BadRequestError) as caught:
         sdk.chat.completions.create(model="sim-small", messages=[{"role": "assistant", "content": "no user turn"}])
     assert caught.value.body["param"] == "messages"  # type: ignore[index]
+
+
+def test_a_boolean_sent_as_a_string_or_a_number_is_a_bad_request_and_stores_nothing(
+    stack: Stack, api_key: str, user: dict[str, Any], db: Engine
+) -> None:
+    chat = {"model": "sim-small", "messages": [{"role": "user", "content": "hi"}]}
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("/v1/chat/completions", {**chat, "stream": "true"}, "stream"),
+        ("/v1/chat/completions", {**chat, "stream": 1}, "stream"),
+        ("/v1/chat/completions", {**chat, "store": "yes"}, "store"),
+        ("/v1/chat/completions", {**chat, "stream": True, "stream_options": {"include_usage": "1"}}, "stream_options"),
+        ("/v1/responses", {"model": "sim-small", "input": "hi", "stream": "true"}, "stream"),
+        ("/v1/responses", {"model": "sim-small", "input": "hi", "background": "false"}, "background"),
+        ("/v1/responses", {"model": "sim-small", "input": "hi", "store": 1}, "store"),
+    ]
+    before = count_rows(db, "SELECT count(*) FROM queries WHERE user_id = :u", u=user["user_id"])
+    with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as c:
+        for path, body, param in cases:
+            r = c.post(path, json=body)
+            assert r.status_code == 400, (path, body, r.text)
+            error = r.json()["error"]
+            assert error["type"] == "invalid_request_error"
+            assert error["param"].startswith(param), error
+            assert "boolean" in error["message"], error
+    assert count_rows(db, "SELECT count(*) FROM queries WHERE user_id = :u", u=user["user_id"]) == before
 
 
 def test_chat_completions_wait_for_the_queue(sdk: openai.OpenAI) -> None:

@@ -7,17 +7,21 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from tests.support.api import register_and_login
 from tests.support.db import row
+from tests.support.limits import make_admin
 from tests.support.polling import wait_until
-from tests.support.stack import Stack, spawn_api, spawn_worker, stop
+from tests.support.stack import Stack, idle_api, spawn_api, spawn_worker, stop
 
 
 def _text(events: list[Any]) -> str:
@@ -180,3 +184,65 @@ def test_a_worker_sigkilled_mid_stream_still_ends_the_stream_with_the_stored_ans
     assert seen[-1].response.output_text == stored["response"]
     done = next(e for e in seen if e.type == "response.output_text.done")
     assert done.text == stored["response"]
+
+
+def _read_until_ended(stream: Any, act: Callable[[], None]) -> list[Any]:
+    """Iterate an SDK stream, `act` at its first item, read on to its end: the items. The end must come from the
+    credential re-check (once per 0.3 s keep-alive interval), not from the query or the client's timeout."""
+    items: list[Any] = []
+    acted_at = float("inf")
+    with stream:
+        for item in stream:
+            items.append(item)
+            if len(items) == 1:
+                act()
+                acted_at = time.monotonic()
+    assert time.monotonic() - acted_at < 10
+    return items
+
+
+def test_revoking_its_key_ends_an_open_chat_completion_stream(
+    stack: Stack, tmp_path: Path, api_key: str, user: dict[str, Any], client: httpx.Client
+) -> None:
+    with (
+        idle_api(stack, tmp_path / "api.log") as url,
+        openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=30) as sdk,
+    ):
+        stream = sdk.chat.completions.create(
+            model="sim-small", messages=[{"role": "user", "content": "never picked up"}], stream=True
+        )
+        (key,) = client.get("/api/v1/keys", headers=user["headers"]).json()
+
+        def revoke() -> None:
+            assert client.delete(f"/api/v1/keys/{key['id']}", headers=user["headers"]).status_code == 204
+
+        chunks = _read_until_ended(stream, revoke)
+        # Only the opening chunk: no content, no finish_reason (the stream ends as one whose log ended early).
+        assert [c.choices[0].delta.role for c in chunks] == ["assistant"]
+        assert chunks[0].choices[0].finish_reason is None
+        with pytest.raises(openai.AuthenticationError) as caught:
+            sdk.chat.completions.create(model="sim-small", messages=[{"role": "user", "content": "x"}], stream=True)
+        assert caught.value.body["code"] == "invalid_api_key"  # type: ignore[index]
+
+
+def test_disabling_the_account_ends_an_open_responses_stream(
+    stack: Stack, tmp_path: Path, api_key: str, user: dict[str, Any], client: httpx.Client, db: Engine
+) -> None:
+    admin = register_and_login(client)
+    make_admin(db, admin["user_id"])
+    with (
+        idle_api(stack, tmp_path / "api.log") as url,
+        openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=30) as sdk,
+    ):
+        stream = sdk.responses.create(model="sim-small", input="never picked up", stream=True)
+
+        def disable() -> None:
+            r = client.post(f"/api/v1/admin/users/{user['user_id']}/disable", headers=admin["headers"])
+            assert r.status_code == 200, r.text
+
+        events = _read_until_ended(stream, disable)
+        assert events[0].type == "response.created"
+        assert {e.type for e in events} <= {"response.created", "response.queued", "response.in_progress"}
+        with pytest.raises(openai.AuthenticationError) as caught:
+            sdk.responses.retrieve(events[0].response.id)
+        assert caught.value.body["code"] == "account_disabled"  # type: ignore[index]

@@ -151,6 +151,18 @@ def spawn_api(stack: Stack, log_path: Path, **overrides: str) -> tuple[subproces
     return proc, url
 
 
+@contextmanager
+def idle_api(stack: Stack, log_path: Path) -> Iterator[str]:
+    """An extra API (its URL) on a queue no worker reads, with a 0.3 s keep-alive: a query stays pending and its
+    stream open, on keep-alives only, until something else ends it (the credential re-check)."""
+    queue = f"aiq.idle.{uuid.uuid4().hex[:6]}"
+    api, url = spawn_api(stack, log_path, QUEUE_NAME=queue, SSE_KEEPALIVE_SECONDS="0.3")
+    try:
+        yield url
+    finally:
+        stop(api)
+
+
 def api_metrics(stack: Stack) -> str:
     """The session API's Prometheus exposition, from its metrics port (never the public one)."""
     return httpx.get(f"http://127.0.0.1:{stack.env['API_METRICS_PORT']}/metrics").text
