@@ -10,6 +10,10 @@ question and waits for the answer, in one of three ways:
 
 The answer time is taken from the arrival's scheduled start, so a slow load generator or a slow server
 shows as overhead rather than hiding it. Overhead = answer time - upstream latency (spec `upstream_ms`).
+A long-poll's overhead is also split where it arose (`phases_ms`, from the answer's own timestamps, on the
+same machine's clock), the four adding up to it: `submit` (scheduled start to the row's creation), `queue`
+(created to claimed), `run` (claimed to finished, less the upstream latency: the worker's own steps and the
+call's transport), `deliver` (finished to the client holding the answer).
 
 HTTP/1.1 on a pool of keep-alive connections (asyncio streams, uvloop when installed), grown on demand:
 the load generator shares the machine with the system under test, so it reports its own CPU seconds.
@@ -29,6 +33,7 @@ import resource
 import sys
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +151,10 @@ class Run:
         self.statuses: Counter[str] = Counter()
         self.requests = 0
         self.max_lag_s = 0.0
+        # Long-poll only: per answered arrival, the answer's row as read.
+        self.final: dict[int, dict[str, Any]] = {}
+        self.phases: dict[str, list[float]] = {"submit": [], "queue": [], "run": [], "deliver": []}
+        self.wall_offset = time.time() - time.monotonic()
 
     def _headers(self, i: int, json_body: bool) -> dict[str, str]:
         h = {"Authorization": f"Bearer {self.tokens[i % len(self.tokens)]}"}
@@ -171,6 +180,8 @@ class Run:
         if status == "completed":
             self.answer_s.append(now - scheduled)
             self.done_at.append(now)
+            if i in self.final:
+                self._split(scheduled, now, self.final.pop(i))
         else:
             self.errors[f"status:{status}"] += 1
 
@@ -199,9 +210,22 @@ class Run:
             )
             if code != 200:
                 raise HttpError(f"poll:{code}")
-            status = str(json.loads(payload)["status"])
+            row = json.loads(payload)
+            status = str(row["status"])
             if status in TERMINAL:
+                self.final[i] = row
                 return status
+
+    def _split(self, scheduled: float, answered: float, row: dict[str, Any]) -> None:
+        """Where one long-poll's overhead arose (module docstring), in ms."""
+        created, started, finished = (
+            datetime.fromisoformat(row[k]).timestamp() for k in ("created_at", "started_at", "finished_at")
+        )
+        upstream_s = float(self.spec.get("upstream_ms", 0)) / 1000
+        self.phases["submit"].append(1000 * (created - scheduled - self.wall_offset))
+        self.phases["queue"].append(1000 * (started - created))
+        self.phases["run"].append(1000 * (finished - started - upstream_s))
+        self.phases["deliver"].append(1000 * (answered + self.wall_offset - finished))
 
     async def main(self) -> None:
         rate, duration = float(self.spec["rate"]), float(self.spec["duration_s"])
@@ -237,6 +261,7 @@ class Run:
             "statuses": dict(self.statuses),
             "answers_per_s": round(answered / span, 1) if span > 0 else 0.0,
             "overhead_ms": _percentiles(over),
+            "phases_ms": {k: _percentiles(sorted(v)) for k, v in self.phases.items() if v},
             "requests": self.requests,
             "connections_opened": self.pool.opened,
             "max_schedule_lag_ms": round(1000 * self.max_lag_s, 1),

@@ -124,6 +124,11 @@ def _steps(
             f"{r['errors']} errors, CPU-ms/answer {_cpu_line(r['cpu_ms_per_answer'])}, "
             f"machine {cpu['machine_busy_pct']}% busy"
         )
+        if r.get("phases_ms"):
+            say(
+                f"client {label} {rate}/s: overhead by phase, p50 / p99 ms: "
+                + ", ".join(f"{k} {v['p50']} / {v['p99']}" for k, v in r["phases_ms"].items())
+            )
         if not r["ok"] and ((o["p99"] or 1e9) > 4 * CLIENT_P99_MS or r["errors"] > 0.01 * r["arrivals"]):
             break
     return {"steps": steps, **_top(steps)}

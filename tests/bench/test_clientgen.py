@@ -45,6 +45,15 @@ def test_each_client_submits_and_waits_for_its_answer(
     assert r["overhead_ms"]["p50"] is not None
     assert 0 <= r["overhead_ms"]["p50"] <= r["overhead_ms"]["max"]
     assert r["cpu_s"] > 0
+    if mode == "longpoll":
+        # Where the overhead arose, from each answer's own timestamps: four phases that add up to it.
+        phases = r["phases_ms"]
+        assert set(phases) == {"submit", "queue", "run", "deliver"}
+        assert all(phases[k]["p50"] is not None for k in phases)
+        assert phases["queue"]["p50"] >= 0
+        assert phases["deliver"]["p50"] >= 0
+    else:
+        assert r["phases_ms"] == {}
 
 
 def test_refused_clients_are_counted_as_errors_not_answers(stack: Stack, tmp_path: Path) -> None:
