@@ -33,6 +33,7 @@ import math
 import random
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -358,6 +359,19 @@ class UpstreamBudget:
             await self._redis.set(self.keys(model)[5], 1, px=max(1, math.ceil(ttl_seconds * 1000)))
         except RedisError as exc:
             log.warning("waiters marker not set", extra={"error": type(exc).__name__})
+
+    async def waiting(self, models: Collection[str]) -> set[str]:
+        """Which of these models have work waiting (their marker stands): a dispatcher claims their due rows in
+        fair order, so they need no message. Redis unreachable: none (the caller acts as if nobody waited)."""
+        names = sorted(models)
+        if not names:
+            return set()
+        try:
+            marks = await self._redis.mget([self.keys(model)[5] for model in names])
+        except RedisError as exc:
+            log.warning("waiters markers not read", extra={"error": type(exc).__name__})
+            return set()
+        return {model for model, mark in zip(names, marks, strict=True) if mark is not None}
 
     async def clear_waiting(self, model: str) -> None:
         try:

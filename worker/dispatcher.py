@@ -9,8 +9,9 @@ model per worker process, on the runtime's loop, then repeats: sleep exactly as 
 under the worker's concurrency. It stops when no row is due. While it runs, a waiters marker in Redis makes
 every worker's new deliveries of the model join the wait instead of jumping the queue.
 
-The row stays the truth: if the process dies, the waiting rows are pending and due, and the sweeper
-re-sends them (STALE_PENDING_SECONDS); a Redis wipe loses only the budget's state (see shared/upstream.py).
+The row stays the truth: if the process dies, the waiting rows are pending and due, and once its marker lapses
+the sweeper re-sends them (STALE_PENDING_SECONDS; while the marker stands it leaves them to the dispatcher); a
+Redis wipe loses only the budget's state (see shared/upstream.py).
 """
 
 from __future__ import annotations

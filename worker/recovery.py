@@ -72,19 +72,27 @@ async def sweep_once(rt: WorkerRuntime) -> int:
             )  # fmt: skip
     async with rt.sessionmaker.begin() as session:
         due = await repo.lock_stale_pending(session, stale, SWEEP_BATCH)
+        # A model whose work waits for the upstream budget has a dispatcher claiming its due rows in fair order
+        # (worker/dispatcher.py): a message would only be read and set aside. Its rows' stale clock restarts; if
+        # that dispatcher dies, its marker lapses and the next stale window sends them.
+        waiting = await rt.budget.waiting({model for _, model in due})
+        held = [query_id for query_id, model in due if model in waiting]
         sent: list[uuid.UUID] = []
-        for query_id in due:
+        for query_id, model in due:
+            if model in waiting:
+                continue
             # Broker down: stop here, and leave the rest marked as not sent so the next sweep tries again.
             if not await rt.publisher.publish(query_id):
                 break
             sent.append(query_id)
-        await repo.mark_resent(session, sent)
+        await repo.mark_resent(session, sent + held)
     try:
         await batches.sweep(rt)
     except Exception as exc:  # noqa: BLE001 - batches wait for the next sweep; queries were swept already
         log.warning("batch sweep failed", extra={"error": type(exc).__name__})
     if reclaimed or due:
-        log.info("sweep", extra={"count": len(sent), "outcome": f"reclaimed={len(reclaimed)} due={len(due)}"})
+        outcome = f"reclaimed={len(reclaimed)} due={len(due)} held={len(held)}"
+        log.info("sweep", extra={"count": len(sent), "outcome": outcome})
     return len(sent)
 
 

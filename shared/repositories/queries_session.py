@@ -130,10 +130,11 @@ async def reclaim_expired_leases(
     return [(row[0], QueryStatus(row[1])) for row in (await session.execute(stmt)).all()]
 
 
-async def lock_stale_pending(session: AsyncSession, stale: timedelta, limit: int) -> list[uuid.UUID]:
-    """Due pending rows untouched for `stale`: their message may be gone. Locked until the caller commits."""
+async def lock_stale_pending(session: AsyncSession, stale: timedelta, limit: int) -> list[tuple[uuid.UUID, str]]:
+    """Due pending rows untouched for `stale` (id, model): their message may be gone. Locked until the caller
+    commits."""
     stmt = (
-        select(Query.id)
+        select(Query.id, Query.model)
         .where(
             Query.status == QueryStatus.PENDING,
             Query.next_attempt_at <= func.now(),
@@ -143,11 +144,11 @@ async def lock_stale_pending(session: AsyncSession, stale: timedelta, limit: int
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return list((await session.execute(stmt)).scalars())
+    return [(query_id, model) for query_id, model in (await session.execute(stmt)).all()]
 
 
 async def mark_resent(session: AsyncSession, query_ids: list[uuid.UUID]) -> None:
-    """Restart the stale clock of rows whose message was just sent again."""
+    """Restart the stale clock of rows whose message was just sent again (or that a dispatcher has in hand)."""
     if query_ids:
         await session.execute(update(Query).where(Query.id.in_(query_ids)).values(updated_at=func.now()))
 

@@ -255,7 +255,7 @@ async def test_a_handed_back_row_is_resent_by_the_same_sweep(
 
     await queries_session.reclaim_expired_leases(repo_session, MAX_ATTEMPTS, STALE, BATCH)
 
-    assert expired in await queries_session.lock_stale_pending(repo_session, STALE, BATCH)
+    assert expired in {q for q, _ in await queries_session.lock_stale_pending(repo_session, STALE, BATCH)}
 
 
 async def test_only_due_stale_pending_rows_are_picked_for_resending(
@@ -268,7 +268,7 @@ async def test_only_due_stale_pending_rows_are_picked_for_resending(
     running = _running(repo_db, user_id, "now() + interval '1 hour'", updated_at=long_ago)
     finished = _insert(repo_db, user_id, updated_at=long_ago, status="'completed'", finished_at=long_ago)
 
-    picked = set(await queries_session.lock_stale_pending(repo_session, STALE, BATCH))
+    picked = {q for q, _ in await queries_session.lock_stale_pending(repo_session, STALE, BATCH)}
 
     assert stale in picked
     assert picked.isdisjoint({fresh, not_due, running, finished})

@@ -6,14 +6,17 @@ import os
 import signal
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from devkit.procs import free_port
+from shared.upstream import UpstreamBudget
 from tests.support.api import wait_terminal
 from tests.support.db import insert_query, row
 from tests.support.polling import wait_until
@@ -176,3 +179,29 @@ def test_a_failed_final_write_is_retried_without_calling_the_llm_again(
         if '"database step failed; retrying"' in line and query_id in line
     ]
     assert retried, "the worker's write never failed: the test did not exercise the retry"
+
+
+def test_rows_a_dispatcher_holds_are_not_resent_until_its_marker_lapses(
+    client: httpx.Client, stack: Stack, user: dict[str, Any], db: Engine
+) -> None:
+    # The model's waiters marker stands (a dispatcher claims its due rows in fair order): the sweeper leaves its
+    # stale rows alone, restarting their stale clock, and sends them once the marker is gone.
+    r = redis.Redis.from_url(stack.settings.redis_url)
+    try:
+        marker = UpstreamBudget(r, stack.settings).keys("sim-small")[5]  # type: ignore[arg-type]
+        r.set(marker, 1, px=5000)
+        query_id = insert_query(db, user["user_id"], updated_at="now() - interval '1 minute'")
+        held_from = time.monotonic()
+        # Several sweeps (every second here) pass while the marker stands.
+        time.sleep(3)
+        stored = row(db, query_id)
+        assert (stored["status"], stored["attempts"]) == ("pending", 0)
+        # Touched by the sweeps (the row was a minute stale): not picked again until a stale window passes.
+        assert stored["updated_at"] > datetime.now(UTC) - timedelta(seconds=3)
+        body = wait_terminal(client, user["headers"], query_id, timeout=30)
+    finally:
+        r.close()
+    assert body["status"] == "completed"
+    assert body["attempts"] == 1
+    # Sent only after the marker lapsed (5 s) and the touched row went stale again (STALE_PENDING_SECONDS 3).
+    assert time.monotonic() - held_from >= 5
