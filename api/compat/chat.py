@@ -40,11 +40,11 @@ async def create_chat_completion(
         try:
             accepted = await submit(handles, user_id, query, response)
             current = await queries_service.wait_for_query(handles.pool, user_id, accepted.query_id, 0, handles.wakeup)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            translator = service.ChatChunks(current, include_usage=include_usage)
+            return streams.respond(request, accepted.query_id, translator, slot, chat=True)
         except BaseException:
             await streams.release(slot)
             raise
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        translator = service.ChatChunks(current, include_usage=include_usage)
-        return streams.respond(request, accepted.query_id, translator, slot, chat=True)
     accepted = await submit(handles, user_id, query, response)
     return service.chat_completion_object(await wait(request, handles, user_id, accepted.query_id))

@@ -42,11 +42,11 @@ async def create_response(
         try:
             accepted = await submit(handles, user_id, query, response, background)
             current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
+            translator = service.ResponseEvents(current)
+            return streams.respond(request, accepted.query_id, translator, slot, chat=False)
         except BaseException:
             await streams.release(slot)
             raise
-        translator = service.ResponseEvents(current)
-        return streams.respond(request, accepted.query_id, translator, slot, chat=False)
     accepted = await submit(handles, user_id, query, response, background)
     if not background:
         answered = await wait(request, handles, user_id, accepted.query_id)
@@ -75,10 +75,10 @@ async def get_response(
     current = await queries_service.get_query(conn, principal.user_id, query_id)
     if not stream:
         return service.response_object(current)
+    translator = service.ResponseEvents(current)
+    # Nothing that can fail between the take and the return: the response gives the slot back from then on.
     slot = await streams.reserve()
-    return streams.respond(
-        request, query_id, service.ResponseEvents(current), slot, starting_after=starting_after, chat=False
-    )
+    return streams.respond(request, query_id, translator, slot, starting_after=starting_after, chat=False)
 
 
 @router.post("/responses/{response_id}/cancel")

@@ -11,7 +11,7 @@ valid (`StreamUpkeep`: re-checked once per keep-alive interval).
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Annotated, Any, Protocol
 
@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 
 from api.deps import HandlesDep, ScopedPrincipal
 from api.middleware import mark_long_request
-from api.routes.events import KEEPALIVE, SSE_HEADERS, StreamUpkeep
+from api.routes.events import KEEPALIVE, EventStreamResponse, StreamUpkeep
 from shared.config import Settings
 from shared.events import EventLog
 from shared.limits import Limiter, limiter_for
@@ -64,7 +64,9 @@ class StreamContext:
         return StreamUpkeep(self.settings, self.redis, self.pool, self.limiter, self.principal, slot)
 
     async def reserve(self) -> str:
-        """Take one of the caller's stream slots (a 429 when they are all open), before anything is stored."""
+        """Take one of the caller's stream slots (a 429 when they are all open), before anything is stored.
+
+        Until `respond` has returned, the caller gives it back (`release`) if anything fails."""
         slot = uuid.uuid4().hex
         await self.limiter.take_stream(self.user_id, slot, self._upkeep(slot).lease)
         return slot
@@ -82,10 +84,10 @@ class StreamContext:
         starting_after: int = -1,
         chat: bool,
     ) -> StreamingResponse:
-        """The stream on a reserved slot; the slot is given back when the stream ends."""
+        """The stream on a reserved slot; the slot is given back when the response ends, however it ends."""
         mark_long_request(request.scope)
-        body = self._frames(query_id, translator, starting_after, chat, self._upkeep(slot))
-        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        upkeep = self._upkeep(slot)
+        return EventStreamResponse(self._frames(query_id, translator, starting_after, chat, upkeep), upkeep)
 
     async def _final(self, query_id: uuid.UUID) -> QueryOut:
         return await queries_service.wait_for_query(
@@ -114,7 +116,7 @@ class StreamContext:
 
     async def _frames(
         self, query_id: uuid.UUID, translator: Translator, starting_after: int, chat: bool, upkeep: StreamUpkeep
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes]:
         number = -1
         objects = self._objects(query_id, translator)
         async with upkeep, aclosing(objects):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from types import TracebackType
 from typing import Annotated
@@ -15,6 +15,7 @@ import orjson
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from redis.asyncio import Redis
+from starlette.types import Receive, Scope, Send
 
 from api.deps import HandlesDep, ScopedPrincipal
 from api.errors import error_responses
@@ -90,13 +91,14 @@ async def stream_events(
     user_id = principal.user_id
     await ensure_owner(pool, user_id, query_id)
     limiter = limiter_for(redis, settings)
-    slot = uuid.uuid4().hex
-    upkeep = StreamUpkeep(settings, redis, pool, limiter, principal, slot)
-    await limiter.take_stream(user_id, slot, upkeep.lease)
+    upkeep = StreamUpkeep(settings, redis, pool, limiter, principal, uuid.uuid4().hex)
+    # Built before the slot is taken, so that nothing between the take and the return can fail and leave it taken
+    # (a 429 drops a body that never started: nothing to undo).
+    response = EventStreamResponse(_frames(upkeep, handles.events, handles.wakeup, pool, query_id, start), upkeep)
+    await limiter.take_stream(user_id, upkeep.slot, upkeep.lease)
     # A stream's duration is the query's, not latency: keep it out of the latency histogram.
     mark_long_request(request.scope)
-    body = _frames(upkeep, handles.events, handles.wakeup, pool, query_id, start)
-    return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+    return response
 
 
 class StreamUpkeep:
@@ -114,24 +116,29 @@ class StreamUpkeep:
         self.lease = max(30.0, settings.sse_keepalive_seconds * 4)
         self.interval = settings.sse_keepalive_seconds
         self._redis, self._pool, self._limiter = redis, pool, limiter
-        self._principal, self._slot = principal, slot
+        self._principal, self.slot = principal, slot
         self._renewed = self._checked = time.monotonic()
+        self._released = False
 
     async def keep(self) -> bool:
         """Run after each frame: False when the stream must end now (its credential is no longer valid)."""
         now = time.monotonic()
         if now - self._renewed >= self.lease / 4:
             self._renewed = now
-            await self._limiter.renew_stream(self._principal.user_id, self._slot, self.lease)
+            await self._limiter.renew_stream(self._principal.user_id, self.slot, self.lease)
         if now - self._checked < self.interval:
             return True
         self._checked = now
         return await credentials.still_valid(self._redis, self._pool, self._principal)
 
     async def release(self) -> None:
-        """Give the slot back; the client may be gone and this task cancelled, so it is shielded."""
+        """Give the slot back (once: a later call does nothing); the client may be gone and this task cancelled,
+        so it is shielded."""
+        if self._released:
+            return
+        self._released = True
         with anyio.CancelScope(shield=True):
-            await self._limiter.release_stream(self._principal.user_id, self._slot)
+            await self._limiter.release_stream(self._principal.user_id, self.slot)
 
     async def __aenter__(self) -> StreamUpkeep:
         SSE_STREAMS_OPEN.inc()
@@ -144,9 +151,36 @@ class StreamUpkeep:
         await self.release()
 
 
+class EventStreamResponse(StreamingResponse):
+    """An event stream on a slot of the stream cap (`StreamUpkeep`), for this route and the `/v1` door's streams:
+    the slot is given back once the response ends, however it ends.
+
+    The body (an async generator entered with `async with upkeep`) gives it back itself when it ends or is
+    cancelled while it runs. A body that never starts runs no `finally` at all: a client gone before it (the server's
+    `send` raising at the response start, ASGI 2.4; a `send` that waits and is cancelled before the first chunk)
+    would hold the slot until its lease lapsed and a quick reconnect would hear 429s. So the response closes its
+    body and gives the slot back after the parent's `__call__`, whatever it did: one release in every case."""
+
+    def __init__(self, body: AsyncGenerator[bytes], upkeep: StreamUpkeep) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._body, self._upkeep = body, upkeep
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    # A body cancelled at a `yield` (its `send` waiting) ends now, not when it is collected: its
+                    # `finally` gives the slot back and leaves the open-streams gauge.
+                    await self._body.aclose()
+                finally:
+                    await self._upkeep.release()
+
+
 async def _frames(
     upkeep: StreamUpkeep, log: EventLog, wakeup: Wakeup, pool: asyncpg.Pool, query_id: uuid.UUID, after: int
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes]:
     events = with_keepalive(follow(log, wakeup, pool, query_id, after), upkeep.interval)
     async with upkeep, aclosing(events):
         async for event in events:

@@ -19,11 +19,13 @@ import redis
 from httpx_sse import ServerSentEvent, connect_sse
 from sqlalchemy.engine import Engine
 
-from tests.support.api import register_and_login, wait_terminal
+from devkit.procs import free_port
+from tests.support.api import register_and_login, send_and_leave, wait_terminal
+from tests.support.asgi import in_process_api, serve_to_a_gone_client
 from tests.support.db import row
-from tests.support.limits import make_admin
+from tests.support.limits import key_prefix, limits_redis, make_admin
 from tests.support.polling import wait_until
-from tests.support.stack import Stack, spawn_api, spawn_worker, stop
+from tests.support.stack import Stack, metric_value, spawn_api, spawn_worker, stop
 from tests.support.stack import idle_api as idle_api_process
 
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -330,6 +332,44 @@ def test_stream_cap_keepalives_and_slot_release(stack: Stack, tmp_path: Path) ->
             wait_until(reopened, timeout=10, interval=0.2)
     finally:
         stop(api)
+
+
+def test_a_client_gone_before_the_body_gives_its_stream_slot_back_at_once(stack: Stack, tmp_path: Path) -> None:
+    # The handler takes the slot before the client's leaving is noticed. The slot must come back at once, not when
+    # its lease (30 s) lapses, or a quick reconnect hears 429s; the open-streams gauge must not count it.
+    metrics_port = free_port()
+    api, url = spawn_api(stack, tmp_path / "api.log", MAX_STREAMS_PER_USER="1", API_METRICS_PORT=str(metrics_port))
+    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    path_route = "/api/v1/query/{query_id}/events"
+    try:
+        with httpx.Client(base_url=url, timeout=httpx.Timeout(30, read=30)) as c:
+            user = register_and_login(c)
+            slots = f"{key_prefix(stack.settings.queue_name)}streams:{user['user_id']}"
+            slow = _submit(c, user["headers"], "[[sim latency_ms=5000]] left at once")
+            send_and_leave(url, "GET", f"/api/v1/query/{slow}/events", user["headers"])
+            # The request has been handled to its end (counted), and nothing of it is left in the cap.
+            wait_until(lambda: metric_value(metrics, "aiq_http_requests_total", route=path_route) >= 1, timeout=10)
+            with limits_redis(stack) as r:
+                wait_until(lambda: r.zcard(slots) == 0, timeout=2)
+            assert metric_value(metrics, "aiq_sse_streams_open") == 0
+            with c.stream("GET", f"/api/v1/query/{slow}/events", headers=user["headers"]) as again:
+                assert again.status_code == 200
+    finally:
+        stop(api)
+
+
+@pytest.mark.anyio
+async def test_a_stream_whose_body_never_starts_still_gives_its_slot_back(stack: Stack) -> None:
+    # An ASGI 2.4 server raises from `send` once the client is gone: the response start fails and the body, whose
+    # `finally` would give the slot back, never runs. (uvicorn, ASGI 2.3, lets the body start and cancels it.)
+    with httpx.Client(base_url=stack.api_url, timeout=30) as c:
+        user = register_and_login(c)
+        slow = _submit(c, user["headers"], "[[sim latency_ms=3000]] never told")
+    slots = f"{key_prefix(stack.settings.queue_name)}streams:{user['user_id']}"
+    async with in_process_api(stack.settings.model_copy(update={"max_streams_per_user": 1})) as app:
+        await serve_to_a_gone_client(app, "GET", f"/api/v1/query/{slow}/events", user["headers"])
+    with limits_redis(stack) as r:
+        assert r.zcard(slots) == 0
 
 
 def test_stream_cap_holds_under_parallel_opens_on_two_api_processes(stack: Stack, tmp_path: Path) -> None:

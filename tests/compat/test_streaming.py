@@ -13,15 +13,18 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from tests.support.api import register_and_login
+from devkit.procs import free_port
+from tests.support.api import register_and_login, send_and_leave
+from tests.support.asgi import in_process_api, serve_to_a_gone_client
 from tests.support.db import row
-from tests.support.limits import make_admin
+from tests.support.limits import key_prefix, limits_redis, make_admin
 from tests.support.polling import wait_until
-from tests.support.stack import Stack, idle_api, spawn_api, spawn_worker, stop
+from tests.support.stack import Stack, idle_api, metric_value, spawn_api, spawn_worker, stop
 
 
 def _text(events: list[Any]) -> str:
@@ -140,6 +143,49 @@ def test_a_stream_over_the_users_cap_is_a_rate_limit_error_and_stores_nothing(
                 assert _query_count(db, user["user_id"]) == stored
     finally:
         stop(api)
+
+
+def test_a_chat_stream_left_before_its_body_gives_its_slot_back_at_once(
+    stack: Stack, tmp_path: Path, api_key: str, user: dict[str, Any]
+) -> None:
+    metrics_port = free_port()
+    api, url = spawn_api(stack, tmp_path / "api.log", MAX_STREAMS_PER_USER="1", API_METRICS_PORT=str(metrics_port))
+    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    try:
+        body = {
+            "model": "sim-small",
+            "messages": [{"role": "user", "content": "[[sim latency_ms=3000]] left at once"}],
+            "stream": True,
+        }
+        headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        send_and_leave(url, "POST", "/v1/chat/completions", headers, orjson.dumps(body))
+        # Handled to its end (counted; the query was stored and is being answered), and its slot is free again.
+        wait_until(lambda: metric_value(metrics, "aiq_http_requests_total", route="/v1/chat/completions") >= 1)
+        with limits_redis(stack) as r:
+            wait_until(lambda: r.zcard(f"{key_prefix(stack.settings.queue_name)}streams:{user['user_id']}") == 0, 2)
+        assert metric_value(metrics, "aiq_sse_streams_open") == 0
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=30) as capped:
+            chunks = list(
+                capped.chat.completions.create(
+                    model="sim-small", messages=[{"role": "user", "content": "next"}], stream=True
+                )
+            )
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    finally:
+        stop(api)
+
+
+@pytest.mark.anyio
+async def test_a_chat_stream_whose_body_never_starts_still_gives_its_slot_back(
+    stack: Stack, api_key: str, user: dict[str, Any]
+) -> None:
+    # An ASGI 2.4 server's `send` raises once the client is gone: the body never runs its own release.
+    body = orjson.dumps({"model": "sim-small", "messages": [{"role": "user", "content": "never told"}], "stream": True})
+    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    async with in_process_api(stack.settings.model_copy(update={"max_streams_per_user": 1})) as app:
+        await serve_to_a_gone_client(app, "POST", "/v1/chat/completions", headers, body)
+    with limits_redis(stack) as r:
+        assert r.zcard(f"{key_prefix(stack.settings.queue_name)}streams:{user['user_id']}") == 0
 
 
 def _query_count(db: Engine, user_id: str) -> int:

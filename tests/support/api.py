@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -33,3 +35,13 @@ def wait_terminal(client: httpx.Client, headers: dict[str, str], query_id: str, 
             return body
         time.sleep(0.1)
     raise TimeoutError(f"query {query_id} not terminal after {timeout}s: {body}")
+
+
+def send_and_leave(url: str, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> None:
+    """Send one request on a raw socket and close it at once, reading nothing: a client gone before any answer."""
+    parts = urlsplit(url)
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}", *(f"{k}: {v}" for k, v in headers.items())]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80)) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)

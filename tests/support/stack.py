@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from devkit.procs import Launcher, free_port, spawn
 from shared.config import Settings
@@ -166,6 +167,16 @@ def idle_api(stack: Stack, log_path: Path) -> Iterator[str]:
 def api_metrics(stack: Stack) -> str:
     """The session API's Prometheus exposition, from its metrics port (never the public one)."""
     return httpx.get(f"http://127.0.0.1:{stack.env['API_METRICS_PORT']}/metrics").text
+
+
+def metric_value(metrics_url: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`, read from an API's metrics port."""
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(metrics_url).text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total
 
 
 def stop(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
