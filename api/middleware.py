@@ -23,6 +23,7 @@ from shared.logging import request_id_var
 from shared.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
 
 __all__ = [
+    "CLIENT_CLOSED",
     "DOCS_CSP",
     "LONG_REQUEST_SCOPE_KEY",
     "REQUEST_ID_HEADER",
@@ -34,6 +35,9 @@ __all__ = [
 
 # Every path that matched no route shares one label value, so scanners cannot explode the series count.
 UNMATCHED_ROUTE = "unmatched"
+# The status label of a request whose client left before any response could be sent (nginx's 499): not a 5xx,
+# so clients that hang up do not page anyone (AIQApi5xxRatioHigh).
+CLIENT_CLOSED = 499
 # Unknown verbs are grouped for the same reason.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 OTHER_METHOD = "OTHER"
@@ -171,7 +175,8 @@ class EdgeMiddleware:
       (`request_id_var`) and echoed in the response; an unhandled error is answered here as a 500 that
       carries it;
     - metrics: requests counted and timed by route template, method and status (an exception counts as a
-      500; long requests, `mark_long_request`, are counted but not timed);
+      500, a client that left before its answer as a 499; long requests, `mark_long_request`, are counted but
+      not timed);
     - the body limit: a declared `Content-Length` over the limit is a 413 at once, without reading the body;
       a body without one (chunked) is counted as it arrives and the chunk that passes the limit is a 413, so
       no more than the limit is ever buffered; a non-empty body that is not JSON (`application/json` or
@@ -198,22 +203,39 @@ class EdgeMiddleware:
         start = time.perf_counter()
         status = 500
         started = False
+        gone = False
+
+        async def edge_receive() -> Message:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+            return message
 
         async def edge_send(message: Message) -> None:
-            nonlocal status, started
+            nonlocal status, started, gone
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
                 message = {**message, "headers": _edge_headers(message.get("headers", ()), encoded)}
-            await send(message)
+            try:
+                await send(message)
+            except OSError:
+                # The server says the client is gone (ASGI 2.4).
+                gone = True
+                raise
 
         token = request_id_var.set(request_id)
         try:
             try:
-                await self._limited(scope, receive, edge_send, lambda: started)
+                await self._limited(scope, edge_receive, edge_send, lambda: started)
+                if not started and gone:
+                    # The app saw the client leave and answered nothing (a stream whose client hung up first).
+                    status = CLIENT_CLOSED
             except BaseException:
-                # Starlette's outer ServerErrorMiddleware would turn this into a 500; count it as one.
-                status = 500
+                # Starlette's outer ServerErrorMiddleware would turn this into a 500; count it as one, unless the
+                # client was gone.
+                status = CLIENT_CLOSED if gone else 500
                 raise
             finally:
                 method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -13,8 +15,9 @@ import textwrap
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import APIRouter, FastAPI
@@ -22,8 +25,8 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from api.middleware import (
@@ -164,6 +167,59 @@ def test_unhandled_exception_counts_as_500(client: TestClient) -> None:
     before = sample("aiq_http_requests_total", method="GET", route="/boom", status="500")
     assert client.get("/boom").status_code == 500
     assert sample("aiq_http_requests_total", method="GET", route="/boom", status="500") == before + 1
+
+
+def _gone_client(app: Any, scope_path: str, *, send_raises: bool) -> list[dict[str, Any]]:
+    """Drive `app` as a server whose client has hung up: `receive` says so; `send` raises (ASGI 2.4) or drops."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if send_raises:
+            raise OSError("client gone")
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": scope_path, "headers": [], "query_string": b""}
+    with contextlib.suppress(OSError):
+        asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_a_client_gone_before_its_answer_counts_as_499_not_500() -> None:
+    async def stream(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"late"
+
+        return StreamingResponse(body())
+
+    async def gives_up(scope: Any, receive: Any, send: Any) -> None:
+        # An app that hears the disconnect first and answers nothing.
+        assert (await receive())["type"] == "http.disconnect"
+
+    def count(route: str, status: str) -> float:
+        return sample("aiq_http_requests_total", method="GET", route=route, status=status)
+
+    app = Starlette(routes=[Route("/gone", stream), Mount("/quiet", app=gives_up)])
+    app.add_middleware(EdgeMiddleware, max_bytes=64 * 1024)
+
+    def total(status: str) -> float:
+        return sum(
+            m.value
+            for family in REGISTRY.collect()
+            if family.name == "aiq_http_requests"
+            for m in family.samples
+            if m.name == "aiq_http_requests_total" and m.labels.get("status") == status
+        )
+
+    before_gone, before_499, before_500 = count("/gone", "499"), total("499"), total("500")
+    # A server whose `send` raises once the client is gone (ASGI 2.4): the response never starts.
+    _gone_client(app, "/gone", send_raises=True)
+    assert count("/gone", "499") == before_gone + 1
+    assert _gone_client(app, "/quiet/x", send_raises=False) == []
+    assert total("499") == before_499 + 2
+    assert total("500") == before_500
 
 
 def test_a_500_carries_the_request_id_in_its_header_and_its_log_line(client: TestClient) -> None:
