@@ -25,7 +25,7 @@ from tests.support.asgi import in_process_api, serve_to_a_gone_client
 from tests.support.db import row
 from tests.support.limits import key_prefix, limits_redis, make_admin
 from tests.support.polling import wait_until
-from tests.support.stack import Stack, metric_value, spawn_api, spawn_worker, stop
+from tests.support.stack import Stack, metric_value, spawn_api, spawn_worker, stop, wake_notices
 from tests.support.stack import idle_api as idle_api_process
 
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -105,19 +105,10 @@ def test_a_one_read_answer_tells_started_delta_completed_with_one_notice_for_its
     # A short answer arrives in one read with its end of stream: its text rides in the end's round trip, ahead of
     # `completed`, and sends no wake-up notice of its own (the end's wakes the readers for both). The other
     # events tell only a query that a stream follows (shared/events.py).
-    r = redis.Redis.from_url(stack.settings.redis_url)
-    pubsub = r.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(f"aiq:{stack.settings.queue_name}:wake")
-    query_id = _submit(sse_client, user["headers"], "[[sim tokens=12]] short")
-    events = _events(sse_client, user["headers"], query_id)
-    notices: list[str] = []
-    deadline = time.monotonic() + 1
-    while time.monotonic() < deadline:
-        message = pubsub.get_message(timeout=0.1)
-        if message is not None and message["data"].decode().startswith(query_id):
-            notices.append(message["data"].decode().split()[1])
-    pubsub.close()
-    r.close()
+    with wake_notices(stack) as heard:
+        query_id = _submit(sse_client, user["headers"], "[[sim tokens=12]] short")
+        events = _events(sse_client, user["headers"], query_id)
+        notices = heard(query_id)
     assert [e["type"] for e in events] == ["queued", "started", "delta", "completed"]
     assert [e["seq"] for e in events] == [1, 2, 3, 4]
     assert events[2]["text"] == sse_client.get(f"/api/v1/query/{query_id}", headers=user["headers"]).json()["response"]

@@ -14,15 +14,14 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from bench.chaos.services import OwnRedis
 from shared.config import Settings
-from shared.events import EventLog, EventType, wake_channel
+from shared.events import EventLog, EventType
 from shared.wakeup import Wakeup
 from tests.support.db import row
-from tests.support.stack import Stack, spawn_api, stop
+from tests.support.stack import Stack, spawn_api, stop, wake_notices
 
 
 def test_a_query_nobody_streams_sends_one_notice_its_end(
@@ -30,10 +29,7 @@ def test_a_query_nobody_streams_sends_one_notice_its_end(
 ) -> None:
     # Every API process reads every notice: a long-polled query's `started` and deltas would wake them all for
     # nothing. Only its end goes out (a stream that follows a query marks it and hears the rest).
-    r = redis.Redis.from_url(stack.settings.redis_url)
-    pubsub = r.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(wake_channel(stack.settings))
-    try:
+    with wake_notices(stack) as heard:
         submitted = client.post(
             "/api/v1/query", json={"query": f"[[sim chunk_ms=30]] unfollowed {uuid.uuid4()}"}, headers=user["headers"]
         )
@@ -41,15 +37,7 @@ def test_a_query_nobody_streams_sends_one_notice_its_end(
         query_id = submitted.json()["query_id"]
         body = client.get(f"/api/v1/query/{query_id}", params={"wait": 20}, headers=user["headers"]).json()
         assert body["status"] == "completed"
-        notices: list[str] = []
-        deadline = time.monotonic() + 1
-        while time.monotonic() < deadline:
-            message = pubsub.get_message(timeout=0.1)
-            if message is not None and message["data"].decode().startswith(query_id):
-                notices.append(message["data"].decode().split()[1])
-    finally:
-        pubsub.close()
-        r.close()
+        notices = heard(query_id)
     # A slow stream of several chunks: `started` and several deltas were appended, none of them told.
     assert notices == ["completed"]
 

@@ -6,18 +6,21 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from devkit.procs import Launcher, free_port, spawn
 from shared.config import Settings
+from shared.events import wake_channel
 from shared.queue import Publisher
 from tests.support.polling import wait_for_http
 
@@ -203,3 +206,27 @@ def publish_to(stack: Stack, queue: str, *query_ids: str) -> None:
             publisher.publish_sync(uuid.UUID(query_id))
     finally:
         publisher.close()
+
+
+@contextmanager
+def wake_notices(stack: Stack) -> Iterator[Callable[[str], list[str]]]:
+    """Listen to the wake-up channel; yields `heard(query_id)`: the event types of that query's notices heard
+    within a second from the call."""
+    client = redis.Redis.from_url(stack.settings.redis_url)
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(wake_channel(stack.settings))
+
+    def heard(query_id: str) -> list[str]:
+        notices: list[str] = []
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.1)
+            if message is not None and message["data"].decode().startswith(query_id):
+                notices.append(message["data"].decode().split()[1])
+        return notices
+
+    try:
+        yield heard
+    finally:
+        pubsub.close()
+        client.close()

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 
 from shared.config import Settings
 from shared.events import EventLog, EventType, wake_channel
@@ -35,6 +36,17 @@ def settings(server_urls: dict[str, str]) -> Settings:
 @pytest.fixture
 def log(client: aioredis.Redis, settings: Settings) -> EventLog:
     return EventLog(client, settings)
+
+
+async def _heard(pubsub: PubSub, seconds: float = 0.5) -> list[str]:
+    """The wake-up notices heard within `seconds`."""
+    notices = []
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+        if message is not None:
+            notices.append(message["data"].decode())
+    return notices
 
 
 def _claim(attempt: int = 1) -> Claim:
@@ -111,12 +123,7 @@ async def test_a_one_read_answer_rides_with_the_end_in_order_with_one_notice(
     assert [e.type for e in events] == [EventType.QUEUED, EventType.STARTED, EventType.DELTA, EventType.COMPLETED]
     assert events[2].data == {"text": "the whole answer"}
     # One wake-up notice for `started`, one for the end: the delta's readers are woken by the end's.
-    notices = []
-    deadline = asyncio.get_running_loop().time() + 0.5
-    while asyncio.get_running_loop().time() < deadline:
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
-        if message is not None:
-            notices.append(message["data"].decode())
+    notices = await _heard(pubsub)
     assert notices == [f"{claim.query_id} started", f"{claim.query_id} completed"]
     # Nothing is left for a flush.
     await sink.flush()
@@ -165,12 +172,7 @@ async def test_only_an_end_or_a_followed_query_sends_a_notice(
     # An end always tells (long-polls wait for it), followed or not.
     await log.append(other_id, EventType.STARTED, {}, 1)
     await log.append(other_id, EventType.FAILED, {"code": "x"}, 1)
-    notices = []
-    deadline = asyncio.get_running_loop().time() + 0.5
-    while asyncio.get_running_loop().time() < deadline:
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
-        if message is not None:
-            notices.append(message["data"].decode())
+    notices = await _heard(pubsub)
     await pubsub.aclose()
     assert notices == [f"{query_id} delta", f"{query_id} completed", f"{other_id} failed"]
     # Forgetting the query forgets its mark.
