@@ -193,15 +193,14 @@ class EventLog:
         return batch.add(self._append, keys, args)
 
     @staticmethod
-    def landed(query_id: uuid.UUID, type: EventType, result: Any) -> bool:
+    def landed(query_id: uuid.UUID, type: EventType, result: Any) -> None:
         """After a batch ran: count its event appended, or log it not appended (its result is an error)."""
         if isinstance(result, BaseException):
             log.warning(
                 "event not appended", extra={"query_id": str(query_id), "outcome": type.value, "error": repr(result)}
             )
-            return False
-        EVENTS_PUBLISHED.labels(type=type.value).inc()
-        return True
+        else:
+            EVENTS_PUBLISHED.labels(type=type.value).inc()
 
     async def append_quietly(
         self,
@@ -217,9 +216,7 @@ class EventLog:
         try:
             return await self.append(query_id, type, data, attempt, reset=reset, notify=notify)
         except (RedisError, OSError) as exc:
-            log.warning(
-                "event not appended", extra={"query_id": str(query_id), "outcome": type.value, "error": repr(exc)}
-            )
+            self.landed(query_id, type, exc)
             return None
 
     async def since(

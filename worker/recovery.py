@@ -78,9 +78,7 @@ async def sweep_once(rt: WorkerRuntime) -> int:
         waiting = await rt.budget.waiting({model for _, model in due})
         held = [query_id for query_id, model in due if model in waiting]
         sent: list[uuid.UUID] = []
-        for query_id, model in due:
-            if model in waiting:
-                continue
+        for query_id in (query_id for query_id, model in due if model not in waiting):
             # Broker down: stop here, and leave the rest marked as not sent so the next sweep tries again.
             if not await rt.publisher.publish(query_id):
                 break

@@ -36,15 +36,15 @@ async def create_chat_completion(
     user_id = principal.user_id
     query = service.query_from_chat(body)
     if body.stream:
-        slot = await streams.reserve()
+        upkeep = await streams.reserve()
         try:
             accepted = await submit(handles, user_id, query, response)
             current = await queries_service.wait_for_query(handles.pool, user_id, accepted.query_id, 0, handles.wakeup)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             translator = service.ChatChunks(current, include_usage=include_usage)
-            return streams.respond(request, accepted.query_id, translator, slot, chat=True)
+            return streams.respond(request, accepted.query_id, translator, upkeep, chat=True)
         except BaseException:
-            await streams.release(slot)
+            await upkeep.release()
             raise
     accepted = await submit(handles, user_id, query, response)
     return service.chat_completion_object(await wait(request, handles, user_id, accepted.query_id))

@@ -38,14 +38,14 @@ async def create_response(
     background = bool(body.background)
     pool, wakeup = handles.pool, handles.wakeup
     if body.stream:
-        slot = await streams.reserve()
+        upkeep = await streams.reserve()
         try:
             accepted = await submit(handles, user_id, query, response, background)
             current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
             translator = service.ResponseEvents(current)
-            return streams.respond(request, accepted.query_id, translator, slot, chat=False)
+            return streams.respond(request, accepted.query_id, translator, upkeep, chat=False)
         except BaseException:
-            await streams.release(slot)
+            await upkeep.release()
             raise
     accepted = await submit(handles, user_id, query, response, background)
     if not background:
@@ -77,8 +77,8 @@ async def get_response(
         return service.response_object(current)
     translator = service.ResponseEvents(current)
     # Nothing that can fail between the take and the return: the response gives the slot back from then on.
-    slot = await streams.reserve()
-    return streams.respond(request, query_id, translator, slot, starting_after=starting_after, chat=False)
+    upkeep = await streams.reserve()
+    return streams.respond(request, query_id, translator, upkeep, starting_after=starting_after, chat=False)
 
 
 @router.post("/responses/{response_id}/cancel")

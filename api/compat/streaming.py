@@ -60,33 +60,26 @@ class StreamContext:
         self.settings, self.log, self.wakeup, self.pool, self.redis = settings, log, wakeup, pool, redis
         self.limiter, self.principal, self.user_id = limiter, principal, principal.user_id
 
-    def _upkeep(self, slot: str) -> StreamUpkeep:
-        return StreamUpkeep(self.settings, self.redis, self.pool, self.limiter, self.principal, slot)
-
-    async def reserve(self) -> str:
+    async def reserve(self) -> StreamUpkeep:
         """Take one of the caller's stream slots (a 429 when they are all open), before anything is stored.
 
-        Until `respond` has returned, the caller gives it back (`release`) if anything fails."""
-        slot = uuid.uuid4().hex
-        await self.limiter.take_stream(self.user_id, slot, self._upkeep(slot).lease)
-        return slot
-
-    async def release(self, slot: str) -> None:
-        await self._upkeep(slot).release()
+        Until `respond` has returned, the caller gives it back (`upkeep.release()`) if anything fails."""
+        upkeep = StreamUpkeep(self.settings, self.redis, self.pool, self.limiter, self.principal, uuid.uuid4().hex)
+        await self.limiter.take_stream(self.user_id, upkeep.slot, upkeep.lease)
+        return upkeep
 
     def respond(
         self,
         request: Request,
         query_id: uuid.UUID,
         translator: Translator,
-        slot: str,
+        upkeep: StreamUpkeep,
         *,
         starting_after: int = -1,
         chat: bool,
     ) -> StreamingResponse:
         """The stream on a reserved slot; the slot is given back when the response ends, however it ends."""
         mark_long_request(request.scope)
-        upkeep = self._upkeep(slot)
         return EventStreamResponse(self._frames(query_id, translator, starting_after, chat, upkeep), upkeep)
 
     async def _final(self, query_id: uuid.UUID) -> QueryOut:

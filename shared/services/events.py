@@ -114,12 +114,10 @@ async def follow(
             log_ok = True
             head = None
             try:
-                if mark_due():
-                    generation, now = wakeup.generation, time.monotonic()
-                    batch = await log.since(query_id, last, count=READ_BATCH, mark=True)
+                mark, generation, now = mark_due(), wakeup.generation, time.monotonic()
+                batch = await log.since(query_id, last, count=READ_BATCH, mark=mark)
+                if mark:
                     marked = (generation, now)
-                else:
-                    batch = await log.since(query_id, last, count=READ_BATCH)
                 if not batch:
                     head = await log.last_seq(query_id)
             except (RedisError, OSError):
