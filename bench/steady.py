@@ -59,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.steady", description=__doc__)
     ap.add_argument("--rate", type=int, default=20, help="client arrivals per second (default 20)")
     ap.add_argument("--step-s", type=float, default=10.0, help="seconds of arrivals per mode (default 10)")
-    ap.add_argument("--modes", default="longpoll,sse")
+    ap.add_argument("--modes", default="longpoll,sse", help="any of longpoll, sse, chat (AIQ's /v1)")
     ap.add_argument("--profile", metavar="TAG", help="py-spy the API and the worker afterwards")
     ap.add_argument("--output", type=Path)
     args = ap.parse_args()
@@ -88,7 +88,8 @@ def main() -> None:
             aiq.settle(sim)
             time.sleep(1)
             before = counts(servers, aiq)
-            r = client._steps(ctx, f"steady {mode}", {**spec, "mode": mode}, meter, lambda: None)
+            mode_spec = {**spec, "mode": mode, **({"body": client.CHAT_BODY} if mode == "chat" else {})}
+            r = client._steps(ctx, f"steady {mode}", mode_spec, meter, lambda: None)
             time.sleep(1.5)  # the last answers' bookkeeping
             after = counts(servers, aiq)
             n = max(1, r["steps"][0]["answered"])

@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from api.compat import compat_router
 from api.compat.streaming import StreamContextDep
-from api.compat.submit import submit, wait
+from api.compat.submit import submit, submit_and_wait
 from api.deps import HandlesDep, ScopedPrincipal
 from shared.schemas_openai import ChatCompletionCreate
 from shared.services import queries as queries_service
@@ -46,5 +46,4 @@ async def create_chat_completion(
         except BaseException:
             await upkeep.release()
             raise
-    accepted = await submit(handles, user_id, query, response)
-    return service.chat_completion_object(await wait(request, handles, user_id, accepted.query_id))
+    return service.chat_completion_object(await submit_and_wait(request, handles, user_id, query, response))

@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from api.compat import compat_router
 from api.compat.streaming import StreamContextDep
-from api.compat.submit import submit, wait
+from api.compat.submit import submit, submit_and_wait
 from api.deps import ConnectionDep, CurrentUserId, HandlesDep, ScopedPrincipal
 from shared.errors import Conflict
 from shared.limits import limiter_for
@@ -47,10 +47,9 @@ async def create_response(
         except BaseException:
             await upkeep.release()
             raise
-    accepted = await submit(handles, user_id, query, response, background)
     if not background:
-        answered = await wait(request, handles, user_id, accepted.query_id)
-        return service.response_object(answered)
+        return service.response_object(await submit_and_wait(request, handles, user_id, query, response))
+    accepted = await submit(handles, user_id, query, response, background)
     created = service.response_object(await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup))
     # The create answers the response as created: a worker may have claimed it already (read after the
     # publish), which the next retrieve shows; only an end already reached (a cache hit) is told as it is.

@@ -19,18 +19,38 @@ async def submit(
 ) -> QueryAccepted:
     """Store a pending query under the caller's limits (the `RateLimit` headers go on `response`), then publish
     it, as the native submit does; `background` is a Responses create's, kept on the row."""
-    settings, pool, redis = handles.settings, handles.pool, handles.redis
-    limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
-    accepted, limit_headers = await service.submit_query(
-        pool, settings, limiter, cache, user_id, body, background=background
-    )
-    response.headers.update(limit_headers)
-    await service.dispatch_accepted(pool, handles.publisher, handles.events, accepted)
+    accepted = await _store(handles, user_id, body, response, background)
+    await _publish(handles, accepted)
     return accepted
 
 
-async def wait(request: Request, handles: Handles, user_id: uuid.UUID, query_id: uuid.UUID) -> QueryOut:
-    """The query once it is terminal, or as it stands after COMPAT_WAIT_SECONDS (the native long-poll's wait)."""
+async def _store(
+    handles: Handles, user_id: uuid.UUID, body: QueryCreate, response: Response, background: bool = False
+) -> QueryAccepted:
+    settings, redis = handles.settings, handles.redis
+    limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
+    accepted, limit_headers = await service.submit_query(
+        handles.pool, settings, limiter, cache, user_id, body, background=background
+    )
+    response.headers.update(limit_headers)
+    return accepted
+
+
+async def _publish(handles: Handles, accepted: QueryAccepted) -> None:
+    await service.dispatch_accepted(handles.pool, handles.publisher, handles.events, accepted)
+
+
+async def submit_and_wait(
+    request: Request, handles: Handles, user_id: uuid.UUID, body: QueryCreate, response: Response
+) -> QueryOut:
+    """`submit`, then the query once it is terminal, or as it stands after COMPAT_WAIT_SECONDS (the native
+    long-poll's wait). The wait watches the query before its publish, so it costs one read: after the end."""
     mark_long_request(request.scope)
-    wait_s = handles.settings.compat_wait_seconds
-    return await service.wait_for_query(handles.pool, user_id, query_id, wait_s, handles.wakeup)
+    accepted = await _store(handles, user_id, body, response)
+    wait_s, wakeup = handles.settings.compat_wait_seconds, handles.wakeup
+    if accepted.cached:
+        await _publish(handles, accepted)
+        return await service.wait_for_query(handles.pool, user_id, accepted.query_id, wait_s, wakeup)
+    with wakeup.watch(accepted.query_id, only_terminal=True) as waiter:
+        await _publish(handles, accepted)
+        return await service.wait_for_query(handles.pool, user_id, accepted.query_id, wait_s, wakeup, watching=waiter)

@@ -24,6 +24,8 @@ from bench.systems import Layout, System, aiq_api_env, start_aiq
 from devkit.paths import ROOT
 
 UPSTREAM_MS = 500
+# A synchronous chat completion, the request LiteLLM and AIQ's `/v1` both answer.
+CHAT_BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": PROMPT}]})
 
 
 def run_client(ctx: RunContext) -> dict[str, Any]:
@@ -45,9 +47,11 @@ def run_client(ctx: RunContext) -> dict[str, Any]:
         out["aiq_sse"] = _steps(ctx, "AIQ SSE", {**base, "mode": "sse"}, meter, lambda: aiq.settle(ctx.sim))
     else:
         out["aiq_sse"] = {"skipped": "the API has no GET /api/v1/query/{id}/events"}
+    # The same request, client and rates as LiteLLM's: AIQ's OpenAI-compatible door answers it in one request.
+    chat_spec = {**base, "mode": "chat", "body": CHAT_BODY}
+    out["aiq_chat"] = _steps(ctx, "AIQ /v1 chat", chat_spec, meter, lambda: aiq.settle(ctx.sim))
     ctx.launcher.stop_group([*aiq.workers, *aiq.api], timeout=10)
-    chat = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": PROMPT}]})
-    out["litellm"] = _litellm(ctx, chat)
+    out["litellm"] = _litellm(ctx, CHAT_BODY)
     out["summary"] = summary(out)
     return out
 
@@ -171,17 +175,22 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
         return round(sum(s["cpu_ms_per_answer"].get(r, 0.0) for r in roles), 2) if s else None
 
     lp, peer = out.get("aiq_longpoll", {}), out.get("litellm", {})
-    sse = out.get("aiq_sse", {})
+    sse, chat = out.get("aiq_sse", {}), out.get("aiq_chat", {})
     aiq_rate, peer_rate = lp.get("max_answers_per_s"), peer.get("max_answers_per_s")
+    chat_rate = chat.get("max_answers_per_s")
     return {
         "aiq_answers_per_s": aiq_rate,
         "aiq_sse_answers_per_s": sse.get("max_answers_per_s"),
+        "aiq_chat_answers_per_s": chat_rate,
         "litellm_answers_per_s": peer_rate,
         "aiq_vs_litellm": round(aiq_rate / peer_rate, 1) if aiq_rate and peer_rate else None,
+        "aiq_chat_vs_litellm": round(chat_rate / peer_rate, 1) if chat_rate and peer_rate else None,
         "aiq_half_rate_overhead_ms": _pair(lp.get("half_step")),
         "aiq_sse_half_rate_overhead_ms": _pair(sse.get("half_step")),
+        "aiq_chat_half_rate_overhead_ms": _pair(chat.get("half_step")),
         "aiq_cpu_ms_per_answer_api_worker": app_cpu(lp.get("top_step"), ("api", "worker")),
         "aiq_cpu_ms_per_answer_half_rate_api_worker": app_cpu(lp.get("half_step"), ("api", "worker")),
+        "aiq_chat_cpu_ms_per_answer_api_worker": app_cpu(chat.get("top_step"), ("api", "worker")),
         "litellm_cpu_ms_per_answer": app_cpu(peer.get("top_step"), ("litellm",)),
     }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ from shared.services import webhooks
 from shared.services.credentials import DeferredCheck
 from shared.services.events import tell_end
 from shared.services.limits import effective_limits
-from shared.wakeup import Wakeup
+from shared.wakeup import Waiter, Wakeup
 from shared.webhooks import validate_url
 
 log = logging.getLogger(__name__)
@@ -354,18 +355,32 @@ async def get_query(conn: asyncpg.Connection, user_id: uuid.UUID, query_id: uuid
 
 
 async def wait_for_query(
-    pool: asyncpg.Pool, user_id: uuid.UUID, query_id: uuid.UUID, wait: float, wakeup: Wakeup
+    pool: asyncpg.Pool,
+    user_id: uuid.UUID,
+    query_id: uuid.UUID,
+    wait: float,
+    wakeup: Wakeup,
+    *,
+    watching: Waiter | None = None,
 ) -> QueryOut:
     """The caller's query once it is terminal, or as it stands after `wait` seconds (0: at once).
 
     One read when it starts and one when the wake-up says the query ended (or at the deadline); in between
     it holds no connection and costs nothing. While the wake-up subscriber is disconnected, a bounded
     fallback re-read (WAKEUP_FALLBACK_SECONDS) stands in for the notices it may miss.
+
+    `watching`: the caller's waiter for this query, registered before anything could end it (a new query,
+    before its publish): then there is nothing to read before the first wake-up, and the wait costs one read.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    # Watch before the first read, so an end between the read and the wait still wakes us.
-    with wakeup.watch(query_id, only_terminal=True) as waiter:
+    with contextlib.ExitStack() as stack:
+        if watching is None:
+            # Watch before the first read, so an end between the read and the wait still wakes us.
+            waiter = stack.enter_context(wakeup.watch(query_id, only_terminal=True))
+        else:
+            waiter = watching
+            await waiter.wait(wakeup.timeout(deadline - loop.time()))
         while True:
             async with pool.acquire() as conn:
                 query = await get_query(conn, user_id, query_id)

@@ -12,15 +12,20 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
 
 from bench.chaos.services import OwnRedis
 from shared.config import Settings
+from shared.db import make_raw_pool
 from shared.events import EventLog, EventType
+from shared.services.queries import wait_for_query
 from shared.wakeup import Wakeup
-from tests.support.db import row
+from tests.support.db import insert_query, insert_user, row
 from tests.support.stack import Stack, spawn_api, stop, wake_notices
 
 
@@ -128,3 +133,61 @@ async def test_wakeup_wakes_waiters_and_survives_a_redis_restart(tmp_path: Path)
         await wakeup.stop()
         await client.aclose()
         own.close()
+
+
+class _CountedPool:
+    """The pool, counting the connections taken from it: one per read of the query."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.taken = 0
+
+    def acquire(self) -> Any:
+        self.taken += 1
+        return self.pool.acquire()
+
+
+@pytest.mark.anyio
+async def test_a_wait_watching_since_before_the_publish_reads_once_after_the_end(
+    repo_db: Engine, repo_database_url: str, server_urls: dict[str, str]
+) -> None:
+    # A `/v1` call watches its new query before publishing it: nothing can end the query before that, so
+    # there is nothing to read until the end's notice, and then one read.
+    settings = Settings(
+        database_url=repo_database_url, redis_url=server_urls["redis"], queue_name=f"aiq.once.{uuid.uuid4().hex[:6]}"
+    )
+    user_id = insert_user(repo_db)
+    query_id = insert_query(repo_db, user_id)
+    wakeup = Wakeup(settings)
+    wakeup.start()
+    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2)
+    pool = _CountedPool(await make_raw_pool(settings, "aiq-tests"))
+    try:
+        await asyncio.wait_for(wakeup.subscribed.wait(), 10)
+        with wakeup.watch(uuid.UUID(query_id), only_terminal=True) as watching:
+            waiting = asyncio.create_task(
+                wait_for_query(pool, uuid.UUID(user_id), uuid.UUID(query_id), 20, wakeup, watching=watching)
+            )
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            assert pool.taken == 0
+            with repo_db.begin() as conn:
+                conn.execute(text("UPDATE queries SET status = 'completed', response = 'done' WHERE id = :id"),
+                             {"id": query_id})  # fmt: skip
+            await EventLog(client, settings).append(uuid.UUID(query_id), EventType.COMPLETED, {}, 1)
+            answered = await asyncio.wait_for(waiting, 5)
+        assert answered.status == "completed"
+        assert answered.response == "done"
+        assert pool.taken == 1
+        # Without a notice it reads once, at the deadline, and answers the query as it stands.
+        pending_id = insert_query(repo_db, user_id)
+        with wakeup.watch(uuid.UUID(pending_id), only_terminal=True) as watching:
+            still = await wait_for_query(
+                pool, uuid.UUID(user_id), uuid.UUID(pending_id), 0.3, wakeup, watching=watching
+            )
+        assert still.status == "pending"
+        assert pool.taken == 2
+    finally:
+        await wakeup.stop()
+        await client.aclose()
+        await pool.pool.close()
