@@ -392,6 +392,7 @@ def _client_rows(j: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool 
     if "client_aiq_answers_per_s" not in j:
         return []
     aiq, peer = j.get("client_aiq_answers_per_s"), j.get("client_litellm_answers_per_s")
+    chat = j.get("client_aiq_chat_answers_per_s")
     half = j.get("client_aiq_half_rate_overhead_ms") or {}
     return [
         (
@@ -401,6 +402,14 @@ def _client_rows(j: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool 
             fmt(aiq),
             ">=200 and >=4x LiteLLM",
             _ok(aiq, 200) and (aiq or 0) >= 4 * (peer or 1e9),
+        ),
+        (
+            "Client answers/s, AIQ /v1 chat (same request as LiteLLM)",
+            "-",
+            fmt(peer),
+            fmt(chat),
+            ">=200 and >=4x LiteLLM",
+            _ok(chat, 200) and (chat or 0) >= 4 * (peer or 1e9),
         ),
         (
             f"Client overhead P50 / P99 at half rate ({fmt(half.get('rate'))}/s, ms)",
