@@ -40,14 +40,14 @@ async def create_response(
     if body.stream:
         upkeep = await streams.reserve()
         try:
-            accepted = await submit(handles, user_id, query, response, background)
+            accepted = await submit(handles, user_id, query, response, service.RESPONSE_PARAMS, background)
             current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
             translator = service.ResponseEvents(current)
             return streams.respond(request, accepted.query_id, translator, upkeep, chat=False)
         except BaseException:
             await upkeep.release()
             raise
-    accepted = await submit(handles, user_id, query, response, background)
+    accepted = await submit(handles, user_id, query, response, service.RESPONSE_PARAMS, background)
     if not background:
         answered = await wait(request, handles, user_id, accepted.query_id)
         return service.response_object(answered)

@@ -9,21 +9,32 @@ from fastapi import Request, Response
 from api.deps import Handles
 from api.middleware import mark_long_request
 from shared.cache import response_cache_for
+from shared.errors import InvalidInput
 from shared.limits import limiter_for
 from shared.schemas import QueryAccepted, QueryCreate, QueryOut
 from shared.services import queries as service
+from shared.services import responses as responses_service
 
 
 async def submit(
-    handles: Handles, user_id: uuid.UUID, body: QueryCreate, response: Response, background: bool = False
+    handles: Handles,
+    user_id: uuid.UUID,
+    body: QueryCreate,
+    response: Response,
+    params: dict[str, str],
+    background: bool = False,
 ) -> QueryAccepted:
     """Store a pending query under the caller's limits (the `RateLimit` headers go on `response`), then publish
-    it, as the native submit does; `background` is a Responses create's, kept on the row."""
+    it, as the native submit does; `background` is a Responses create's, kept on the row. A refusal's `param`
+    names the request's own field (`params`: `CHAT_PARAMS` or `RESPONSE_PARAMS`)."""
     settings, pool, redis = handles.settings, handles.pool, handles.redis
     limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
-    accepted, limit_headers = await service.submit_query(
-        pool, settings, limiter, cache, user_id, body, background=background
-    )
+    try:
+        accepted, limit_headers = await service.submit_query(
+            pool, settings, limiter, cache, user_id, body, background=background
+        )
+    except InvalidInput as exc:
+        raise responses_service.name_params(exc, params) from None
     response.headers.update(limit_headers)
     await service.dispatch_accepted(pool, handles.publisher, handles.events, accepted)
     return accepted
