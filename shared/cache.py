@@ -1,5 +1,5 @@
-"""The opt-in response cache: an identical request (model, system, query, temperature, max_tokens) is answered
-from Redis at submit, without a provider call, a worker or the token budget.
+"""The opt-in response cache: an identical request (model, system, query, a conversation's earlier turns,
+temperature, max_tokens) is answered from Redis at submit, without a provider call, a worker or the token budget.
 
 Best effort by design: Redis unreachable or a wiped cache means a miss, never an error. The API decides
 everything at submit (whether a query uses the cache, its scope, the TTL); the worker only carries out the
@@ -61,11 +61,26 @@ class CachedAnswer:
 
 
 def request_digest(
-    model: str, system: str | None, prompt: str, temperature: float | None, max_tokens: int | None
+    model: str,
+    system: str | None,
+    prompt: str,
+    temperature: float | None,
+    max_tokens: int | None,
+    history: list[dict[str, str]] | None = None,
 ) -> str:
-    """SHA-256 of the canonical JSON of what makes two requests identical."""
+    """SHA-256 of the canonical JSON of what makes two requests identical. A conversation's earlier turns are
+    part of it; a single prompt's digest has no `history` key (the digest it had before conversations)."""
+    request: dict[str, Any] = {
+        "model": model,
+        "system": system,
+        "prompt": prompt,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+    }
+    if history is not None:
+        request["history"] = history
     canonical = json.dumps(
-        {"model": model, "system": system, "prompt": prompt, "temperature": temperature, "max_tokens": max_tokens},
+        request,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -88,7 +103,9 @@ class ResponseCache:
 
     def answer_key(self, user_id: uuid.UUID, row: dict[str, Any]) -> str:
         """Where the answer to this request lives, in the configured scope."""
-        digest = request_digest(row["model"], row["system"], row["prompt"], row["temperature"], row["max_tokens"])
+        digest = request_digest(
+            row["model"], row["system"], row["prompt"], row["temperature"], row["max_tokens"], row["history"]
+        )
         if self._settings.response_cache_scope is CacheScope.GLOBAL:
             return f"{self._prefix}global:{digest}"
         return f"{self._prefix}user:{user_id}:{digest}"

@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import math
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,10 +230,21 @@ class Limits:
         return ", ".join(items)
 
 
-def estimate_tokens(query: str, system: str | None, max_tokens: int | None, settings: Settings) -> int:
-    """What a submit reserves: the prompt at ~4 characters a token, plus the output cap it may use."""
-    prompt_chars = len(query) + len(system or "")
-    return math.ceil(prompt_chars / 4) + (max_tokens or settings.max_output_tokens)
+def prompt_chars(prompt: str, system: str | None, history: Sequence[Mapping[str, str]] | None) -> int:
+    """The characters the model reads: the prompt, the system prompt and a conversation's earlier turns."""
+    return len(prompt) + len(system or "") + sum(len(turn["content"]) for turn in history or ())
+
+
+def estimate_tokens(
+    query: str,
+    system: str | None,
+    history: Sequence[Mapping[str, str]] | None,
+    max_tokens: int | None,
+    settings: Settings,
+) -> int:
+    """What a submit reserves: the prompt (with the conversation before it) at ~4 characters a token, plus the
+    output cap it may use."""
+    return math.ceil(prompt_chars(query, system, history) / 4) + (max_tokens or settings.max_output_tokens)
 
 
 def _status_header(

@@ -7,7 +7,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -206,6 +206,7 @@ async def complete(
     temperature: float | None,
     max_tokens: int | None,
     headers: dict[str, str],
+    history: Sequence[Mapping[str, str]] | None = None,
     on_delta: Callable[[str], None] | None = None,
     on_end: Callable[[], None] | None = None,
     stream: bool = True,
@@ -216,11 +217,17 @@ async def complete(
     `on_end` is called once the answer's text is all in, in the same loop turn as the read that brought its
     end (before the response is closed): a listener learns then that no piece follows the last one it holds.
     A provider that refuses to stream is asked again without streaming; a call that did not stream hands its
-    whole answer to `on_delta` as one piece.
+    whole answer to `on_delta` as one piece. The messages: the system prompt, a conversation's earlier turns
+    (`history`) in order, then the prompt as the final user message.
     """
     messages: list[ChatCompletionMessageParam] = []
     if system:
         messages.append({"role": "system", "content": system})
+    for turn in history or ():
+        if turn["role"] == "assistant":
+            messages.append({"role": "assistant", "content": turn["content"]})
+        else:
+            messages.append({"role": "user", "content": turn["content"]})
     messages.append({"role": "user", "content": prompt})
     started = time.perf_counter()
     if stream:

@@ -182,6 +182,28 @@ class QueryCreate(StrictBody):
         return value
 
 
+class Turn(BaseModel):
+    """One earlier turn of a `/v1` conversation."""
+
+    role: Literal["user", "assistant"]
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _valid_unicode(cls, value: str) -> str:
+        if not _is_text(value):
+            raise PydanticCustomError("invalid_unicode", "Text must be valid Unicode (no lone surrogates)")
+        return value
+
+
+class ConversationCreate(QueryCreate):
+    """A `/v1` conversation as a submission: `query` is its final user message and `history` the turns before
+    it, which the model receives as messages of their own. Not a body of the native API, which takes one prompt.
+    """
+
+    history: list[Turn] | None = Field(default=None, description="The turns before `query`, oldest first")
+
+
 class QueryAccepted(BaseModel):
     query_id: uuid.UUID
     status: QueryStatus = Field(description="`pending`, or `completed` when answered from the response cache")

@@ -33,7 +33,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared.config import Settings
+from shared.limits import prompt_chars
 from shared.llm import RateLimitInfo
 from shared.metrics import UPSTREAM_BUDGET_LEVEL, UPSTREAM_THROTTLED
 from shared.scriptbatch import ScriptBatch
@@ -255,10 +256,13 @@ class UpstreamBudget:
         base = f"{self._prefix}{model}:"
         return [f"{base}rq", f"{base}tk", f"{base}fly", f"{base}closed", f"{base}learn", f"{base}wait"]
 
-    def estimate(self, prompt: str, system: str | None, max_tokens: int | None) -> int:
-        """What a call reserves of a tokens-per-minute budget: the prompt at ~4 characters a token plus the
-        answer's cap (UPSTREAM_OUTPUT_ESTIMATE when the query sets none); settled with the real usage."""
-        return math.ceil((len(prompt) + len(system or "")) / 4) + (
+    def estimate(
+        self, prompt: str, system: str | None, history: Sequence[Mapping[str, str]] | None, max_tokens: int | None
+    ) -> int:
+        """What a call reserves of a tokens-per-minute budget: the prompt (with the conversation before it) at
+        ~4 characters a token plus the answer's cap (UPSTREAM_OUTPUT_ESTIMATE when the query sets none); settled
+        with the real usage."""
+        return math.ceil(prompt_chars(prompt, system, history) / 4) + (
             max_tokens or self._settings.upstream_output_estimate
         )
 

@@ -80,7 +80,7 @@ async def _drain(rt: WorkerRuntime, model: str) -> None:
                 await asyncio.sleep(0.05 * misses)
                 continue
             misses = 0
-            hint = rt.budget.estimate(claim.prompt, claim.system, claim.max_tokens)
+            hint = rt.budget.estimate(claim.prompt, claim.system, claim.history, claim.max_tokens)
             budget = await rt.budget.acquire(model, hint)
             if isinstance(budget, Refusal):
                 await _wait(rt, claim, budget)

@@ -191,7 +191,7 @@ async def _process(rt: WorkerRuntime, query_id: uuid.UUID) -> Outcome:
 
 
 def _estimate(rt: WorkerRuntime, claim: Claim) -> int:
-    return rt.budget.estimate(claim.prompt, claim.system, claim.max_tokens)
+    return rt.budget.estimate(claim.prompt, claim.system, claim.history, claim.max_tokens)
 
 
 async def give_back(rt: WorkerRuntime, claim: Claim) -> QueryStatus | None:
@@ -298,6 +298,7 @@ async def _attempt(rt: WorkerRuntime, claim: Claim, grant: Grant, sink: DeltaSin
                 model=claim.model,
                 prompt=claim.prompt,
                 system=claim.system,
+                history=claim.history,
                 temperature=claim.temperature,
                 max_tokens=claim.max_tokens,
                 headers={"X-AIQ-Query-Id": str(claim.query_id), "X-AIQ-Attempt": str(claim.attempt)},

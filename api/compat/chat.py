@@ -38,7 +38,7 @@ async def create_chat_completion(
     if body.stream:
         upkeep = await streams.reserve()
         try:
-            accepted = await submit(handles, user_id, query, response)
+            accepted = await submit(handles, user_id, query, response, service.CHAT_PARAMS)
             current = await queries_service.wait_for_query(handles.pool, user_id, accepted.query_id, 0, handles.wakeup)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             translator = service.ChatChunks(current, include_usage=include_usage)
@@ -46,4 +46,5 @@ async def create_chat_completion(
         except BaseException:
             await upkeep.release()
             raise
-    return service.chat_completion_object(await submit_and_wait(request, handles, user_id, query, response))
+    answered = await submit_and_wait(request, handles, user_id, query, response, service.CHAT_PARAMS)
+    return service.chat_completion_object(answered)

@@ -40,7 +40,7 @@ async def create_response(
     if body.stream:
         upkeep = await streams.reserve()
         try:
-            accepted = await submit(handles, user_id, query, response, background)
+            accepted = await submit(handles, user_id, query, response, service.RESPONSE_PARAMS, background)
             current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
             translator = service.ResponseEvents(current)
             return streams.respond(request, accepted.query_id, translator, upkeep, chat=False)
@@ -48,8 +48,9 @@ async def create_response(
             await upkeep.release()
             raise
     if not background:
-        return service.response_object(await submit_and_wait(request, handles, user_id, query, response))
-    accepted = await submit(handles, user_id, query, response, background)
+        answered = await submit_and_wait(request, handles, user_id, query, response, service.RESPONSE_PARAMS)
+        return service.response_object(answered)
+    accepted = await submit(handles, user_id, query, response, service.RESPONSE_PARAMS, background)
     created = service.response_object(await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup))
     # The create answers the response as created: a worker may have claimed it already (read after the
     # publish), which the next retrieve shows; only an end already reached (a cache hit) is told as it is.

@@ -9,29 +9,45 @@ from fastapi import Request, Response
 from api.deps import Handles
 from api.middleware import mark_long_request
 from shared.cache import response_cache_for
+from shared.errors import InvalidInput
 from shared.limits import limiter_for
 from shared.schemas import QueryAccepted, QueryCreate, QueryOut
 from shared.services import queries as service
+from shared.services import responses as responses_service
 
 
 async def submit(
-    handles: Handles, user_id: uuid.UUID, body: QueryCreate, response: Response, background: bool = False
+    handles: Handles,
+    user_id: uuid.UUID,
+    body: QueryCreate,
+    response: Response,
+    params: dict[str, str],
+    background: bool = False,
 ) -> QueryAccepted:
     """Store a pending query under the caller's limits (the `RateLimit` headers go on `response`), then publish
-    it, as the native submit does; `background` is a Responses create's, kept on the row."""
-    accepted = await _store(handles, user_id, body, response, background)
+    it, as the native submit does; `background` is a Responses create's, kept on the row. A refusal's `param`
+    names the request's own field (`params`: `CHAT_PARAMS` or `RESPONSE_PARAMS`)."""
+    accepted = await _store(handles, user_id, body, response, params, background)
     await _publish(handles, accepted)
     return accepted
 
 
 async def _store(
-    handles: Handles, user_id: uuid.UUID, body: QueryCreate, response: Response, background: bool = False
+    handles: Handles,
+    user_id: uuid.UUID,
+    body: QueryCreate,
+    response: Response,
+    params: dict[str, str],
+    background: bool = False,
 ) -> QueryAccepted:
     settings, redis = handles.settings, handles.redis
     limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
-    accepted, limit_headers = await service.submit_query(
-        handles.pool, settings, limiter, cache, user_id, body, background=background
-    )
+    try:
+        accepted, limit_headers = await service.submit_query(
+            handles.pool, settings, limiter, cache, user_id, body, background=background
+        )
+    except InvalidInput as exc:
+        raise responses_service.name_params(exc, params) from None
     response.headers.update(limit_headers)
     return accepted
 
@@ -41,12 +57,17 @@ async def _publish(handles: Handles, accepted: QueryAccepted) -> None:
 
 
 async def submit_and_wait(
-    request: Request, handles: Handles, user_id: uuid.UUID, body: QueryCreate, response: Response
+    request: Request,
+    handles: Handles,
+    user_id: uuid.UUID,
+    body: QueryCreate,
+    response: Response,
+    params: dict[str, str],
 ) -> QueryOut:
     """`submit`, then the query once it is terminal, or as it stands after COMPAT_WAIT_SECONDS (the native
     long-poll's wait). The wait watches the query before its publish, so it costs one read: after the end."""
     mark_long_request(request.scope)
-    accepted = await _store(handles, user_id, body, response)
+    accepted = await _store(handles, user_id, body, response, params)
     wait_s, wakeup = handles.settings.compat_wait_seconds, handles.wakeup
     if accepted.cached:
         await _publish(handles, accepted)

@@ -35,6 +35,7 @@ from devkit.simulator.directives import (
     DirectiveError,
     Directives,
     answer_text,
+    echoed_messages,
     estimate_tokens,
     last_user_text,
     parse_directives,
@@ -679,7 +680,7 @@ class SimulatorApp:
         tokens = wanted if cap is None else min(wanted, cap)
         finish_reason = "length" if tokens < wanted else "stop"
         n = body.get("n") or 1
-        content = answer_text(tokens, chars, last_user_text(messages))
+        content = echoed_messages(messages) if directives.echo else answer_text(tokens, chars, last_user_text(messages))
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": tokens * n,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
 from collections.abc import Sequence
@@ -55,6 +56,9 @@ class Directives:
     tokens: int | None = None
     # Streaming only: a pause of this many ms before each content chunk (a slow stream, one word a chunk).
     chunk_ms: float | None = None
+    # `echo=messages`: the answer is the request's messages as JSON, `[[role, text], ...]`, so a test can see
+    # what a client sent upstream (roles, order, text) without the simulator recording anything.
+    echo: bool = False
 
 
 NO_DIRECTIVES = Directives()
@@ -94,7 +98,7 @@ def parse_directives(text: str) -> Directives:
             if not sep or not value:
                 raise DirectiveError(f"simulator directive {token!r} is not key=value")
             pairs[key.lower()] = value
-    unknown = sorted(set(pairs) - {"fail", "times", "retry_after", "latency_ms", "tokens", "chunk_ms"})
+    unknown = sorted(set(pairs) - {"fail", "times", "retry_after", "latency_ms", "tokens", "chunk_ms", "echo"})
     if unknown:
         raise DirectiveError(f"unknown simulator directive key(s): {', '.join(unknown)}")
 
@@ -106,6 +110,9 @@ def parse_directives(text: str) -> Directives:
     retry_after = pairs.get("retry_after")
     if retry_after is not None:
         _non_negative_float("retry_after", retry_after)
+    echo = pairs.get("echo")
+    if echo is not None and echo.lower() != "messages":
+        raise DirectiveError(f"echo must be 'messages', got {echo!r}")
     latency = pairs.get("latency_ms")
     chunk = pairs.get("chunk_ms")
     return Directives(
@@ -115,6 +122,7 @@ def parse_directives(text: str) -> Directives:
         latency_ms=_non_negative_float("latency_ms", latency) if latency is not None else None,
         tokens=_non_negative_int("tokens", pairs["tokens"]) if "tokens" in pairs else None,
         chunk_ms=_non_negative_float("chunk_ms", chunk) if chunk is not None else None,
+        echo=echo is not None,
     )
 
 
@@ -146,6 +154,11 @@ def prompt_chars(messages: Sequence[dict[str, Any]]) -> int:
 def estimate_tokens(chars: int) -> int:
     """OpenAI's rule of thumb, about four characters per token, rounded up."""
     return -(-chars // 4)
+
+
+def echoed_messages(messages: Sequence[dict[str, Any]]) -> str:
+    """The answer of `echo=messages`: each message's role and text, in order, as JSON."""
+    return json.dumps([[message.get("role"), message_text(message.get("content"))] for message in messages])
 
 
 def answer_text(tokens: int, chars: int, seed_text: str) -> str:

@@ -74,6 +74,9 @@ class Query(Base):
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     prompt: Mapped[str] = mapped_column(Text)
     system: Mapped[str | None] = mapped_column(Text)
+    # A `/v1` conversation's turns before its final user message (`prompt`), in order: `[{"role": "user" |
+    # "assistant", "content": str}, ...]`; NULL for a single message and for every native query.
+    history: Mapped[list[dict[str, str]] | None] = mapped_column(JSONB)
     model: Mapped[str] = mapped_column(String(200))
     temperature: Mapped[float | None]
     max_tokens: Mapped[int | None]
@@ -109,7 +112,7 @@ class Query(Base):
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
-    # Set by `DELETE /api/v1/query/{id}`: prompt, system, answer and metadata are erased; usage stays.
+    # Set by `DELETE /api/v1/query/{id}`: prompt, system, history, answer and metadata are erased; usage stays.
     deleted_at: Mapped[datetime | None]
 
 

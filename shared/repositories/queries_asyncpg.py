@@ -61,12 +61,15 @@ class Claim:
     # only then does its end send the `webhooks.deliver` kick. An endpoint set during the call is still
     # served: the trigger writes its outbox row with the terminal write and the webhook sweep sends it.
     webhook: bool = True
+    # A `/v1` conversation's turns before `prompt` (`queries.history`); None for a single prompt.
+    history: list[dict[str, str]] | None = None
 
 
 _INSERT_COLUMNS = (
-    "id", "user_id", "prompt", "system", "model", "temperature", "max_tokens", "meta", "priority", "status", "attempts",
-    "created_at", "updated_at", "next_attempt_at", "reserved_tokens", "response", "prompt_tokens",
-    "completion_tokens", "total_tokens", "cached", "started_at", "finished_at", "webhook_url", "background",
+    "id", "user_id", "prompt", "system", "history", "model", "temperature", "max_tokens", "meta", "priority",
+    "status", "attempts", "created_at", "updated_at", "next_attempt_at", "reserved_tokens", "response",
+    "prompt_tokens", "completion_tokens", "total_tokens", "cached", "started_at", "finished_at", "webhook_url",
+    "background",
 )  # fmt: skip
 _INSERT = CompiledStatement.of(sa_insert(Query).values({name: bindparam(name) for name in _INSERT_COLUMNS}))
 _FETCH_FOR_USER = CompiledStatement.of(
@@ -216,6 +219,7 @@ _CLAIM = CompiledStatement.of(
         Query.temperature,
         Query.max_tokens,
         _HAS_WEBHOOK,
+        Query.history,
     )
 )
 
@@ -293,7 +297,7 @@ WITH due AS (
     queries.max_tokens, (queries.webhook_url IS NOT NULL OR EXISTS (
       SELECT 1 FROM webhook_endpoints e
       WHERE e.user_id = queries.user_id AND e.url IS NOT NULL AND e.disabled_at IS NULL
-    ))
+    )), queries.history
 ), turn AS (
   INSERT INTO fair_turns (model, user_id, vtime)
   SELECT $1, p.user_id, p.vt + 1.0 / p.w FROM pick p WHERE EXISTS (SELECT 1 FROM claimed)
@@ -452,7 +456,15 @@ _ERASE = CompiledStatement.of(
         Query.status != QueryStatus.RUNNING,
         Query.deleted_at.is_(None),
     )
-    .values(prompt="", system=None, response=None, meta=None, deleted_at=func.now(), updated_at=func.now())
+    .values(
+        prompt="",
+        system=None,
+        history=None,
+        response=None,
+        meta=None,
+        deleted_at=func.now(),
+        updated_at=func.now(),
+    )
     .returning(Query.id)
 )
 

@@ -32,7 +32,7 @@ from shared.queue import Publisher
 from shared.repositories import queries_asyncpg, queries_session
 from shared.repositories.queries_common import RowLike
 from shared.revocation import CheckNeeded
-from shared.schemas import QueryAccepted, QueryCreate, QueryError, QueryOut, QueryPage, Usage
+from shared.schemas import ConversationCreate, QueryAccepted, QueryCreate, QueryError, QueryOut, QueryPage, Usage
 from shared.services import webhooks
 from shared.services.credentials import DeferredCheck
 from shared.services.events import tell_end
@@ -70,6 +70,17 @@ def validate_submission(settings: Settings, body: QueryCreate) -> str:
             raise _invalid(field, f"{field} must not contain NUL (U+0000) characters", "nul_character")
     if len(body.query) > settings.max_query_chars:
         raise _invalid("query", f"Query is longer than {settings.max_query_chars} characters", "query_too_long")
+    history = _history_of(body)
+    if history is not None:
+        if _has_nul(history):
+            raise _invalid("history", "history must not contain NUL (U+0000) characters", "nul_character")
+        # The whole conversation has the bound a single prompt has (as it had when it was sent as one).
+        if len(body.query) + sum(len(turn["content"]) for turn in history) > settings.max_query_chars:
+            raise _invalid(
+                "history",
+                f"The conversation is longer than {settings.max_query_chars} characters",
+                "conversation_too_long",
+            )
     if body.system is not None and len(body.system) > settings.max_query_chars:
         raise _invalid(
             "system", f"System prompt is longer than {settings.max_query_chars} characters", "system_too_long"
@@ -88,6 +99,13 @@ def validate_submission(settings: Settings, body: QueryCreate) -> str:
     return model
 
 
+def _history_of(body: QueryCreate) -> list[dict[str, str]] | None:
+    """A `/v1` conversation's earlier turns as the row stores them; None for one prompt (and every native body)."""
+    if isinstance(body, ConversationCreate) and body.history:
+        return [turn.model_dump() for turn in body.history]
+    return None
+
+
 def _new_query(
     settings: Settings, user_id: uuid.UUID, body: QueryCreate, *, background: bool = False
 ) -> tuple[QueryAccepted, dict[str, Any]]:
@@ -101,6 +119,7 @@ def _new_query(
         "user_id": user_id,
         "prompt": body.query,
         "system": body.system,
+        "history": _history_of(body),
         "model": accepted.model,
         "temperature": body.temperature,
         "max_tokens": body.max_tokens,
@@ -182,7 +201,7 @@ async def _take_limits(
     credential it cannot clear); whatever it cannot clear gets the full check, then a take without the guard.
     """
     limits = await effective_limits(db, settings, user_id)
-    row["reserved_tokens"] = estimate_tokens(body.query, body.system, body.max_tokens, settings)
+    row["reserved_tokens"] = estimate_tokens(body.query, body.system, row["history"], body.max_tokens, settings)
     if check is not None:
         try:
             return await limiter.take_submit(user_id, row["id"], limits, row["reserved_tokens"], guard=check.guard)

@@ -1,8 +1,8 @@
 """The OpenAI view of a query: Responses and chat completions are two spellings of one query row.
 
 A response id is `resp_<hex of the query id>`, a chat completion id `chatcmpl-<hex>`: no table of its own, so
-one row, one lifecycle, one set of limits whichever door a query came in by. Requests become a `QueryCreate`
-(the native submit's body) here, and a `QueryOut` becomes OpenAI's objects here.
+one row, one lifecycle, one set of limits whichever door a query came in by. Requests become a `ConversationCreate`
+(the native submit's body plus a conversation's earlier turns) here, and a `QueryOut` becomes OpenAI's objects here.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from pydantic import ValidationError
 from shared.errors import AppError, InvalidInput, NotFound
 from shared.models import QueryStatus
 from shared.repositories.queries_common import RowLike
-from shared.schemas import QueryCreate, QueryOut
+from shared.schemas import ConversationCreate, QueryOut
 from shared.schemas_openai import ChatCompletionCreate, ChatMessage, InputMessage, ResponseCreate, TextPart
 
 RESPONSE_PREFIX = "resp_"
 CHAT_PREFIX = "chatcmpl-"
 MESSAGE_PREFIX = "msg_"
 _SYSTEM_ROLES = frozenset({"system", "developer"})
-# QueryCreate's field → where the client wrote it, for the error's `param`.
-_CHAT_PARAMS = {"query": "messages", "system": "messages", "max_tokens": "max_completion_tokens"}
-_RESPONSE_PARAMS = {"query": "input", "system": "instructions", "max_tokens": "max_output_tokens"}
+# ConversationCreate's field → where the client wrote it, for the error's `param`.
+CHAT_PARAMS = {"query": "messages", "system": "messages", "history": "messages", "max_tokens": "max_completion_tokens"}
+RESPONSE_PARAMS = {"query": "input", "system": "instructions", "history": "input", "max_tokens": "max_output_tokens"}
 
 
 def response_id(query_id: uuid.UUID) -> str:
@@ -71,36 +71,35 @@ def _text(content: str | list[TextPart]) -> str:
     return content if isinstance(content, str) else "\n".join(part.text for part in content)
 
 
-def _flatten(
+def _conversation(
     messages: list[ChatMessage] | list[InputMessage], instructions: str | None, param: str
-) -> tuple[str | None, str]:
-    """System prompt and prompt of a message list.
+) -> tuple[str | None, str, list[dict[str, str]] | None]:
+    """System prompt, prompt and earlier turns of a message list.
 
-    System and developer messages (after `instructions`) become the system prompt. A single user message is
-    the prompt as it is; a conversation (earlier assistant turns) is written into the prompt as a transcript,
-    one `role: text` paragraph per turn, because a query row holds one prompt.
+    System and developer messages (after `instructions`) become the system prompt; the final user message is
+    the prompt; the user and assistant turns before it are the history (None for a single message), which
+    the model receives as messages of their own, in order.
     """
     system = [instructions] if instructions else []
-    turns: list[tuple[str, str]] = []
+    turns: list[dict[str, str]] = []
     for message in messages:
         text = _text(message.content)
         if message.role in _SYSTEM_ROLES:
             system.append(text)
         else:
-            turns.append((message.role, text))
-    if not turns or turns[-1][0] != "user":
+            turns.append({"role": message.role, "content": text})
+    if not turns or turns[-1]["role"] != "user":
         raise InvalidInput(
             f"'{param}' must end with a user message",
             code="invalid_value",
             details=[{"loc": ["body", param], "msg": "must end with a user message", "type": "invalid_value"}],
         )
-    prompt = turns[0][1] if len(turns) == 1 else "\n\n".join(f"{role}: {text}" for role, text in turns)
-    return ("\n\n".join(system) if system else None), prompt
+    return ("\n\n".join(system) if system else None), turns[-1]["content"], turns[:-1] or None
 
 
-def _query_create(fields: dict[str, Any], params: dict[str, str]) -> QueryCreate:
+def _query_create(fields: dict[str, Any], params: dict[str, str]) -> ConversationCreate:
     try:
-        return QueryCreate(**fields)
+        return ConversationCreate(**fields)
     except ValidationError as exc:
         details = [
             {
@@ -113,35 +112,48 @@ def _query_create(fields: dict[str, Any], params: dict[str, str]) -> QueryCreate
         raise InvalidInput("Request is invalid", code="invalid_value", details=details) from exc
 
 
-def query_from_chat(body: ChatCompletionCreate) -> QueryCreate:
-    """The native submission of a chat completion request."""
-    system, prompt = _flatten(body.messages, None, "messages")
+def name_params(exc: InvalidInput, params: dict[str, str]) -> InvalidInput:
+    """A refused submission's error with each `loc` naming the field where the client wrote it (`CHAT_PARAMS`,
+    `RESPONSE_PARAMS`): `query_too_long` is about `messages`, not the native `query`."""
+    for detail in exc.details or ():
+        loc = detail.get("loc")
+        if isinstance(loc, list) and len(loc) > 1 and loc[0] == "body":
+            detail["loc"] = ["body", params.get(str(loc[1]), loc[1]), *loc[2:]]
+    return exc
+
+
+def query_from_chat(body: ChatCompletionCreate) -> ConversationCreate:
+    """The submission of a chat completion request."""
+    system, prompt, history = _conversation(body.messages, None, "messages")
     fields = {
         "query": prompt,
         "system": system,
+        "history": history,
         "model": body.model,
         "temperature": body.temperature,
         "max_tokens": body.max_completion_tokens or body.max_tokens,
         "metadata": body.metadata,
     }
-    return _query_create(fields, _CHAT_PARAMS)
+    return _query_create(fields, CHAT_PARAMS)
 
 
-def query_from_response(body: ResponseCreate) -> QueryCreate:
-    """The native submission of a Responses request."""
+def query_from_response(body: ResponseCreate) -> ConversationCreate:
+    """The submission of a Responses request."""
+    history: list[dict[str, str]] | None = None
     if isinstance(body.input, str):
         system, prompt = body.instructions, body.input
     else:
-        system, prompt = _flatten(body.input, body.instructions, "input")
+        system, prompt, history = _conversation(body.input, body.instructions, "input")
     fields = {
         "query": prompt,
         "system": system,
+        "history": history,
         "model": body.model,
         "temperature": body.temperature,
         "max_tokens": body.max_output_tokens,
         "metadata": body.metadata,
     }
-    return _query_create(fields, _RESPONSE_PARAMS)
+    return _query_create(fields, RESPONSE_PARAMS)
 
 
 def response_status(query: QueryOut) -> str:

@@ -118,7 +118,9 @@ async def test_the_skipped_sdk_transform_is_the_sdks_own_result_for_every_call_c
         max_retries=0,
         http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(_answer)),
     )
-    for system, temperature, max_tokens in [(None, None, None), ("Be brief.", 0.2, 64), ("", 1, 1)]:
+    conversation = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    calls = [(None, None, None, None), ("Be brief.", 0.2, 64, None), ("", 1, 1, None), ("Be.", 1, 8, conversation)]
+    for system, temperature, max_tokens, history in calls:
         done = await llm.complete(
             client,
             model="gpt-4o-mini",
@@ -127,11 +129,12 @@ async def test_the_skipped_sdk_transform_is_the_sdks_own_result_for_every_call_c
             temperature=temperature,
             max_tokens=max_tokens,
             headers={"X-AIQ-Attempt": "1"},
+            history=history,
             stream=stream,
         )
         assert (done.text, done.total_tokens) == ("hi", 4)
     await client.close()
-    assert compared == [True, True, True]
+    assert compared == [True, True, True, True]
 
 
 def test_bodies_complete_never_sends_go_through_the_sdks_transform() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -375,6 +376,29 @@ def test_api_key_is_enforced_in_process() -> None:
         # Admin endpoints stay open so harnesses need no key.
         assert httpx.get(sim.url + "/_sim/stats").json()["faults"]["401"] == 2
         assert sim.app.stats.completed_calls == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_messages_answers_with_the_messages_received_in_order(client: openai.OpenAI, stream: bool) -> None:
+    messages: list[Any] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is a queue?"},
+        {"role": "assistant", "content": "A line of work."},
+        {"role": "user", "content": [{"type": "text", "text": "And a stack? [[sim echo=messages]]"}]},
+    ]
+    if stream:
+        chunks = client.chat.completions.create(model=MODEL, messages=messages, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        text = client.chat.completions.create(model=MODEL, messages=messages).choices[0].message.content or ""
+    assert json.loads(text) == [
+        ["system", "Be brief."],
+        ["user", "What is a queue?"],
+        ["assistant", "A line of work."],
+        ["user", "And a stack? [[sim echo=messages]]"],
+    ]
+    with pytest.raises(DirectiveError):
+        parse_directives("[[sim echo=headers]]")
 
 
 def test_directive_parsing() -> None:
