@@ -1,4 +1,5 @@
-"""Request bodies of the OpenAI-compatible door (`/v1`), as OpenAI's API reference names their fields.
+"""Request bodies of the OpenAI-compatible door (`/v1`), as OpenAI's API reference names their fields, and its
+error body (`OpenAIErrorBody`, as `api/compat/errors.py` renders it).
 
 Only what AIQ can honour is accepted: an unknown field (tools, response_format …) is a 400 that names it,
 never silently dropped; a boolean is JSON's `true`/`false` (`StrictBool`: `"true"` or `1` is a 400, as the
@@ -108,3 +109,16 @@ class BatchCreate(_Body):
     metadata: Metadata | None = None
     # Of its output and error files, from their creation (else BATCH_OUTPUT_EXPIRES_SECONDS).
     output_expires_after: ExpiresAfter | None = None
+
+
+class OpenAIError(BaseModel):
+    message: str = Field(description="What went wrong, for humans")
+    type: str = Field(description="OpenAI's error type, e.g. `invalid_request_error`, `requests`, `server_error`")
+    param: str | None = Field(description="The request field at fault, e.g. `messages.0.role`; null if none")
+    code: str | None = Field(description="Stable machine-readable code, e.g. `invalid_api_key`, `not_found`")
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every 4xx and 5xx answer under `/v1` has OpenAI's error shape."""
+
+    error: OpenAIError
