@@ -43,7 +43,7 @@ class StreamOptions(_Body):
 class ChatCompletionCreate(_Body):
     """`POST /v1/chat/completions`."""
 
-    model: str = Field(max_length=200)
+    model: str = Field(max_length=200, description="One of `GET /v1/models` (ALLOWED_MODELS)")
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -68,7 +68,14 @@ class InputMessage(_Body):
 class ResponseCreate(_Body):
     """`POST /v1/responses`."""
 
-    model: str | None = Field(default=None, max_length=200)
+    # Swagger UI's "Try it out" sends this as it stands: a background response, answered at once.
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"input": "Explain in two sentences what a job queue is.", "background": True}]}
+    )
+
+    model: str | None = Field(
+        default=None, max_length=200, description="One of `GET /v1/models` (ALLOWED_MODELS); defaults to DEFAULT_MODEL"
+    )
     input: str | list[InputMessage]
     instructions: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
