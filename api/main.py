@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.compat import COMPAT_TAG_METADATA
 from api.compat import router as compat
 from api.compat.errors import COMPAT_PREFIX
 from api.deps import Handles
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        openapi_tags=[COMPAT_TAG_METADATA],
     )
     install_error_handlers(app)
     install_docs(app)

@@ -1,12 +1,16 @@
-"""The OpenAPI document as the API really answers: AIQ's error body everywhere, one tag per operation.
+"""The OpenAPI document as the API really answers: AIQ's error body (OpenAI's under `/v1`), one tag per operation.
 
 FastAPI declares its own `HTTPValidationError` for 422 and nothing for the errors the edge and the
 dependencies send. `custom_openapi()` rewrites the generated document once:
 - every 422 uses `ErrorBody`, and FastAPI's `HTTPValidationError`/`ValidationError` schemas are dropped;
 - errors that follow from an operation's shape are declared where the route did not: 401 and 403 (it needs a
   token; an API key may lack the scope or not be accepted there),
-  413/415/422 (it takes a body), 422 (it takes parameters), 503 (it reaches the database);
-- an operation is listed under one tag (its own route's), so Swagger UI shows it once;
+  413/415/422 (it takes a body), 422 (it takes parameters that can be invalid), 503 (it reaches the
+  database);
+- the OpenAI-compatible operations (`/v1/...`) answer errors as `api/compat/errors.py` renders them: their
+  implied errors use `OpenAIErrorBody`, and a validation error is declared as the 400 it is there, not a 422;
+- an operation is listed under one tag (its own route's), so Swagger UI shows it once; the tags are listed
+  in the order their operations come, with the description the app gives them (`openapi_tags`);
 - an operation without an explicit summary gets the first line of its docstring.
 """
 
@@ -17,30 +21,57 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
+from pydantic.json_schema import models_json_schema
 
+from api.compat.errors import is_compat_path, openai_error_responses
 from api.errors import error_responses
+from shared.schemas_openai import OpenAIErrorBody
 
-_ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+_REF_TEMPLATE = "#/components/schemas/{model}"
+_ERROR_REF = {"$ref": _REF_TEMPLATE.format(model="ErrorBody")}
+_OPENAI_ERROR_REF = {"$ref": _REF_TEMPLATE.format(model=OpenAIErrorBody.__name__)}
 _FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
 
 
-def _error_entry(status: int) -> dict[str, Any]:
-    description = error_responses(status)[status]["description"]
-    return {"description": description, "content": {"application/json": {"schema": _ERROR_REF}}}
+def _error_entry(path: str, status: int) -> dict[str, Any]:
+    compat = is_compat_path(path)
+    declared = openai_error_responses(status) if compat else error_responses(status)
+    schema = _OPENAI_ERROR_REF if compat else _ERROR_REF
+    return {"description": declared[status]["description"], "content": {"application/json": {"schema": schema}}}
+
+
+def _can_be_invalid(parameter: dict[str, Any]) -> bool:
+    # Any string fits a plain string parameter (`/v1`'s ids: a malformed one is a 404 like a missing one).
+    schema: dict[str, Any] = parameter.get("schema", {})
+    return schema.get("type") != "string" or bool(set(schema) - {"type", "title", "description"})
 
 
 def _implied_errors(path: str, operation: dict[str, Any]) -> set[int]:
     statuses: set[int] = set()
+    compat = is_compat_path(path)
+    # The `/v1` door answers a validation error with OpenAI's 400 (api/compat/errors.py).
+    invalid = 400 if compat else 422
     if operation.get("security"):
         # 403: an API key lacking the route's scope, or an API key where an access token is needed.
         statuses.update({401, 403})
     if "requestBody" in operation:
-        statuses.update({413, 415, 422})
-    if operation.get("parameters"):
-        statuses.add(422)
-    if path.startswith("/api/"):
+        statuses.update({413, 415, invalid})
+    if any(_can_be_invalid(parameter) for parameter in operation.get("parameters", ())):
+        statuses.add(invalid)
+    if path.startswith("/api/") or compat:
         statuses.add(503)
     return statuses
+
+
+def _ordered_tags(schema: dict[str, Any]) -> None:
+    described = {tag["name"]: tag for tag in schema.get("tags", [])}
+    if not described:
+        return
+    # Swagger UI shows the tags listed here first: list them all, in the order of their operations.
+    operations = [op for item in schema.get("paths", {}).values() for op in item.values() if isinstance(op, dict)]
+    names = [tag for op in operations for tag in op.get("tags", [])]
+    ordered = list(dict.fromkeys([*names, *described]))
+    schema["tags"] = [described.get(name, {"name": name}) for name in ordered]
 
 
 def rewrite(schema: dict[str, Any]) -> dict[str, Any]:
@@ -50,8 +81,11 @@ def rewrite(schema: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
             responses: dict[str, Any] = operation["responses"]
+            if is_compat_path(path):
+                # FastAPI's own 422 for a body or parameters: the 400 implied below.
+                responses.pop("422", None)
             for status in _implied_errors(path, operation):
-                responses.setdefault(str(status), _error_entry(status))
+                responses.setdefault(str(status), _error_entry(path, status))
             if "422" in responses:
                 responses["422"] = {**responses["422"], "content": {"application/json": {"schema": _ERROR_REF}}}
             tags = operation.get("tags")
@@ -60,6 +94,12 @@ def rewrite(schema: dict[str, Any]) -> dict[str, Any]:
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for name in _FASTAPI_VALIDATION_SCHEMAS:
         components.pop(name, None)
+    if any(is_compat_path(path) for path in schema.get("paths", {})):
+        # Referenced by the implied errors even where no route declared it.
+        _, defs = models_json_schema([(OpenAIErrorBody, "serialization")], ref_template=_REF_TEMPLATE)
+        for name, definition in defs.get("$defs", {}).items():
+            components.setdefault(name, definition)
+    _ordered_tags(schema)
     return schema
 
 

@@ -1,4 +1,5 @@
-"""Request bodies of the OpenAI-compatible door (`/v1`), as OpenAI's API reference names their fields.
+"""Request bodies of the OpenAI-compatible door (`/v1`), as OpenAI's API reference names their fields, and its
+error body (`OpenAIErrorBody`, as `api/compat/errors.py` renders it).
 
 Only what AIQ can honour is accepted: an unknown field (tools, response_format …) is a 400 that names it,
 never silently dropped; a boolean is JSON's `true`/`false` (`StrictBool`: `"true"` or `1` is a 400, as the
@@ -42,7 +43,7 @@ class StreamOptions(_Body):
 class ChatCompletionCreate(_Body):
     """`POST /v1/chat/completions`."""
 
-    model: str = Field(max_length=200)
+    model: str = Field(max_length=200, description="One of `GET /v1/models` (ALLOWED_MODELS)")
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -67,7 +68,14 @@ class InputMessage(_Body):
 class ResponseCreate(_Body):
     """`POST /v1/responses`."""
 
-    model: str | None = Field(default=None, max_length=200)
+    # Swagger UI's "Try it out" sends this as it stands: a background response, answered at once.
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"input": "Explain in two sentences what a job queue is.", "background": True}]}
+    )
+
+    model: str | None = Field(
+        default=None, max_length=200, description="One of `GET /v1/models` (ALLOWED_MODELS); defaults to DEFAULT_MODEL"
+    )
     input: str | list[InputMessage]
     instructions: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -108,3 +116,16 @@ class BatchCreate(_Body):
     metadata: Metadata | None = None
     # Of its output and error files, from their creation (else BATCH_OUTPUT_EXPIRES_SECONDS).
     output_expires_after: ExpiresAfter | None = None
+
+
+class OpenAIError(BaseModel):
+    message: str = Field(description="What went wrong, for humans")
+    type: str = Field(description="OpenAI's error type, e.g. `invalid_request_error`, `requests`, `server_error`")
+    param: str | None = Field(description="The request field at fault, e.g. `messages.0.role`; null if none")
+    code: str | None = Field(description="Stable machine-readable code, e.g. `invalid_api_key`, `not_found`")
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every 4xx and 5xx answer under `/v1` has OpenAI's error shape."""
+
+    error: OpenAIError

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import Query
 
 from api.compat import compat_router
+from api.compat.errors import openai_error_responses
 from api.deps import CurrentUserId, HandlesDep
 from shared.schemas_openai import BatchCreate
 from shared.services import batches as service
@@ -14,9 +15,11 @@ from shared.services import batches as service
 router = compat_router()
 
 
-@router.post("/batches")
+@router.post("/batches", responses=openai_error_responses(400, 404))
 async def create_batch(body: BatchCreate, user_id: CurrentUserId, handles: HandlesDep) -> dict[str, Any]:
-    """A `validating` batch; its lines become queries in the workers."""
+    """Create a batch over an uploaded `batch` file: it starts `validating`; its lines become queries.
+
+    An input file that is missing (or another user's) is a 404; one of another purpose a 400."""
     async with handles.pool.acquire() as conn:
         row = await service.create(conn, user_id, body)
     # After the INSERT's commit; a lost message is re-sent by the sweeper.
@@ -24,27 +27,30 @@ async def create_batch(body: BatchCreate, user_id: CurrentUserId, handles: Handl
     return service.batch_object(row)
 
 
-@router.get("/batches/{batch_id}")
+@router.get("/batches/{batch_id}", responses=openai_error_responses(404))
 async def get_batch(batch_id: str, user_id: CurrentUserId, handles: HandlesDep) -> dict[str, Any]:
+    """Retrieve a batch; anybody else's is a 404 like a missing one."""
     async with handles.pool.acquire() as conn:
         return service.batch_object(await service.get(conn, user_id, batch_id))
 
 
-@router.get("/batches")
+@router.get("/batches", responses=openai_error_responses(404))
 async def list_batches(
     user_id: CurrentUserId,
     handles: HandlesDep,
     after: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
-    """The caller's batches, newest first; `after` is the last id of the previous page."""
+    """List your batches, newest first; `after` is the last id of the previous page (an unknown one is a 404)."""
     async with handles.pool.acquire() as conn:
         return await service.list_page(conn, user_id, after, limit)
 
 
-@router.post("/batches/{batch_id}/cancel")
+@router.post("/batches/{batch_id}/cancel", responses=openai_error_responses(404, 409))
 async def cancel_batch(batch_id: str, user_id: CurrentUserId, handles: HandlesDep) -> dict[str, Any]:
-    """validating/in_progress → cancelling → cancelled (finished lines keep their results); idempotent."""
+    """Cancel a batch: validating/in_progress → cancelling → cancelled (finished lines keep their results).
+
+    Idempotent: a batch already cancelling or cancelled is returned as it is; a finished one is a 409."""
     async with handles.pool.acquire() as conn:
         row, changed = await service.cancel(conn, user_id, batch_id)
     if changed:

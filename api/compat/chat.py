@@ -8,7 +8,8 @@ from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.compat import compat_router
-from api.compat.streaming import StreamContextDep
+from api.compat.errors import openai_error_responses
+from api.compat.streaming import StreamContextDep, event_stream_response
 from api.compat.submit import submit, submit_and_wait
 from api.deps import HandlesDep, ScopedPrincipal
 from shared.schemas_openai import ChatCompletionCreate
@@ -18,7 +19,14 @@ from shared.services import responses as service
 router = compat_router()
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post(
+    "/chat/completions",
+    response_model=None,
+    responses={
+        200: event_stream_response("`stream: true`: `chat.completion.chunk`s as `data:` lines, then `data: [DONE]`"),
+        **openai_error_responses(400, 429, 502, 504),
+    },
+)
 async def create_chat_completion(
     body: ChatCompletionCreate,
     request: Request,
@@ -27,8 +35,11 @@ async def create_chat_completion(
     handles: HandlesDep,
     streams: StreamContextDep,
 ) -> dict[str, Any] | StreamingResponse:
-    """Enqueue the conversation as a query and answer in `chat.completion` form when it is done (or stream it
-    as `chat.completion.chunk`s).
+    """Create a chat completion through the queue: waited for, or streamed with `stream: true`.
+
+    The conversation is enqueued as a query and answered in `chat.completion` form when it is done (or streamed
+    as `chat.completion.chunk`s). A query that was cancelled, or that the provider refused, is a 400; one that
+    failed upstream otherwise is a 502.
 
     The client must wait as long as the queue takes (COMPAT_WAIT_SECONDS at most, then a 504 that names the
     response id to retrieve it by): keep the SDK's `timeout` above it.

@@ -11,6 +11,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from shared.schemas_openai import OpenAIErrorBody
+
 COMPAT_PREFIX = "/v1"
 
 _TYPES = {401: "invalid_request_error", 403: "permission_error", 429: "requests"}
@@ -20,6 +22,27 @@ _TYPE_BY_CODE = {"token_budget_exceeded": "tokens"}
 _CODES = {"not_authenticated": "invalid_api_key", "invalid_token": "invalid_api_key", "validation_error": None}
 # Parts of a validation error's `loc` that say where, not what.
 _LOC_ROOTS = frozenset({"body", "query", "path", "header"})
+
+
+_DESCRIPTIONS = {
+    400: "Invalid request (`invalid_request_error`; `param` names the field): a validation error is a 400 here",
+    401: "Missing, invalid, expired or revoked credentials (`invalid_api_key`)",
+    403: "Authenticated, but not allowed (an API key without the scope: `insufficient_scope`)",
+    404: "Not found (another user's object looks exactly like a missing one)",
+    409: "Conflicts with the object's current state",
+    413: "Request body too large",
+    415: "Unsupported media type",
+    429: "A limit refused it (`requests`, or `tokens` for the token budget): retry after `retry-after(-ms)`",
+    502: "The query failed upstream (the message carries AIQ's error code)",
+    503: "A dependency (database, Redis) is briefly unavailable: retry after `retry-after(-ms)`",
+    504: "Not answered within COMPAT_WAIT_SECONDS: the message names the `resp_…` id to retrieve it by",
+}
+
+
+def openai_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries declaring OpenAI's error body for these statuses (`api.errors.error_responses`
+    for the native API)."""
+    return {status: {"model": OpenAIErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
 
 
 def is_compat_path(path: str) -> bool:

@@ -9,17 +9,44 @@ from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
 from api.compat import compat_router
+from api.compat.errors import openai_error_responses
 from api.deps import ConnectionDep, CurrentUserId, HandlesDep
 from shared.errors import InvalidInput
+from shared.schemas_openai import MAX_EXPIRES_SECONDS, MIN_EXPIRES_SECONDS
 from shared.services import files as service
 
 router = compat_router()
 
+# The form `upload_file` reads itself, declared for the OpenAPI document.
+_UPLOAD_BODY = {
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "purpose"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary", "description": "JSONL: one request per line"},
+                    "purpose": {"type": "string", "enum": ["batch"]},
+                    "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                    "expires_after[seconds]": {
+                        "type": "integer",
+                        "minimum": MIN_EXPIRES_SECONDS,
+                        "maximum": MAX_EXPIRES_SECONDS,
+                    },
+                },
+            }
+        }
+    },
+    "required": True,
+}
 
-@router.post("/files")
+
+@router.post("/files", openapi_extra={"requestBody": _UPLOAD_BODY}, responses=openai_error_responses(400))
 async def upload_file(request: Request, user_id: CurrentUserId, handles: HandlesDep) -> dict[str, Any]:
-    """A JSONL batch input file (multipart: `file`, `purpose=batch`, optional `expires_after[anchor]` and
-    `expires_after[seconds]`): at most MAX_FILE_BYTES and MAX_BATCH_LINES.
+    """Upload a JSONL batch input file (a multipart form).
+
+    The form: `file`, `purpose=batch`, optional `expires_after[anchor]` and `expires_after[seconds]`; at most
+    MAX_FILE_BYTES (a 413) and MAX_BATCH_LINES (a 400).
 
     The form is read here, after the caller is authenticated (declared `File()`/`Form()` parameters would be
     parsed before the credentials are checked). The parser spools the file to a temporary file on disk, never
@@ -57,7 +84,7 @@ def _missing(field: str, message: str) -> InvalidInput:
     )
 
 
-@router.get("/files")
+@router.get("/files", responses=openai_error_responses(404))
 async def list_files(
     user_id: CurrentUserId,
     conn: ConnectionDep,
@@ -65,25 +92,35 @@ async def list_files(
     after: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
 ) -> dict[str, Any]:
-    """The caller's files, newest first; `after` is the last id of the previous page."""
+    """List your files, newest first; `after` is the last id of the previous page (an unknown one is a 404)."""
     return await service.list_page(conn, user_id, purpose=purpose, after=after, limit=limit)
 
 
-@router.delete("/files/{file_id}")
+@router.delete("/files/{file_id}", responses=openai_error_responses(404, 409))
 async def delete_file(file_id: str, user_id: CurrentUserId, conn: ConnectionDep) -> dict[str, Any]:
     """Delete a file and its content; a file a live batch still reads is a 409."""
     return await service.delete_file(conn, user_id, file_id)
 
 
-@router.get("/files/{file_id}")
+@router.get("/files/{file_id}", responses=openai_error_responses(404))
 async def get_file(file_id: str, user_id: CurrentUserId, conn: ConnectionDep) -> dict[str, Any]:
-    """One of the caller's files; anybody else's is a 404 like a missing one."""
+    """Retrieve a file; anybody else's is a 404 like a missing one."""
     return service.file_object(await service.get_file(conn, user_id, file_id))
 
 
-@router.get("/files/{file_id}/content")
+@router.get(
+    "/files/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The file's JSONL bytes",
+            "content": {"application/jsonl": {"schema": {"type": "string"}}},
+        },
+        **openai_error_responses(404),
+    },
+)
 async def get_file_content(file_id: str, user_id: CurrentUserId, handles: HandlesDep) -> StreamingResponse:
-    """The file's bytes, streamed one stored chunk at a time."""
+    """Retrieve a file's content, streamed one stored chunk at a time."""
     async with handles.pool.acquire() as conn:
         row = await service.get_file(conn, user_id, file_id)
     return StreamingResponse(

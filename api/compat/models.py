@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from api.compat import compat_router
+from api.compat.errors import openai_error_responses
 from api.deps import CurrentUserId, HandlesDep
 from shared.errors import NotFound
 
@@ -17,13 +18,13 @@ def _model(model_id: str) -> dict[str, Any]:
 
 @router.get("/models")
 async def list_models(_: CurrentUserId, handles: HandlesDep) -> dict[str, Any]:
-    """The allowed models, as OpenAI lists models."""
+    """List the allowed models (ALLOWED_MODELS), as OpenAI lists models."""
     return {"object": "list", "data": [_model(m) for m in handles.settings.allowed_models]}
 
 
-@router.get("/models/{model_id:path}")
+@router.get("/models/{model_id:path}", responses=openai_error_responses(404))
 async def get_model(model_id: str, _: CurrentUserId, handles: HandlesDep) -> dict[str, Any]:
-    """One allowed model; any other name is a 404."""
+    """Retrieve an allowed model; any other name is a 404."""
     if model_id not in handles.settings.allowed_models:
         raise NotFound(f"The model '{model_id[:200]}' does not exist", code="model_not_found")
     return _model(model_id)

@@ -8,7 +8,8 @@ from fastapi import Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.compat import compat_router
-from api.compat.streaming import StreamContextDep
+from api.compat.errors import openai_error_responses
+from api.compat.streaming import StreamContextDep, event_stream_response
 from api.compat.submit import submit, submit_and_wait
 from api.deps import ConnectionDep, CurrentUserId, HandlesDep, ScopedPrincipal
 from shared.errors import Conflict
@@ -22,7 +23,14 @@ router = compat_router()
 CANCEL_WAIT_SECONDS = 5.0
 
 
-@router.post("/responses", response_model=None)
+@router.post(
+    "/responses",
+    response_model=None,
+    responses={
+        200: event_stream_response("`stream: true`: the Responses events, each with its `sequence_number`"),
+        **openai_error_responses(429),
+    },
+)
 async def create_response(
     body: ResponseCreate,
     request: Request,
@@ -31,8 +39,10 @@ async def create_response(
     handles: HandlesDep,
     streams: StreamContextDep,
 ) -> dict[str, Any] | StreamingResponse:
-    """`background: true` answers `queued` at once; `stream: true` streams its events; otherwise the call
-    waits for the answer."""
+    """Create a response: queued at once (`background: true`), streamed (`stream: true`), or waited for.
+
+    `background: true` answers `queued` at once; `stream: true` streams its events; otherwise the call waits
+    for the answer."""
     user_id = principal.user_id
     query = service.query_from_response(body)
     background = bool(body.background)
@@ -59,7 +69,14 @@ async def create_response(
     return created
 
 
-@router.get("/responses/{response_id}", response_model=None)
+@router.get(
+    "/responses/{response_id}",
+    response_model=None,
+    responses={
+        200: event_stream_response("`stream=true`: the Responses events from the start, or after `starting_after`"),
+        **openai_error_responses(404, 429),
+    },
+)
 async def get_response(
     response_id: str,
     request: Request,
@@ -69,7 +86,9 @@ async def get_response(
     stream: bool = False,
     starting_after: Annotated[int, Query(ge=-1, le=10**15)] = -1,
 ) -> dict[str, Any] | StreamingResponse:
-    """The response as it stands; with `stream=true` its events (from the start, or after `starting_after`).
+    """Retrieve a response, or stream its events (`stream=true`, resumable after `starting_after`).
+
+    The response as it stands; with `stream=true` its events (from the start, or after `starting_after`).
     Another user's is a 404 like a missing one."""
     query_id = service.parse_id(response_id, service.RESPONSE_PREFIX, "response")
     current = await queries_service.get_query(conn, principal.user_id, query_id)
@@ -81,13 +100,15 @@ async def get_response(
     return streams.respond(request, query_id, translator, upkeep, starting_after=starting_after, chat=False)
 
 
-@router.post("/responses/{response_id}/cancel")
+@router.post("/responses/{response_id}/cancel", responses=openai_error_responses(404, 409))
 async def cancel_response(
     response_id: str,
     user_id: CurrentUserId,
     handles: HandlesDep,
 ) -> dict[str, Any]:
-    """Cancel; idempotent: a finished response (cancelled or not) is returned as it is."""
+    """Cancel a response; idempotent: a finished one (cancelled or not) is returned as it is.
+
+    A query changing state at that moment is a 409 (`query_busy`): try again."""
     query_id = service.parse_id(response_id, service.RESPONSE_PREFIX, "response")
     try:
         async with handles.pool.acquire() as conn:
@@ -105,14 +126,14 @@ async def cancel_response(
     )
 
 
-@router.delete("/responses/{response_id}")
+@router.delete("/responses/{response_id}", responses=openai_error_responses(404, 409))
 async def delete_response(
     response_id: str,
     user_id: CurrentUserId,
     conn: ConnectionDep,
     handles: HandlesDep,
 ) -> dict[str, Any]:
-    """Erase the response's text (the native delete: a running one is a 409, cancel it first)."""
+    """Delete a response's text (the native delete: a running one is a 409, cancel it first)."""
     query_id = service.parse_id(response_id, service.RESPONSE_PREFIX, "response")
     limiter = limiter_for(handles.redis, handles.settings)
     await queries_service.delete_query(

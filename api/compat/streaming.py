@@ -38,6 +38,14 @@ from shared.wakeup import Wakeup
 FINAL_READ_WAIT_SECONDS = 5.0
 
 
+def event_stream_response(description: str) -> dict[str, Any]:
+    """The OpenAPI 200 of a route that answers JSON, or Server-Sent Events when asked to stream."""
+    return {
+        "description": f"The object as JSON; {description} (`text/event-stream`)",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+
+
 class Translator(Protocol):
     def start(self) -> list[dict[str, Any]]: ...
     def event(self, type_: str, data: dict[str, Any]) -> list[dict[str, Any]]: ...

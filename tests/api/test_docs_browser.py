@@ -113,8 +113,13 @@ def test_swagger_ui_works_offline_authorize_submit_poll(browser: Any, stack: Sta
     # GET /users/me once, not under two tags (DELETE /users/me is an operation of its own).
     paths = [e.text.replace("\u200b", "") for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")]
     methods = [e.text.upper() for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-method")]
-    assert list(zip(methods, paths, strict=True)).count(("GET", "/api/v1/users/me")) == 1, paths
+    operations = list(zip(methods, paths, strict=True))
+    assert operations.count(("GET", "/api/v1/users/me")) == 1, paths
     assert len(opblocks) == len(paths)
+    # The OpenAI-compatible door has its own section, with the tag's description saying how to use it.
+    section = browser.find_element(By.CSS_SELECTOR, "h3.opblock-tag[data-tag='OpenAI-compatible']")
+    assert "base_url=<AIQ>/v1" in section.text, section.text
+    assert ("POST", "/v1/chat/completions") in operations, operations
 
     # Authorize: the OAuth2 password dialog logs in through /api/v1/auth/login's form.
     browser.find_element(By.CSS_SELECTOR, "button.authorize").click()
@@ -156,6 +161,16 @@ def test_swagger_ui_works_offline_authorize_submit_poll(browser: Any, stack: Sta
     assert done["body"]["query_id"] == query_id
     assert done["body"]["status"] == "completed", done
     assert done["body"]["response"]
+
+    # Try it out on the /v1 door, with the same authorization: the default body of Create a response is a
+    # background response, accepted as it stands.
+    create = browser.find_element(By.CSS_SELECTOR, "[id$='-create_response_v1_responses_post']")
+    create.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    _eventually(lambda: create.find_element(By.CSS_SELECTOR, "button.try-out__btn"), "Try it out").click()
+    created = _execute(browser, create)
+    assert created["status"] == 200, created
+    assert created["body"]["id"].startswith("resp_"), created
+    assert created["body"]["background"] is True, created
     assert _problems(browser) == []
 
 
