@@ -20,19 +20,20 @@ def common_passwords() -> frozenset[str]:
     return frozenset(line.strip().lower() for line in gzip.decompress(data).decode("utf-8").splitlines() if line)
 
 
-def _refuse(code: str, message: str) -> InvalidInput:
-    return InvalidInput(message, code=code, details=[{"loc": ["body", "password"], "msg": message, "type": code}])
+def _refuse(code: str, message: str, field: str) -> InvalidInput:
+    return InvalidInput(message, code=code, details=[{"loc": ["body", field], "msg": message, "type": code}])
 
 
-def check_password(password: str, email: str, min_length: int) -> None:
-    """Raise a 422 naming the rule the password breaks; the password itself is never echoed."""
+def check_password(password: str, email: str, min_length: int, field: str = "password") -> None:
+    """Raise a 422 naming the rule the password breaks (at body field `field`); the password is never echoed."""
     if len(password) < min_length:
-        raise _refuse("password_too_short", f"Password must be at least {min_length} characters")
+        raise _refuse("password_too_short", f"Password must be at least {min_length} characters", field)
     if not password_fits(password):
-        raise _refuse("password_too_long", f"Password must be at most {BCRYPT_MAX_BYTES} bytes in UTF-8")
+        raise _refuse("password_too_long", f"Password must be at most {BCRYPT_MAX_BYTES} bytes in UTF-8", field)
     lowered = password.lower()
     if lowered in common_passwords():
-        raise _refuse("password_too_common", "This password is on a list of commonly used passwords; choose another")
+        message = "This password is on a list of commonly used passwords; choose another"
+        raise _refuse("password_too_common", message, field)
     local_part = email.strip().lower().partition("@")[0]
     if lowered in (email.strip().lower(), local_part):
-        raise _refuse("password_matches_email", "Password must not be your email address")
+        raise _refuse("password_matches_email", "Password must not be your email address", field)

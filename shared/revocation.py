@@ -7,11 +7,13 @@ Keys (all carry ids only, never token text):
 - `aiq:auth:user:<user id>`: a cache of the user's state in PostgreSQL (the truth): `disabled`, or `ok:<t>`
   where access tokens issued before unix time `t` are refused. Filled with SET NX from the database on a miss;
   a change writes it with a plain SET after the database has committed, so a fill that read the old row
-  can never overwrite a newer state.
+  can never overwrite a newer state. Logging out everywhere and a password change write it before their commit,
+  as logout writes its markers (a fill's SET NX cannot overwrite it either way): if Redis fails nothing is
+  committed, and if the commit fails Redis is only stricter than PostgreSQL until the entry expires.
 
-Redis unreachable: reads fall back to PostgreSQL (shared/services/credentials.py); writes (logout, key
-revocation, disable) fail with a 503 (`auth_unavailable`, Retry-After), never a 401 that would make clients
-throw their credentials away. Redis flushed or restarted without persistence: user states
+Redis unreachable: reads fall back to PostgreSQL (shared/services/credentials.py); writes (logout, logging out
+everywhere, a password change, key revocation, disable) fail with a 503 (`auth_unavailable`, Retry-After), never a
+401 that would make clients throw their credentials away. Redis flushed or restarted without persistence: user states
 refill from PostgreSQL, but logged-out access tokens and revoked families come back to life until they expire
 (at most ACCESS_TOKEN_TTL_SECONDS); refresh tokens and API keys stay revoked (PostgreSQL).
 """
@@ -152,9 +154,18 @@ async def revoke_access_token(redis: aioredis.Redis, jti: uuid.UUID, expires_at:
     await _set(redis, jti_key(jti), "1", int((expires_at - datetime.now(UTC)).total_seconds()) + 10)
 
 
-async def revoke_family(redis: aioredis.Redis, settings: Settings, family_id: uuid.UUID) -> None:
-    """Refuse every access token of this refresh family for as long as one of them can be alive."""
-    await _set(redis, family_key(family_id), "1", settings.access_token_ttl_seconds + 10)
+async def revoke_families(redis: aioredis.Redis, settings: Settings, *family_ids: uuid.UUID) -> None:
+    """Refuse every access token of these refresh families for as long as one of them can be alive (one round
+    trip however many)."""
+    if not family_ids:
+        return
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            for family_id in family_ids:
+                pipe.set(family_key(family_id), "1", ex=settings.access_token_ttl_seconds + 10)
+            await pipe.execute()
+    except (RedisError, OSError) as exc:
+        raise AuthUnavailable from exc
 
 
 async def revoke_api_key(redis: aioredis.Redis, key_id: uuid.UUID) -> None:

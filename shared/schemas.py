@@ -46,6 +46,21 @@ class Registration(StrictBody):
     )
 
 
+class PasswordChange(StrictBody):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"current_password": _PASSPHRASE_EXAMPLE, "new_password": "a longer passphrase, 2027"}]
+        }
+    )
+
+    current_password: str = Field(min_length=1, max_length=1024)
+    new_password: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="The registration rules, and not the current password",
+    )
+
+
 class RefreshRequest(StrictBody):
     refresh_token: str = Field(min_length=1, max_length=4096)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import uuid
 from collections import OrderedDict
@@ -40,6 +41,29 @@ def verify_password(password: str, password_hash: str) -> bool:
     return bcrypt.checkpw(password.encode("utf-8"), password_hash.encode("ascii"))
 
 
+def _stamp_now() -> datetime:
+    """Now as tokens stamp it (`iat`): milliseconds, floored."""
+    return datetime.fromtimestamp(math.floor(datetime.now(UTC).timestamp() * 1000) / 1000, UTC)
+
+
+def sessions_cutoff() -> datetime:
+    """The instant "log out everywhere" moves `sessions_valid_after` to: 1 ms after the `iat` of every token
+    stamped so far (so the caller's own is refused, even one issued this very millisecond). A token stamped
+    from it on is accepted; `wait_for_cutoff` makes sure the process's clock has reached it."""
+    return _stamp_now() + timedelta(milliseconds=1)
+
+
+async def wait_for_cutoff(cutoff: datetime) -> None:
+    """Sleep (at most 1 ms) until tokens stamped here are no longer before `cutoff`: a login or a pair issued
+    after this returns is accepted."""
+    # Bounded, so a clock stepped back by NTP costs no long sleep.
+    for _ in range(3):
+        left = (cutoff - datetime.now(UTC)).total_seconds()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(left, 0.002))
+
+
 @dataclass(frozen=True, slots=True)
 class TokenClaims:
     user_id: uuid.UUID
@@ -57,7 +81,7 @@ def issue_token(
     # `iat` is compared with a user's revocation instant (`sessions_valid_after`), so it keeps milliseconds
     # (RFC 7519 allows a fractional NumericDate), floored: a token issued in the same second as a disable
     # is told apart from one issued just after a re-enable. `exp` and `nbf` stay whole seconds.
-    now = datetime.fromtimestamp(math.floor(datetime.now(UTC).timestamp() * 1000) / 1000, UTC)
+    now = _stamp_now()
     ttl = settings.access_token_ttl_seconds if kind == "access" else settings.refresh_token_ttl_seconds
     claims = TokenClaims(
         user_id=user_id,

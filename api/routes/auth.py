@@ -1,4 +1,4 @@
-"""Register, login, refresh, logout, me."""
+"""Register, login, refresh, logout (this session or all), password change, me."""
 
 from __future__ import annotations
 
@@ -9,13 +9,29 @@ from fastapi import APIRouter, Body, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from api.deps import AutocommitSessionDep, CurrentUserId, HandlesDep, SessionDep, SessionPrincipal
+from api.deps import (
+    AutocommitSessionDep,
+    CurrentUserId,
+    HandlesDep,
+    SessionDep,
+    SessionPrincipal,
+    SessionUserId,
+)
 from api.errors import error_responses
 from api.routes import V1_PREFIX
-from api.throttle import LoginThrottle, RegisterThrottle, mark_login_succeeded
+from api.throttle import LoginThrottle, RegisterThrottle, mark_login_succeeded, request_address
 from shared.errors import AppError, InvalidInput, NotFound, Unauthorized
+from shared.limits import limiter_for
 from shared.repositories import users as users_repo
-from shared.schemas import Credentials, LogoutRequest, RefreshRequest, Registration, TokenPair, UserOut
+from shared.schemas import (
+    Credentials,
+    LogoutRequest,
+    PasswordChange,
+    RefreshRequest,
+    Registration,
+    TokenPair,
+    UserOut,
+)
 from shared.services import auth
 
 router = APIRouter(prefix=V1_PREFIX, tags=["auth"])
@@ -156,6 +172,44 @@ async def logout(
     refresh_token = body.refresh_token if body else None
     await auth.logout(session, handles.settings, handles.redis, principal.token, refresh_token)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/auth/logout-all",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=error_responses(401, 403, 503),
+)
+async def logout_all(user_id: SessionUserId, session: SessionDep, handles: HandlesDep) -> Response:
+    """Log out everywhere: every access token issued until now (this one too) and every refresh token of yours
+    stop working at once, on every API process. API keys are separate credentials and keep working."""
+    await auth.logout_everywhere(session, handles.settings, handles.redis, user_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/auth/password", response_model=TokenPair, responses=error_responses(400, 401, 403, 422, 429, 503))
+async def change_password(
+    body: PasswordChange,
+    request: Request,
+    response: Response,
+    user_id: SessionUserId,
+    session: SessionDep,
+    handles: HandlesDep,
+) -> TokenPair:
+    """Change your password: 400 `invalid_current_password` for a wrong current one (throttled like logins).
+    Every session ends as with logout-all; the new pair returned keeps you logged in here. API keys stay valid."""
+    response.headers.update(NO_STORE)
+    settings = handles.settings
+    return await auth.change_password(
+        session,
+        settings,
+        handles.redis,
+        limiter_for(handles.redis, settings),
+        request_address(request, settings),
+        user_id,
+        body.current_password,
+        body.new_password,
+    )
 
 
 @router.get("/users/me", response_model=UserOut, tags=["users"], responses=error_responses(401, 403, 404, 503))

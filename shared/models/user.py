@@ -23,7 +23,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16), default=Role.USER.value, server_default=Role.USER.value)
     # Set while the account is disabled: its tokens and API keys stop working.
     disabled_at: Mapped[datetime | None]
-    # Access tokens issued before this instant are refused (set when the account is disabled).
+    # Access tokens issued before this instant are refused (set when the account is disabled, when its user logs
+    # out everywhere or changes their password).
     sessions_valid_after: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
@@ -35,6 +36,8 @@ class RevokedReason(StrEnum):
     LOGOUT = "logout"  # its family logged out: presenting it again is merely invalid
     REUSE = "reuse"  # its family was cut after a rotated token came back
     DISABLED = "disabled"  # its user was disabled
+    LOGOUT_ALL = "logout_all"  # its user logged out everywhere
+    PASSWORD_CHANGED = "password_changed"  # noqa: S105 - a reason, not a password: its user changed theirs
 
 
 class RefreshToken(Base):

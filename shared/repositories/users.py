@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -30,6 +30,16 @@ async def by_email(session: AsyncSession, email: str) -> User | None:
 
 async def by_id(session: AsyncSession, user_id: uuid.UUID) -> User | None:
     return await session.get(User, user_id)
+
+
+async def set_password(session: AsyncSession, user_id: uuid.UUID, password_hash: str) -> None:
+    await session.execute(update(User).where(User.id == user_id).values(password_hash=password_hash))
+
+
+async def end_sessions(session: AsyncSession, user_id: uuid.UUID, cutoff: datetime) -> User | None:
+    """Move the user's revocation instant to `cutoff` (row locked until the commit); None for an unknown user."""
+    stmt = update(User).where(User.id == user_id).values(sessions_valid_after=cutoff).returning(User)
+    return (await session.execute(stmt)).scalar_one_or_none()
 
 
 async def set_role_and_password(session: AsyncSession, user_id: uuid.UUID, role: Role, password_hash: str) -> None:
@@ -95,10 +105,13 @@ async def revoke_family(session: AsyncSession, family_id: uuid.UUID, reason: Rev
     await session.execute(stmt)
 
 
-async def revoke_all_refresh_tokens(session: AsyncSession, user_id: uuid.UUID, reason: RevokedReason) -> None:
+async def revoke_all_refresh_tokens(session: AsyncSession, user_id: uuid.UUID, reason: RevokedReason) -> set[uuid.UUID]:
+    """Revoke every live refresh token of the user; the families of those not yet expired."""
     stmt = (
         update(RefreshToken)
         .where(RefreshToken.user_id == user_id, RefreshToken.revoked_at.is_(None))
         .values(revoked_at=func.now(), revoked_reason=reason.value)
+        .returning(RefreshToken.family_id, RefreshToken.expires_at)
     )
-    await session.execute(stmt)
+    now = datetime.now(UTC)
+    return {family_id for family_id, expires_at in await session.execute(stmt) if expires_at > now}

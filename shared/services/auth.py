@@ -1,4 +1,5 @@
-"""Registration, login, refresh-token rotation and logout. Services flush; the caller commits."""
+"""Registration, login, refresh-token rotation, logout (here or everywhere) and password change. Services flush;
+the caller commits."""
 
 from __future__ import annotations
 
@@ -12,12 +13,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import revocation
 from shared.config import Settings
-from shared.errors import Conflict, Forbidden, Unauthorized
+from shared.errors import AppError, Conflict, Forbidden, InvalidInput, Unauthorized
+from shared.limits import Limiter
 from shared.models import RevokedReason, User
 from shared.password_policy import check_password
 from shared.repositories import users as users_repo
 from shared.schemas import TokenPair
-from shared.security import TokenClaims, decode_token, hash_password, issue_token, verify_password
+from shared.security import (
+    TokenClaims,
+    decode_token,
+    hash_password,
+    issue_token,
+    sessions_cutoff,
+    verify_password,
+    wait_for_cutoff,
+)
 from shared.services import credentials
 
 INVALID_CREDENTIALS = "Incorrect email or password"
@@ -101,7 +111,7 @@ async def refresh(
         if spent is not None and spent.user_id == claims.user_id and spent.revoked_reason == RevokedReason.ROTATED:
             # Two parties hold this family's tokens: cut the family (refresh and access tokens), nothing else.
             await users_repo.revoke_family(session, spent.family_id, RevokedReason.REUSE)
-            await revocation.revoke_family(redis, settings, spent.family_id)
+            await revocation.revoke_families(redis, settings, spent.family_id)
             security_log.warning(
                 "refresh token reuse: family revoked",
                 extra={
@@ -134,6 +144,72 @@ async def logout(
         families.add(stored.family_id)
     # Redis first: if the commit then fails, the tokens are revoked anyway (the safe direction).
     await revocation.revoke_access_token(redis, access.jti, access.expires_at)
+    await revocation.revoke_families(redis, settings, *families)
     for family_id in families:
-        await revocation.revoke_family(redis, settings, family_id)
         await users_repo.revoke_family(session, family_id, RevokedReason.LOGOUT)
+
+
+async def _end_sessions(
+    session: AsyncSession, settings: Settings, redis: aioredis.Redis, user_id: uuid.UUID, reason: RevokedReason
+) -> None:
+    """Refuse every access token issued until now and every refresh token of the user; API keys are untouched.
+
+    The rows are written first (the user's row stays locked until the commit, so a concurrent admin disable
+    publishes its state after this one), then Redis, as logout does: if Redis cannot be written this raises a 503
+    and the caller rolls back; if the commit fails after, the tokens are refused anyway (the safe direction).
+    Returns once a token issued by this process would be accepted (`wait_for_cutoff`).
+    """
+    cutoff = sessions_cutoff()
+    user = await users_repo.end_sessions(session, user_id, cutoff)
+    if user is None:
+        raise Unauthorized("This account is disabled", code="account_disabled")
+    families = await users_repo.revoke_all_refresh_tokens(session, user_id, reason)
+    # `sessions_valid_after` alone refuses the access tokens; the families' markers also refuse those stamped by
+    # an API process whose clock runs ahead of this one's.
+    await revocation.revoke_families(redis, settings, *families)
+    state = revocation.UserState(disabled=user.disabled_at is not None, sessions_valid_after=cutoff)
+    await revocation.publish_user_state(redis, user_id, state)
+    security_log.info(
+        "sessions ended", extra={"event": "sessions_ended", "user_id": str(user_id), "reason": reason.value}
+    )
+    await wait_for_cutoff(cutoff)
+
+
+async def logout_everywhere(
+    session: AsyncSession, settings: Settings, redis: aioredis.Redis, user_id: uuid.UUID
+) -> None:
+    """End every session of the user (access and refresh tokens, on every API process at once); API keys stay."""
+    await _end_sessions(session, settings, redis, user_id, RevokedReason.LOGOUT_ALL)
+
+
+async def change_password(
+    session: AsyncSession,
+    settings: Settings,
+    redis: aioredis.Redis,
+    limiter: Limiter,
+    address: str,
+    user_id: uuid.UUID,
+    current_password: str,
+    new_password: str,
+) -> TokenPair:
+    """Check the current password (throttled as a login, on the same counters), set the new one, end every session
+    and start a new one: the pair returned keeps the caller logged in."""
+    user = await users_repo.by_id(session, user_id)
+    if user is None:
+        raise Unauthorized("This account is disabled", code="account_disabled")
+    await limiter.login_attempt(user.email, address)
+    if not await asyncio.to_thread(verify_password, current_password, user.password_hash):
+        raise AppError("Current password is incorrect", status_code=400, code="invalid_current_password")
+    await limiter.login_succeeded(user.email, address)
+    if new_password == current_password:
+        message = "The new password must differ from the current one"
+        raise InvalidInput(
+            message,
+            code="password_unchanged",
+            details=[{"loc": ["body", "new_password"], "msg": message, "type": "password_unchanged"}],
+        )
+    check_password(new_password, user.email, settings.password_min_length, field="new_password")
+    password_hash = await asyncio.to_thread(hash_password, new_password, settings.bcrypt_rounds)
+    await users_repo.set_password(session, user_id, password_hash)
+    await _end_sessions(session, settings, redis, user_id, RevokedReason.PASSWORD_CHANGED)
+    return await issue_pair(session, settings, user_id)

@@ -78,12 +78,16 @@ def test_the_scope_is_checked_before_the_parameters(client: httpx.Client, user: 
     assert client.get("/api/v1/usage?from=not-a-date", headers=_bearer(read_only)).status_code == 422
 
 
-def test_keys_cannot_manage_keys_log_out_or_delete_the_account(client: httpx.Client, user: dict[str, Any]) -> None:
+def test_keys_cannot_manage_keys_log_out_change_the_password_or_delete_the_account(
+    client: httpx.Client, user: dict[str, Any]
+) -> None:
     key = _key(client, user)["key"]
     for method, path in (
         ("POST", "/api/v1/keys"),
         ("GET", "/api/v1/keys"),
         ("POST", "/api/v1/auth/logout"),
+        ("POST", "/api/v1/auth/logout-all"),
+        ("POST", "/api/v1/auth/password"),
         ("DELETE", "/api/v1/users/me"),
     ):
         r = client.request(method, path, headers=_bearer(key), json={"name": "x"} if path.endswith("keys") else None)

@@ -20,7 +20,7 @@ from httpx_sse import ServerSentEvent, connect_sse
 from sqlalchemy.engine import Engine
 
 from devkit.procs import free_port
-from tests.support.api import register_and_login, send_and_leave, wait_terminal
+from tests.support.api import TEST_PASSWORD, register_and_login, send_and_leave, wait_terminal
 from tests.support.asgi import in_process_api, serve_to_a_gone_client
 from tests.support.db import row
 from tests.support.limits import key_prefix, limits_redis, make_admin
@@ -528,6 +528,27 @@ def test_logging_out_ends_the_streams_its_access_token_opened(idle_api: str) -> 
             assert r.status_code == 204, r.text
 
         assert _stream_ended_by(c, path, user["headers"], log_out) == ["queued"]
+        again = c.get(path, headers=user["headers"])
+        assert again.status_code == 401
+        assert again.json()["error"]["code"] == "token_revoked"
+
+
+def test_logging_out_everywhere_from_another_session_ends_open_streams(idle_api: str) -> None:
+    with (
+        httpx.Client(base_url=idle_api, timeout=httpx.Timeout(30, read=30)) as c,
+        httpx.Client(base_url=idle_api, timeout=10) as other,
+    ):
+        user = register_and_login(c)
+        path = f"/api/v1/query/{_submit(c, user['headers'], 'never picked up; its owner logs out everywhere')}/events"
+        r = other.post("/api/v1/auth/login", json={"email": user["email"], "password": TEST_PASSWORD})
+        assert r.status_code == 200, r.text
+        elsewhere = {"Authorization": f"Bearer {r.json()['access_token']}"}
+
+        def log_out_everywhere() -> None:
+            r = other.post("/api/v1/auth/logout-all", headers=elsewhere)
+            assert r.status_code == 204, r.text
+
+        assert _stream_ended_by(c, path, user["headers"], log_out_everywhere) == ["queued"]
         again = c.get(path, headers=user["headers"])
         assert again.status_code == 401
         assert again.json()["error"]["code"] == "token_revoked"

@@ -52,6 +52,35 @@ def test_login_locks_out_after_failures_growing_and_per_address(stack: Stack, tm
         assert int(growing.headers["Retry-After"]) > first_wait
 
 
+def test_wrong_current_passwords_are_throttled_as_failed_logins_of_the_account(stack: Stack, tmp_path: Path) -> None:
+    # A stolen access token must not be a way to guess the password faster than the login allows: the password
+    # change checks the current one on the login's own counters.
+    with (
+        tight_apis(stack, tmp_path, LOGIN_MAX_FAILURES="3", TRUSTED_PROXIES="127.0.0.1/32") as (url,),
+        httpx.Client(base_url=url, timeout=10) as api,
+    ):
+        email, r = _register(api)
+        assert r.status_code == 201
+        access = _login(api, email, TEST_PASSWORD).json()["access_token"]
+        attacker = {"Authorization": f"Bearer {access}", "X-Forwarded-For": "198.51.100.2"}
+
+        def change(current: str) -> httpx.Response:
+            body = {"current_password": current, "new_password": "a brand new passphrase, 2027"}
+            return api.post("/api/v1/auth/password", json=body, headers=attacker)
+
+        for guess in ("guess one", "guess two"):
+            assert change(guess).status_code == 400
+        # Failed logins and failed password checks add up.
+        assert _login(api, email, "guess three", "198.51.100.2").status_code == 401
+        locked = change(TEST_PASSWORD)
+        assert locked.status_code == 429
+        assert locked.json()["error"]["code"] == "login_throttled"
+        assert int(locked.headers["Retry-After"]) >= 1
+        assert _login(api, email, TEST_PASSWORD, "198.51.100.2").status_code == 429
+        # Nothing changed: the password is still the old one (from an address not locked out).
+        assert _login(api, email, TEST_PASSWORD, "198.51.100.1").status_code == 200
+
+
 def test_form_logins_count_as_failures_too(stack: Stack, tmp_path: Path) -> None:
     # The OAuth2 form answers a wrong password with a returned 400 (RFC 6749), not a raised error: it must
     # still count, or the form is an unthrottled way to guess passwords.

@@ -50,6 +50,7 @@ def test_the_readme_walkthrough_and_fault_directives_paste_and_run(stack: Stack)
     assert '"code":"query_not_cancellable"' in result.stdout  # cancelling the finished query
     # The slow one: running by then (cancel requested, 202), or still pending on a busy machine (cancelled, 200).
     assert re.search(r'"status":"cancelled"|"status":"running".*"cancel_requested":true', result.stdout), out
-    assert "\n204\n" in result.stdout  # logout
+    # A password change and back (no output), logout-all (204), its token refused (401), a new login's logout (204).
+    assert "\n204\n401\n204\n" in result.stdout
     # The simulator's fault directive: two 500s, then an answer on the third attempt.
     assert re.search(r'"status":"completed".*"attempts":3', result.stdout), out

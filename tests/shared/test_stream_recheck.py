@@ -69,7 +69,7 @@ async def test_each_revocation_ends_validity(redis: aioredis.Redis, pool: asyncp
     assert family_revoked.token is not None
     assert family_revoked.token.family_id is not None
     await revocation.publish_user_state(redis, family_revoked.user_id, OK)
-    await revocation.revoke_family(redis, Settings(), family_revoked.token.family_id)
+    await revocation.revoke_families(redis, Settings(), family_revoked.token.family_id)
 
     # "Log out everywhere": tokens issued before the instant are refused.
     everywhere = _token_principal()
