@@ -160,6 +160,8 @@ class Submitter:
     user_id: uuid.UUID
     # An access token's revocation state, still to be read: with the submit's limits, in the same round trip.
     check: DeferredCheck | None
+    # Whose credential it is (a stream re-checks it): to be served only once `check` has passed.
+    principal: Principal
 
 
 async def submitter(request: Request, token: Token) -> Submitter:
@@ -171,7 +173,7 @@ async def submitter(request: Request, token: Token) -> Submitter:
         raise Unauthorized("Not authenticated", code="not_authenticated")
     handles: Handles = request.app.state.handles
     principal, check = await credentials.resolve_deferred(handles.settings, handles.redis, handles.pool, token)
-    return Submitter(_scoped_user_id(request, principal), check)
+    return Submitter(_scoped_user_id(request, principal), check, principal)
 
 
 SubmitterDep = Annotated[Submitter, Depends(submitter)]

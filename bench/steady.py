@@ -10,7 +10,8 @@ busy the machine is: Redis commands per answer (INFO commandstats; a script's in
 `total_reads_processed`, a pipeline arriving in one read) and PostgreSQL transactions per answer
 (pg_stat_database). Made
 for before/after comparisons in one sitting: run it from each tree in turn (`PYTHONPATH=<tree>`).
-`--profile TAG` adds py-spy on the API and the worker for 12 s at the same rate (/tmp/profile-TAG-*.txt).
+`--profile TAG` adds py-spy on the API and the worker for 12 s at the same rate, in the last mode
+(/tmp/profile-TAG-*.txt).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def main() -> None:
             if spy is not None:
                 targets = {"api": api_pids[-1], "worker": aiq.workers[0].pid}
                 started = profiling.record(spy, targets, 12, Path("/tmp"), args.profile)
-                client._clients(ctx, {**spec, "mode": "longpoll", "rate": args.rate, "duration_s": 12})
+                client._clients(ctx, {**mode_spec, "rate": args.rate, "duration_s": 12})
                 res["profile"] = profiling.collect(started, 12)
     finally:
         launcher.stop_all()

@@ -9,9 +9,9 @@ from fastapi.responses import StreamingResponse
 
 from api.compat import compat_router
 from api.compat.errors import openai_error_responses
-from api.compat.streaming import StreamContextDep, event_stream_response
+from api.compat.streaming import event_stream_response, submitter_stream_context
 from api.compat.submit import submit, submit_and_wait
-from api.deps import HandlesDep, ScopedPrincipal
+from api.deps import HandlesDep, SubmitterDep
 from shared.schemas_openai import ChatCompletionCreate
 from shared.services import queries as queries_service
 from shared.services import responses as service
@@ -31,9 +31,8 @@ async def create_chat_completion(
     body: ChatCompletionCreate,
     request: Request,
     response: Response,
-    principal: ScopedPrincipal,
+    caller: SubmitterDep,
     handles: HandlesDep,
-    streams: StreamContextDep,
 ) -> dict[str, Any] | StreamingResponse:
     """Create a chat completion through the queue: waited for, or streamed with `stream: true`.
 
@@ -44,9 +43,10 @@ async def create_chat_completion(
     The client must wait as long as the queue takes (COMPAT_WAIT_SECONDS at most, then a 504 that names the
     response id to retrieve it by): keep the SDK's `timeout` above it.
     """
-    user_id = principal.user_id
+    user_id = caller.user_id
     query = service.query_from_chat(body)
     if body.stream:
+        streams = await submitter_stream_context(handles, caller)
         upkeep = await streams.reserve()
         try:
             accepted = await submit(handles, user_id, query, response, service.CHAT_PARAMS)
@@ -57,5 +57,5 @@ async def create_chat_completion(
         except BaseException:
             await upkeep.release()
             raise
-    answered = await submit_and_wait(request, handles, user_id, query, response, service.CHAT_PARAMS)
+    answered = await submit_and_wait(request, handles, caller, query, response, service.CHAT_PARAMS)
     return service.chat_completion_object(answered)

@@ -9,9 +9,9 @@ from fastapi.responses import StreamingResponse
 
 from api.compat import compat_router
 from api.compat.errors import openai_error_responses
-from api.compat.streaming import StreamContextDep, event_stream_response
+from api.compat.streaming import StreamContextDep, event_stream_response, submitter_stream_context
 from api.compat.submit import submit, submit_and_wait
-from api.deps import ConnectionDep, CurrentUserId, HandlesDep, ScopedPrincipal
+from api.deps import ConnectionDep, CurrentUserId, HandlesDep, ScopedPrincipal, SubmitterDep
 from shared.errors import Conflict
 from shared.limits import limiter_for
 from shared.schemas_openai import ResponseCreate
@@ -35,19 +35,19 @@ async def create_response(
     body: ResponseCreate,
     request: Request,
     response: Response,
-    principal: ScopedPrincipal,
+    caller: SubmitterDep,
     handles: HandlesDep,
-    streams: StreamContextDep,
 ) -> dict[str, Any] | StreamingResponse:
     """Create a response: queued at once (`background: true`), streamed (`stream: true`), or waited for.
 
     `background: true` answers `queued` at once; `stream: true` streams its events; otherwise the call waits
     for the answer."""
-    user_id = principal.user_id
+    user_id = caller.user_id
     query = service.query_from_response(body)
     background = bool(body.background)
     pool, wakeup = handles.pool, handles.wakeup
     if body.stream:
+        streams = await submitter_stream_context(handles, caller)
         upkeep = await streams.reserve()
         try:
             accepted = await submit(handles, user_id, query, response, service.RESPONSE_PARAMS, background)
@@ -58,9 +58,9 @@ async def create_response(
             await upkeep.release()
             raise
     if not background:
-        answered = await submit_and_wait(request, handles, user_id, query, response, service.RESPONSE_PARAMS)
+        answered = await submit_and_wait(request, handles, caller, query, response, service.RESPONSE_PARAMS)
         return service.response_object(answered)
-    accepted = await submit(handles, user_id, query, response, service.RESPONSE_PARAMS, background)
+    accepted = await submit(handles, user_id, query, response, service.RESPONSE_PARAMS, background, caller.check)
     created = service.response_object(await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup))
     # The create answers the response as created: a worker may have claimed it already (read after the
     # publish), which the next retrieve shows; only an end already reached (a cache hit) is told as it is.

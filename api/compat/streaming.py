@@ -21,7 +21,7 @@ from fastapi import Depends, Request
 from fastapi.responses import StreamingResponse
 from redis.asyncio import Redis
 
-from api.deps import HandlesDep, ScopedPrincipal
+from api.deps import Handles, HandlesDep, ScopedPrincipal, Submitter
 from api.middleware import mark_long_request
 from api.routes.events import KEEPALIVE, EventStreamResponse, StreamUpkeep
 from shared.config import Settings
@@ -141,11 +141,23 @@ class StreamContext:
                 yield b"data: [DONE]\n\n"
 
 
-async def stream_context(handles: HandlesDep, principal: ScopedPrincipal) -> StreamContext:
+def _stream_context(handles: Handles, principal: Principal) -> StreamContext:
     settings, redis = handles.settings, handles.redis
     return StreamContext(
         settings, handles.events, handles.wakeup, handles.pool, redis, limiter_for(redis, settings), principal
     )
+
+
+async def stream_context(handles: HandlesDep, principal: ScopedPrincipal) -> StreamContext:
+    return _stream_context(handles, principal)
+
+
+async def submitter_stream_context(handles: Handles, caller: Submitter) -> StreamContext:
+    """A create's stream, for a caller whose revocation state was left to the submit (`SubmitterDep`): read now,
+    before the stream's slot is taken."""
+    if caller.check is not None:
+        await caller.check.run()
+    return _stream_context(handles, caller.principal)
 
 
 StreamContextDep = Annotated[StreamContext, Depends(stream_context)]

@@ -6,7 +6,7 @@ import uuid
 
 from fastapi import Request, Response
 
-from api.deps import Handles
+from api.deps import Handles, Submitter
 from api.middleware import mark_long_request
 from shared.cache import response_cache_for
 from shared.errors import InvalidInput
@@ -14,6 +14,7 @@ from shared.limits import limiter_for
 from shared.schemas import QueryAccepted, QueryCreate, QueryOut
 from shared.services import queries as service
 from shared.services import responses as responses_service
+from shared.services.credentials import DeferredCheck
 
 
 async def submit(
@@ -23,11 +24,13 @@ async def submit(
     response: Response,
     params: dict[str, str],
     background: bool = False,
+    check: DeferredCheck | None = None,
 ) -> QueryAccepted:
     """Store a pending query under the caller's limits (the `RateLimit` headers go on `response`), then publish
     it, as the native submit does; `background` is a Responses create's, kept on the row. A refusal's `param`
-    names the request's own field (`params`: `CHAT_PARAMS` or `RESPONSE_PARAMS`)."""
-    accepted = await _store(handles, user_id, body, response, params, background)
+    names the request's own field (`params`: `CHAT_PARAMS` or `RESPONSE_PARAMS`). `check`: the caller's
+    revocation state, read with the limits (`SubmitterDep`)."""
+    accepted = await _store(handles, user_id, body, response, params, background, check)
     await _publish(handles, accepted)
     return accepted
 
@@ -38,13 +41,14 @@ async def _store(
     body: QueryCreate,
     response: Response,
     params: dict[str, str],
-    background: bool = False,
+    background: bool,
+    check: DeferredCheck | None,
 ) -> QueryAccepted:
     settings, redis = handles.settings, handles.redis
     limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
     try:
         accepted, limit_headers = await service.submit_query(
-            handles.pool, settings, limiter, cache, user_id, body, background=background
+            handles.pool, settings, limiter, cache, user_id, body, check, background=background
         )
     except InvalidInput as exc:
         raise responses_service.name_params(exc, params) from None
@@ -59,7 +63,7 @@ async def _publish(handles: Handles, accepted: QueryAccepted) -> None:
 async def submit_and_wait(
     request: Request,
     handles: Handles,
-    user_id: uuid.UUID,
+    caller: Submitter,
     body: QueryCreate,
     response: Response,
     params: dict[str, str],
@@ -67,7 +71,8 @@ async def submit_and_wait(
     """`submit`, then the query once it is terminal, or as it stands after COMPAT_WAIT_SECONDS (the native
     long-poll's wait). The wait watches the query before its publish, so it costs one read: after the end."""
     mark_long_request(request.scope)
-    accepted = await _store(handles, user_id, body, response, params)
+    user_id = caller.user_id
+    accepted = await _store(handles, user_id, body, response, params, False, caller.check)
     wait_s, wakeup = handles.settings.compat_wait_seconds, handles.wakeup
     if accepted.cached:
         await _publish(handles, accepted)

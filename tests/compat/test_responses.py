@@ -243,3 +243,36 @@ def test_a_foreground_call_past_compat_wait_is_a_504_naming_the_response_to_fetc
             assert done.status == "completed", done.error
     finally:
         stop(api)
+
+
+def test_an_access_token_works_and_once_logged_out_the_creates_refuse_it_storing_nothing(
+    stack: Stack, client: httpx.Client, db: Engine
+) -> None:
+    # The creates read an access token's revocation state with the submit's limits, in one round trip (as the
+    # native submit does): a token that was logged out is refused all the same, before anything is stored,
+    # waited for or streamed.
+    caller = register_and_login(client)
+    sdk = openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key=caller["tokens"]["access_token"], max_retries=0)
+    messages: Any = [{"role": "user", "content": "Say hello"}]
+    with sdk:
+        assert sdk.chat.completions.create(model="sim-small", messages=messages).choices[0].message.content
+        with sdk.chat.completions.create(model="sim-small", messages=messages, stream=True) as stream:
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert sdk.responses.create(model="sim-small", input="Say hello").status == "completed"
+        stored = "SELECT count(*) FROM queries WHERE user_id = :u"
+        before = count_rows(db, stored, u=caller["user_id"])
+        assert before == 3
+        logout = client.post("/api/v1/auth/logout", headers=caller["headers"])
+        assert logout.status_code == 204
+        creates = (
+            lambda: sdk.chat.completions.create(model="sim-small", messages=messages),
+            lambda: sdk.chat.completions.create(model="sim-small", messages=messages, stream=True),
+            lambda: sdk.responses.create(model="sim-small", input="Say hello"),
+            lambda: sdk.responses.create(model="sim-small", input="Say hello", background=True),
+            lambda: sdk.responses.create(model="sim-small", input="Say hello", stream=True),
+        )
+        for create in creates:
+            with pytest.raises(openai.AuthenticationError) as caught:
+                create()
+            assert caught.value.code == "token_revoked"
+    assert count_rows(db, stored, u=caller["user_id"]) == before
