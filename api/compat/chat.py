@@ -13,7 +13,6 @@ from api.compat.streaming import event_stream_response, submitter_stream_context
 from api.compat.submit import submit, submit_and_wait
 from api.deps import HandlesDep, SubmitterDep
 from shared.schemas_openai import ChatCompletionCreate
-from shared.services import queries as queries_service
 from shared.services import responses as service
 
 router = compat_router()
@@ -49,11 +48,10 @@ async def create_chat_completion(
         streams = await submitter_stream_context(handles, caller)
         upkeep = await streams.reserve()
         try:
-            accepted = await submit(handles, user_id, query, response, service.CHAT_PARAMS)
-            current = await queries_service.wait_for_query(handles.pool, user_id, accepted.query_id, 0, handles.wakeup)
+            created = await submit(handles, user_id, query, response, service.CHAT_PARAMS)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            translator = service.ChatChunks(current, include_usage=include_usage)
-            return streams.respond(request, accepted.query_id, translator, upkeep, chat=True)
+            translator = service.ChatChunks(created, include_usage=include_usage)
+            return streams.respond(request, created.query_id, translator, upkeep, chat=True)
         except BaseException:
             await upkeep.release()
             raise

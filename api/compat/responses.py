@@ -45,28 +45,23 @@ async def create_response(
     user_id = caller.user_id
     query = service.query_from_response(body)
     background = bool(body.background)
-    pool, wakeup = handles.pool, handles.wakeup
     if body.stream:
         streams = await submitter_stream_context(handles, caller)
         upkeep = await streams.reserve()
         try:
-            accepted = await submit(handles, user_id, query, response, service.RESPONSE_PARAMS, background)
-            current = await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup)
-            translator = service.ResponseEvents(current)
-            return streams.respond(request, accepted.query_id, translator, upkeep, chat=False)
+            created = await submit(handles, user_id, query, response, service.RESPONSE_PARAMS, background)
+            translator = service.ResponseEvents(created)
+            return streams.respond(request, created.query_id, translator, upkeep, chat=False)
         except BaseException:
             await upkeep.release()
             raise
     if not background:
         answered = await submit_and_wait(request, handles, caller, query, response, service.RESPONSE_PARAMS)
         return service.response_object(answered)
-    accepted = await submit(handles, user_id, query, response, service.RESPONSE_PARAMS, background, caller.check)
-    created = service.response_object(await queries_service.wait_for_query(pool, user_id, accepted.query_id, 0, wakeup))
-    # The create answers the response as created: a worker may have claimed it already (read after the
-    # publish), which the next retrieve shows; only an end already reached (a cache hit) is told as it is.
-    if created["status"] == "in_progress":
-        created["status"] = "queued"
-    return created
+    # The response as created (queued, or completed from the cache): a worker may have claimed it already,
+    # which the next retrieve shows.
+    created = await submit(handles, user_id, query, response, service.RESPONSE_PARAMS, background, caller.check)
+    return service.response_object(created)
 
 
 @router.get(

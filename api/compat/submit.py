@@ -25,14 +25,17 @@ async def submit(
     params: dict[str, str],
     background: bool = False,
     check: DeferredCheck | None = None,
-) -> QueryAccepted:
+) -> QueryOut:
     """Store a pending query under the caller's limits (the `RateLimit` headers go on `response`), then publish
     it, as the native submit does; `background` is a Responses create's, kept on the row. A refusal's `param`
     names the request's own field (`params`: `CHAT_PARAMS` or `RESPONSE_PARAMS`). `check`: the caller's
-    revocation state, read with the limits (`SubmitterDep`)."""
-    accepted = await _store(handles, user_id, body, response, params, background, check)
+    revocation state, read with the limits (`SubmitterDep`).
+
+    Returns the query as stored (pending, or completed from the cache), not read back: a worker may have
+    claimed it since, which the next read shows."""
+    accepted, stored = await _store(handles, user_id, body, response, params, background, check)
     await _publish(handles, accepted)
-    return accepted
+    return stored
 
 
 async def _store(
@@ -43,17 +46,17 @@ async def _store(
     params: dict[str, str],
     background: bool,
     check: DeferredCheck | None,
-) -> QueryAccepted:
+) -> tuple[QueryAccepted, QueryOut]:
     settings, redis = handles.settings, handles.redis
     limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
     try:
-        accepted, limit_headers = await service.submit_query(
+        accepted, limit_headers, row = await service.submit_query(
             handles.pool, settings, limiter, cache, user_id, body, check, background=background
         )
     except InvalidInput as exc:
         raise responses_service.name_params(exc, params) from None
     response.headers.update(limit_headers)
-    return accepted
+    return accepted, service.stored_view(row)
 
 
 async def _publish(handles: Handles, accepted: QueryAccepted) -> None:
@@ -72,7 +75,7 @@ async def submit_and_wait(
     long-poll's wait). The wait watches the query before its publish, so it costs one read: after the end."""
     mark_long_request(request.scope)
     user_id = caller.user_id
-    accepted = await _store(handles, user_id, body, response, params, False, caller.check)
+    accepted, _ = await _store(handles, user_id, body, response, params, False, caller.check)
     wait_s, wakeup = handles.settings.compat_wait_seconds, handles.wakeup
     if accepted.cached:
         await _publish(handles, accepted)

@@ -47,8 +47,8 @@ async def submit(
     limiter, cache = limiter_for(handles.redis, settings), response_cache_for(handles.redis, settings)
     user_id, check = caller.user_id, caller.check
     if idempotency_key is None:
-        submitted = await service.submit_query(pool, settings, limiter, cache, user_id, body, check)
-        (accepted, limit_headers), replayed = submitted, False
+        accepted, limit_headers, _ = await service.submit_query(pool, settings, limiter, cache, user_id, body, check)
+        replayed = False
     else:
         accepted, replayed, limit_headers = await service.submit_query_once(
             pool, settings, limiter, cache, user_id, body, idempotency_key, check

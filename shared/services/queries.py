@@ -232,13 +232,13 @@ async def submit_query(
     check: DeferredCheck | None = None,
     *,
     background: bool = False,
-) -> tuple[QueryAccepted, dict[str, str]]:
+) -> tuple[QueryAccepted, dict[str, str], dict[str, Any]]:
     """Take the user's limits, then store a pending query in one autocommitted INSERT; the caller enqueues it
     unless the response cache answered it (then the row is stored completed). `background`: how a
     `/v1/responses` create asked for it, kept for its reads.
 
-    Returns the 202 body and the `RateLimit` headers. A refusal stores nothing. `check`: the caller's revocation
-    state, read with the limits (`credentials.resolve_deferred`).
+    Returns the 202 body, the `RateLimit` headers and the row as stored (`stored_view`). A refusal stores
+    nothing. `check`: the caller's revocation state, read with the limits (`credentials.resolve_deferred`).
     """
     accepted, row = _new_query(settings, user_id, body, background=background)
     accepted, headers, cache_key = await _take_limits_or_answer(
@@ -252,7 +252,13 @@ async def submit_query(
         raise
     if cache_key is not None:
         await cache.expect(accepted.query_id, cache_key)
-    return accepted, headers
+    return accepted, headers, row
+
+
+def stored_view(row: dict[str, Any]) -> QueryOut:
+    """The public view of a row `submit_query` has just stored: what reading it back before its publish would
+    give (pending, or completed from the cache), without the read."""
+    return to_out({**row, "error_code": None, "error_message": None, "cancel_requested_at": None})
 
 
 async def submit_query_in(
