@@ -87,7 +87,7 @@ def _admin(argv: list[str]) -> int:
 
 
 def _client(name: str) -> Callable[[list[str]], int]:
-    """A client command of `devkit/client.py` (login, ask, get, list, cancel, usage), imported when run."""
+    """A client command of `devkit/client.py` (login, logout, password, ask, ...), imported when run."""
 
     def run(argv: list[str]) -> int:
         from devkit import client
@@ -104,7 +104,10 @@ COMMANDS: dict[str, Command] = {
     "migrate": Command("apply database migrations (alembic upgrade head)", _migrate),
     "admin": Command("create the first admin, or promote a user: aiq admin create EMAIL", _admin),
     "login": Command("log in (email/password or --api-key); stores the credentials (mode 0600)", _client("login")),
-    "logout": Command("forget the stored credentials (and revoke the refresh token)", _client("logout")),
+    "logout": Command(
+        "forget the stored credentials (and revoke the refresh token); --all logs out everywhere", _client("logout")
+    ),
+    "password": Command("change your password (logs out every other session)", _client("password")),
     "ask": Command('ask: aiq ask "..." [--model M] [--system S] [--wait | --stream] [--json]', _client("ask")),
     "get": Command("show one of your queries: aiq get ID [--json]", _client("get")),
     "list": Command("list your queries: aiq list [--status S] [--json]", _client("list")),

@@ -1,4 +1,5 @@
-"""The `aiq` client commands: login, ask, get, list, cancel, usage — a thin HTTP client of the public API.
+"""The `aiq` client commands: login, logout, password, ask, get, list, cancel, usage — a thin HTTP client of the
+public API.
 
 Exit codes (scripts may rely on them):
   0  success (`ask`: the query completed)
@@ -218,16 +219,59 @@ def cmd_login(argv: list[str]) -> int:
 
 def cmd_logout(argv: list[str]) -> int:
     parser = _common(argparse.ArgumentParser(prog="aiq logout", description="Forget the stored credentials."))
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="log out everywhere first: every access and refresh token of the account stops working (API keys stay)",
+    )
     args = parser.parse_args(argv)
     config = load_config()
-    if config.get("refresh_token"):
+    if args.all:
+        # The account's sessions end before the credentials are forgotten: a refusal keeps them, and says why.
+        api = Api(args.api_url, config)
+        try:
+            api.request("POST", "/api/v1/auth/logout-all", ok=(204,))
+        finally:
+            api.close()
+    elif config.get("refresh_token"):
         api = Api(args.api_url, config)
         with contextlib.suppress(ClientError):
             api.request("POST", "/api/v1/auth/logout", ok=(204,), json={"refresh_token": config["refresh_token"]})
         api.close()
     with contextlib.suppress(FileNotFoundError):
         config_path().unlink()
-    err.print("logged out")
+    err.print("logged out everywhere" if args.all else "logged out")
+    return EXIT_OK
+
+
+def cmd_password(argv: list[str]) -> int:
+    parser = _common(
+        argparse.ArgumentParser(
+            prog="aiq password",
+            description="Change the password. Every other session is logged out; this one gets new tokens.",
+        )
+    )
+    parser.add_argument(
+        "--password-stdin", action="store_true", help="read the current and the new password from stdin, one a line"
+    )
+    args = parser.parse_args(argv)
+    config = load_config()
+    if args.password_stdin:
+        current, new = sys.stdin.readline().rstrip("\n"), sys.stdin.readline().rstrip("\n")
+    else:
+        current = getpass.getpass("Current password: ")
+        new = getpass.getpass("New password: ")
+        if getpass.getpass("New password again: ") != new:
+            raise ClientError("the new passwords do not match", EXIT_USAGE)
+    api = Api(args.api_url, config)
+    try:
+        body = {"current_password": current, "new_password": new}
+        tokens = api.request("POST", "/api/v1/auth/password", json=body).json()
+    finally:
+        api.close()
+    config.update(access_token=tokens["access_token"], refresh_token=tokens["refresh_token"])
+    save_config(config)
+    err.print("password changed; every other session is logged out")
     return EXIT_OK
 
 

@@ -252,3 +252,37 @@ def test_ask_stream_of_a_failing_query_exits_1(logged_in: dict[str, Any], stack:
     r = aiq(stack, logged_in["home"], "ask", f"[[sim fail=400]] no {uuid.uuid4()}", "--stream")
     assert r.returncode == 1, r.stderr
     assert "failed" in r.stderr
+
+
+def test_password_change_keeps_this_login_and_logout_all_ends_every_session(
+    logged_in: dict[str, Any], stack: Stack, client: httpx.Client, tmp_path: Path
+) -> None:
+    home = logged_in["home"]
+    # Another session of the same account, on another machine: a second login.
+    other = client.post("/api/v1/auth/login", json={"email": logged_in["email"], "password": TEST_PASSWORD}).json()
+    other_headers = {"Authorization": f"Bearer {other['access_token']}"}
+    assert client.get("/api/v1/users/me", headers=other_headers).status_code == 200
+
+    wrong = aiq(stack, home, "password", "--password-stdin", stdin="not the password\nanother long passphrase\n")
+    assert wrong.returncode == 2, wrong.stderr
+    assert "invalid_current_password" in wrong.stderr
+
+    new_password = f"a brand new passphrase {uuid.uuid4().hex[:6]}"
+    r = aiq(stack, home, "password", "--password-stdin", stdin=f"{TEST_PASSWORD}\n{new_password}\n")
+    assert r.returncode == 0, r.stderr
+    # This login goes on with the new pair it saved; the other session is over, and the old password too.
+    assert aiq(stack, home, "list", "--json").returncode == 0
+    assert client.get("/api/v1/users/me", headers=other_headers).status_code == 401
+    old = client.post("/api/v1/auth/login", json={"email": logged_in["email"], "password": TEST_PASSWORD})
+    assert old.status_code == 401
+
+    # Log out everywhere from a second machine: the first one's saved tokens stop working too.
+    second = tmp_path / "second"
+    r = aiq(stack, second, "login", "--email", logged_in["email"], "--password-stdin", stdin=new_password + "\n")
+    assert r.returncode == 0, r.stderr
+    r = aiq(stack, second, "logout", "--all")
+    assert r.returncode == 0, r.stderr
+    assert "everywhere" in r.stderr
+    assert not (second / "config" / "aiq" / "config.json").exists()
+    refused = aiq(stack, home, "list")
+    assert refused.returncode == 3, refused.stderr
