@@ -11,7 +11,9 @@ dependencies send. `custom_openapi()` rewrites the generated document once:
   implied errors use `OpenAIErrorBody`, and a validation error is declared as the 400 it is there, not a 422;
 - an operation is listed under one tag (its own route's), so Swagger UI shows it once; the tags are listed
   in the order their operations come, with the description the app gives them (`openapi_tags`);
-- an operation without an explicit summary gets the first line of its docstring.
+- an operation without an explicit summary gets the first line of its docstring;
+- a bearer credential can also be pasted as it is (`APIKeyBearer`, beside the OAuth2 password flow): Swagger UI's
+  Authorize then takes an API key, which the password flow cannot give.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ _REF_TEMPLATE = "#/components/schemas/{model}"
 _ERROR_REF = {"$ref": _REF_TEMPLATE.format(model="ErrorBody")}
 _OPENAI_ERROR_REF = {"$ref": _REF_TEMPLATE.format(model=OpenAIErrorBody.__name__)}
 _FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
+_LOGIN_SCHEME = "OAuth2PasswordBearer"
+_BEARER_SCHEME = "APIKeyBearer"
 
 
 def _error_entry(path: str, status: int) -> dict[str, Any]:
@@ -91,7 +95,18 @@ def rewrite(schema: dict[str, Any]) -> dict[str, Any]:
             tags = operation.get("tags")
             if isinstance(tags, list) and len(tags) > 1:
                 operation["tags"] = [tags[-1]]
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
+            if operation.get("security") == [{_LOGIN_SCHEME: []}]:
+                # Either one: the same `Authorization: Bearer` header.
+                operation["security"] = [{_LOGIN_SCHEME: []}, {_BEARER_SCHEME: []}]
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    if _LOGIN_SCHEME in schemes:
+        schemes[_BEARER_SCHEME] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key (`aiq_…`) or an access token, pasted as it is (routes that manage keys, "
+            "sessions or users take an access token only)",
+        }
+    components = schema["components"].setdefault("schemas", {})
     for name in _FASTAPI_VALIDATION_SCHEMAS:
         components.pop(name, None)
     if any(is_compat_path(path) for path in schema.get("paths", {})):

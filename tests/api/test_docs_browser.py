@@ -187,3 +187,39 @@ def test_redoc_renders_offline(browser: Any, stack: Stack) -> None:
     # any request leaves (the page needs nothing from there). Anything else is a real problem.
     blocked_logo = "'https://cdn.redoc.ly/redoc/logo-mini.svg' violates the following Content Security Policy"
     assert [p for p in _problems(browser) if blocked_logo not in p] == []
+
+
+def test_swagger_ui_authorizes_with_an_api_key(browser: Any, stack: Stack) -> None:
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    with httpx.Client(base_url=stack.api_url) as client:
+        user = register_and_login(client)
+        created = client.post("/api/v1/keys", json={"name": "docs"}, headers=user["headers"])
+        assert created.status_code == 201, created.text
+        key = created.json()["key"]
+    browser.get(f"{stack.api_url}/docs")
+    _eventually(lambda: browser.find_elements(By.CSS_SELECTOR, ".opblock"), "the operations")
+
+    # Authorize: the key goes in the bearer field as it is (the password flow cannot give one).
+    browser.find_element(By.CSS_SELECTOR, "button.authorize").click()
+    bearer = _eventually(
+        lambda: browser.find_element(
+            By.XPATH, "//div[contains(@class,'auth-container')][.//h4[contains(., 'APIKeyBearer')]]"
+        ),
+        "the bearer section of the Authorize dialog",
+    )
+    bearer.find_element(By.CSS_SELECTOR, "input").send_keys(key)
+    bearer.find_element(By.CSS_SELECTOR, "button.authorize").click()
+    _eventually(lambda: bearer.find_elements(By.XPATH, ".//button[.='Logout']"), "the key accepted by the dialog")
+    browser.find_element(By.XPATH, "//div[contains(@class,'auth-btn-wrapper')]//button[.='Close']").click()
+
+    # Try it out with the key: the models the /v1 door serves, and one of the caller's own routes.
+    models = browser.find_element(By.CSS_SELECTOR, "[id$='-list_models_v1_models_get']")
+    models.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    _eventually(lambda: models.find_element(By.CSS_SELECTOR, "button.try-out__btn"), "Try it out").click()
+    listed = _execute(browser, models)
+    assert listed["status"] == 200, listed
+    assert listed["body"]["object"] == "list"
+    assert listed["body"]["data"], listed
+    assert _problems(browser) == []

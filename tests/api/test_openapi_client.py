@@ -83,6 +83,8 @@ def test_the_document_declares_each_doors_own_errors(stack: Stack) -> None:
             if path.startswith("/api/"):
                 assert "503" in op["responses"], (path, method)
             if op.get("security"):
+                # The login's OAuth2 flow, or a bearer credential pasted as it is (an API key).
+                assert op["security"] == [{"OAuth2PasswordBearer": []}, {"APIKeyBearer": []}], (path, method)
                 # 403: an API key without the route's scope (`insufficient_scope`), or an API key where only
                 # an access token will do (`access_token_required`): every authenticated route can send it.
                 assert {"401", "403"} <= set(op["responses"]), (path, method)
@@ -208,7 +210,7 @@ def test_the_openai_compatible_operations_are_in_the_document(stack: Stack) -> N
     assert [t["name"] for t in spec["tags"]].index(COMPAT_TAG) > [t["name"] for t in spec["tags"]].index("queries")
     for (method, path), op in documented.items():
         assert op["tags"] == [COMPAT_TAG], (method, path)
-        assert op["security"] == [{"OAuth2PasswordBearer": []}], (method, path)
+        assert op["security"] == [{"OAuth2PasswordBearer": []}, {"APIKeyBearer": []}], (method, path)
         assert {"401", "403", "503"} <= set(op["responses"]), (method, path)
         if "{" in path:
             assert "404" in op["responses"], (method, path)
