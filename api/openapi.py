@@ -11,6 +11,8 @@ dependencies send. `custom_openapi()` rewrites the generated document once:
   implied errors use `OpenAIErrorBody`, and a validation error is declared as the 400 it is there, not a 422;
 - an operation is listed under one tag (its own route's), so Swagger UI shows it once; the tags are listed
   in the order their operations come, with the description the app gives them (`openapi_tags`);
+- a success answer declared by its model (`responses={200: {"model": …}}`, the `/v1` objects, whose routes return
+  plain dicts for speed) is that model alone, without the `dict` FastAPI infers from the route's return type;
 - an operation without an explicit summary gets the first line of its docstring;
 - a bearer credential can also be pasted as it is (`APIKeyBearer`, beside the OAuth2 password flow): Swagger UI's
   Authorize then takes an API key, which the password flow cannot give.
@@ -78,6 +80,17 @@ def _ordered_tags(schema: dict[str, Any]) -> None:
     schema["tags"] = [described.get(name, {"name": name}) for name in ordered]
 
 
+def _declared_models_only(responses: dict[str, Any]) -> None:
+    # A route returning `dict[str, Any]` that declares its answer's model (`responses={200: {"model": …}}`, the
+    # `/v1` objects): FastAPI merges the inferred `{"type": "object", "additionalProperties": true, "title": …}`
+    # into the model's `$ref`. The declared model is the answer's shape.
+    for response in responses.values():
+        for media in response.get("content", {}).values():
+            schema = media.get("schema", {})
+            if "$ref" in schema and len(schema) > 1:
+                media["schema"] = {"$ref": schema["$ref"]}
+
+
 def rewrite(schema: dict[str, Any]) -> dict[str, Any]:
     """Apply the rules above to a generated document (in place; returned for convenience)."""
     for path, item in schema.get("paths", {}).items():
@@ -92,6 +105,7 @@ def rewrite(schema: dict[str, Any]) -> dict[str, Any]:
                 responses.setdefault(str(status), _error_entry(path, status))
             if "422" in responses:
                 responses["422"] = {**responses["422"], "content": {"application/json": {"schema": _ERROR_REF}}}
+            _declared_models_only(responses)
             tags = operation.get("tags")
             if isinstance(tags, list) and len(tags) > 1:
                 operation["tags"] = [tags[-1]]

@@ -1,5 +1,6 @@
-"""Request bodies of the OpenAI-compatible door (`/v1`), as OpenAI's API reference names their fields, and its
-error body (`OpenAIErrorBody`, as `api/compat/errors.py` renders it).
+"""Request bodies of the OpenAI-compatible door (`/v1`), as OpenAI's API reference names their fields, its
+error body (`OpenAIErrorBody`, as `api/compat/errors.py` renders it) and the objects it answers (for the OpenAPI
+document only: `shared/services` builds them as plain dicts).
 
 Only what AIQ can honour is accepted: an unknown field (tools, response_format …) is a 400 that names it,
 never silently dropped; a boolean is JSON's `true`/`false` (`StrictBool`: `"true"` or `1` is a 400, as the
@@ -129,3 +130,215 @@ class OpenAIErrorBody(BaseModel):
     """Every 4xx and 5xx answer under `/v1` has OpenAI's error shape."""
 
     error: OpenAIError
+
+
+# The objects the `/v1` routes answer, as `shared/services` builds them (plain dicts, for speed). They are
+# declared for the OpenAPI document only (`responses={200: {"model": …}}`), never used to validate an answer.
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+    refusal: str | None
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: ChatCompletionMessage
+    finish_reason: Literal["stop", "length"] = Field(description="`length`: the answer reached its token cap")
+    logprobs: None
+
+
+class ChatCompletion(BaseModel):
+    """A completed query as OpenAI's `chat.completion` (`chatcmpl-<hex>`: the query's id)."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int = Field(description="Unix seconds")
+    model: str
+    choices: list[ChatCompletionChoice] = Field(description="Exactly one")
+    usage: CompletionUsage | None
+
+
+class ResponseOutputText(BaseModel):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any]
+    logprobs: list[Any]
+
+
+class ResponseOutputMessage(BaseModel):
+    type: Literal["message"]
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"]
+    content: list[ResponseOutputText]
+
+
+class ResponseError(BaseModel):
+    code: str = Field(description="`server_error`, or `rate_limit_exceeded` when the provider refused on its limits")
+    message: str = Field(description="What went wrong, with AIQ's error code in parentheses")
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"]
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class ResponseFormatText(BaseModel):
+    type: Literal["text"]
+
+
+class ResponseTextConfig(BaseModel):
+    format: ResponseFormatText
+
+
+class ResponseObject(BaseModel):
+    """A query as OpenAI's `response` (`resp_<hex>`: the query's id). OpenAI names it `Response`."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int = Field(description="Unix seconds")
+    completed_at: int | None = Field(description="Unix seconds; null unless `completed`")
+    status: Literal["queued", "in_progress", "completed", "failed", "cancelled", "incomplete"]
+    background: bool
+    error: ResponseError | None = Field(description="Set when `failed`")
+    incomplete_details: IncompleteDetails | None = Field(description="Set when `incomplete`")
+    instructions: str | None
+    max_output_tokens: int | None
+    metadata: dict[str, Any]
+    model: str
+    output: list[ResponseOutputMessage] = Field(description="The assistant's message once there is an answer")
+    parallel_tool_calls: bool
+    temperature: float | None
+    tool_choice: Literal["none"]
+    tools: list[Any] = Field(description="Always empty: AIQ runs no tools")
+    top_p: float | None
+    text: ResponseTextConfig
+    usage: ResponseUsage | None = Field(description="Null until the model answered")
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response.deleted"]
+    deleted: bool
+
+
+class Model(BaseModel):
+    """An allowed model (ALLOWED_MODELS)."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class FileObject(BaseModel):
+    """OpenAI's `file` (`file-<hex>`)."""
+
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int = Field(description="Unix seconds")
+    expires_at: int | None = Field(description="Unix seconds; null: kept until deleted")
+    filename: str
+    purpose: Literal["batch", "batch_output"]
+    status: Literal["processed"]
+    status_details: str | None
+
+
+class FileList(BaseModel):
+    """A page of files, newest first: pass `last_id` as `after` for the next one."""
+
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class BatchError(BaseModel):
+    code: str | None = None
+    message: str | None = None
+    param: str | None = None
+    line: int | None = None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"]
+    data: list[BatchError]
+
+
+class BatchRequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class Batch(BaseModel):
+    """OpenAI's `batch` (`batch_<hex>`); the `*_at` fields are Unix seconds, null until that step happens."""
+
+    id: str
+    object: Literal["batch"]
+    endpoint: Literal["/v1/chat/completions", "/v1/responses"]
+    errors: BatchErrors | None = Field(description="Batch-level errors, e.g. an unreadable input file")
+    input_file_id: str
+    completion_window: Literal["24h"]
+    status: Literal[
+        "validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled"
+    ]
+    output_file_id: str | None = Field(description="The results' JSONL file, once finished")
+    error_file_id: str | None = Field(description="The failed lines' JSONL file, once finished")
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: BatchRequestCounts
+    metadata: dict[str, str] | None
+
+
+class BatchList(BaseModel):
+    """A page of batches, newest first: pass `last_id` as `after` for the next one."""
+
+    object: Literal["list"]
+    data: list[Batch]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

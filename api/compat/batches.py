@@ -9,13 +9,16 @@ from fastapi import Query
 from api.compat import compat_router
 from api.compat.errors import openai_error_responses
 from api.deps import CurrentUserId, HandlesDep
-from shared.schemas_openai import BatchCreate
+from shared.schemas_openai import Batch, BatchCreate, BatchList
 from shared.services import batches as service
 
 router = compat_router()
 
 
-@router.post("/batches", responses=openai_error_responses(400, 404))
+@router.post(
+    "/batches",
+    responses={200: {"model": Batch, "description": "The batch, `validating`"}, **openai_error_responses(400, 404)},
+)
 async def create_batch(body: BatchCreate, user_id: CurrentUserId, handles: HandlesDep) -> dict[str, Any]:
     """Create a batch over an uploaded `batch` file: it starts `validating`; its lines become queries.
 
@@ -27,14 +30,18 @@ async def create_batch(body: BatchCreate, user_id: CurrentUserId, handles: Handl
     return service.batch_object(row)
 
 
-@router.get("/batches/{batch_id}", responses=openai_error_responses(404))
+@router.get(
+    "/batches/{batch_id}", responses={200: {"model": Batch, "description": "The batch"}, **openai_error_responses(404)}
+)
 async def get_batch(batch_id: str, user_id: CurrentUserId, handles: HandlesDep) -> dict[str, Any]:
     """Retrieve a batch; anybody else's is a 404 like a missing one."""
     async with handles.pool.acquire() as conn:
         return service.batch_object(await service.get(conn, user_id, batch_id))
 
 
-@router.get("/batches", responses=openai_error_responses(404))
+@router.get(
+    "/batches", responses={200: {"model": BatchList, "description": "A page of batches"}, **openai_error_responses(404)}
+)
 async def list_batches(
     user_id: CurrentUserId,
     handles: HandlesDep,
@@ -46,7 +53,10 @@ async def list_batches(
         return await service.list_page(conn, user_id, after, limit)
 
 
-@router.post("/batches/{batch_id}/cancel", responses=openai_error_responses(404, 409))
+@router.post(
+    "/batches/{batch_id}/cancel",
+    responses={200: {"model": Batch, "description": "The batch as it stands"}, **openai_error_responses(404, 409)},
+)
 async def cancel_batch(batch_id: str, user_id: CurrentUserId, handles: HandlesDep) -> dict[str, Any]:
     """Cancel a batch: validating/in_progress → cancelling → cancelled (finished lines keep their results).
 

@@ -12,7 +12,7 @@ from api.compat.errors import openai_error_responses
 from api.compat.streaming import event_stream_response, submitter_stream_context
 from api.compat.submit import submit, submit_and_wait
 from api.deps import HandlesDep, SubmitterDep
-from shared.schemas_openai import ChatCompletionCreate
+from shared.schemas_openai import ChatCompletion, ChatCompletionCreate
 from shared.services import responses as service
 
 router = compat_router()
@@ -22,7 +22,9 @@ router = compat_router()
     "/chat/completions",
     response_model=None,
     responses={
-        200: event_stream_response("`stream: true`: `chat.completion.chunk`s as `data:` lines, then `data: [DONE]`"),
+        200: event_stream_response(
+            ChatCompletion, "`stream: true`: `chat.completion.chunk`s as `data:` lines, then `data: [DONE]`"
+        ),
         **openai_error_responses(400, 429, 502, 504),
     },
 )

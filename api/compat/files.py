@@ -12,7 +12,7 @@ from api.compat import compat_router
 from api.compat.errors import openai_error_responses
 from api.deps import ConnectionDep, CurrentUserId, HandlesDep
 from shared.errors import InvalidInput
-from shared.schemas_openai import MAX_EXPIRES_SECONDS, MIN_EXPIRES_SECONDS
+from shared.schemas_openai import MAX_EXPIRES_SECONDS, MIN_EXPIRES_SECONDS, FileDeleted, FileList, FileObject
 from shared.services import files as service
 
 router = compat_router()
@@ -41,7 +41,11 @@ _UPLOAD_BODY = {
 }
 
 
-@router.post("/files", openapi_extra={"requestBody": _UPLOAD_BODY}, responses=openai_error_responses(400))
+@router.post(
+    "/files",
+    openapi_extra={"requestBody": _UPLOAD_BODY},
+    responses={200: {"model": FileObject, "description": "The stored file"}, **openai_error_responses(400)},
+)
 async def upload_file(request: Request, user_id: CurrentUserId, handles: HandlesDep) -> dict[str, Any]:
     """Upload a JSONL batch input file (a multipart form).
 
@@ -84,7 +88,9 @@ def _missing(field: str, message: str) -> InvalidInput:
     )
 
 
-@router.get("/files", responses=openai_error_responses(404))
+@router.get(
+    "/files", responses={200: {"model": FileList, "description": "A page of files"}, **openai_error_responses(404)}
+)
 async def list_files(
     user_id: CurrentUserId,
     conn: ConnectionDep,
@@ -96,13 +102,18 @@ async def list_files(
     return await service.list_page(conn, user_id, purpose=purpose, after=after, limit=limit)
 
 
-@router.delete("/files/{file_id}", responses=openai_error_responses(404, 409))
+@router.delete(
+    "/files/{file_id}",
+    responses={200: {"model": FileDeleted, "description": "Deleted"}, **openai_error_responses(404, 409)},
+)
 async def delete_file(file_id: str, user_id: CurrentUserId, conn: ConnectionDep) -> dict[str, Any]:
     """Delete a file and its content; a file a live batch still reads is a 409."""
     return await service.delete_file(conn, user_id, file_id)
 
 
-@router.get("/files/{file_id}", responses=openai_error_responses(404))
+@router.get(
+    "/files/{file_id}", responses={200: {"model": FileObject, "description": "The file"}, **openai_error_responses(404)}
+)
 async def get_file(file_id: str, user_id: CurrentUserId, conn: ConnectionDep) -> dict[str, Any]:
     """Retrieve a file; anybody else's is a 404 like a missing one."""
     return service.file_object(await service.get_file(conn, user_id, file_id))

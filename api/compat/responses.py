@@ -14,7 +14,7 @@ from api.compat.submit import submit, submit_and_wait
 from api.deps import ConnectionDep, CurrentUserId, HandlesDep, ScopedPrincipal, SubmitterDep
 from shared.errors import Conflict
 from shared.limits import limiter_for
-from shared.schemas_openai import ResponseCreate
+from shared.schemas_openai import ResponseCreate, ResponseDeleted, ResponseObject
 from shared.services import queries as queries_service
 from shared.services import responses as service
 
@@ -27,7 +27,9 @@ CANCEL_WAIT_SECONDS = 5.0
     "/responses",
     response_model=None,
     responses={
-        200: event_stream_response("`stream: true`: the Responses events, each with its `sequence_number`"),
+        200: event_stream_response(
+            ResponseObject, "`stream: true`: the Responses events, each with its `sequence_number`"
+        ),
         **openai_error_responses(429),
     },
 )
@@ -68,7 +70,9 @@ async def create_response(
     "/responses/{response_id}",
     response_model=None,
     responses={
-        200: event_stream_response("`stream=true`: the Responses events from the start, or after `starting_after`"),
+        200: event_stream_response(
+            ResponseObject, "`stream=true`: the Responses events from the start, or after `starting_after`"
+        ),
         **openai_error_responses(404, 429),
     },
 )
@@ -95,7 +99,13 @@ async def get_response(
     return streams.respond(request, query_id, translator, upkeep, starting_after=starting_after, chat=False)
 
 
-@router.post("/responses/{response_id}/cancel", responses=openai_error_responses(404, 409))
+@router.post(
+    "/responses/{response_id}/cancel",
+    responses={
+        200: {"model": ResponseObject, "description": "The response as it stands"},
+        **openai_error_responses(404, 409),
+    },
+)
 async def cancel_response(
     response_id: str,
     user_id: CurrentUserId,
@@ -121,7 +131,10 @@ async def cancel_response(
     )
 
 
-@router.delete("/responses/{response_id}", responses=openai_error_responses(404, 409))
+@router.delete(
+    "/responses/{response_id}",
+    responses={200: {"model": ResponseDeleted, "description": "Deleted"}, **openai_error_responses(404, 409)},
+)
 async def delete_response(
     response_id: str,
     user_id: CurrentUserId,

@@ -19,6 +19,7 @@ import asyncpg
 import orjson
 from fastapi import Depends, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from api.deps import Handles, HandlesDep, ScopedPrincipal, Submitter
@@ -38,10 +39,11 @@ from shared.wakeup import Wakeup
 FINAL_READ_WAIT_SECONDS = 5.0
 
 
-def event_stream_response(description: str) -> dict[str, Any]:
-    """The OpenAPI 200 of a route that answers JSON, or Server-Sent Events when asked to stream."""
+def event_stream_response(model: type[BaseModel], description: str) -> dict[str, Any]:
+    """The OpenAPI 200 of a route that answers JSON (`model`), or Server-Sent Events when asked to stream."""
     return {
-        "description": f"The object as JSON; {description} (`text/event-stream`)",
+        "model": model,
+        "description": f"The `{model.__name__}` as JSON; {description} (`text/event-stream`)",
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     }
 

@@ -167,6 +167,9 @@ def test_a_generated_client_parses_real_openai_compatible_errors(
     r = list_models.sync_detailed(client=authed)
     assert r.status_code == 200
     assert [m["id"] for m in json.loads(r.content)["data"]] == stack.settings.allowed_models
+    # The success bodies are declared too: the generated client parses them into its models.
+    assert isinstance(r.parsed, models.ModelList)
+    assert [m.id for m in r.parsed.data] == stack.settings.allowed_models
 
     r = list_models.sync_detailed(client=anonymous)
     assert r.status_code == 401
@@ -232,3 +235,10 @@ def test_the_openai_compatible_operations_are_in_the_document(stack: Stack) -> N
         assert "text/event-stream" in documented[key]["responses"]["200"]["content"], key
     assert {"502", "504"} <= set(documented[("POST", "/v1/chat/completions")]["responses"])
     assert "application/jsonl" in documented[("GET", "/v1/files/{file_id}/content")]["responses"]["200"]["content"]
+    # Every other operation declares its JSON success body by its model (tests/api/test_openapi_objects.py checks
+    # real answers against them).
+    for key, op in documented.items():
+        if key != ("GET", "/v1/files/{file_id}/content"):
+            assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].startswith(
+                "#/components/schemas/"
+            ), key
