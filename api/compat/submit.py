@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from fastapi import Request, Response
 
@@ -33,9 +34,9 @@ async def submit(
 
     Returns the query as stored (pending, or completed from the cache), not read back: a worker may have
     claimed it since, which the next read shows."""
-    accepted, stored = await _store(handles, user_id, body, response, params, background, check)
+    accepted, row = await _store(handles, user_id, body, response, params, background, check)
     await _publish(handles, accepted)
-    return stored
+    return service.stored_view(row)
 
 
 async def _store(
@@ -46,7 +47,8 @@ async def _store(
     params: dict[str, str],
     background: bool,
     check: DeferredCheck | None,
-) -> tuple[QueryAccepted, QueryOut]:
+) -> tuple[QueryAccepted, dict[str, Any]]:
+    """The query stored under the caller's limits (not yet published): the 202 body and its row."""
     settings, redis = handles.settings, handles.redis
     limiter, cache = limiter_for(redis, settings), response_cache_for(redis, settings)
     try:
@@ -56,7 +58,7 @@ async def _store(
     except InvalidInput as exc:
         raise responses_service.name_params(exc, params) from None
     response.headers.update(limit_headers)
-    return accepted, service.stored_view(row)
+    return accepted, row
 
 
 async def _publish(handles: Handles, accepted: QueryAccepted) -> None:
@@ -72,14 +74,15 @@ async def submit_and_wait(
     params: dict[str, str],
 ) -> QueryOut:
     """`submit`, then the query once it is terminal, or as it stands after COMPAT_WAIT_SECONDS (the native
-    long-poll's wait). The wait watches the query before its publish, so it costs one read: after the end."""
+    long-poll's wait). The wait watches the query before its publish, so it costs one read: after the end (none
+    for a cache hit, stored completed)."""
     mark_long_request(request.scope)
     user_id = caller.user_id
-    accepted, _ = await _store(handles, user_id, body, response, params, False, caller.check)
-    wait_s, wakeup = handles.settings.compat_wait_seconds, handles.wakeup
+    accepted, row = await _store(handles, user_id, body, response, params, False, caller.check)
     if accepted.cached:
         await _publish(handles, accepted)
-        return await service.wait_for_query(handles.pool, user_id, accepted.query_id, wait_s, wakeup)
+        return service.stored_view(row)
+    wait_s, wakeup = handles.settings.compat_wait_seconds, handles.wakeup
     with wakeup.watch(accepted.query_id, only_terminal=True) as waiter:
         await _publish(handles, accepted)
         return await service.wait_for_query(handles.pool, user_id, accepted.query_id, wait_s, wakeup, watching=waiter)
