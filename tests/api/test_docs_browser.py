@@ -99,6 +99,16 @@ def _execute(driver: Any, opblock: Any) -> dict[str, Any]:
     return result
 
 
+def _try_it_out(browser: Any, selector: str) -> Any:
+    """Open an operation (by CSS selector) and press its "Try it out"; the operation's block."""
+    from selenium.webdriver.common.by import By
+
+    opblock = browser.find_element(By.CSS_SELECTOR, selector)
+    opblock.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    _eventually(lambda: opblock.find_element(By.CSS_SELECTOR, "button.try-out__btn"), "Try it out").click()
+    return opblock
+
+
 def test_swagger_ui_works_offline_authorize_submit_poll(browser: Any, stack: Stack) -> None:
     import httpx
     from selenium.webdriver.common.by import By
@@ -135,18 +145,14 @@ def test_swagger_ui_works_offline_authorize_submit_poll(browser: Any, stack: Sta
     browser.find_element(By.XPATH, "//div[contains(@class,'auth-btn-wrapper')]//button[.='Close']").click()
 
     # Try it out: the default body of Submit must be accepted as it stands.
-    submit = browser.find_element(By.ID, "operations-queries-submit_api_v1_query_post")
-    submit.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
-    _eventually(lambda: submit.find_element(By.CSS_SELECTOR, "button.try-out__btn"), "Try it out").click()
+    submit = _try_it_out(browser, "#operations-queries-submit_api_v1_query_post")
     accepted = _execute(browser, submit)
     assert accepted["status"] == 202, accepted
     query_id = accepted["body"]["query_id"]
     uuid.UUID(query_id)
 
     # Poll: Get a query with that id until it is terminal.
-    get = browser.find_element(By.ID, "operations-queries-get_api_v1_query__query_id__get")
-    get.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
-    _eventually(lambda: get.find_element(By.CSS_SELECTOR, "button.try-out__btn"), "Try it out").click()
+    get = _try_it_out(browser, "#operations-queries-get_api_v1_query__query_id__get")
     get.find_element(By.CSS_SELECTOR, 'tr[data-param-name="query_id"] input').send_keys(query_id)
     wait_input = get.find_element(By.CSS_SELECTOR, 'tr[data-param-name="wait"] input')
     wait_input.clear()
@@ -164,9 +170,7 @@ def test_swagger_ui_works_offline_authorize_submit_poll(browser: Any, stack: Sta
 
     # Try it out on the /v1 door, with the same authorization: the default body of Create a response is a
     # background response, accepted as it stands.
-    create = browser.find_element(By.CSS_SELECTOR, "[id$='-create_response_v1_responses_post']")
-    create.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
-    _eventually(lambda: create.find_element(By.CSS_SELECTOR, "button.try-out__btn"), "Try it out").click()
+    create = _try_it_out(browser, "[id$='-create_response_v1_responses_post']")
     created = _execute(browser, create)
     assert created["status"] == 200, created
     assert created["body"]["id"].startswith("resp_"), created
@@ -215,9 +219,7 @@ def test_swagger_ui_authorizes_with_an_api_key(browser: Any, stack: Stack) -> No
     browser.find_element(By.XPATH, "//div[contains(@class,'auth-btn-wrapper')]//button[.='Close']").click()
 
     # Try it out with the key: the models the /v1 door serves, and one of the caller's own routes.
-    models = browser.find_element(By.CSS_SELECTOR, "[id$='-list_models_v1_models_get']")
-    models.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
-    _eventually(lambda: models.find_element(By.CSS_SELECTOR, "button.try-out__btn"), "Try it out").click()
+    models = _try_it_out(browser, "[id$='-list_models_v1_models_get']")
     listed = _execute(browser, models)
     assert listed["status"] == 200, listed
     assert listed["body"]["object"] == "list"
