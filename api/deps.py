@@ -157,11 +157,14 @@ ScopedPrincipal = Annotated[Principal, Depends(scoped_principal)]
 
 @dataclass(frozen=True, slots=True)
 class Submitter:
-    user_id: uuid.UUID
-    # An access token's revocation state, still to be read: with the submit's limits, in the same round trip.
-    check: DeferredCheck | None
     # Whose credential it is (a stream re-checks it): to be served only once `check` has passed.
     principal: Principal
+    # An access token's revocation state, still to be read: with the submit's limits, in the same round trip.
+    check: DeferredCheck | None
+
+    @property
+    def user_id(self) -> uuid.UUID:
+        return self.principal.user_id
 
 
 async def submitter(request: Request, token: Token) -> Submitter:
@@ -173,7 +176,8 @@ async def submitter(request: Request, token: Token) -> Submitter:
         raise Unauthorized("Not authenticated", code="not_authenticated")
     handles: Handles = request.app.state.handles
     principal, check = await credentials.resolve_deferred(handles.settings, handles.redis, handles.pool, token)
-    return Submitter(_scoped_user_id(request, principal), check, principal)
+    _scoped_user_id(request, principal)
+    return Submitter(principal, check)
 
 
 SubmitterDep = Annotated[Submitter, Depends(submitter)]

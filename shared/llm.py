@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import httpx2
 import openai
@@ -223,11 +223,9 @@ async def complete(
     messages: list[ChatCompletionMessageParam] = []
     if system:
         messages.append({"role": "system", "content": system})
-    for turn in history or ():
-        if turn["role"] == "assistant":
-            messages.append({"role": "assistant", "content": turn["content"]})
-        else:
-            messages.append({"role": "user", "content": turn["content"]})
+    if history:
+        # As the row stores them (`ConversationCreate`'s turns): role "user" or "assistant", and text.
+        messages.extend(cast("Sequence[ChatCompletionMessageParam]", history))
     messages.append({"role": "user", "content": prompt})
     started = time.perf_counter()
     if stream:

@@ -21,7 +21,7 @@ refill from PostgreSQL, but logged-out access tokens and revoked families come b
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -142,36 +142,33 @@ async def user_state(
     return state
 
 
-async def _set(redis: aioredis.Redis, key: str, value: str, ttl: int) -> None:
+async def _set(redis: aioredis.Redis, keys: Iterable[str], value: str, ttl: int) -> None:
+    """Write these markers, in one round trip however many; 503 `AuthUnavailable` when Redis cannot take them."""
     try:
-        await redis.set(key, value, ex=max(ttl, 1))
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.set(key, value, ex=max(ttl, 1))
+            await pipe.execute()
     except (RedisError, OSError) as exc:
         raise AuthUnavailable from exc
 
 
 async def revoke_access_token(redis: aioredis.Redis, jti: uuid.UUID, expires_at: datetime) -> None:
     """Refuse this access token until it expires (plus the verifier's leeway)."""
-    await _set(redis, jti_key(jti), "1", int((expires_at - datetime.now(UTC)).total_seconds()) + 10)
+    await _set(redis, [jti_key(jti)], "1", int((expires_at - datetime.now(UTC)).total_seconds()) + 10)
 
 
 async def revoke_families(redis: aioredis.Redis, settings: Settings, *family_ids: uuid.UUID) -> None:
     """Refuse every access token of these refresh families for as long as one of them can be alive (one round
     trip however many)."""
-    if not family_ids:
-        return
-    try:
-        async with redis.pipeline(transaction=False) as pipe:
-            for family_id in family_ids:
-                pipe.set(family_key(family_id), "1", ex=settings.access_token_ttl_seconds + 10)
-            await pipe.execute()
-    except (RedisError, OSError) as exc:
-        raise AuthUnavailable from exc
+    if family_ids:
+        await _set(redis, map(family_key, family_ids), "1", settings.access_token_ttl_seconds + 10)
 
 
 async def revoke_api_key(redis: aioredis.Redis, key_id: uuid.UUID) -> None:
-    await _set(redis, api_key_key(key_id), "1", REVOKED_KEY_TTL_SECONDS)
+    await _set(redis, [api_key_key(key_id)], "1", REVOKED_KEY_TTL_SECONDS)
 
 
 async def publish_user_state(redis: aioredis.Redis, user_id: uuid.UUID, state: UserState) -> None:
     """After the database committed a change: every API process sees it on its next request."""
-    await _set(redis, user_key(user_id), state.encode(), USER_STATE_TTL_SECONDS)
+    await _set(redis, [user_key(user_id)], state.encode(), USER_STATE_TTL_SECONDS)

@@ -151,6 +151,13 @@ def _is_text(value: object) -> bool:
     return True
 
 
+def _text_only(value: Any) -> Any:
+    """A field validator's check: the value as it is, or pydantic's `invalid_unicode` error (`_is_text`)."""
+    if not _is_text(value):
+        raise PydanticCustomError("invalid_unicode", "Text must be valid Unicode (no lone surrogates)")
+    return value
+
+
 class QueryCreate(StrictBody):
     model_config = ConfigDict(
         json_schema_extra={
@@ -188,13 +195,8 @@ class QueryCreate(StrictBody):
         examples=["https://example.com/hooks/aiq"],
     )
 
-    @field_validator("query", "system", "metadata")
-    @classmethod
-    def _valid_unicode(cls, value: Any) -> Any:
-        # Unconstrained strings skip pydantic's own UTF-8 check; the others get it (`string_unicode`).
-        if not _is_text(value):
-            raise PydanticCustomError("invalid_unicode", "Text must be valid Unicode (no lone surrogates)")
-        return value
+    # Unconstrained strings skip pydantic's own UTF-8 check; the others get it (`string_unicode`).
+    _valid_unicode = field_validator("query", "system", "metadata")(_text_only)
 
 
 class Turn(BaseModel):
@@ -203,12 +205,7 @@ class Turn(BaseModel):
     role: Literal["user", "assistant"]
     content: str
 
-    @field_validator("content")
-    @classmethod
-    def _valid_unicode(cls, value: str) -> str:
-        if not _is_text(value):
-            raise PydanticCustomError("invalid_unicode", "Text must be valid Unicode (no lone surrogates)")
-        return value
+    _valid_unicode = field_validator("content")(_text_only)
 
 
 class ConversationCreate(QueryCreate):

@@ -32,13 +32,15 @@ async def by_id(session: AsyncSession, user_id: uuid.UUID) -> User | None:
     return await session.get(User, user_id)
 
 
-async def set_password(session: AsyncSession, user_id: uuid.UUID, password_hash: str) -> None:
-    await session.execute(update(User).where(User.id == user_id).values(password_hash=password_hash))
-
-
-async def end_sessions(session: AsyncSession, user_id: uuid.UUID, cutoff: datetime) -> User | None:
-    """Move the user's revocation instant to `cutoff` (row locked until the commit); None for an unknown user."""
-    stmt = update(User).where(User.id == user_id).values(sessions_valid_after=cutoff).returning(User)
+async def end_sessions(
+    session: AsyncSession, user_id: uuid.UUID, cutoff: datetime, password_hash: str | None = None
+) -> User | None:
+    """Move the user's revocation instant to `cutoff`, and set a new password hash with it when one is given (row
+    locked until the commit); None for an unknown user."""
+    values: dict[str, object] = {"sessions_valid_after": cutoff}
+    if password_hash is not None:
+        values["password_hash"] = password_hash
+    stmt = update(User).where(User.id == user_id).values(values).returning(User)
     return (await session.execute(stmt)).scalar_one_or_none()
 
 

@@ -150,9 +150,15 @@ async def logout(
 
 
 async def _end_sessions(
-    session: AsyncSession, settings: Settings, redis: aioredis.Redis, user_id: uuid.UUID, reason: RevokedReason
+    session: AsyncSession,
+    settings: Settings,
+    redis: aioredis.Redis,
+    user_id: uuid.UUID,
+    reason: RevokedReason,
+    password_hash: str | None = None,
 ) -> None:
     """Refuse every access token issued until now and every refresh token of the user; API keys are untouched.
+    `password_hash`: the new password's, written in the same UPDATE.
 
     The rows are written first (the user's row stays locked until the commit, so a concurrent admin disable
     publishes its state after this one), then Redis, as logout does: if Redis cannot be written this raises a 503
@@ -160,7 +166,7 @@ async def _end_sessions(
     Returns once a token issued by this process would be accepted (`wait_for_cutoff`).
     """
     cutoff = sessions_cutoff()
-    user = await users_repo.end_sessions(session, user_id, cutoff)
+    user = await users_repo.end_sessions(session, user_id, cutoff, password_hash)
     if user is None:
         raise Unauthorized("This account is disabled", code="account_disabled")
     families = await users_repo.revoke_all_refresh_tokens(session, user_id, reason)
@@ -210,6 +216,5 @@ async def change_password(
         )
     check_password(new_password, user.email, settings.password_min_length, field="new_password")
     password_hash = await asyncio.to_thread(hash_password, new_password, settings.bcrypt_rounds)
-    await users_repo.set_password(session, user_id, password_hash)
-    await _end_sessions(session, settings, redis, user_id, RevokedReason.PASSWORD_CHANGED)
+    await _end_sessions(session, settings, redis, user_id, RevokedReason.PASSWORD_CHANGED, password_hash)
     return await issue_pair(session, settings, user_id)

@@ -25,7 +25,7 @@ from shared.cache import CachedAnswer, ResponseCache
 from shared.config import Settings
 from shared.errors import AppError, Conflict, InvalidInput, NotFound
 from shared.events import EventLog, EventType
-from shared.limits import Limiter, LimitExceeded, estimate_tokens
+from shared.limits import Limiter, LimitExceeded, estimate_tokens, prompt_chars
 from shared.metrics import QUERIES_SUBMITTED
 from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.queue import Publisher
@@ -57,8 +57,8 @@ def _has_nul(value: object) -> bool:
     return False
 
 
-def validate_submission(settings: Settings, body: QueryCreate) -> str:
-    """Checks that depend on configuration; returns the model to use."""
+def validate_submission(settings: Settings, body: QueryCreate, history: list[dict[str, str]] | None) -> str:
+    """Checks that depend on configuration (`history`: the body's `_history_of`); returns the model to use."""
     model = body.model or settings.default_model
     if model not in settings.allowed_models:
         raise _invalid("model", f"Model is not allowed; choose one of {settings.allowed_models}", "model_not_allowed")
@@ -70,12 +70,11 @@ def validate_submission(settings: Settings, body: QueryCreate) -> str:
             raise _invalid(field, f"{field} must not contain NUL (U+0000) characters", "nul_character")
     if len(body.query) > settings.max_query_chars:
         raise _invalid("query", f"Query is longer than {settings.max_query_chars} characters", "query_too_long")
-    history = _history_of(body)
     if history is not None:
         if _has_nul(history):
             raise _invalid("history", "history must not contain NUL (U+0000) characters", "nul_character")
         # The whole conversation has the bound a single prompt has (as it had when it was sent as one).
-        if len(body.query) + sum(len(turn["content"]) for turn in history) > settings.max_query_chars:
+        if prompt_chars(body.query, None, history) > settings.max_query_chars:
             raise _invalid(
                 "history",
                 f"The conversation is longer than {settings.max_query_chars} characters",
@@ -110,16 +109,15 @@ def _new_query(
     settings: Settings, user_id: uuid.UUID, body: QueryCreate, *, background: bool = False
 ) -> tuple[QueryAccepted, dict[str, Any]]:
     """Validate a submission; returns the 202 body and the row to insert (`background`: see the column)."""
-    now = datetime.now(UTC)
-    accepted = QueryAccepted(
-        query_id=uuid.uuid4(), status=QueryStatus.PENDING, model=validate_submission(settings, body), created_at=now
-    )
+    now, history = datetime.now(UTC), _history_of(body)
+    model = validate_submission(settings, body, history)
+    accepted = QueryAccepted(query_id=uuid.uuid4(), status=QueryStatus.PENDING, model=model, created_at=now)
     row = {
         "id": accepted.query_id,
         "user_id": user_id,
         "prompt": body.query,
         "system": body.system,
-        "history": _history_of(body),
+        "history": history,
         "model": accepted.model,
         "temperature": body.temperature,
         "max_tokens": body.max_tokens,
