@@ -2,18 +2,20 @@
 
 Where bench/loadgen.py times single requests, this one times what a client waits for: arrival *i* starts
 at `t0 + i / rate` whatever happened before (open loop), and each arrival is one client that asks a
-question and waits for the answer, in one of three ways:
+question and waits for the answer, in one of four ways:
 
 - `longpoll` (AIQ): `POST /api/v1/query`, then `GET /api/v1/query/{id}?wait=W` until the status is final;
+- `wait` (AIQ): `POST /api/v1/query` with `Prefer: wait=W`, which answers 200 with the finished query when it
+  ends within W seconds (else a 202, and the client long-polls);
 - `sse` (AIQ): `POST /api/v1/query`, then `GET /api/v1/query/{id}/events` read to the end of the stream;
 - `chat` (a synchronous proxy such as LiteLLM, or the simulator itself): one `POST /v1/chat/completions`.
 
 The answer time is taken from the arrival's scheduled start, so a slow load generator or a slow server
 shows as overhead rather than hiding it. Overhead = answer time - upstream latency (spec `upstream_ms`).
-A long-poll's overhead is also split where it arose (`phases_ms`, from the answer's own timestamps, on the
-same machine's clock), the four adding up to it: `submit` (scheduled start to the row's creation), `queue`
-(created to claimed), `run` (claimed to finished, less the upstream latency: the worker's own steps and the
-call's transport), `deliver` (finished to the client holding the answer).
+A long-poll's (and a waiting submit's) overhead is also split where it arose (`phases_ms`, from the answer's
+own timestamps, on the same machine's clock), the four adding up to it: `submit` (scheduled start to the row's
+creation), `queue` (created to claimed), `run` (claimed to finished, less the upstream latency: the worker's
+own steps and the call's transport), `deliver` (finished to the client holding the answer).
 
 HTTP/1.1 on a pool of keep-alive connections (asyncio streams, uvloop when installed), grown on demand:
 the load generator shares the machine with the system under test, so it reports its own CPU seconds.
@@ -193,7 +195,14 @@ class Run:
                 raise HttpError(f"http:{code}")
             return "completed" if json.loads(payload).get("choices") else "failed"
         self.requests += 1
-        code, payload = await self.pool.request("POST", "/api/v1/query", self._headers(i, True), self.body)
+        headers = self._headers(i, True)
+        if self.mode == "wait":
+            headers["Prefer"] = f"wait={self.wait_s:g}"
+        code, payload = await self.pool.request("POST", "/api/v1/query", headers, self.body)
+        if code == 200 and self.mode == "wait":
+            row = json.loads(payload)
+            self.final[i] = row
+            return str(row["status"])
         if code != 202:
             raise HttpError(f"submit:{code}")
         qid = json.loads(payload)["query_id"]

@@ -7,9 +7,10 @@ the client-side scenario's clients (bench/clientgen.py) at one rate per mode. Pe
 overhead the clients saw (P50/P99), CPU-ms per answer by process, and counts that do not depend on how
 busy the machine is: Redis commands per answer (INFO commandstats; a script's inner commands count too,
 `evalsha` is the number of script calls), Redis round trips per answer (`redis_reads`: INFO stats
-`total_reads_processed`, a pipeline arriving in one read) and PostgreSQL transactions per answer
-(pg_stat_database). Made
-for before/after comparisons in one sitting: run it from each tree in turn (`PYTHONPATH=<tree>`).
+`total_reads_processed`, a pipeline arriving in one read), PostgreSQL transactions per answer
+(pg_stat_database) and context switches per answer of the API and of the worker (`*_ctx_switches`, all
+threads: hand-offs and wake-ups; the machine's load adds involuntary ones). Made for before/after comparisons
+in one sitting: run it from each tree in turn (`PYTHONPATH=<tree>`).
 `--profile TAG` adds py-spy on the API and the worker for 12 s at the same rate, in the last mode
 (/tmp/profile-TAG-*.txt).
 """
@@ -17,6 +18,7 @@ for before/after comparisons in one sitting: run it from each tree in turn (`PYT
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,6 +29,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg2
 import redis
 
@@ -50,17 +53,32 @@ def counts(servers: Servers, aiq: System) -> dict[str, int]:
         out["redis_reads"] = int(rc.info("stats")["total_reads_processed"])
     finally:
         rc.close()
+    # Context switches (voluntary and not) of each process tree: thread hand-offs and wake-ups, counted.
+    for role, procs in (("api", aiq.api), ("worker", aiq.workers)):
+        out[f"{role}_ctx_switches"] = sum(_ctx_switches(p) for proc in procs for p in proc.tree())
     with psycopg2.connect(aiq.db_url) as pc, pc.cursor() as cur:
         cur.execute("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()")
         out["pg_transactions"] = int(cur.fetchone()[0])
     return out
 
 
+def _ctx_switches(p: psutil.Process) -> int:
+    """Over all the process's threads (/proc/PID/status counts only its first)."""
+    total = 0
+    for status in Path(f"/proc/{p.pid}/task").glob("*/status"):
+        with contextlib.suppress(OSError):
+            for line in status.read_text().splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.split()[-1])
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.steady", description=__doc__)
     ap.add_argument("--rate", type=int, default=20, help="client arrivals per second (default 20)")
     ap.add_argument("--step-s", type=float, default=10.0, help="seconds of arrivals per mode (default 10)")
-    ap.add_argument("--modes", default="longpoll,sse", help="any of longpoll, sse, chat (AIQ's /v1)")
+    modes = "any of longpoll, wait (a submit with Prefer: wait), sse, chat (AIQ's /v1)"
+    ap.add_argument("--modes", default="longpoll,sse", help=modes)
     ap.add_argument("--profile", metavar="TAG", help="py-spy the API and the worker afterwards")
     ap.add_argument("--output", type=Path)
     args = ap.parse_args()

@@ -77,12 +77,8 @@ async def submit_and_wait(
     long-poll's wait). The wait watches the query before its publish, so it costs one read: after the end (none
     for a cache hit, stored completed)."""
     mark_long_request(request.scope)
-    user_id = caller.user_id
-    accepted, row = await _store(handles, user_id, body, response, params, False, caller.check)
-    if accepted.cached:
-        await _publish(handles, accepted)
-        return service.stored_view(row)
-    wait_s, wakeup = handles.settings.compat_wait_seconds, handles.wakeup
-    with wakeup.watch(accepted.query_id, only_terminal=True) as waiter:
-        await _publish(handles, accepted)
-        return await service.wait_for_query(handles.pool, user_id, accepted.query_id, wait_s, wakeup, watching=waiter)
+    accepted, row = await _store(handles, caller.user_id, body, response, params, False, caller.check)
+    wait_s = handles.settings.compat_wait_seconds
+    return await service.dispatch_and_wait(
+        handles.pool, handles.publisher, handles.events, handles.wakeup, accepted, row, wait_s
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Annotated
 
@@ -14,7 +15,7 @@ from api.middleware import mark_long_request
 from api.routes import V1_PREFIX
 from shared.cache import response_cache_for
 from shared.limits import limiter_for
-from shared.models import QueryStatus
+from shared.models import TERMINAL_STATUSES, QueryStatus
 from shared.schemas import QueryAccepted, QueryCreate, QueryOut, QueryPage
 from shared.services import queries as service
 
@@ -28,10 +29,17 @@ MAX_WAIT_SECONDS = 30.0
     status_code=status.HTTP_202_ACCEPTED,
     response_model=QueryAccepted,
     summary="Submit a query",
-    responses=error_responses(400, 401, 409, 413, 415, 422, 429, 503),
+    responses={
+        200: {
+            "model": QueryOut,
+            "description": "With `Prefer: wait=N`: the query ended within the wait (its answer, as a long-poll's)",
+        },
+        **error_responses(400, 401, 409, 413, 415, 422, 429, 503),
+    },
 )
 async def submit(
     body: QueryCreate,
+    request: Request,
     response: Response,
     caller: SubmitterDep,
     handles: HandlesDep,
@@ -39,16 +47,27 @@ async def submit(
         str | None,
         Header(alias="Idempotency-Key", description="Retry-safe submit: same key and body return the original 202"),
     ] = None,
-) -> QueryAccepted:
-    """Accept a query; poll the `Location` for the answer."""
+    prefer: Annotated[
+        str | None,
+        Header(
+            alias="Prefer",
+            description=(
+                "`wait=N` (RFC 7240, N ≤ 30 seconds): answer 200 with the finished query if it ends within N "
+                "seconds, else the usual 202 once they have passed. Anything else is ignored."
+            ),
+        ),
+    ] = None,
+) -> QueryAccepted | JSONResponse:
+    """Accept a query; poll the `Location` for the answer, or ask to wait for it with `Prefer: wait=N`."""
     # Each holds a connection only for its database step, never through the publish: a slow broker must
     # not pin database connections. Both have committed when they return, so the publish may follow.
     settings, pool = handles.settings, handles.pool
     limiter, cache = limiter_for(handles.redis, settings), response_cache_for(handles.redis, settings)
     user_id, check = caller.user_id, caller.check
+    wait = wait_preference(prefer)
+    replayed = False
     if idempotency_key is None:
-        accepted, limit_headers, _ = await service.submit_query(pool, settings, limiter, cache, user_id, body, check)
-        replayed = False
+        accepted, limit_headers, row = await service.submit_query(pool, settings, limiter, cache, user_id, body, check)
     else:
         accepted, replayed, limit_headers = await service.submit_query_once(
             pool, settings, limiter, cache, user_id, body, idempotency_key, check
@@ -57,9 +76,46 @@ async def submit(
     response.headers["Location"] = f"/api/v1/query/{accepted.query_id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
+    if wait is None:
+        if not replayed:
+            await service.dispatch_accepted(pool, handles.publisher, handles.events, accepted)
         return accepted
-    await service.dispatch_accepted(pool, handles.publisher, handles.events, accepted)
-    return accepted
+    # Its duration is the client's chosen wait, not latency: keep it out of the latency histogram.
+    mark_long_request(request.scope)
+    response.headers["Preference-Applied"] = f"wait={wait:g}"
+    if idempotency_key is None:
+        query = await service.dispatch_and_wait(
+            pool, handles.publisher, handles.events, handles.wakeup, accepted, row, wait
+        )
+    else:
+        if not replayed:
+            await service.dispatch_accepted(pool, handles.publisher, handles.events, accepted)
+        query = await service.wait_for_query(pool, user_id, accepted.query_id, wait, handles.wakeup)
+    if query.status not in TERMINAL_STATUSES:
+        return accepted
+    return JSONResponse(query.model_dump(mode="json"), status_code=status.HTTP_200_OK, headers=response.headers)
+
+
+def wait_preference(prefer: str | None) -> float | None:
+    """The seconds of a `Prefer` header's `wait` preference (RFC 7240 §4.3), at most MAX_WAIT_SECONDS; None when
+    there is none, or it is malformed, or `respond-async` is asked for too (a preference a server may not
+    honour is ignored, not refused)."""
+    if not prefer:
+        return None
+    wait: float | None = None
+    for preference in prefer.split(","):
+        token, _, value = preference.split(";", 1)[0].partition("=")
+        name = token.strip().lower()
+        if name == "respond-async":
+            return None
+        if name == "wait":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                continue
+            if math.isfinite(seconds) and seconds > 0:
+                wait = min(seconds, MAX_WAIT_SECONDS)
+    return wait
 
 
 @router.get(

@@ -526,6 +526,26 @@ async def dispatch_accepted(
     log.info("query submitted", extra={**extra, "outcome": "sent" if published else "deferred"})
 
 
+async def dispatch_and_wait(
+    pool: asyncpg.Pool,
+    publisher: Publisher,
+    events: EventLog,
+    wakeup: Wakeup,
+    accepted: QueryAccepted,
+    row: dict[str, Any],
+    wait: float,
+) -> QueryOut:
+    """`dispatch_accepted` for the query `submit_query` has just stored (`row`), then the query once it is
+    terminal, or as it stands after `wait` seconds. The wait watches it from before the publish, so it costs one
+    read, after the end; a cache hit (stored completed) reads nothing."""
+    if accepted.cached:
+        await dispatch_accepted(pool, publisher, events, accepted)
+        return stored_view(row)
+    with wakeup.watch(accepted.query_id, only_terminal=True) as waiter:
+        await dispatch_accepted(pool, publisher, events, accepted)
+        return await wait_for_query(pool, row["user_id"], accepted.query_id, wait, wakeup, watching=waiter)
+
+
 async def cancel_query(
     conn: asyncpg.Connection,
     limiter: Limiter,

@@ -48,6 +48,8 @@ def test_the_readme_walkthrough_and_fault_directives_paste_and_run(stack: Stack)
     assert "HTTP/1.1 202" in result.stderr
     assert '"status":"completed"' in result.stderr  # the poll loop's last line
     assert '"code":"query_not_cancellable"' in result.stdout  # cancelling the finished query
+    # Asked with `Prefer: wait`: answered in the submit's own response.
+    assert '"status":"completed","query":"Name one queueing discipline"' in result.stdout, out
     # The slow one: running by then (cancel requested, 202), or still pending on a busy machine (cancelled, 200).
     assert re.search(r'"status":"cancelled"|"status":"running".*"cancel_requested":true', result.stdout), out
     # A password change and back (no output), logout-all (204), its token refused (401), a new login's logout (204).
