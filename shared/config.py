@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     allowed_models: Annotated[list[str], NoDecode] = ["gpt-4o-mini"]
     default_model: str = "gpt-4o-mini"
     max_query_chars: int = Field(default=32_000, ge=1)
+    # A `/v1` conversation's user and assistant text in all: the turns sent back carry the model's own answers,
+    # which MAX_OUTPUT_TOKENS lets grow past MAX_QUERY_CHARS.
+    max_conversation_chars: int = Field(default=128_000, ge=1)
     max_output_tokens: int = Field(default=16_384, ge=1)
     max_metadata_bytes: int = Field(default=4_096, ge=2)
 
@@ -250,6 +253,8 @@ class Settings(BaseSettings):
         _refuse_disagreeing_celery_broker(self.broker_url)
         if self.heartbeat_seconds * 2 > self.lease_seconds:
             raise ValueError("HEARTBEAT_SECONDS must be at most half of LEASE_SECONDS, or live calls lose their lease")
+        if self.max_conversation_chars < self.max_query_chars:
+            raise ValueError("MAX_CONVERSATION_CHARS must be at least MAX_QUERY_CHARS (a conversation holds a query)")
         if not self.allowed_models:
             raise ValueError("ALLOWED_MODELS must name at least one model")
         if self.default_model not in self.allowed_models:

@@ -73,11 +73,11 @@ def validate_submission(settings: Settings, body: QueryCreate, history: list[dic
     if history is not None:
         if _has_nul(history):
             raise _invalid("history", "history must not contain NUL (U+0000) characters", "nul_character")
-        # The whole conversation has the bound a single prompt has (as it had when it was sent as one).
-        if prompt_chars(body.query, None, history) > settings.max_query_chars:
+        # The final message has a query's bound (above); the whole conversation its own, larger one.
+        if prompt_chars(body.query, None, history) > settings.max_conversation_chars:
             raise _invalid(
                 "history",
-                f"The conversation is longer than {settings.max_query_chars} characters",
+                f"The conversation is longer than {settings.max_conversation_chars} characters",
                 "conversation_too_long",
             )
     if body.system is not None and len(body.system) > settings.max_query_chars:

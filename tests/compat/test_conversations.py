@@ -173,13 +173,15 @@ def test_the_cache_tells_two_conversations_with_the_same_last_message_apart(
 def test_a_conversation_over_the_size_limit_or_with_nul_is_a_bad_request_and_stores_nothing(
     stack: Stack, api_key: str, user: dict[str, Any], db: Engine
 ) -> None:
-    limit = stack.settings.max_query_chars
-    half = "x" * (limit // 2 + 1)
+    limit, whole = stack.settings.max_query_chars, stack.settings.max_conversation_chars
+    # Each message within MAX_QUERY_CHARS, the three together one over MAX_CONVERSATION_CHARS.
+    turn = "x" * limit
     long_chat = [
-        {"role": "user", "content": half},
-        {"role": "assistant", "content": "ok"},
-        {"role": "user", "content": half},
+        {"role": "user", "content": turn},
+        {"role": "assistant", "content": turn},
+        {"role": "user", "content": "x" * (whole - 2 * limit + 1)},
     ]
+    assert all(len(m["content"]) <= limit for m in long_chat)
     cases: list[tuple[str, dict[str, Any], str, str | None]] = [
         ("/v1/chat/completions", {"model": "sim-small", "messages": long_chat}, "messages", "conversation_too_long"),
         ("/v1/responses", {"model": "sim-small", "input": long_chat}, "input", "conversation_too_long"),
@@ -219,8 +221,9 @@ def test_a_conversation_over_the_size_limit_or_with_nul_is_a_bad_request_and_sto
             assert error["param"].startswith(param), error
             assert error["code"] == code, error
     assert count_rows(db, "SELECT count(*) FROM queries WHERE user_id = :u", u=user["user_id"]) == before
-    # Each message within the limit, the conversation too: accepted.
-    within = [{**turn, "content": turn["content"][: limit // 3]} for turn in long_chat]
+    # One character fewer: accepted, though well over MAX_QUERY_CHARS in all.
+    within = [*long_chat[:2], {"role": "user", "content": "x" * (whole - 2 * limit)}]
+    assert sum(len(m["content"]) for m in within) == whole > limit
     with openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key=api_key, max_retries=0, timeout=60) as sdk:
         assert sdk.chat.completions.create(model="sim-small", messages=within).choices[0].message.content  # type: ignore[arg-type]
 

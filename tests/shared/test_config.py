@@ -55,6 +55,12 @@ def test_heartbeat_must_fit_twice_in_the_lease() -> None:
         Settings(lease_seconds=10, heartbeat_seconds=6, jwt_secret_key=STRONG)  # type: ignore[arg-type]
 
 
+def test_a_conversation_bound_below_the_query_bound_is_refused() -> None:
+    with pytest.raises(ValidationError, match="MAX_CONVERSATION_CHARS"):
+        Settings(max_query_chars=5000, max_conversation_chars=4000)
+    assert Settings(max_query_chars=5000, max_conversation_chars=5000).max_conversation_chars == 5000
+
+
 def test_driver_urls_and_unix_socket_broker() -> None:
     settings = Settings(
         database_url="postgresql://u@/db?host=/tmp/pg",

@@ -60,6 +60,7 @@ def stack_settings(
         "ALLOWED_MODELS": "sim-small,sim-large",
         "DEFAULT_MODEL": "sim-small",
         "MAX_QUERY_CHARS": "2000",
+        "MAX_CONVERSATION_CHARS": "5000",
         "MAX_OUTPUT_TOKENS": "4096",
         "MAX_ATTEMPTS": "3",
         "RETRY_BASE_SECONDS": "0.2",
