@@ -392,7 +392,7 @@ def _client_rows(j: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool 
     if "client_aiq_answers_per_s" not in j:
         return []
     aiq, peer = j.get("client_aiq_answers_per_s"), j.get("client_litellm_answers_per_s")
-    chat = j.get("client_aiq_chat_answers_per_s")
+    chat, wait = j.get("client_aiq_chat_answers_per_s"), j.get("client_aiq_wait_answers_per_s")
     half = j.get("client_aiq_half_rate_overhead_ms") or {}
     return [
         (
@@ -402,6 +402,14 @@ def _client_rows(j: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool 
             fmt(aiq),
             ">=200 and >=4x LiteLLM",
             _ok(aiq, 200) and (aiq or 0) >= 4 * (peer or 1e9),
+        ),
+        (
+            "Client answers/s, AIQ submit with Prefer: wait (one request)",
+            "-",
+            fmt(peer),
+            fmt(wait),
+            ">=200 and >=4x LiteLLM",
+            _ok(wait, 200) and (wait or 0) >= 4 * (peer or 1e9),
         ),
         (
             "Client answers/s, AIQ /v1 chat (same request as LiteLLM)",

@@ -4,7 +4,9 @@ Its own stack, one API process and one worker process, and the simulator at 0.5 
 arrivals at one rate for `client_step_s` seconds (bench/clientgen.py, its own process); per step: answers/s,
 the overhead each client saw over the upstream's 0.5 s (P50/P99), errors, and the CPU-ms per answer of
 every process involved (API, worker, the PostgreSQL backends of this run's database, Redis, simulator,
-load generator). The same clients at the same rates then go to the LiteLLM proxy (bench/peers/litellm.py).
+load generator). AIQ is asked four ways: submit then long-poll, submit with `Prefer: wait` (one request), the
+SSE stream, and LiteLLM's own request at `/v1/chat/completions`. The same clients at the same rates then go to
+the LiteLLM proxy (bench/peers/litellm.py).
 """
 
 from __future__ import annotations
@@ -40,16 +42,22 @@ def run_client(ctx: RunContext) -> dict[str, Any]:
     body = json.dumps({"query": PROMPT, "model": MODEL})
     base = {"port": aiq.api_port, "tokens": aiq.tokens, "body": body, "wait_s": 30}
     _clients(ctx, {**base, "mode": "longpoll", "rate": 10, "duration_s": 1})  # warm-up
-    out["aiq_longpoll"] = _steps(ctx, "AIQ long-poll", {**base, "mode": "longpoll"}, meter, lambda: aiq.settle(ctx.sim))
+
+    def settle() -> None:
+        aiq.settle(ctx.sim)
+
+    out["aiq_longpoll"] = _steps(ctx, "AIQ long-poll", {**base, "mode": "longpoll"}, meter, settle)
+    # The same, asked in one request: the submit waits for the answer (`Prefer: wait`).
+    out["aiq_wait"] = _steps(ctx, "AIQ submit with Prefer: wait", {**base, "mode": "wait"}, meter, settle)
     if ctx.profile:
         out["aiq_worker_profile"] = _profile_worker(ctx, aiq, {**base, "mode": "longpoll"}, out["aiq_longpoll"])
     if _serves_events(aiq):
-        out["aiq_sse"] = _steps(ctx, "AIQ SSE", {**base, "mode": "sse"}, meter, lambda: aiq.settle(ctx.sim))
+        out["aiq_sse"] = _steps(ctx, "AIQ SSE", {**base, "mode": "sse"}, meter, settle)
     else:
         out["aiq_sse"] = {"skipped": "the API has no GET /api/v1/query/{id}/events"}
     # The same request, client and rates as LiteLLM's: AIQ's OpenAI-compatible door answers it in one request.
     chat_spec = {**base, "mode": "chat", "body": CHAT_BODY}
-    out["aiq_chat"] = _steps(ctx, "AIQ /v1 chat", chat_spec, meter, lambda: aiq.settle(ctx.sim))
+    out["aiq_chat"] = _steps(ctx, "AIQ /v1 chat", chat_spec, meter, settle)
     ctx.launcher.stop_group([*aiq.workers, *aiq.api], timeout=10)
     out["litellm"] = _litellm(ctx, CHAT_BODY)
     out["summary"] = summary(out)
@@ -175,22 +183,26 @@ def summary(out: dict[str, Any]) -> dict[str, Any]:
         return round(sum(s["cpu_ms_per_answer"].get(r, 0.0) for r in roles), 2) if s else None
 
     lp, peer = out.get("aiq_longpoll", {}), out.get("litellm", {})
-    sse, chat = out.get("aiq_sse", {}), out.get("aiq_chat", {})
+    sse, chat, wait = out.get("aiq_sse", {}), out.get("aiq_chat", {}), out.get("aiq_wait", {})
     aiq_rate, peer_rate = lp.get("max_answers_per_s"), peer.get("max_answers_per_s")
-    chat_rate = chat.get("max_answers_per_s")
+    chat_rate, wait_rate = chat.get("max_answers_per_s"), wait.get("max_answers_per_s")
     return {
         "aiq_answers_per_s": aiq_rate,
         "aiq_sse_answers_per_s": sse.get("max_answers_per_s"),
         "aiq_chat_answers_per_s": chat_rate,
+        "aiq_wait_answers_per_s": wait_rate,
         "litellm_answers_per_s": peer_rate,
         "aiq_vs_litellm": round(aiq_rate / peer_rate, 1) if aiq_rate and peer_rate else None,
         "aiq_chat_vs_litellm": round(chat_rate / peer_rate, 1) if chat_rate and peer_rate else None,
+        "aiq_wait_vs_litellm": round(wait_rate / peer_rate, 1) if wait_rate and peer_rate else None,
         "aiq_half_rate_overhead_ms": _pair(lp.get("half_step")),
         "aiq_sse_half_rate_overhead_ms": _pair(sse.get("half_step")),
         "aiq_chat_half_rate_overhead_ms": _pair(chat.get("half_step")),
+        "aiq_wait_half_rate_overhead_ms": _pair(wait.get("half_step")),
         "aiq_cpu_ms_per_answer_api_worker": app_cpu(lp.get("top_step"), ("api", "worker")),
         "aiq_cpu_ms_per_answer_half_rate_api_worker": app_cpu(lp.get("half_step"), ("api", "worker")),
         "aiq_chat_cpu_ms_per_answer_api_worker": app_cpu(chat.get("top_step"), ("api", "worker")),
+        "aiq_wait_cpu_ms_per_answer_api_worker": app_cpu(wait.get("top_step"), ("api", "worker")),
         "litellm_cpu_ms_per_answer": app_cpu(peer.get("top_step"), ("litellm",)),
     }
 
