@@ -142,6 +142,9 @@ class Settings(BaseSettings):
     # A batch's output and error files expire this long after they are written (OpenAI: 30 days) unless its
     # `output_expires_after` says otherwise; past it they read as missing and the workers delete them. 0: kept.
     batch_output_expires_seconds: int = Field(default=30 * 24 * 3600, ge=0)
+    # An uploaded batch input file without `expires_after` expires this long after its upload, as OpenAI's
+    # `purpose=batch` files do (30 days); a batch still reading it keeps it until the batch ends. 0: kept.
+    batch_input_expires_seconds: int = Field(default=30 * 24 * 3600, ge=0)
 
     # Webhooks (issue 12): after a secret rotation the previous secret keeps signing (a second signature) this
     # long; receivers on either secret keep verifying. Hosts, IPs or CIDRs a webhook may reach although they

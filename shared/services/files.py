@@ -102,7 +102,8 @@ async def upload(
     expires_seconds: int | None = None,
 ) -> RowLike:
     """Store an uploaded batch input file chunk by chunk, in one transaction: all of it or nothing. It expires
-    `expires_seconds` after its creation (see `expires_after_seconds`), or never.
+    `expires_seconds` after its creation (see `expires_after_seconds`), else BATCH_INPUT_EXPIRES_SECONDS after
+    it (0: never).
 
     At most MAX_FILE_BYTES (a 413 otherwise) and MAX_BATCH_LINES non-blank lines (a 400); the lines
     themselves are checked when a batch reads them, each bad one reported in its error file.
@@ -113,6 +114,8 @@ async def upload(
             code="invalid_value",
             details=[{"loc": ["body", "purpose"], "msg": "only 'batch' is supported", "type": "invalid_value"}],
         )
+    if expires_seconds is None:
+        expires_seconds = settings.batch_input_expires_seconds or None
     new_id, counter, size, seq = uuid.uuid4(), LineCounter(), 0, 0
     async with pool.acquire() as conn, conn.transaction():
         await repo.insert(

@@ -162,7 +162,8 @@ def test_files_and_batches_answer_their_declared_objects(declared: Declared, v1:
     content = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
     r = v1.post("/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"})
     uploaded = declared.check("POST", "/v1/files", r, "FileObject")
-    assert uploaded["expires_at"] is None
+    # No `expires_after`: BATCH_INPUT_EXPIRES_SECONDS (30 days).
+    assert uploaded["expires_at"] == uploaded["created_at"] + 30 * 24 * 3600
     r = v1.post(
         "/files",
         files={"file": ("gone.jsonl", content)},

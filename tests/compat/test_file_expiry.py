@@ -43,8 +43,9 @@ def test_an_upload_expires_after_what_it_asked_for_and_is_gone_at_once_when_it_h
     sdk: openai.OpenAI, db: Engine
 ) -> None:
     content = _jsonl([_line("a", "x")])
+    # Without `expires_after`: OpenAI's 30 days for a batch file (BATCH_INPUT_EXPIRES_SECONDS).
     kept = sdk.files.create(file=("kept.jsonl", content), purpose="batch")
-    assert kept.expires_at is None
+    assert kept.expires_at == kept.created_at + 30 * DAY
     hour = sdk.files.create(
         file=("hour.jsonl", content), purpose="batch", expires_after={"anchor": "created_at", "seconds": 3600}
     )
@@ -131,8 +132,9 @@ def test_a_batchs_output_and_error_files_expire_as_it_asked_or_after_the_default
     for file_id in (batch.output_file_id, batch.error_file_id):
         written = sdk.files.retrieve(file_id)
         assert written.expires_at == written.created_at + expected
-    # The input file was uploaded without `expires_after`: kept until deleted.
-    assert sdk.files.retrieve(uploaded.id).expires_at is None
+    # The input file was uploaded without `expires_after`: the input default, whatever the batch asked for.
+    kept = sdk.files.retrieve(uploaded.id)
+    assert kept.expires_at == kept.created_at + Settings.model_fields["batch_input_expires_seconds"].default
 
 
 @pytest.mark.anyio
