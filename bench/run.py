@@ -44,7 +44,7 @@ PHASES = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="short run (< 3 min) for a smoke check")
+    ap.add_argument("--quick", action="store_true", help="short run (about 5 min) for a smoke check")
     ap.add_argument("--api-workers", type=int, default=2, help="API processes; default 2")
     ap.add_argument(
         "--api-mode",
