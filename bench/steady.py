@@ -10,7 +10,9 @@ busy the machine is: Redis commands per answer (INFO commandstats; a script's in
 `total_reads_processed`, a pipeline arriving in one read), PostgreSQL transactions per answer
 (pg_stat_database) and context switches per answer of the API and of the worker (`*_ctx_switches`, all
 threads: hand-offs and wake-ups; the machine's load adds involuntary ones). Made for before/after comparisons
-in one sitting: run it from each tree in turn (`PYTHONPATH=<tree>`).
+in one sitting: run it from each tree's own directory in turn (`cd <tree>`; `python -m` puts the current
+directory first on sys.path, ahead of PYTHONPATH, and the processes it starts run from the tree it was loaded
+from).
 `--profile TAG` adds py-spy on the API and the worker for 12 s at the same rate, in the last mode
 (/tmp/profile-TAG-*.txt).
 """
