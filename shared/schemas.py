@@ -218,7 +218,12 @@ class ConversationCreate(QueryCreate):
 
 class QueryAccepted(BaseModel):
     query_id: uuid.UUID
-    status: QueryStatus = Field(description="`pending`, or `completed` when answered from the response cache")
+    status: QueryStatus = Field(
+        description=(
+            "`pending`, or `completed` when answered from the response cache; after a `Prefer: wait` that ran "
+            "out, the status then (`pending` or `running`)"
+        )
+    )
     model: str
     created_at: datetime
     cached: bool = Field(default=False, description="Answered from the response cache: already completed")

@@ -92,7 +92,8 @@ async def submit(
             await service.dispatch_accepted(pool, handles.publisher, handles.events, accepted)
         query = await service.wait_for_query(pool, user_id, accepted.query_id, wait, handles.wakeup)
     if query.status not in TERMINAL_STATUSES:
-        return accepted
+        # Still going: the usual 202, with the status the wait last saw.
+        return accepted.model_copy(update={"status": query.status})
     return JSONResponse(query.model_dump(mode="json"), status_code=status.HTTP_200_OK, headers=response.headers)
 
 
