@@ -76,20 +76,21 @@ async def submit(
     response.headers["Location"] = f"/api/v1/query/{accepted.query_id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    if wait is None:
-        if not replayed:
-            await service.dispatch_accepted(pool, handles.publisher, handles.events, accepted)
-        return accepted
-    # Its duration is the client's chosen wait, not latency: keep it out of the latency histogram.
-    mark_long_request(request.scope)
-    response.headers["Preference-Applied"] = f"wait={wait:g}"
-    if idempotency_key is None:
+    if wait is not None:
+        # Its duration is the client's chosen wait, not latency: keep it out of the latency histogram.
+        mark_long_request(request.scope)
+        response.headers["Preference-Applied"] = f"wait={wait:g}"
+    if wait is not None and idempotency_key is None:
+        # Watched from before its publish: the wait costs one read, after the end.
         query = await service.dispatch_and_wait(
             pool, handles.publisher, handles.events, handles.wakeup, accepted, row, wait
         )
     else:
         if not replayed:
             await service.dispatch_accepted(pool, handles.publisher, handles.events, accepted)
+        if wait is None:
+            return accepted
+        # A keyed submit may be a retry of one that has ended: its wait reads first.
         query = await service.wait_for_query(pool, user_id, accepted.query_id, wait, handles.wakeup)
     if query.status not in TERMINAL_STATUSES:
         # Still going: the usual 202, with the status the wait last saw.
