@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,11 +42,42 @@ _DEATH_SIGNAL = (
 )
 
 
+# Ports free_port has handed out lately, one empty file each, shared by every process of this user.
+_PORT_CLAIMS = Path(tempfile.gettempdir()) / f"aiq-ports-{os.getuid()}"
+_PORT_CLAIM_SECONDS = 600.0
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now and that no free_port on this machine has
+    handed out in the last ten minutes.
+
+    The kernel hands a just-closed port out again within a few calls, so between this call and the caller's
+    bind another process (another pytest-xdist worker, a second bench) could be given the same one; the
+    caller's server would then fail to bind while its readiness check talked to the other's. A claim file
+    per port, created exclusively, keeps the hand-outs apart across processes.
+    """
+    _PORT_CLAIMS.mkdir(mode=0o700, exist_ok=True)
+    for _ in range(256):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if _claim_port(_PORT_CLAIMS / str(port)):
+            return port
+    raise RuntimeError(f"no unclaimed free port found (claims in {_PORT_CLAIMS})")
+
+
+def _claim_port(path: Path) -> bool:
+    """Create the port's claim file; an older claim than _PORT_CLAIM_SECONDS is stale and taken over."""
+    for _ in range(2):
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return True
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - path.stat().st_mtime < _PORT_CLAIM_SECONDS:
+                    return False
+                path.unlink()
+    return False
 
 
 @dataclass(eq=False)
