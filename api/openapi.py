@@ -5,8 +5,8 @@ dependencies send. `custom_openapi()` rewrites the generated document once:
 - every 422 uses `ErrorBody`, and FastAPI's `HTTPValidationError`/`ValidationError` schemas are dropped;
 - errors that follow from an operation's shape are declared where the route did not: 401 and 403 (it needs a
   token; an API key may lack the scope or not be accepted there),
-  413/415/422 (it takes a body), 422 (it takes parameters that can be invalid), 503 (it reaches the
-  database);
+  400/413/415/422 (it takes a body: 400 for one that cannot be parsed at all), 422 (it takes parameters that can
+  be invalid), 503 (it reaches the database);
 - the OpenAI-compatible operations (`/v1/...`) answer errors as `api/compat/errors.py` renders them: their
   implied errors use `OpenAIErrorBody`, and a validation error is declared as the 400 it is there, not a 422;
 - an operation is listed under one tag (its own route's), so Swagger UI shows it once; the tags are listed
@@ -61,7 +61,8 @@ def _implied_errors(path: str, operation: dict[str, Any]) -> set[int]:
         # 403: an API key lacking the route's scope, or an API key where an access token is needed.
         statuses.update({401, 403})
     if "requestBody" in operation:
-        statuses.update({413, 415, invalid})
+        # 400: a body that cannot be read as JSON at all (not UTF-8, not text), before any validation.
+        statuses.update({400, 413, 415, invalid})
     if any(_can_be_invalid(parameter) for parameter in operation.get("parameters", ())):
         statuses.add(invalid)
     if path.startswith("/api/") or compat:

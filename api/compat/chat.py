@@ -23,7 +23,11 @@ router = compat_router()
     response_model=None,
     responses={
         200: event_stream_response(
-            ChatCompletion, "`stream: true`: `chat.completion.chunk`s as `data:` lines, then `data: [DONE]`"
+            ChatCompletion,
+            "`stream: true`: `chat.completion.chunk`s as `data:` lines, then `data: [DONE]`",
+            'A `chat.completion.chunk` as JSON, or an `{"error": …}` object for a query that did not complete; '
+            "the last event's is `[DONE]`",
+            {"type": "string", "const": "message", "description": "Unnamed (`data:` lines only)"},
         ),
         **openai_error_responses(400, 429, 502, 504),
     },

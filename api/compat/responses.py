@@ -21,6 +21,8 @@ from shared.services import responses as service
 router = compat_router()
 # A cancel of a running query is carried out by its worker; wait this long for it to say so.
 CANCEL_WAIT_SECONDS = 5.0
+# The `event:` name of a Responses stream's events: their `type`.
+_RESPONSE_EVENT = {"type": "string", "pattern": "^response\\.[a-z_.]+$", "description": "The event's `type`"}
 
 
 @router.post(
@@ -28,7 +30,10 @@ CANCEL_WAIT_SECONDS = 5.0
     response_model=None,
     responses={
         200: event_stream_response(
-            ResponseObject, "`stream: true`: the Responses events, each with its `sequence_number`"
+            ResponseObject,
+            "`stream: true`: the Responses events, each with its `sequence_number`",
+            "The event as JSON: its `type` (the `event:` name), `sequence_number` and the type's own fields",
+            _RESPONSE_EVENT,
         ),
         **openai_error_responses(429),
     },
@@ -71,7 +76,10 @@ async def create_response(
     response_model=None,
     responses={
         200: event_stream_response(
-            ResponseObject, "`stream=true`: the Responses events from the start, or after `starting_after`"
+            ResponseObject,
+            "`stream=true`: the Responses events from the start, or after `starting_after`",
+            "The event as JSON: its `type` (the `event:` name), `sequence_number` and the type's own fields",
+            _RESPONSE_EVENT,
         ),
         **openai_error_responses(404, 429),
     },

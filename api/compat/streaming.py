@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from api.deps import Handles, HandlesDep, ScopedPrincipal, Submitter
 from api.middleware import mark_long_request
-from api.routes.events import KEEPALIVE, EventStreamResponse, StreamUpkeep
+from api.routes.events import KEEPALIVE, EventStreamResponse, StreamUpkeep, sse_event_schema
 from shared.config import Settings
 from shared.events import EventLog
 from shared.limits import Limiter, limiter_for
@@ -39,12 +39,13 @@ from shared.wakeup import Wakeup
 FINAL_READ_WAIT_SECONDS = 5.0
 
 
-def event_stream_response(model: type[BaseModel], description: str) -> dict[str, Any]:
-    """The OpenAPI 200 of a route that answers JSON (`model`), or Server-Sent Events when asked to stream."""
+def event_stream_response(model: type[BaseModel], description: str, data: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI 200 of a route that answers JSON (`model`), or Server-Sent Events when asked to stream (one
+    event: `data` what its `data:` holds, `event` its `event:` name's schema)."""
     return {
         "model": model,
         "description": f"The `{model.__name__}` as JSON; {description} (`text/event-stream`)",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": sse_event_schema(data, event)}},
     }
 
 

@@ -1,7 +1,10 @@
-"""schemathesis over every operation of /openapi.json, authenticated, against the running API: no 5xx.
+"""schemathesis over every operation of /openapi.json, authenticated, against the running API: no 5xx, and every
+answer as the document declares it.
 
-It never generates deeply nested JSON (tests/api/test_edge.py covers that) and checks only
-`not_a_server_error`: a 4xx for generated nonsense is the right answer.
+It never generates deeply nested JSON (tests/api/test_edge.py covers that). A 4xx for generated nonsense is the
+right answer; what is checked besides `not_a_server_error` is that the answer is one the document declares: its
+status, its content type, its body's schema (each Server-Sent Event of a stream against the stream's per-event
+schema) and its declared headers.
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ from tests.support.limits import make_admin
 from tests.support.stack import Stack
 
 ST = Path(sys.executable).with_name("st")
+_CHECKS = ",".join(
+    (
+        "not_a_server_error",
+        "status_code_conformance",
+        "content_type_conformance",
+        "response_schema_conformance",
+        "response_headers_conformance",
+    )
+)
 
 
 # They end the credential the run authenticates with (logout, here or everywhere, revokes the token, deleting the
@@ -36,7 +48,7 @@ def _st_run(stack: Stack, authorization: str, tmp_path: Path, *selection: str) -
             "--header",
             f"Authorization: {authorization}",
             "--checks",
-            "not_a_server_error",
+            _CHECKS,
             "--max-examples",
             "50",
             "--generation-deterministic",
