@@ -15,6 +15,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIN_JWT_SECRET_BYTES = 32
+# The most bytes a character takes in UTF-8: what a body must allow per character of the text bounds.
+BYTES_PER_CHAR = 4
 DEVELOPMENT_JWT_SECRET = "aiq-insecure-development-key-never-use-in-production"  # noqa: S105 - dev only, refused elsewhere
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 BROKER_SCHEMES = AMQP_SCHEMES | {"redis", "rediss", "redis+socket"}
@@ -89,7 +91,9 @@ class Settings(BaseSettings):
     # The edge (issue 10.7/10.8): request bodies are refused (413) above this many bytes before they are
     # parsed; the API's Prometheus /metrics is served on this port only (never on the public API port),
     # 0 turns it off.
-    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    # 1 MiB: a `/v1` conversation at MAX_CONVERSATION_CHARS of text that takes four bytes a character in UTF-8
+    # (the SDKs send it unescaped) fits, with room for the JSON around it.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     api_metrics_port: int = Field(default=9541, ge=0, le=65535)
     api_metrics_host: str = "0.0.0.0"
 
@@ -258,6 +262,13 @@ class Settings(BaseSettings):
             raise ValueError("HEARTBEAT_SECONDS must be at most half of LEASE_SECONDS, or live calls lose their lease")
         if self.max_conversation_chars < self.max_query_chars:
             raise ValueError("MAX_CONVERSATION_CHARS must be at least MAX_QUERY_CHARS (a conversation holds a query)")
+        if self.max_body_bytes < BYTES_PER_CHAR * self.max_conversation_chars:
+            warnings.warn(
+                f"MAX_BODY_BYTES ({self.max_body_bytes}) is below {BYTES_PER_CHAR} x MAX_CONVERSATION_CHARS "
+                f"({self.max_conversation_chars}): a conversation of non-Latin text meets the body limit (413) "
+                "before its own bound",
+                stacklevel=2,
+            )
         if not self.allowed_models:
             raise ValueError("ALLOWED_MODELS must name at least one model")
         if self.default_model not in self.allowed_models:

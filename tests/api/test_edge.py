@@ -11,11 +11,12 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
+from shared.config import Settings
 from tests.support.api import TEST_PASSWORD, wait_terminal
 from tests.support.db import count_rows
 from tests.support.stack import Stack
 
-LIMIT = 256 * 1024  # MAX_BODY_BYTES' default, which the stack keeps
+LIMIT: int = Settings.model_fields["max_body_bytes"].default  # MAX_BODY_BYTES' default, which the stack keeps
 
 
 def _rows(db: Engine, user: dict[str, Any]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from shared.config import CELERY_BROKER_VARIABLES, DEVELOPMENT_JWT_SECRET, Settings
+from shared.config import BYTES_PER_CHAR, CELERY_BROKER_VARIABLES, DEVELOPMENT_JWT_SECRET, Settings
 from shared.llm import make_client
 
 STRONG = "s" * 48
@@ -59,6 +60,18 @@ def test_a_conversation_bound_below_the_query_bound_is_refused() -> None:
     with pytest.raises(ValidationError, match="MAX_CONVERSATION_CHARS"):
         Settings(max_query_chars=5000, max_conversation_chars=4000)
     assert Settings(max_query_chars=5000, max_conversation_chars=5000).max_conversation_chars == 5000
+
+
+def test_the_default_body_limit_holds_a_conversation_at_its_bound_in_any_script() -> None:
+    settings = Settings(jwt_secret_key=STRONG)  # type: ignore[arg-type]
+    assert settings.max_body_bytes >= BYTES_PER_CHAR * settings.max_conversation_chars
+    # Four bytes a character (emoji, rare CJK) at the bound, as the SDK sends it: under the limit.
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": "😀" * settings.max_conversation_chars}]}, ensure_ascii=False
+    )
+    assert len(body.encode()) < settings.max_body_bytes
+    with pytest.warns(UserWarning, match="MAX_BODY_BYTES"):
+        Settings(max_body_bytes=256 * 1024, jwt_secret_key=STRONG)  # type: ignore[arg-type]
 
 
 def test_driver_urls_and_unix_socket_broker() -> None:
