@@ -67,9 +67,11 @@ def request_digest(
     temperature: float | None,
     max_tokens: int | None,
     history: list[dict[str, str]] | None = None,
+    prompt_name: str | None = None,
 ) -> str:
-    """SHA-256 of the canonical JSON of what makes two requests identical. A conversation's earlier turns are
-    part of it; a single prompt's digest has no `history` key (the digest it had before conversations)."""
+    """SHA-256 of the canonical JSON of what makes two requests identical. A conversation's earlier turns and its
+    final message's participant name are part of it; a single prompt's digest has neither key (the digest it had
+    before conversations)."""
     request: dict[str, Any] = {
         "model": model,
         "system": system,
@@ -79,6 +81,8 @@ def request_digest(
     }
     if history is not None:
         request["history"] = history
+    if prompt_name is not None:
+        request["prompt_name"] = prompt_name
     canonical = json.dumps(
         request,
         sort_keys=True,
@@ -104,7 +108,13 @@ class ResponseCache:
     def answer_key(self, user_id: uuid.UUID, row: dict[str, Any]) -> str:
         """Where the answer to this request lives, in the configured scope."""
         digest = request_digest(
-            row["model"], row["system"], row["prompt"], row["temperature"], row["max_tokens"], row["history"]
+            row["model"],
+            row["system"],
+            row["prompt"],
+            row["temperature"],
+            row["max_tokens"],
+            row["history"],
+            row["prompt_name"],
         )
         if self._settings.response_cache_scope is CacheScope.GLOBAL:
             return f"{self._prefix}global:{digest}"

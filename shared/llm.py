@@ -207,6 +207,7 @@ async def complete(
     max_tokens: int | None,
     headers: dict[str, str],
     history: Sequence[Mapping[str, str]] | None = None,
+    prompt_name: str | None = None,
     on_delta: Callable[[str], None] | None = None,
     on_end: Callable[[], None] | None = None,
     stream: bool = True,
@@ -218,15 +219,19 @@ async def complete(
     end (before the response is closed): a listener learns then that no piece follows the last one it holds.
     A provider that refuses to stream is asked again without streaming; a call that did not stream hands its
     whole answer to `on_delta` as one piece. The messages: the system prompt, a conversation's earlier turns
-    (`history`) in order, then the prompt as the final user message.
+    (`history`) in order, then the prompt as the final user message (with its participant `prompt_name`, if any).
     """
     messages: list[ChatCompletionMessageParam] = []
     if system:
         messages.append({"role": "system", "content": system})
     if history:
-        # As the row stores them (`ConversationCreate`'s turns): role "user" or "assistant", and text.
+        # As the row stores them (`ConversationCreate`'s turns): role "user" or "assistant", text, and a `name`
+        # when the turn had one.
         messages.extend(cast("Sequence[ChatCompletionMessageParam]", history))
-    messages.append({"role": "user", "content": prompt})
+    if prompt_name:
+        messages.append({"role": "user", "content": prompt, "name": prompt_name})
+    else:
+        messages.append({"role": "user", "content": prompt})
     started = time.perf_counter()
     if stream:
         try:

@@ -204,8 +204,9 @@ class Turn(BaseModel):
 
     role: Literal["user", "assistant"]
     content: str
+    name: str | None = Field(default=None, max_length=64, description="The participant's name, when given")
 
-    _valid_unicode = field_validator("content")(_text_only)
+    _valid_unicode = field_validator("content", "name")(_text_only)
 
 
 class ConversationCreate(QueryCreate):
@@ -214,6 +215,9 @@ class ConversationCreate(QueryCreate):
     """
 
     history: list[Turn] | None = Field(default=None, description="The turns before `query`, oldest first")
+    prompt_name: str | None = Field(default=None, max_length=64, description="The participant name of `query`")
+
+    _valid_name = field_validator("prompt_name")(_text_only)
 
 
 class QueryAccepted(BaseModel):

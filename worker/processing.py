@@ -299,6 +299,7 @@ async def _attempt(rt: WorkerRuntime, claim: Claim, grant: Grant, sink: DeltaSin
                 prompt=claim.prompt,
                 system=claim.system,
                 history=claim.history,
+                prompt_name=claim.prompt_name,
                 temperature=claim.temperature,
                 max_tokens=claim.max_tokens,
                 headers={"X-AIQ-Query-Id": str(claim.query_id), "X-AIQ-Attempt": str(claim.attempt)},

@@ -157,8 +157,18 @@ def estimate_tokens(chars: int) -> int:
 
 
 def echoed_messages(messages: Sequence[dict[str, Any]]) -> str:
-    """The answer of `echo=messages`: each message's role and text, in order, as JSON."""
-    return json.dumps([[message.get("role"), message_text(message.get("content"))] for message in messages])
+    """The answer of `echo=messages`: each message's role and text, and its `name` when it has one, in order, as
+    JSON."""
+    return json.dumps(
+        [
+            [
+                message.get("role"),
+                message_text(message.get("content")),
+                *([message["name"]] if "name" in message else []),
+            ]
+            for message in messages
+        ]
+    )
 
 
 def answer_text(tokens: int, chars: int, seed_text: str) -> str:

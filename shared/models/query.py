@@ -75,8 +75,10 @@ class Query(Base):
     prompt: Mapped[str] = mapped_column(Text)
     system: Mapped[str | None] = mapped_column(Text)
     # A `/v1` conversation's turns before its final user message (`prompt`), in order: `[{"role": "user" |
-    # "assistant", "content": str}, ...]`; NULL for a single message and for every native query.
+    # "assistant", "content": str, "name"?: str}, ...]`; NULL for a single message and for every native query.
     history: Mapped[list[dict[str, str]] | None] = mapped_column(JSONB)
+    # The final user message's participant `name` (a `/v1` chat message's), when it has one.
+    prompt_name: Mapped[str | None] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(200))
     temperature: Mapped[float | None]
     max_tokens: Mapped[int | None]

@@ -63,11 +63,13 @@ class Claim:
     webhook: bool = True
     # A `/v1` conversation's turns before `prompt` (`queries.history`); None for a single prompt.
     history: list[dict[str, str]] | None = None
+    # The participant name of `prompt` (`queries.prompt_name`), when it has one.
+    prompt_name: str | None = None
 
 
 _INSERT_COLUMNS = (
-    "id", "user_id", "prompt", "system", "history", "model", "temperature", "max_tokens", "meta", "priority",
-    "status", "attempts", "created_at", "updated_at", "next_attempt_at", "reserved_tokens", "response",
+    "id", "user_id", "prompt", "system", "history", "prompt_name", "model", "temperature", "max_tokens", "meta",
+    "priority", "status", "attempts", "created_at", "updated_at", "next_attempt_at", "reserved_tokens", "response",
     "prompt_tokens", "completion_tokens", "total_tokens", "cached", "started_at", "finished_at", "webhook_url",
     "background",
 )  # fmt: skip
@@ -220,6 +222,7 @@ _CLAIM = CompiledStatement.of(
         Query.max_tokens,
         _HAS_WEBHOOK,
         Query.history,
+        Query.prompt_name,
     )
 )
 
@@ -297,7 +300,7 @@ WITH due AS (
     queries.max_tokens, (queries.webhook_url IS NOT NULL OR EXISTS (
       SELECT 1 FROM webhook_endpoints e
       WHERE e.user_id = queries.user_id AND e.url IS NOT NULL AND e.disabled_at IS NULL
-    )), queries.history
+    )), queries.history, queries.prompt_name
 ), turn AS (
   INSERT INTO fair_turns (model, user_id, vtime)
   SELECT $1, p.user_id, p.vt + 1.0 / p.w FROM pick p WHERE EXISTS (SELECT 1 FROM claimed)
@@ -460,6 +463,7 @@ _ERASE = CompiledStatement.of(
         prompt="",
         system=None,
         history=None,
+        prompt_name=None,
         response=None,
         meta=None,
         deleted_at=func.now(),

@@ -65,7 +65,13 @@ def validate_submission(settings: Settings, body: QueryCreate, history: list[dic
     if not body.query.strip():
         raise _invalid("query", "Query must not be empty or blank", "query_blank")
     # PostgreSQL text and jsonb cannot hold U+0000: refuse it here rather than fail the INSERT.
-    for field, value in (("query", body.query), ("system", body.system), ("metadata", body.metadata)):
+    texts = (
+        ("query", body.query),
+        ("system", body.system),
+        ("metadata", body.metadata),
+        ("prompt_name", _name_of(body)),
+    )
+    for field, value in texts:
         if _has_nul(value):
             raise _invalid(field, f"{field} must not contain NUL (U+0000) characters", "nul_character")
     if len(body.query) > settings.max_query_chars:
@@ -99,10 +105,16 @@ def validate_submission(settings: Settings, body: QueryCreate, history: list[dic
 
 
 def _history_of(body: QueryCreate) -> list[dict[str, str]] | None:
-    """A `/v1` conversation's earlier turns as the row stores them; None for one prompt (and every native body)."""
+    """A `/v1` conversation's earlier turns as the row stores them (a turn's `name` only when it has one); None for
+    one prompt (and every native body)."""
     if isinstance(body, ConversationCreate) and body.history:
-        return [turn.model_dump() for turn in body.history]
+        return [turn.model_dump(exclude_none=True) for turn in body.history]
     return None
+
+
+def _name_of(body: QueryCreate) -> str | None:
+    """A `/v1` conversation's final user message's participant name; None without one (and for native bodies)."""
+    return body.prompt_name if isinstance(body, ConversationCreate) else None
 
 
 def _new_query(
@@ -118,6 +130,7 @@ def _new_query(
         "prompt": body.query,
         "system": body.system,
         "history": history,
+        "prompt_name": _name_of(body),
         "model": accepted.model,
         "temperature": body.temperature,
         "max_tokens": body.max_tokens,

@@ -24,7 +24,13 @@ CHAT_PREFIX = "chatcmpl-"
 MESSAGE_PREFIX = "msg_"
 _SYSTEM_ROLES = frozenset({"system", "developer"})
 # ConversationCreate's field → where the client wrote it, for the error's `param`.
-CHAT_PARAMS = {"query": "messages", "system": "messages", "history": "messages", "max_tokens": "max_completion_tokens"}
+CHAT_PARAMS = {
+    "query": "messages",
+    "system": "messages",
+    "history": "messages",
+    "prompt_name": "messages",
+    "max_tokens": "max_completion_tokens",
+}
 RESPONSE_PARAMS = {"query": "input", "system": "instructions", "history": "input", "max_tokens": "max_output_tokens"}
 
 
@@ -73,12 +79,13 @@ def _text(content: str | list[TextPart]) -> str:
 
 def _conversation(
     messages: list[ChatMessage] | list[InputMessage], instructions: str | None, param: str
-) -> tuple[str | None, str, list[dict[str, str]] | None]:
-    """System prompt, prompt and earlier turns of a message list.
+) -> tuple[str | None, dict[str, str], list[dict[str, str]] | None]:
+    """System prompt, final user message and earlier turns of a message list.
 
     System and developer messages (after `instructions`) become the system prompt; the final user message is
-    the prompt; the user and assistant turns before it are the history (None for a single message), which
-    the model receives as messages of their own, in order.
+    the prompt (`content`, and `name` when the message names its participant); the user and assistant turns
+    before it are the history (None for a single message), which the model receives as messages of their own,
+    in order, names included.
     """
     system = [instructions] if instructions else []
     turns: list[dict[str, str]] = []
@@ -86,15 +93,19 @@ def _conversation(
         text = _text(message.content)
         if message.role in _SYSTEM_ROLES:
             system.append(text)
-        else:
-            turns.append({"role": message.role, "content": text})
+            continue
+        turn = {"role": message.role, "content": text}
+        name = getattr(message, "name", None)  # chat messages have one; Responses input messages do not
+        if name is not None:
+            turn["name"] = name
+        turns.append(turn)
     if not turns or turns[-1]["role"] != "user":
         raise InvalidInput(
             f"'{param}' must end with a user message",
             code="invalid_value",
             details=[{"loc": ["body", param], "msg": "must end with a user message", "type": "invalid_value"}],
         )
-    return ("\n\n".join(system) if system else None), turns[-1]["content"], turns[:-1] or None
+    return ("\n\n".join(system) if system else None), turns[-1], turns[:-1] or None
 
 
 def _query_create(fields: dict[str, Any], params: dict[str, str]) -> ConversationCreate:
@@ -126,7 +137,8 @@ def query_from_chat(body: ChatCompletionCreate) -> ConversationCreate:
     """The submission of a chat completion request."""
     system, prompt, history = _conversation(body.messages, None, "messages")
     fields = {
-        "query": prompt,
+        "query": prompt["content"],
+        "prompt_name": prompt.get("name"),
         "system": system,
         "history": history,
         "model": body.model,
@@ -143,7 +155,8 @@ def query_from_response(body: ResponseCreate) -> ConversationCreate:
     if isinstance(body.input, str):
         system, prompt = body.instructions, body.input
     else:
-        system, prompt, history = _conversation(body.input, body.instructions, "input")
+        system, final, history = _conversation(body.input, body.instructions, "input")
+        prompt = final["content"]
     fields = {
         "query": prompt,
         "system": system,

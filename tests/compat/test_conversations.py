@@ -16,6 +16,7 @@ import httpx
 import openai
 from sqlalchemy.engine import Engine
 
+from shared.cache import request_digest
 from tests.support.db import count_rows, row
 from tests.support.limits import limits_redis
 from tests.support.polling import wait_until
@@ -76,6 +77,39 @@ def test_a_chat_conversation_reaches_the_model_as_separate_messages_in_order(
     assert native.status_code == 200, native.text
     assert native.json()["query"] == final
     assert "history" not in native.json()
+
+
+def test_participant_names_reach_the_model_with_their_messages(sdk: openai.OpenAI, db: Engine) -> None:
+    final = f"Who spoke first? {ECHO} {uuid.uuid4().hex}"
+    completion = sdk.chat.completions.create(
+        model="sim-small",
+        messages=[
+            {"role": "system", "content": "Keep track of who says what.", "name": "house_rules"},
+            {"role": "user", "content": "I like tea.", "name": "alice"},
+            {"role": "assistant", "content": "Noted, Alice.", "name": "butler"},
+            {"role": "user", "content": "I like coffee."},
+            {"role": "user", "content": final, "name": "bob"},
+        ],
+    )
+    # Each user and assistant turn keeps its name; a turn without one has none. System text is merged into the
+    # system prompt, which has no participant.
+    assert _echoed(completion.choices[0].message.content) == [
+        ["system", "Keep track of who says what."],
+        ["user", "I like tea.", "alice"],
+        ["assistant", "Noted, Alice.", "butler"],
+        ["user", "I like coffee."],
+        ["user", final, "bob"],
+    ]
+    stored = row(db, _query_id(completion.id))
+    assert stored["prompt_name"] == "bob"
+    assert stored["history"][:2] == [
+        {"role": "user", "content": "I like tea.", "name": "alice"},
+        {"role": "assistant", "content": "Noted, Alice.", "name": "butler"},
+    ]
+    # A name is part of what the model reads, so of what the response cache compares.
+    plain = request_digest("sim-small", None, final, None, None, stored["history"])
+    assert request_digest("sim-small", None, final, None, None, stored["history"], "bob") != plain
+    assert request_digest("sim-small", None, final, None, None, stored["history"], None) == plain
 
 
 def test_a_streamed_chat_conversation_is_sent_as_messages_too(sdk: openai.OpenAI) -> None:
@@ -200,6 +234,12 @@ def test_a_conversation_over_the_size_limit_or_with_nul_is_a_bad_request_and_sto
         ),
         (
             "/v1/chat/completions",
+            {"model": "sim-small", "messages": [{"role": "user", "content": "hi", "name": "a\x00b"}]},
+            "messages",
+            "nul_character",
+        ),
+        (
+            "/v1/chat/completions",
             {"model": "sim-small", "messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "hi"}]},
             "messages.0.role",
             None,
@@ -236,11 +276,11 @@ def test_deleting_a_conversation_erases_its_history(
         messages=[
             {"role": "user", "content": "My secret is 42."},
             {"role": "assistant", "content": "Noted."},
-            {"role": "user", "content": "Forget it."},
+            {"role": "user", "content": "Forget it.", "name": "carol"},
         ],
     )
     query_id = _query_id(completion.id)
-    assert row(db, query_id)["history"] is not None
+    assert (row(db, query_id)["history"] is not None, row(db, query_id)["prompt_name"]) == (True, "carol")
     assert client.delete(f"/api/v1/query/{query_id}", headers=user["headers"]).status_code == 204
     erased = row(db, query_id)
-    assert (erased["prompt"], erased["history"], erased["response"]) == ("", None, None)
+    assert (erased["prompt"], erased["history"], erased["prompt_name"], erased["response"]) == ("", None, None, None)
