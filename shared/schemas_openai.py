@@ -166,6 +166,36 @@ class ChatCompletion(BaseModel):
     usage: CompletionUsage | None
 
 
+class ChatCompletionChunkDelta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["assistant"] | None = Field(default=None, description="In the first chunk only")
+    content: str | None = Field(default=None, description="The next piece of the answer")
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    index: int
+    delta: ChatCompletionChunkDelta
+    finish_reason: Literal["stop", "length"] | None = Field(description="Set in the answer's last chunk")
+    logprobs: None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion (`stream: true`). With `stream_options.include_usage`,
+    every chunk has `usage: null` but the last one before `[DONE]`, which has no choices and the usage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int = Field(description="Unix seconds")
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: CompletionUsage | None = None
+
+
 class ResponseOutputText(BaseModel):
     type: Literal["output_text"]
     text: str

@@ -39,13 +39,21 @@ from shared.wakeup import Wakeup
 FINAL_READ_WAIT_SECONDS = 5.0
 
 
-def event_stream_response(model: type[BaseModel], description: str, data: str, event: dict[str, Any]) -> dict[str, Any]:
+def event_stream_response(
+    model: type[BaseModel],
+    description: str,
+    data: str,
+    event: dict[str, Any],
+    data_model: type[BaseModel] | None = None,
+) -> dict[str, Any]:
     """The OpenAPI 200 of a route that answers JSON (`model`), or Server-Sent Events when asked to stream (one
-    event: `data` what its `data:` holds, `event` its `event:` name's schema)."""
+    event: `data` what its `data:` holds, `data_model` the model of its JSON where there is one, `event` its
+    `event:` name's schema). A `data_model` must be in `api/openapi.py`'s `EXTRA_MODELS`."""
+    data_schema = {"$ref": f"#/components/schemas/{data_model.__name__}"} if data_model else None
     return {
         "model": model,
         "description": f"The `{model.__name__}` as JSON; {description} (`text/event-stream`)",
-        "content": {"text/event-stream": {"schema": sse_event_schema(data, event)}},
+        "content": {"text/event-stream": {"schema": sse_event_schema(data, event, data_schema=data_schema)}},
     }
 
 

@@ -124,7 +124,7 @@ def test_a_generated_client_parses_real_errors(generated: ModuleType, stack: Sta
     assert error.code == "model_not_allowed"
     assert error.details[0].loc == ["body", "model"]
 
-    r = submit.sync_detailed(client=authed, body=models.QueryCreate(query="x" * (300 * 1024)))
+    r = submit.sync_detailed(client=authed, body=models.QueryCreate(query="x" * (stack.settings.max_body_bytes + 1)))
     assert r.status_code == 413
     assert error_of(r).code == "payload_too_large"
 

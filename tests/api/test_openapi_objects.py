@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+from httpx_sse import connect_sse
 
 from tests.compat.conftest import make_api_key
 from tests.support.stack import Stack
@@ -104,6 +105,31 @@ def test_chat_completions_and_models_answer_their_declared_objects(declared: Dec
     assert (
         declared.check("POST", "/v1/chat/completions", r, "ChatCompletion")["choices"][0]["finish_reason"] == "length"
     )
+
+
+def test_a_chat_streams_events_are_the_declared_chunks(declared: Declared, v1: httpx.Client) -> None:
+    stream = declared.spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    data = stream["text/event-stream"]["schema"]["properties"]["data"]
+    assert data["contentSchema"] == {"$ref": f"{REF}ChatCompletionChunk"}
+    validator = jsonschema.Draft202012Validator({**data["contentSchema"], "components": declared.components})
+    body = {
+        "model": "sim-small",
+        "messages": [{"role": "user", "content": _prompt("[[sim tokens=12 chunk_ms=5]] stream")}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with connect_sse(v1, "POST", "/chat/completions", json=body) as source:
+        events = [(sse.event, sse.data) for sse in source.iter_sse()]
+    assert {name for name, _ in events} == {"message"}
+    assert events[-1][1] == "[DONE]"
+    chunks = [json.loads(payload) for _, payload in events[:-1]]
+    # The opening chunk, the text, the finishing chunk and the usage chunk: every one as declared.
+    assert len(chunks) > 3
+    for chunk in chunks:
+        assert [e.message for e in validator.iter_errors(chunk)] == [], chunk
+    assert (chunks[-2]["choices"][0]["finish_reason"], chunks[-1]["choices"]) == ("stop", [])
+    # The strict schema refuses what it does not declare.
+    assert list(validator.iter_errors({**chunks[0], "undeclared": 1}))
 
 
 def test_responses_answer_their_declared_object_in_every_state(declared: Declared, v1: httpx.Client) -> None:
