@@ -12,7 +12,7 @@ from api.compat.errors import openai_error_responses
 from api.compat.streaming import event_stream_response, submitter_stream_context
 from api.compat.submit import submit, submit_and_wait
 from api.deps import HandlesDep, SubmitterDep
-from shared.schemas_openai import ChatCompletion, ChatCompletionChunk, ChatCompletionCreate
+from shared.schemas_openai import ChatCompletion, ChatCompletionChunk, ChatCompletionCreate, OpenAIErrorBody
 from shared.services import responses as service
 
 router = compat_router()
@@ -28,7 +28,8 @@ router = compat_router()
             'A `chat.completion.chunk` as JSON, or an `{"error": …}` object for a query that did not complete; '
             "the last event's is `[DONE]`",
             {"type": "string", "const": "message", "description": "Unnamed (`data:` lines only)"},
-            ChatCompletionChunk,
+            (ChatCompletionChunk, OpenAIErrorBody),
+            "[DONE]",
         ),
         **openai_error_responses(400, 429, 502, 504),
     },

@@ -44,16 +44,20 @@ def event_stream_response(
     description: str,
     data: str,
     event: dict[str, Any],
-    data_model: type[BaseModel] | None = None,
+    data_models: tuple[type[BaseModel], ...] = (),
+    last_data: str | None = None,
 ) -> dict[str, Any]:
     """The OpenAPI 200 of a route that answers JSON (`model`), or Server-Sent Events when asked to stream (one
-    event: `data` what its `data:` holds, `data_model` the model of its JSON where there is one, `event` its
-    `event:` name's schema). A `data_model` must be in `api/openapi.py`'s `EXTRA_MODELS`."""
-    data_schema = {"$ref": f"#/components/schemas/{data_model.__name__}"} if data_model else None
+    event: `data` what its `data:` holds, `data_models` the models of its JSON where they are known, `last_data`
+    the closing event's text, `event` its `event:` name's schema). `data_models` must be in `api/openapi.py`'s
+    `EXTRA_MODELS`."""
+    refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in data_models]
+    data_schema = (refs[0] if len(refs) == 1 else {"anyOf": refs}) if refs else None
+    event_schema = sse_event_schema(data, event, data_schema=data_schema, last_data=last_data)
     return {
         "model": model,
         "description": f"The `{model.__name__}` as JSON; {description} (`text/event-stream`)",
-        "content": {"text/event-stream": {"schema": sse_event_schema(data, event, data_schema=data_schema)}},
+        "content": {"text/event-stream": {"schema": event_schema}},
     }
 
 

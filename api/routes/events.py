@@ -39,17 +39,26 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def sse_event_schema(
-    data: str, event: dict[str, Any], *, with_id: bool = False, data_schema: dict[str, Any] | None = None
+    data: str,
+    event: dict[str, Any],
+    *,
+    with_id: bool = False,
+    data_schema: dict[str, Any] | None = None,
+    last_data: str | None = None,
 ) -> dict[str, Any]:
     """The OpenAPI schema of one Server-Sent Event of a `text/event-stream` answer, as a client parses it (the
     HTML standard's fields; OpenAPI 3.1 has no per-item schema for a stream, so tools such as schemathesis take the
     media type's `schema` for one event's): `data` a string (what it holds: `data`; the schema of its JSON:
-    `data_schema`, as `contentSchema`), `event` ("message" when the stream names none: `event`), `id` when
-    `with_id`."""
-    content = {"contentMediaType": "application/json", "contentSchema": data_schema} if data_schema else {}
+    `data_schema`, as `contentSchema`; `last_data`: the non-JSON text of a closing event, such as `[DONE]`),
+    `event` ("message" when the stream names none: `event`), `id` when `with_id`."""
+    payload: dict[str, Any] = {"type": "string"}
+    if data_schema is not None:
+        payload = {**payload, "contentMediaType": "application/json", "contentSchema": data_schema}
+    if last_data is not None:
+        payload = {"anyOf": [payload, {"type": "string", "const": last_data}]}
     properties: dict[str, Any] = {
         "event": event,
-        "data": {"type": "string", "description": data, **content},
+        "data": {"description": data, **payload},
         "retry": {"type": "integer", "minimum": 0},
     }
     if with_id:

@@ -109,9 +109,12 @@ def test_chat_completions_and_models_answer_their_declared_objects(declared: Dec
 
 def test_a_chat_streams_events_are_the_declared_chunks(declared: Declared, v1: httpx.Client) -> None:
     stream = declared.spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
-    data = stream["text/event-stream"]["schema"]["properties"]["data"]
-    assert data["contentSchema"] == {"$ref": f"{REF}ChatCompletionChunk"}
-    validator = jsonschema.Draft202012Validator({**data["contentSchema"], "components": declared.components})
+    json_data, done = stream["text/event-stream"]["schema"]["properties"]["data"]["anyOf"]
+    assert done == {"type": "string", "const": "[DONE]"}
+    # A chunk, or the error object of a query that did not complete.
+    chunk, error = json_data["contentSchema"]["anyOf"]
+    assert (chunk, error) == ({"$ref": f"{REF}ChatCompletionChunk"}, {"$ref": f"{REF}OpenAIErrorBody"})
+    validator = jsonschema.Draft202012Validator({**chunk, "components": declared.components})
     body = {
         "model": "sim-small",
         "messages": [{"role": "user", "content": _prompt("[[sim tokens=12 chunk_ms=5]] stream")}],
