@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from api.compat.errors import is_compat_path, openai_error_response
 from shared.db import DATABASE_UNAVAILABLE, database_unavailable
@@ -129,12 +130,23 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, code, message, details, path=request.url.path)
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (RFC 9110 `Allow`). Starlette's 405 names only the methods of
+    the first route the path matched, and each method of a path is a route of its own here."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, BaseRoute) and route.matches(request.scope)[0] is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "error" if exc.status_code < 500 else "internal_error")
-    return error_response(
-        exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None), path=request.url.path
-    )
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+    return error_response(exc.status_code, code, str(exc.detail), headers=headers, path=request.url.path)
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:

@@ -6,7 +6,17 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, JsonValue, StrictBool, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    JsonValue,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from shared.models import QueryStatus
@@ -14,7 +24,9 @@ from shared.models import QueryStatus
 
 class StrictBody(BaseModel):
     """A request body. Unknown fields are a client bug worth reporting, not something to drop silently; so is a
-    boolean sent as a string or a number (`"yes"`, `"false"`, `0`): its fields are `StrictBool`, JSON's own."""
+    boolean sent as a string or a number (`"yes"`, `"false"`, `0`), or a number sent as a string or a boolean
+    (`"0.5"`, `false`): its fields are `StrictBool`, `StrictInt` and `StrictFloat`, JSON's own types (an integer
+    is a number too; `10.0` is not an integer)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -175,8 +187,8 @@ class QueryCreate(StrictBody):
     query: str = Field(description="The user prompt, not blank; bounded by MAX_QUERY_CHARS")
     model: str | None = Field(default=None, max_length=200, description="Defaults to DEFAULT_MODEL")
     system: str | None = Field(default=None, description="Optional system prompt; bounded by MAX_QUERY_CHARS")
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
     metadata: dict[str, JsonValue] | None = Field(default=None, description="Opaque client data, echoed back")
     priority: Literal["interactive", "batch"] = Field(
         default="interactive",
@@ -293,14 +305,14 @@ class ErrorBody(BaseModel):
 class LimitsIn(StrictBody):
     """A user's overrides; null means "the default" (Settings), 0 switches the limit off for this user."""
 
-    requests_per_minute: int | None = Field(default=None, ge=0, le=1_000_000, examples=[120])
-    max_pending: int | None = Field(default=None, ge=0, le=1_000_000, examples=[50])
+    requests_per_minute: StrictInt | None = Field(default=None, ge=0, le=1_000_000, examples=[120])
+    max_pending: StrictInt | None = Field(default=None, ge=0, le=1_000_000, examples=[50])
     # The override columns are 32-bit integers (migration 0005).
-    token_budget: int | None = Field(default=None, ge=0, le=10**12, examples=[5_000_000])
+    token_budget: StrictInt | None = Field(default=None, ge=0, le=10**12, examples=[5_000_000])
     # Flow control: this user's weight in fair turns (null: 1), and the largest share of a model's calls in
     # flight the user may hold while other users wait (null: no cap).
-    fair_weight: int | None = Field(default=None, ge=1, le=1000, examples=[2])
-    max_share: float | None = Field(default=None, gt=0, le=1, examples=[0.5])
+    fair_weight: StrictInt | None = Field(default=None, ge=1, le=1000, examples=[2])
+    max_share: StrictFloat | None = Field(default=None, gt=0, le=1, examples=[0.5])
 
 
 class LimitsOut(BaseModel):

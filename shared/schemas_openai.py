@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 from pydantic_core import PydanticCustomError
 
 # OpenAI: at most 16 pairs, keys up to 64 characters, values up to 512.
@@ -46,9 +46,9 @@ class ChatCompletionCreate(_Body):
 
     model: str = Field(max_length=200, description="One of `GET /v1/models` (ALLOWED_MODELS)")
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     metadata: Metadata | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
@@ -79,8 +79,8 @@ class ResponseCreate(_Body):
     )
     input: str | list[InputMessage]
     instructions: str | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
+    max_output_tokens: StrictInt | None = Field(default=None, ge=1)
     metadata: Metadata | None = None
     background: StrictBool | None = False
     stream: StrictBool | None = False

@@ -169,7 +169,17 @@ def test_an_admin_sets_a_users_fair_weight_and_share_cap(client: httpx.Client, d
     got = client.get(url, headers=admin["headers"]).json()
     assert got["overrides"]["fair_weight"] == 3
     assert got["max_share"] == 0.5
-    for bad in ({"fair_weight": 0}, {"max_share": 0}, {"max_share": 1.5}, {"fair_weight": 10**6}):
+    # Out of bounds, or a number sent as a boolean or a string.
+    bads: list[dict[str, Any]] = [
+        {"fair_weight": 0},
+        {"max_share": 0},
+        {"max_share": 1.5},
+        {"fair_weight": 10**6},
+        {"token_budget": True},
+        {"max_share": "0.5"},
+        {"requests_per_minute": "60"},
+    ]
+    for bad in bads:
         assert client.put(url, json=bad, headers=admin["headers"]).status_code == 422, bad
     assert row_limits(db, someone["user_id"]) == (3, 0.5)
 

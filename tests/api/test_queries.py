@@ -113,6 +113,32 @@ def test_a_boolean_sent_as_a_string_or_a_number_is_422_and_stores_nothing(
     assert accepted.status_code == 202, accepted.text
 
 
+def test_a_number_sent_as_a_string_or_a_boolean_is_422_and_stores_nothing(
+    client: httpx.Client, user: dict[str, Any], db: Engine
+) -> None:
+    before = count_rows(db, "SELECT count(*) FROM queries WHERE user_id = :u", u=user["user_id"])
+    cases = [
+        ("temperature", False),
+        ("temperature", "0.5"),
+        ("max_tokens", True),
+        ("max_tokens", "10"),
+        ("max_tokens", 10.5),
+    ]
+    for field, value in cases:
+        r = client.post("/api/v1/query", json={"query": "hi", field: value}, headers=user["headers"])
+        assert r.status_code == 422, (field, value, r.text)
+        error = r.json()["error"]
+        assert error["code"] == "validation_error"
+        assert error["details"][0]["loc"] == ["body", field]
+        assert "valid" in error["details"][0]["msg"]
+    assert count_rows(db, "SELECT count(*) FROM queries WHERE user_id = :u", u=user["user_id"]) == before
+    # JSON numbers: an integer is a number too.
+    accepted = client.post(
+        "/api/v1/query", json={"query": "hi", "temperature": 1, "max_tokens": 10}, headers=user["headers"]
+    )
+    assert accepted.status_code == 202, accepted.text
+
+
 def test_validation_errors_do_not_echo_the_input(client: httpx.Client, user: dict[str, Any]) -> None:
     secret = f"top-secret-{uuid.uuid4().hex}"
     r = client.post("/api/v1/query", json={"query": secret, "temperature": "hot"}, headers=user["headers"])
@@ -175,6 +201,11 @@ def test_unknown_route_and_method_are_json(client: httpx.Client, user: dict[str,
     r = client.delete("/api/v1/query", headers=user["headers"])
     assert r.status_code == 405
     assert r.json()["error"]["code"] == "method_not_allowed"
+    # `Allow` names every method of the path, though each is a route of its own (RFC 9110).
+    assert set(r.headers["allow"].split(", ")) == {"GET", "POST"}
+    r = client.options("/v1/files", headers=user["headers"])
+    assert (r.status_code, r.json()["error"]["code"]) == (405, "method_not_allowed")
+    assert set(r.headers["allow"].split(", ")) == {"GET", "POST"}
 
 
 def test_operations_endpoints(client: httpx.Client, stack: Stack) -> None:

@@ -153,7 +153,7 @@ def test_invalid_input_is_a_bad_request_naming_the_param(sdk: openai.OpenAI, cli
     assert caught.value.body["param"] == "messages"  # type: ignore[index]
 
 
-def test_a_boolean_sent_as_a_string_or_a_number_is_a_bad_request_and_stores_nothing(
+def test_a_boolean_or_a_number_sent_as_another_type_is_a_bad_request_and_stores_nothing(
     stack: Stack, api_key: str, user: dict[str, Any], db: Engine
 ) -> None:
     chat = {"model": "sim-small", "messages": [{"role": "user", "content": "hi"}]}
@@ -166,6 +166,13 @@ def test_a_boolean_sent_as_a_string_or_a_number_is_a_bad_request_and_stores_noth
         ("/v1/responses", {"model": "sim-small", "input": "hi", "background": "false"}, "background"),
         ("/v1/responses", {"model": "sim-small", "input": "hi", "store": 1}, "store"),
     ]
+    # A number sent as a boolean or a string, which OpenAI refuses too.
+    numbers: list[tuple[str, dict[str, Any], str]] = [
+        ("/v1/chat/completions", {**chat, "temperature": False}, "temperature"),
+        ("/v1/chat/completions", {**chat, "max_completion_tokens": "10"}, "max_completion_tokens"),
+        ("/v1/responses", {"model": "sim-small", "input": "hi", "temperature": "0.5"}, "temperature"),
+        ("/v1/responses", {"model": "sim-small", "input": "hi", "max_output_tokens": True}, "max_output_tokens"),
+    ]
     before = count_rows(db, "SELECT count(*) FROM queries WHERE user_id = :u", u=user["user_id"])
     with httpx.Client(base_url=stack.api_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as c:
         for path, body, param in cases:
@@ -175,6 +182,12 @@ def test_a_boolean_sent_as_a_string_or_a_number_is_a_bad_request_and_stores_noth
             assert error["type"] == "invalid_request_error"
             assert error["param"].startswith(param), error
             assert "boolean" in error["message"], error
+        for path, body, param in numbers:
+            r = c.post(path, json=body)
+            assert r.status_code == 400, (path, body, r.text)
+            error = r.json()["error"]
+            assert (error["type"], error["param"]) == ("invalid_request_error", param), error
+            assert "valid" in error["message"], error
     assert count_rows(db, "SELECT count(*) FROM queries WHERE user_id = :u", u=user["user_id"]) == before
 
 
