@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 from fastapi.responses import Response
+from pydantic import BeforeValidator
 
 from api.deps import (
     AutocommitSessionDep,
@@ -30,12 +31,23 @@ from shared.services.usage import GroupBy, usage_report
 router = APIRouter(prefix=V1_PREFIX, tags=["usage"])
 
 
+def _iso_only(value: object) -> object:
+    # pydantic reads a bare number as Unix seconds; the document says ISO 8601 (`format: date-time`), so say so.
+    if isinstance(value, str) and value.strip().lstrip("+-").replace(".", "", 1).isdigit():
+        raise ValueError("must be an ISO 8601 date-time, e.g. 2026-11-01T00:00:00Z")
+    return value
+
+
+# An instant in a query parameter: ISO 8601 only.
+Instant = Annotated[datetime, BeforeValidator(_iso_only)]
+
+
 @router.get("/usage", response_model=UsageReport, responses=error_responses(401, 403, 404, 422))
 async def usage(
     principal: ScopedPrincipal,
     session: AutocommitSessionDep,
-    start: Annotated[datetime | None, Query(alias="from", description="Inclusive; default: `to` - 30 days")] = None,
-    end: Annotated[datetime | None, Query(alias="to", description="Exclusive; default: now")] = None,
+    start: Annotated[Instant | None, Query(alias="from", description="Inclusive; default: `to` - 30 days")] = None,
+    end: Annotated[Instant | None, Query(alias="to", description="Exclusive; default: now")] = None,
     group_by: GroupBy = "day",
     of_user: Annotated[uuid.UUID | None, Query(alias="user_id", description="Admins only: another user")] = None,
 ) -> UsageReport:

@@ -4,7 +4,9 @@ answer as the document declares it.
 It never generates deeply nested JSON (tests/api/test_edge.py covers that). A 4xx for generated nonsense is the
 right answer; what is checked besides `not_a_server_error` is that the answer is one the document declares: its
 status, its content type, its body's schema (each Server-Sent Event of a stream against the stream's per-event
-schema) and its declared headers.
+schema) and its declared headers; that a request the document's schemas refuse is refused; and that a method a
+path does not serve is a 405 whose `Allow` names the ones it does. (Not checked: that every request the schemas
+allow succeeds: many are refused for what a schema cannot say, such as a blank query or a wrong password.)
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ _CHECKS = ",".join(
         "content_type_conformance",
         "response_schema_conformance",
         "response_headers_conformance",
+        "negative_data_rejection",
+        "unsupported_method",
     )
 )
 

@@ -72,6 +72,12 @@ def test_usage_sums_match_the_rows(client: httpx.Client, user: dict[str, Any], d
     )
     assert bad.status_code == 422
     assert client.get("/api/v1/usage", params={"group_by": "week"}, headers=user["headers"]).status_code == 422
+    # An instant is ISO 8601, never a bare number (which pydantic alone would read as Unix seconds).
+    for bare in ("0.5", "1764547200", "-3"):
+        r = client.get("/api/v1/usage", params={"to": bare}, headers=user["headers"])
+        assert r.status_code == 422, (bare, r.text)
+        assert r.json()["error"]["details"][0]["loc"] == ["query", "to"]
+    assert client.get("/api/v1/usage", params={"to": "2026-03-01"}, headers=user["headers"]).status_code == 200
 
 
 def test_only_admins_read_another_users_usage(client: httpx.Client, user: dict[str, Any], db: Engine) -> None:
