@@ -95,7 +95,7 @@ def resume_point(after: int | None, last_event_id: str | None) -> int:
             "content": {
                 "text/event-stream": {
                     "schema": sse_event_schema(
-                        "The event as a JSON object: `seq`, `type`, `at` and the type's own fields",
+                        "The event as a JSON object: `seq`, `type`, `attempt` and the type's own fields",
                         {"type": "string", "enum": [t.value for t in EventType]},
                         with_id=True,
                     )
