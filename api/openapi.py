@@ -29,7 +29,7 @@ from pydantic.json_schema import models_json_schema
 
 from api.compat.errors import is_compat_path, openai_error_responses
 from api.errors import error_responses
-from shared.schemas_openai import ChatCompletionChunk, OpenAIErrorBody
+from shared.schemas_openai import ChatCompletionChunk, OpenAIErrorBody, ResponseStreamEvent
 
 _REF_TEMPLATE = "#/components/schemas/{model}"
 _ERROR_REF = {"$ref": _REF_TEMPLATE.format(model="ErrorBody")}
@@ -37,8 +37,8 @@ _OPENAI_ERROR_REF = {"$ref": _REF_TEMPLATE.format(model=OpenAIErrorBody.__name__
 _FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
 _LOGIN_SCHEME = "OAuth2PasswordBearer"
 _BEARER_SCHEME = "APIKeyBearer"
-# Referenced by hand, not by a route's models: the `/v1` errors the rewrite implies, a chat stream's chunks.
-EXTRA_MODELS = (OpenAIErrorBody, ChatCompletionChunk)
+# Referenced by hand, not by a route's models: the `/v1` errors the rewrite implies, the streams' events.
+EXTRA_MODELS = (OpenAIErrorBody, ChatCompletionChunk, ResponseStreamEvent)
 
 
 def _error_entry(path: str, status: int) -> dict[str, Any]:
@@ -127,7 +127,7 @@ def rewrite(schema: dict[str, Any]) -> dict[str, Any]:
     for name in _FASTAPI_VALIDATION_SCHEMAS:
         components.pop(name, None)
     if any(is_compat_path(path) for path in schema.get("paths", {})):
-        # Referenced by the implied errors even where no route declared them, and by the chat stream's events.
+        # Referenced by the implied errors even where no route declared them, and by the streams' events.
         _, defs = models_json_schema([(model, "serialization") for model in EXTRA_MODELS], ref_template=_REF_TEMPLATE)
         for name, definition in defs.get("$defs", {}).items():
             components.setdefault(name, definition)

@@ -196,6 +196,16 @@ class ChatCompletionChunk(BaseModel):
     usage: CompletionUsage | None = None
 
 
+class ResponseStreamEvent(BaseModel):
+    """One `data:` event of a streamed Response (`stream: true`): its `type` (also the `event:` name), its place in
+    the stream, and the type's own fields (`response`, `delta`, `item`, `part` …), as OpenAI's Responses events."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(pattern=r"^response\.[a-z_.]+$", examples=["response.output_text.delta"])
+    sequence_number: int = Field(ge=0, description="0 for `response.created`, then one more per event")
+
+
 class ResponseOutputText(BaseModel):
     type: Literal["output_text"]
     text: str

@@ -14,7 +14,7 @@ from api.compat.submit import submit, submit_and_wait
 from api.deps import ConnectionDep, CurrentUserId, HandlesDep, ScopedPrincipal, SubmitterDep
 from shared.errors import Conflict
 from shared.limits import limiter_for
-from shared.schemas_openai import ResponseCreate, ResponseDeleted, ResponseObject
+from shared.schemas_openai import ResponseCreate, ResponseDeleted, ResponseObject, ResponseStreamEvent
 from shared.services import queries as queries_service
 from shared.services import responses as service
 
@@ -34,6 +34,7 @@ _RESPONSE_EVENT = {"type": "string", "pattern": "^response\\.[a-z_.]+$", "descri
             "`stream: true`: the Responses events, each with its `sequence_number`",
             "The event as JSON: its `type` (the `event:` name), `sequence_number` and the type's own fields",
             _RESPONSE_EVENT,
+            (ResponseStreamEvent,),
         ),
         **openai_error_responses(429),
     },
@@ -80,6 +81,7 @@ async def create_response(
             "`stream=true`: the Responses events from the start, or after `starting_after`",
             "The event as JSON: its `type` (the `event:` name), `sequence_number` and the type's own fields",
             _RESPONSE_EVENT,
+            (ResponseStreamEvent,),
         ),
         **openai_error_responses(404, 429),
     },

@@ -135,6 +135,25 @@ def test_a_chat_streams_events_are_the_declared_chunks(declared: Declared, v1: h
     assert list(validator.iter_errors({**chunks[0], "undeclared": 1}))
 
 
+def test_a_responses_streams_events_are_the_declared_events(declared: Declared, v1: httpx.Client) -> None:
+    for method, path in (("post", "/v1/responses"), ("get", "/v1/responses/{response_id}")):
+        event = declared.spec["paths"][path][method]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+        assert event["properties"]["data"]["contentSchema"] == {"$ref": f"{REF}ResponseStreamEvent"}
+    validator = jsonschema.Draft202012Validator(
+        {"$ref": f"{REF}ResponseStreamEvent", "components": declared.spec["components"]}
+    )
+    body = {"model": "sim-small", "input": _prompt("[[sim tokens=12 chunk_ms=5]] stream"), "stream": True}
+    with connect_sse(v1, "POST", "/responses", json=body) as source:
+        events = [(sse.event, json.loads(sse.data)) for sse in source.iter_sse()]
+    for name, data in events:
+        assert [e.message for e in validator.iter_errors(data)] == [], data
+        assert name == data["type"]
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    assert events[-1][0] == "response.completed"
+    # The declared event refuses one without its place in the stream.
+    assert list(validator.iter_errors({"type": "response.created"}))
+
+
 def test_responses_answer_their_declared_object_in_every_state(declared: Declared, v1: httpx.Client) -> None:
     path, one = "/v1/responses", "/v1/responses/{response_id}"
     r = v1.post("/responses", json={"model": "sim-small", "input": _prompt("foreground"), "instructions": "Be brief"})
