@@ -15,7 +15,9 @@ dependencies send. `custom_openapi()` rewrites the generated document once:
   plain dicts for speed) is that model alone, without the `dict` FastAPI infers from the route's return type;
 - an operation without an explicit summary gets the first line of its docstring;
 - a bearer credential can also be pasted as it is (`APIKeyBearer`, beside the OAuth2 password flow): Swagger UI's
-  Authorize then takes an API key, which the password flow cannot give.
+  Authorize then takes an API key, which the password flow cannot give;
+- the models responses name by hand (`component_ref`: the `/v1` error body, the streams' events) are added to the
+  components. `sse_event_schema` is how a route declares one event of its `text/event-stream` answer.
 """
 
 from __future__ import annotations
@@ -25,20 +27,58 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from api.compat.errors import is_compat_path, openai_error_responses
 from api.errors import error_responses
-from shared.schemas_openai import ChatCompletionChunk, OpenAIErrorBody, ResponseStreamEvent
+from shared.schemas_openai import OpenAIErrorBody
 
 _REF_TEMPLATE = "#/components/schemas/{model}"
 _ERROR_REF = {"$ref": _REF_TEMPLATE.format(model="ErrorBody")}
-_OPENAI_ERROR_REF = {"$ref": _REF_TEMPLATE.format(model=OpenAIErrorBody.__name__)}
+# Models a route's responses name by hand (`component_ref`), which FastAPI does not know to add to the components.
+_BY_HAND: dict[str, type[BaseModel]] = {}
 _FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
 _LOGIN_SCHEME = "OAuth2PasswordBearer"
 _BEARER_SCHEME = "APIKeyBearer"
-# Referenced by hand, not by a route's models: the `/v1` errors the rewrite implies, the streams' events.
-EXTRA_MODELS = (OpenAIErrorBody, ChatCompletionChunk, ResponseStreamEvent)
+
+
+def component_ref(model: type[BaseModel]) -> dict[str, str]:
+    """A `$ref` to `model`'s schema for a response declared by hand (a stream's events); the rewrite adds the
+    model, and the models it uses, to the document's components."""
+    _BY_HAND[model.__name__] = model
+    return {"$ref": _REF_TEMPLATE.format(model=model.__name__)}
+
+
+_OPENAI_ERROR_REF = component_ref(OpenAIErrorBody)
+
+
+def sse_event_schema(
+    data: str,
+    event: dict[str, Any],
+    *,
+    with_id: bool = False,
+    data_schema: dict[str, Any] | None = None,
+    last_data: str | None = None,
+) -> dict[str, Any]:
+    """The OpenAPI schema of one Server-Sent Event of a `text/event-stream` answer, as a client parses it (the
+    HTML standard's fields; OpenAPI 3.1 has no per-item schema for a stream, so tools such as schemathesis take the
+    media type's `schema` for one event's): `data` a string (what it holds: `data`; the schema of its JSON:
+    `data_schema`, as `contentSchema`; `last_data`: the non-JSON text of a closing event, such as `[DONE]`),
+    `event` ("message" when the stream names none: `event`), `id` when `with_id`."""
+    payload: dict[str, Any] = {"type": "string"}
+    if data_schema is not None:
+        payload = {**payload, "contentMediaType": "application/json", "contentSchema": data_schema}
+    if last_data is not None:
+        payload = {"anyOf": [payload, {"type": "string", "const": last_data}]}
+    properties: dict[str, Any] = {
+        "event": event,
+        "data": {"description": data, **payload},
+        "retry": {"type": "integer", "minimum": 0},
+    }
+    if with_id:
+        properties["id"] = {"type": "string", "pattern": "^[0-9]+$", "description": "The event's sequence number"}
+    return {"type": "object", "required": ["data", "event", *(["id"] if with_id else [])], "properties": properties}
 
 
 def _error_entry(path: str, status: int) -> dict[str, Any]:
@@ -128,7 +168,8 @@ def rewrite(schema: dict[str, Any]) -> dict[str, Any]:
         components.pop(name, None)
     if any(is_compat_path(path) for path in schema.get("paths", {})):
         # Referenced by the implied errors even where no route declared them, and by the streams' events.
-        _, defs = models_json_schema([(model, "serialization") for model in EXTRA_MODELS], ref_template=_REF_TEMPLATE)
+        models = [(model, "serialization") for model in _BY_HAND.values()]
+        _, defs = models_json_schema(models, ref_template=_REF_TEMPLATE)  # type: ignore[arg-type]
         for name, definition in defs.get("$defs", {}).items():
             components.setdefault(name, definition)
     _ordered_tags(schema)

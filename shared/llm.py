@@ -17,7 +17,7 @@ import openai
 import orjson
 from openai import AsyncOpenAI, DefaultAioHttpClient
 from openai.resources.chat.completions import completions as _chat_completions
-from openai.types.chat import ChatCompletionMessageParam, completion_create_params
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionUserMessageParam, completion_create_params
 
 from shared.config import Settings
 
@@ -228,10 +228,10 @@ async def complete(
         # As the row stores them (`ConversationCreate`'s turns): role "user" or "assistant", text, and a `name`
         # when the turn had one.
         messages.extend(cast("Sequence[ChatCompletionMessageParam]", history))
+    final: ChatCompletionUserMessageParam = {"role": "user", "content": prompt}
     if prompt_name:
-        messages.append({"role": "user", "content": prompt, "name": prompt_name})
-    else:
-        messages.append({"role": "user", "content": prompt})
+        final["name"] = prompt_name
+    messages.append(final)
     started = time.perf_counter()
     if stream:
         try:

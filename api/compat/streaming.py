@@ -24,7 +24,8 @@ from redis.asyncio import Redis
 
 from api.deps import Handles, HandlesDep, ScopedPrincipal, Submitter
 from api.middleware import mark_long_request
-from api.routes.events import KEEPALIVE, EventStreamResponse, StreamUpkeep, sse_event_schema
+from api.openapi import component_ref, sse_event_schema
+from api.routes.events import KEEPALIVE, EventStreamResponse, StreamUpkeep
 from shared.config import Settings
 from shared.events import EventLog
 from shared.limits import Limiter, limiter_for
@@ -49,9 +50,8 @@ def event_stream_response(
 ) -> dict[str, Any]:
     """The OpenAPI 200 of a route that answers JSON (`model`), or Server-Sent Events when asked to stream (one
     event: `data` what its `data:` holds, `data_models` the models of its JSON where they are known, `last_data`
-    the closing event's text, `event` its `event:` name's schema). `data_models` must be in `api/openapi.py`'s
-    `EXTRA_MODELS`."""
-    refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in data_models]
+    the closing event's text, `event` its `event:` name's schema)."""
+    refs = [component_ref(model) for model in data_models]
     data_schema = (refs[0] if len(refs) == 1 else {"anyOf": refs}) if refs else None
     event_schema = sse_event_schema(data, event, data_schema=data_schema, last_data=last_data)
     return {

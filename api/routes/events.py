@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from types import TracebackType
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 import asyncpg
@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from api.deps import HandlesDep, ScopedPrincipal
 from api.errors import error_responses
 from api.middleware import mark_long_request
+from api.openapi import sse_event_schema
 from api.routes import V1_PREFIX
 from shared.config import Settings
 from shared.errors import InvalidInput
@@ -36,34 +37,6 @@ router = APIRouter(prefix=f"{V1_PREFIX}/query", tags=["events"])
 # dispatch an empty event for a bare blank line once they have seen an `id:`.
 KEEPALIVE = b": keep-alive\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def sse_event_schema(
-    data: str,
-    event: dict[str, Any],
-    *,
-    with_id: bool = False,
-    data_schema: dict[str, Any] | None = None,
-    last_data: str | None = None,
-) -> dict[str, Any]:
-    """The OpenAPI schema of one Server-Sent Event of a `text/event-stream` answer, as a client parses it (the
-    HTML standard's fields; OpenAPI 3.1 has no per-item schema for a stream, so tools such as schemathesis take the
-    media type's `schema` for one event's): `data` a string (what it holds: `data`; the schema of its JSON:
-    `data_schema`, as `contentSchema`; `last_data`: the non-JSON text of a closing event, such as `[DONE]`),
-    `event` ("message" when the stream names none: `event`), `id` when `with_id`."""
-    payload: dict[str, Any] = {"type": "string"}
-    if data_schema is not None:
-        payload = {**payload, "contentMediaType": "application/json", "contentSchema": data_schema}
-    if last_data is not None:
-        payload = {"anyOf": [payload, {"type": "string", "const": last_data}]}
-    properties: dict[str, Any] = {
-        "event": event,
-        "data": {"description": data, **payload},
-        "retry": {"type": "integer", "minimum": 0},
-    }
-    if with_id:
-        properties["id"] = {"type": "string", "pattern": "^[0-9]+$", "description": "The event's sequence number"}
-    return {"type": "object", "required": ["data", "event", *(["id"] if with_id else [])], "properties": properties}
 
 
 def sse_frame(event: Event) -> bytes:

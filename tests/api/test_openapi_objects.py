@@ -50,6 +50,17 @@ class Declared:
         assert ref.startswith(REF), ref
         return ref.removeprefix(REF)
 
+    def stream_event(self, method: str, path: str) -> dict[str, Any]:
+        """The schema the operation's 200 declares for one event of its `text/event-stream` answer."""
+        event: dict[str, Any] = self.spec["paths"][path][method.lower()]["responses"]["200"]["content"][
+            "text/event-stream"
+        ]["schema"]
+        return event
+
+    def validator(self, schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
+        """A strict validator of `schema` (a `$ref` into the document's components)."""
+        return jsonschema.Draft202012Validator({**schema, "components": self.components})
+
     def errors(self, method: str, path: str, body: Any) -> list[str]:
         schema = {"$ref": f"{REF}{self.model(method, path)}", "components": self.components}
         validator = jsonschema.Draft202012Validator(schema)
@@ -75,6 +86,12 @@ def v1(stack: Stack, client: httpx.Client, user: dict[str, Any]) -> Iterator[htt
     headers = {"Authorization": f"Bearer {make_api_key(client, user)}"}
     with httpx.Client(base_url=f"{stack.api_url}/v1", headers=headers, timeout=60) as c:
         yield c
+
+
+def _events(v1: httpx.Client, path: str, body: dict[str, Any]) -> list[tuple[str, str]]:
+    """A streamed create's events, as (event name, data) pairs, read with an SSE client."""
+    with connect_sse(v1, "POST", path, json=body) as source:
+        return [(sse.event, sse.data) for sse in source.iter_sse()]
 
 
 def _prompt(text: str = "") -> str:
@@ -108,21 +125,19 @@ def test_chat_completions_and_models_answer_their_declared_objects(declared: Dec
 
 
 def test_a_chat_streams_events_are_the_declared_chunks(declared: Declared, v1: httpx.Client) -> None:
-    stream = declared.spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
-    json_data, done = stream["text/event-stream"]["schema"]["properties"]["data"]["anyOf"]
+    json_data, done = declared.stream_event("POST", "/v1/chat/completions")["properties"]["data"]["anyOf"]
     assert done == {"type": "string", "const": "[DONE]"}
     # A chunk, or the error object of a query that did not complete.
     chunk, error = json_data["contentSchema"]["anyOf"]
     assert (chunk, error) == ({"$ref": f"{REF}ChatCompletionChunk"}, {"$ref": f"{REF}OpenAIErrorBody"})
-    validator = jsonschema.Draft202012Validator({**chunk, "components": declared.components})
+    validator = declared.validator(chunk)
     body = {
         "model": "sim-small",
         "messages": [{"role": "user", "content": _prompt("[[sim tokens=12 chunk_ms=5]] stream")}],
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    with connect_sse(v1, "POST", "/chat/completions", json=body) as source:
-        events = [(sse.event, sse.data) for sse in source.iter_sse()]
+    events = _events(v1, "/chat/completions", body)
     assert {name for name, _ in events} == {"message"}
     assert events[-1][1] == "[DONE]"
     chunks = [json.loads(payload) for _, payload in events[:-1]]
@@ -136,15 +151,12 @@ def test_a_chat_streams_events_are_the_declared_chunks(declared: Declared, v1: h
 
 
 def test_a_responses_streams_events_are_the_declared_events(declared: Declared, v1: httpx.Client) -> None:
-    for method, path in (("post", "/v1/responses"), ("get", "/v1/responses/{response_id}")):
-        event = declared.spec["paths"][path][method]["responses"]["200"]["content"]["text/event-stream"]["schema"]
-        assert event["properties"]["data"]["contentSchema"] == {"$ref": f"{REF}ResponseStreamEvent"}
-    validator = jsonschema.Draft202012Validator(
-        {"$ref": f"{REF}ResponseStreamEvent", "components": declared.spec["components"]}
-    )
+    for method, path in (("POST", "/v1/responses"), ("GET", "/v1/responses/{response_id}")):
+        data = declared.stream_event(method, path)["properties"]["data"]
+        assert data["contentSchema"] == {"$ref": f"{REF}ResponseStreamEvent"}
+    validator = declared.validator({"$ref": f"{REF}ResponseStreamEvent"})
     body = {"model": "sim-small", "input": _prompt("[[sim tokens=12 chunk_ms=5]] stream"), "stream": True}
-    with connect_sse(v1, "POST", "/responses", json=body) as source:
-        events = [(sse.event, json.loads(sse.data)) for sse in source.iter_sse()]
+    events = [(name, json.loads(data)) for name, data in _events(v1, "/responses", body)]
     for name, data in events:
         assert [e.message for e in validator.iter_errors(data)] == [], data
         assert name == data["type"]
