@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--modes", default="longpoll,sse", help=modes)
     ap.add_argument("--profile", metavar="TAG", help="py-spy the API and the worker afterwards")
     ap.add_argument("--output", type=Path)
+    ap.add_argument("--aiq-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment for AIQ's API and worker (repeatable), as bench.run's")  # fmt: skip
     args = ap.parse_args()
     plan = dataclasses.replace(Plan.make(True), client_rates=(args.rate,), client_step_s=args.step_s)
     tmp = Path(tempfile.mkdtemp(prefix="aiqs-", dir="/tmp"))
@@ -94,7 +96,7 @@ def main() -> None:
     try:
         servers = Servers.start(tmp)
         sim = Simulator(launcher, {**os.environ, "PYTHONUNBUFFERED": "1"})
-        layout = Layout(1, "reuseport", 1, (), ())
+        layout = Layout(1, "reuseport", 1, tuple(args.aiq_env), ())
         env = aiq_api_env(layout, servers)
         ctx = RunContext(plan, QuietGate(0), Clock(3600), launcher, servers, sim, Loadgen(tmp), layout, env, False,
                          tmp, logdir)  # fmt: skip
