@@ -12,8 +12,9 @@ round's CPU-ms per answer (API, worker) and overhead P50 / P99 for both trees, a
 The machine carries both stacks: each run's `machine_busy_pct` counts the other's load too.
 
 Its resolution, from an A/A run (the same code on both sides, 4 rounds at 20/s): paired differences of up to
-0.3 ms (3 %) in CPU per answer, in one direction over all rounds of a mode. Smaller effects need a measure of
-their own (a micro-benchmark of the one step that changed).
+0.3 ms (3 %) in CPU per answer, in one direction over all rounds of a mode (the tree it runs from read higher
+more often than not, for a cause not found). Smaller effects need a measure of their own (a micro-benchmark of
+the one step that changed).
 
 `--before-python` runs the before tree with another interpreter (a virtualenv with other dependencies);
 by default both use this one. BEFORE_TREE is any checkout with `bench.steady` (`git worktree add /tmp/b REV`).
@@ -94,8 +95,9 @@ def _steady(python: str, tree: Path, args: argparse.Namespace, output: Path) -> 
     env = {k: v for k, v in os.environ.items() if k not in ("TEST_DATABASE_URL", "TEST_REDIS_URL", "TEST_AMQP_URL")}
     argv = [python, "-m", "bench.steady", "--rate", str(args.rate), "--step-s", str(args.step_s)]
     argv += ["--modes", args.modes, "--output", str(output)]
-    log = output.with_suffix(".log").open("wb")
-    return subprocess.Popen(argv, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with output.with_suffix(".log").open("wb") as log:
+        # The child holds its own copy of the descriptor.
+        return subprocess.Popen(argv, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def main() -> None:
