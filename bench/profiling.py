@@ -23,6 +23,8 @@ def py_spy() -> str | None:
     return spy if Path(spy).exists() else None
 
 
+# Samples per second of every recording: a sample stands for 1/SAMPLE_HZ s of CPU (`--gil`: of Python on CPU).
+SAMPLE_HZ = 200
 # Each recording's py-spy process and its output file, by target name.
 Recordings = dict[str, tuple[subprocess.Popen[bytes], Path]]
 
@@ -42,7 +44,7 @@ def record(spy: str, targets: dict[str, int], seconds: float, outdir: Path, tag:
                     "--duration",
                     str(int(seconds)),
                     "--rate",
-                    "200",
+                    str(SAMPLE_HZ),
                     "--nonblocking",
                     "--gil",
                     "--format",
@@ -65,7 +67,7 @@ def collect(started: Recordings, seconds: float) -> dict[str, Any]:
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(seconds + 20)
         if raw.exists():
-            out[name] = summarize_profile(raw)
+            out[name] = summarize_profile(raw, steps=WORKER_STEPS if name.startswith("worker") else ())
             out[name]["file"] = str(raw.relative_to(ROOT)) if raw.is_relative_to(ROOT) else str(raw)
     return out
 
@@ -114,11 +116,13 @@ def _is_server(pid: int) -> bool:
     return False
 
 
-def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
-    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+def summarize_profile(path: Path, top: int = 25, steps: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> dict[str, Any]:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks; with `steps`, the samples
+    of each step too (`by_step_samples`: a sample goes to the first step any of whose needles is in its stack)."""
     self_: dict[str, int] = {}
     incl: dict[str, int] = {}
     pkg: dict[str, int] = {}
+    by_step: dict[str, int] = {}
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -133,11 +137,39 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
             incl[f] = incl.get(f, 0) + n
         area = _area(frames)
         pkg[area] = pkg.get(area, 0) + n
+        if steps:
+            step = next((name for name, needles in steps if any(x in stack for x in needles)), "the loop and the rest")
+            by_step[step] = by_step.get(step, 0) + n
 
     def rank(d: dict[str, int]) -> list[tuple[str, float]]:
         return [(k, round(100 * v / total, 1)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
 
-    return {"samples": total, "self_pct": rank(self_), "inclusive_pct": rank(incl), "by_area_pct": rank(pkg)}
+    out = {"samples": total, "self_pct": rank(self_), "inclusive_pct": rank(incl), "by_area_pct": rank(pkg)}
+    if steps:
+        out["by_step_samples"] = dict(sorted(by_step.items(), key=lambda kv: -kv[1]))
+    return out
+
+
+# The worker's work for one answer, step by step, as py-spy names its frames. A sample resumed inside a coroutine
+# shows only that coroutine's frames, so a step is told by its own functions and the libraries only it uses.
+WORKER_STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # The consumer thread: kombu's BRPOP reads, Celery's strategy, the hand-off to the loop.
+    ("Celery's consumer", ("_run_module_as_main (<frozen runpy>",)),
+    ("the SDK call", ("(shared/llm.py", "(openai/", "(httpx2/", "(aiohttp/")),
+    ("upstream budget", ("(shared/upstream.py",)),
+    ("the end's batch", ("_end (worker/processing.py", "(shared/scriptbatch.py")),
+    ("events and deltas", ("(worker/streaming.py", "(shared/events.py")),
+    ("PostgreSQL", ("_run_autocommitted (worker/processing.py", "(asyncpg/")),
+    ("Celery's trace", ("(celery/", "(worker/celery_app.py", "(worker/pool.py", "(greenlet")),
+    ("redis-py", ("(redis/",)),
+    ("logging", ("(logging/", "(shared/logging.py")),
+    ("metrics", ("(prometheus_client/",)),
+)
+
+
+def ms_per_answer(samples: dict[str, int], answers: int) -> dict[str, float]:
+    """Sample counts as CPU-ms per answer."""
+    return {k: round(v * 1000 / SAMPLE_HZ / max(1, answers), 2) for k, v in samples.items()}
 
 
 # py-spy frames read "function (package/module.py:line)"; the innermost frame that matches names the area.

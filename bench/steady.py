@@ -14,7 +14,7 @@ in one sitting: run it from each tree's own directory in turn (`cd <tree>`; `pyt
 directory first on sys.path, ahead of PYTHONPATH, and the processes it starts run from the tree it was loaded
 from).
 `--profile TAG` adds py-spy on the API and the worker for 12 s at the same rate, in the last mode
-(/tmp/profile-TAG-*.txt).
+(/tmp/profile-TAG-*.txt), and prints the worker's CPU-ms per answer by step (`bench/profiling.py` WORKER_STEPS).
 """
 
 from __future__ import annotations
@@ -129,6 +129,8 @@ def main() -> None:
                 started = profiling.record(spy, targets, 12, Path("/tmp"), args.profile)
                 client._clients(ctx, {**mode_spec, "rate": args.rate, "duration_s": 12})
                 res["profile"] = profiling.collect(started, 12)
+                steps = res["profile"].get("worker", {}).get("by_step_samples", {})
+                say(f"worker CPU-ms per answer by step: {profiling.ms_per_answer(steps, args.rate * 12)}")
     finally:
         launcher.stop_all()
         if servers is not None:
