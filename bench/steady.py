@@ -13,7 +13,7 @@ threads: hand-offs and wake-ups; the machine's load adds involuntary ones). Made
 in one sitting: run it from each tree's own directory in turn (`cd <tree>`; `python -m` puts the current
 directory first on sys.path, ahead of PYTHONPATH, and the processes it starts run from the tree it was loaded
 from).
-`--profile TAG` adds py-spy on the API and the worker for 12 s at the same rate, in the last mode
+`--profile TAG` adds py-spy on the API and the worker for 12 s (PROFILE_S) at the same rate, in the last mode
 (/tmp/profile-TAG-*.txt), and prints the worker's CPU-ms per answer by step (`bench/profiling.py` WORKER_STEPS).
 """
 
@@ -43,6 +43,9 @@ from bench.plan import Plan, say
 from bench.stack import CpuMeter, Servers
 from bench.systems import Layout, Simulator, System, aiq_api_env, start_aiq
 from devkit.procs import Launcher
+
+# Seconds of clients (and of py-spy) for `--profile`.
+PROFILE_S = 12
 
 
 def counts(servers: Servers, aiq: System) -> dict[str, int]:
@@ -126,11 +129,11 @@ def main() -> None:
             spy = profiling.py_spy()
             if spy is not None:
                 targets = {"api": api_pids[-1], "worker": aiq.workers[0].pid}
-                started = profiling.record(spy, targets, 12, Path("/tmp"), args.profile)
-                client._clients(ctx, {**mode_spec, "rate": args.rate, "duration_s": 12})
-                res["profile"] = profiling.collect(started, 12)
+                started = profiling.record(spy, targets, PROFILE_S, Path("/tmp"), args.profile)
+                profiled = client._clients(ctx, {**mode_spec, "rate": args.rate, "duration_s": PROFILE_S})
+                res["profile"] = profiling.collect(started, PROFILE_S)
                 steps = res["profile"].get("worker", {}).get("by_step_samples", {})
-                say(f"worker CPU-ms per answer by step: {profiling.ms_per_answer(steps, args.rate * 12)}")
+                say(f"worker CPU-ms per answer by step: {profiling.ms_per_answer(steps, profiled['answered'])}")
     finally:
         launcher.stop_all()
         if servers is not None:

@@ -196,13 +196,17 @@ class ChatCompletionChunk(BaseModel):
     usage: CompletionUsage | None = None
 
 
+# A Responses stream event's `type`, which is also its `event:` name.
+RESPONSE_EVENT_TYPE = r"^response\.[a-z_.]+$"
+
+
 class ResponseStreamEvent(BaseModel):
     """One `data:` event of a streamed Response (`stream: true`): its `type` (also the `event:` name), its place in
     the stream, and the type's own fields (`response`, `delta`, `item`, `part` …), as OpenAI's Responses events."""
 
     model_config = ConfigDict(extra="allow")
 
-    type: str = Field(pattern=r"^response\.[a-z_.]+$", examples=["response.output_text.delta"])
+    type: str = Field(pattern=RESPONSE_EVENT_TYPE, examples=["response.output_text.delta"])
     sequence_number: int = Field(ge=0, description="0 for `response.created`, then one more per event")
 
 

@@ -14,7 +14,13 @@ from api.compat.submit import submit, submit_and_wait
 from api.deps import ConnectionDep, CurrentUserId, HandlesDep, ScopedPrincipal, SubmitterDep
 from shared.errors import Conflict
 from shared.limits import limiter_for
-from shared.schemas_openai import ResponseCreate, ResponseDeleted, ResponseObject, ResponseStreamEvent
+from shared.schemas_openai import (
+    RESPONSE_EVENT_TYPE,
+    ResponseCreate,
+    ResponseDeleted,
+    ResponseObject,
+    ResponseStreamEvent,
+)
 from shared.services import queries as queries_service
 from shared.services import responses as service
 
@@ -22,7 +28,7 @@ router = compat_router()
 # A cancel of a running query is carried out by its worker; wait this long for it to say so.
 CANCEL_WAIT_SECONDS = 5.0
 # The `event:` name of a Responses stream's events: their `type`.
-_RESPONSE_EVENT = {"type": "string", "pattern": "^response\\.[a-z_.]+$", "description": "The event's `type`"}
+_RESPONSE_EVENT = {"type": "string", "pattern": RESPONSE_EVENT_TYPE, "description": "The event's `type`"}
 
 
 @router.post(
