@@ -243,13 +243,15 @@ def test_a_requeue_that_redis_refuses_leaves_the_query_failed(
 def test_the_sweeper_settles_a_query_it_ends_worker_lost(
     stack: Stack, client: httpx.Client, user: dict[str, Any], db: Engine
 ) -> None:
+    # The lease lapses after the reservation below is taken: a sweep (every second) that ended the row before
+    # then would have nothing to settle, and the reservation would stay.
     query_id = insert_query(
         db,
         user["user_id"],
         status="'running'",
         attempts=str(stack.settings.max_attempts),
         lease_owner="'worker-gone'",
-        lease_expires_at="now() - interval '1 second'",
+        lease_expires_at="now() + interval '2 seconds'",
     )
     prefix, rds = key_prefix(stack.settings.queue_name), limits_redis(stack)
     limiter = Limiter(aioredis.Redis.from_url(stack.settings.redis_url), stack.settings)
