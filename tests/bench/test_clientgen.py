@@ -70,3 +70,20 @@ def test_chat_mode_is_one_synchronous_completion_per_client(stack: Stack, tmp_pa
     assert r["answered"] == 5, r
     assert r["requests"] == 5
     assert r["errors"] == 0
+
+
+def test_a_system_that_keeps_up_reads_the_arrival_rate_whatever_its_steady_overhead() -> None:
+    from bench.clientgen import Run
+
+    def pace(done_at: list[float]) -> float:
+        run = Run({"port": 1, "mode": "longpoll", "body": "{}", "rate": 200, "duration_s": 4, "upstream_ms": 500})
+        run.t0, run.arrivals = 100.0, 800
+        run.done_at = done_at
+        run.answer_s = [0.5] * len(done_at)
+        return float(run.result(0.0)["answers_per_s"])
+
+    # 800 arrivals at 200/s, each answered 500 ms + 10 ms after it arrived.
+    assert pace([100.0 + i / 200 + 0.51 for i in range(800)]) == 200.0
+    # Falling behind: each answer 1 ms later than the one before it on top of the arrivals' pace.
+    assert pace([100.0 + i / 200 + 0.51 + i * 0.001 for i in range(800)]) == 166.7
+    assert pace([100.51]) == 0.0
