@@ -22,7 +22,7 @@ from devkit.procs import Launcher, free_port, spawn
 from shared.config import Settings
 from shared.events import wake_channel
 from shared.queue import Publisher
-from tests.support.polling import wait_for_http
+from tests.support.polling import wait_for_http, wait_until
 
 
 @dataclass
@@ -137,6 +137,19 @@ def spawn_worker(stack: Stack, log_path: Path, **overrides: str) -> tuple[subpro
     ).popen
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/healthz", timeout=60, proc=proc)
+    # Healthy is not yet consuming: the health server starts first, then the broker connection and Celery's
+    # mingle (about a second). A test whose queries must reach this worker waits for its "ready." line.
+    ready = f"extra-{port}@"
+    wait_until(
+        lambda: (
+            proc.poll() is not None
+            or any(ready in line and " ready." in line for line in log_path.read_text(errors="replace").splitlines())
+        ),
+        timeout=60,
+        interval=0.1,
+    )
+    if proc.poll() is not None:
+        raise RuntimeError(f"the extra worker exited: {log_path.read_text(errors='replace')[-3000:]}")
     return proc, url
 
 
