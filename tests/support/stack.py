@@ -128,10 +128,12 @@ def running_stack(values: dict[str, str], simulator_url: str, log_dir: Path) -> 
 def spawn_worker(stack: Stack, log_path: Path, **overrides: str) -> tuple[subprocess.Popen[bytes], str]:
     """An extra worker process on the stack's queue; returns it once it is ready, with its metrics URL."""
     port = str(free_port())
+    # Celery's node name: `%h` becomes the host's name, in the command and in the worker's "<name>@<host> ready.".
+    name = f"extra-{port}@"
     env = {**stack.env, "WORKER_METRICS_PORT": port, **overrides}
     proc = spawn(
         "worker",
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--hostname", f"extra-{port}@%h"],
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--hostname", f"{name}%h"],
         env=env,
         log=log_path,
     ).popen
@@ -139,11 +141,10 @@ def spawn_worker(stack: Stack, log_path: Path, **overrides: str) -> tuple[subpro
     wait_for_http(f"{url}/healthz", timeout=60, proc=proc)
     # Healthy is not yet consuming: the health server starts first, then the broker connection and Celery's
     # mingle (about a second). A test whose queries must reach this worker waits for its "ready." line.
-    ready = f"extra-{port}@"
     wait_until(
         lambda: (
             proc.poll() is not None
-            or any(ready in line and " ready." in line for line in log_path.read_text(errors="replace").splitlines())
+            or any(name in line and " ready." in line for line in log_path.read_text(errors="replace").splitlines())
         ),
         timeout=60,
         interval=0.1,
