@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -26,11 +27,15 @@ from shared.process import freeze_startup_heap, thaw_startup_heap
 from shared.queue import Publisher
 from shared.wakeup import Wakeup
 
+log = logging.getLogger(__name__)
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; its engines and clients are made in the lifespan and reach routes only via `api.deps`."""
     settings = settings or get_settings()
     configure_logging("aiq-api", settings.log_level)
+    if settings.uses_development_jwt_key:
+        log.warning("JWT_SECRET_KEY is weak or unset: tokens are signed with the INSECURE development key")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -13,7 +13,7 @@ from bench.measures.m3 import measure_m3
 from bench.measures.m4 import measure_m4
 from bench.measures.m5 import measure_m5
 from bench.measures.publish import amqp_url, measure_publish
-from bench.measures.sse import TTFT_MAX_RATE, measure_sse
+from bench.measures.sse import measure_sse
 from bench.measures.webhooks import measure_webhook_lag
 from bench.measures.wrk import measure_wrk
 from bench.plan import say
@@ -101,7 +101,7 @@ def run_aiq(ctx: RunContext) -> dict[str, Any]:
     if ctx.clock.allows(40, "the webhook lag"):
         a["webhook_lag"] = measure_webhook_lag(ctx, aiq, 20, 5 if plan.quick else 10)
     if ctx.clock.allows(60, "the SSE measures"):
-        a["sse"] = measure_sse(ctx, aiq, min(TTFT_MAX_RATE, max(10, round(0.5 * (a["m4"]["per_s"] or 20)))))
+        a["sse"] = measure_sse(ctx, aiq, max(10, round(0.5 * (a["m4"]["per_s"] or 20))))
     if ctx.profile and ctx.clock.allows(75, "the profile"):
         rate = max(50, round(0.9 * (a["m1"]["max_rps"] or 100) / 10) * 10)
         a["profile"] = profile(ctx, aiq, rate)

@@ -6,7 +6,6 @@ import argparse
 import getpass
 import sys
 import uuid
-import warnings
 
 from sqlalchemy import create_engine, insert, select, update
 
@@ -68,10 +67,7 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     password = None if args.keep_password else _read_password(args.password_stdin)
-    with warnings.catch_warnings():
-        # The command signs no token: the development key's warning is about a key it does not use.
-        warnings.filterwarnings("ignore", message="JWT_SECRET_KEY is weak or unset")
-        settings = Settings()
+    settings = Settings()
     try:
         print(create_admin(settings, args.email, password))
     except InvalidInput as exc:

@@ -283,10 +283,16 @@ class Settings(BaseSettings):
         if any(_weak(k.get_secret_value()) for k in self.jwt_previous_secret_keys):
             raise ValueError("every JWT_PREVIOUS_SECRET_KEYS entry must be at least 32 bytes and not a known default")
         if weak:
-            # Development only. A fixed key (not a random one) so that several API processes agree.
-            warnings.warn("JWT_SECRET_KEY is weak or unset: using the INSECURE development key", stacklevel=2)
+            # Development only. A fixed key (not a random one) so that several API processes agree. Only the API
+            # signs and verifies tokens, so it is the API that says so when it starts (`uses_development_jwt_key`);
+            # a worker or a command that never touches the key says nothing.
             self.jwt_secret_key = SecretStr(DEVELOPMENT_JWT_SECRET)
         return self
+
+    @property
+    def uses_development_jwt_key(self) -> bool:
+        """Tokens are signed with the public development key (JWT_SECRET_KEY weak or unset, development only)."""
+        return self.jwt_secret_key.get_secret_value() == DEVELOPMENT_JWT_SECRET
 
     @property
     def sync_database_url(self) -> str:

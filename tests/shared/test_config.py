@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 from pydantic import ValidationError
@@ -30,10 +31,15 @@ def test_production_accepts_a_strong_secret() -> None:
     assert settings.jwt_secret_key.get_secret_value() == STRONG
 
 
-def test_development_falls_back_to_a_shared_insecure_key_with_a_warning() -> None:
-    with pytest.warns(UserWarning, match="INSECURE"):
+def test_development_falls_back_to_a_shared_insecure_key_that_the_api_warns_of() -> None:
+    # Settings are read by every process (worker, commands); only the API, which signs tokens, warns (see
+    # tests/api/test_app_startup.py), so reading them says nothing.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         settings = Settings(environment="development", jwt_secret_key="")  # type: ignore[arg-type]
     assert settings.jwt_secret_key.get_secret_value() == DEVELOPMENT_JWT_SECRET
+    assert settings.uses_development_jwt_key
+    assert not Settings(environment="development", jwt_secret_key=STRONG).uses_development_jwt_key  # type: ignore[arg-type]
 
 
 def test_allowed_models_are_comma_separated_and_must_contain_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
