@@ -19,6 +19,7 @@ from typing import Any
 
 from bench import profiling
 from bench.context import RunContext
+from bench.measures.steps import midpoint
 from bench.peers import litellm
 from bench.plan import CLIENT_P99_MS, MAX_ERROR_RATE, MODEL, PROMPT, say
 from bench.stack import PY, CpuMeter, http_json
@@ -26,6 +27,8 @@ from bench.systems import Layout, System, aiq_api_env, start_aiq
 from devkit.paths import ROOT
 
 UPSTREAM_MS = 500
+# Full plan: after the steps, this many halvings of the gap above the top step, on multiples of REFINE_GRAIN/s.
+REFINE_STEPS, REFINE_GRAIN = 2, 5
 # A synchronous chat completion, the request LiteLLM and AIQ's `/v1` both answer.
 CHAT_BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": PROMPT}]})
 
@@ -117,9 +120,12 @@ def _clients(ctx: RunContext, spec: dict[str, Any]) -> dict[str, Any]:
 def _steps(
     ctx: RunContext, label: str, spec: dict[str, Any], meter: CpuMeter, settle: Callable[[], object]
 ) -> dict[str, Any]:
-    """The rate steps, stopping after the first one well past the bound; each step's figures."""
-    steps = []
-    for rate in ctx.plan.client_rates:
+    """The rate steps, stopping after the first one well past the bound, then (full plan) up to REFINE_STEPS
+    halvings of the gap between the highest step within the bound and the next one above it; each step's figures.
+    """
+    steps: list[dict[str, Any]] = []
+
+    def step(rate: float, refining: bool = False) -> dict[str, Any]:
         settle()
         ctx.gate.wait()
         before = meter.snapshot()
@@ -129,21 +135,45 @@ def _steps(
         r["cpu_ms_per_answer"] = {k: round(1000 * v / answered, 2) for k, v in cpu["cpu_s"].items() if k != "other"}
         r["cpu"] = cpu
         r["ok"] = _ok(r)
+        r["refining"] = refining
         steps.append(r)
         o = r["overhead_ms"]
         say(
-            f"client {label} {rate}/s: {r['answers_per_s']} answers/s, overhead p50 {o['p50']} / p99 {o['p99']} ms, "
-            f"{r['errors']} errors, CPU-ms/answer {_cpu_line(r['cpu_ms_per_answer'])}, "
-            f"machine {cpu['machine_busy_pct']}% busy"
+            f"client {label} {rate}/s{' (refining)' if refining else ''}: {r['answers_per_s']} answers/s, overhead "
+            f"p50 {o['p50']} / p99 {o['p99']} ms, {r['errors']} errors, CPU-ms/answer "
+            f"{_cpu_line(r['cpu_ms_per_answer'])}, machine {cpu['machine_busy_pct']}% busy"
         )
         if r.get("phases_ms"):
             say(
                 f"client {label} {rate}/s: overhead by phase, p50 / p99 ms: "
                 + ", ".join(f"{k} {v['p50']} / {v['p99']}" for k, v in r["phases_ms"].items())
             )
+        return r
+
+    for rate in ctx.plan.client_rates:
+        r = step(rate)
+        o = r["overhead_ms"]
         if not r["ok"] and ((o["p99"] or 1e9) > 4 * CLIENT_P99_MS or r["errors"] > 0.01 * r["arrivals"]):
             break
+    for _ in range(REFINE_STEPS if ctx.plan.refine else 0):
+        rate = next_refinement(steps)
+        if rate is None:
+            break
+        step(rate, refining=True)
     return {"steps": steps, **_top(steps)}
+
+
+def next_refinement(steps: list[dict[str, Any]]) -> int | None:
+    """The rate halfway between the highest step within the bound and the lowest one above it that was not.
+
+    The plan's steps double at the bottom (20, 40): a system that passes 20/s and fails 40/s reads 20 whatever it
+    holds in between, so a ratio of two systems' tops could be off by up to 2x. Each halving narrows that.
+    """
+    passed = [s["rate"] for s in steps if s["ok"]]
+    if not passed:
+        return None
+    above = [s["rate"] for s in steps if not s["ok"] and s["rate"] > max(passed)]
+    return midpoint(max(passed), min(above), REFINE_GRAIN) if above else None
 
 
 def _ok(r: dict[str, Any]) -> bool:

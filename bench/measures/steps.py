@@ -70,6 +70,12 @@ def step_summary(r: dict[str, Any]) -> dict[str, Any]:
     return keep
 
 
+def midpoint(passed: float, failed: float, grain: int) -> int | None:
+    """The rate halfway between a passing and a failing one, on a multiple of `grain`; None if none lies between."""
+    mid = round((passed + failed) / 2 / grain) * grain
+    return mid if passed < mid < failed else None
+
+
 def rate_search(
     ctx: RunContext,
     label: str,
@@ -114,8 +120,8 @@ def rate_search(
             failed_at = rate
             break
     if refine and best is not None and failed_at is not None:
-        mid = round((best["offered_rps"] + failed_at) / 2 / 50) * 50
-        if best["offered_rps"] < mid < failed_at:
+        mid = midpoint(best["offered_rps"], failed_at, 50)
+        if mid is not None:
             ctx.gate.wait()
             r = run_step(make_spec(mid))
             ok = passes(r, p99_limit)

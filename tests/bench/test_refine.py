@@ -1,0 +1,35 @@
+"""Narrowing a rate search between its last passing step and the first failing one (pure logic)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.measures.client import next_refinement
+from bench.measures.steps import midpoint
+
+
+def _steps(**verdicts: bool) -> list[dict[str, Any]]:
+    return [{"rate": int(rate.removeprefix("r")), "ok": ok} for rate, ok in verdicts.items()]
+
+
+def test_the_midpoint_lies_strictly_between_on_the_grain() -> None:
+    assert midpoint(20, 40, 5) == 30
+    assert midpoint(100, 125, 5) == 110  # 112.5 rounds to the grain
+    assert midpoint(400, 600, 50) == 500
+    assert midpoint(150, 200, 50) is None  # 175 rounds to 200: nothing new between
+    assert midpoint(20, 25, 5) is None
+
+
+def test_the_next_step_halves_the_gap_above_the_highest_pass() -> None:
+    assert next_refinement(_steps(r10=True, r20=True, r40=False)) == 30
+    # A noisy failure below the top does not count; the gap is above the highest pass.
+    assert next_refinement(_steps(r60=True, r80=False, r100=True, r125=False, r150=False)) == 110
+    # After a refining step, the gap is narrower still.
+    assert next_refinement(_steps(r20=True, r40=False, r30=True)) == 35
+    assert next_refinement(_steps(r20=True, r40=False, r30=False)) == 25
+
+
+def test_nothing_to_narrow_without_both_ends() -> None:
+    assert next_refinement(_steps(r10=False, r20=False)) is None  # nothing passed
+    assert next_refinement(_steps(r10=True, r20=True)) is None  # nothing failed above
+    assert next_refinement(_steps(r20=True, r25=False)) is None  # one grain apart
