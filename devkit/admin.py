@@ -67,9 +67,8 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     password = None if args.keep_password else _read_password(args.password_stdin)
-    settings = Settings()
     try:
-        print(create_admin(settings, args.email, password))
+        print(create_admin(Settings(), args.email, password))
     except InvalidInput as exc:
         print(f"aiq admin: {exc.message}", file=sys.stderr)
         return 2

@@ -9,13 +9,17 @@ import sys
 
 from devkit.paths import ROOT
 
-_START = "import api.main"
-
 
 def _start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Build the API app in a process of its own (importing `api.main` builds it, as uvicorn does)."""
     return subprocess.run(
-        [sys.executable, "-c", _START], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", "import api.main"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
 
 
