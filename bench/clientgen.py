@@ -39,6 +39,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bench.plan import CLIENT_P99_MS
+
 TERMINAL = {"completed", "failed", "cancelled"}
 # uvicorn closes a keep-alive connection after 5 s idle; older ones are not reused.
 IDLE_S = 4.0
@@ -147,7 +149,8 @@ class Run:
         self.body = spec["body"].encode()
         self.wait_s = float(spec.get("wait_s", 30))
         self.timeout_s = float(spec.get("timeout_s", 60))
-        self.answer_s: list[float] = []  # answer time - scheduled start, per answered arrival
+        # Per answered arrival: its scheduled start (s after t0), and its answer time less that start.
+        self.answer_s: list[tuple[float, float]] = []
         self.done_at: list[float] = []
         self.errors: Counter[str] = Counter()
         self.statuses: Counter[str] = Counter()
@@ -157,6 +160,7 @@ class Run:
         self.final: dict[int, dict[str, Any]] = {}
         self.phases: dict[str, list[float]] = {"submit": [], "queue": [], "run": [], "deliver": []}
         self.wall_offset = time.time() - time.monotonic()
+        self.t0 = time.monotonic()
 
     def _headers(self, i: int, json_body: bool) -> dict[str, str]:
         h = {"Authorization": f"Bearer {self.tokens[i % len(self.tokens)]}"}
@@ -180,7 +184,7 @@ class Run:
         now = time.monotonic()
         self.statuses[status] += 1
         if status == "completed":
-            self.answer_s.append(now - scheduled)
+            self.answer_s.append((scheduled - self.t0, now - scheduled))
             self.done_at.append(now)
             if i in self.final:
                 self._split(scheduled, now, self.final.pop(i))
@@ -255,7 +259,7 @@ class Run:
 
     def result(self, cpu_s: float) -> dict[str, Any]:
         upstream_s = float(self.spec.get("upstream_ms", 0)) / 1000
-        over = sorted(1000 * (a - upstream_s) for a in self.answer_s)
+        over = sorted(1000 * (a - upstream_s) for _, a in self.answer_s)
         answered = len(over)
         # The pace answers came out at: n answers are n - 1 intervals between the first and the last. A system
         # that keeps up reads the arrival rate whatever its (steady) overhead; one that falls behind, less.
@@ -277,8 +281,27 @@ class Run:
             "requests": self.requests,
             "connections_opened": self.pool.opened,
             "max_schedule_lag_ms": round(1000 * self.max_lag_s, 1),
+            "slowest_seconds": self.slowest_seconds(upstream_s),
             "cpu_s": round(cpu_s, 3),
         }
+
+    def slowest_seconds(self, upstream_s: float, n: int = 3) -> list[dict[str, Any]]:
+        """The `n` seconds of arrivals with the worst overhead: when a stall hit (wall clock, to set beside the
+        servers' logs), its worst overhead, and how many of that second's answers it pushed past the P99 bound."""
+        worst: dict[int, list[float]] = {}
+        for start, answer in self.answer_s:
+            worst.setdefault(int(start), []).append(1000 * (answer - upstream_s))
+        top = sorted(worst.items(), key=lambda kv: -max(kv[1]))[:n]
+        return [
+            {
+                "second": second,
+                "wall": round(self.t0 + self.wall_offset + second, 1),
+                "max_ms": round(max(overs), 1),
+                "slow": sum(over > CLIENT_P99_MS for over in overs),
+                "answers": len(overs),
+            }
+            for second, overs in top
+        ]
 
 
 def _last_sse_status(payload: bytes) -> str:

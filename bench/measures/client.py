@@ -143,6 +143,17 @@ def _steps(
             f"p50 {o['p50']} / p99 {o['p99']} ms, {r['errors']} errors, CPU-ms/answer "
             f"{_cpu_line(r['cpu_ms_per_answer'])}, machine {cpu['machine_busy_pct']}% busy"
         )
+        slow = [s for s in r.get("slowest_seconds", []) if s["slow"]]
+        if slow:
+            # Past the bound in a few seconds only: a stall, to find in the servers' logs by its wall time.
+            say(
+                f"client {label} {rate}/s: slowest seconds: "
+                + ", ".join(
+                    f"+{s['second']} s (wall {s['wall']}): max {s['max_ms']} ms, {s['slow']}/{s['answers']} past "
+                    f"{CLIENT_P99_MS:g} ms"
+                    for s in slow
+                )
+            )
         if r.get("phases_ms"):
             say(
                 f"client {label} {rate}/s: overhead by phase, p50 / p99 ms: "

@@ -79,7 +79,7 @@ def test_a_system_that_keeps_up_reads_the_arrival_rate_whatever_its_steady_overh
         run = Run({"port": 1, "mode": "longpoll", "body": "{}", "rate": 200, "duration_s": 4, "upstream_ms": 500})
         run.t0, run.arrivals = 100.0, 800
         run.done_at = done_at
-        run.answer_s = [0.5] * len(done_at)
+        run.answer_s = [(i / 200, 0.5) for i in range(len(done_at))]
         return float(run.result(0.0)["answers_per_s"])
 
     # 800 arrivals at 200/s, each answered 500 ms + 10 ms after it arrived.
@@ -87,3 +87,20 @@ def test_a_system_that_keeps_up_reads_the_arrival_rate_whatever_its_steady_overh
     # Falling behind: each answer 1 ms later than the one before it on top of the arrivals' pace.
     assert pace([100.0 + i / 200 + 0.51 + i * 0.001 for i in range(800)]) == 166.7
     assert pace([100.51]) == 0.0
+
+
+def test_the_slowest_seconds_name_when_a_stall_hit_and_how_many_answers_it_pushed_past_the_bound() -> None:
+    from bench.clientgen import Run
+
+    run = Run({"port": 1, "mode": "longpoll", "body": "{}", "rate": 10, "duration_s": 4, "upstream_ms": 500})
+    run.t0 = 1000.0
+    # 10 arrivals a second for 4 s, each 510 ms to its answer, but two in second 2 took 0.5 s longer.
+    run.answer_s = [(i / 10, 0.51 + (0.5 if i in (23, 27) else 0.0)) for i in range(40)]
+    slowest = run.slowest_seconds(0.5, n=2)
+    assert slowest[0]["second"] == 2
+    assert slowest[0]["max_ms"] == 510.0
+    assert slowest[0]["slow"] == 2
+    assert slowest[0]["answers"] == 10
+    assert slowest[0]["wall"] == round(1000.0 + run.wall_offset + 2, 1)
+    assert slowest[1]["max_ms"] == 10.0
+    assert slowest[1]["slow"] == 0
