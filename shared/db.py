@@ -31,8 +31,10 @@ DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
 )
 
 
-# Redis commands in flight at once per process. Every SSE stream and every streaming call appends or reads in
-# bursts: past the pool, a command waits (up to REDIS_POOL_WAIT_SECONDS) for a connection instead of failing.
+# Redis commands in flight at once per client. Every SSE stream and every streaming call appends or reads in
+# bursts, and a burst of submits publishes at once: past the pool, a command waits (up to
+# REDIS_POOL_WAIT_SECONDS, or its caller's own deadline) for a connection instead of failing. (redis-py's own
+# default pool refuses the 101st command in flight with MaxConnectionsError.)
 REDIS_MAX_CONNECTIONS = 256
 REDIS_POOL_WAIT_SECONDS = 5.0
 
@@ -52,9 +54,9 @@ def redis_client(
     keepalive: bool = False,
     health_check_interval: float = 0,
 ) -> aioredis.Redis:
-    """A Redis client of its own (the publisher's, the wake-up subscriber's), for a `redis://`, `rediss://`,
-    `unix://` or kombu's `redis+socket://` URL. TCP keep-alive only where there is TCP: a unix-socket
-    connection refuses the option (TypeError)."""
+    """A Redis client with a bounded pool that queues, never refuses (REDIS_MAX_CONNECTIONS), for a `redis://`,
+    `rediss://`, `unix://` or kombu's `redis+socket://` URL. TCP keep-alive only where there is TCP: a
+    unix-socket connection refuses the option (TypeError)."""
     url = redis_py_url(url)
     options: dict[str, Any] = {
         "socket_timeout": socket_timeout,
@@ -63,19 +65,16 @@ def redis_client(
     }
     if keepalive and not url.startswith("unix://"):
         options["socket_keepalive"] = True
-    return aioredis.Redis.from_url(url, **options)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_POOL_WAIT_SECONDS, **options
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 def make_redis(settings: Settings) -> aioredis.Redis:
-    """The process's Redis client (limits, revocation, event logs): a bounded pool that queues, never refuses."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=REDIS_MAX_CONNECTIONS,
-        timeout=REDIS_POOL_WAIT_SECONDS,
-        socket_timeout=2,
-        socket_connect_timeout=2,
-    )
-    return aioredis.Redis.from_pool(pool)
+    """The process's Redis client (limits, revocation, event logs); the publisher and the wake-up subscriber have
+    their own (`redis_client`)."""
+    return redis_client(settings.redis_url, socket_timeout=2, connect_timeout=2)
 
 
 def database_unavailable(exc: BaseException) -> bool:

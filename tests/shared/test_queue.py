@@ -295,3 +295,36 @@ def test_a_dead_shared_redis_fails_the_publish_in_time_and_the_event_quietly() -
     assert published is False
     assert isinstance(result, Exception)
     assert took < settings.publish_timeout_seconds + 0.5, took
+
+
+def test_a_burst_of_publishes_beyond_the_pool_waits_for_connections_instead_of_failing(
+    server_urls: dict[str, str],
+) -> None:
+    # 2,000 SSE clients submitting at once made one API process publish hundreds of messages concurrently:
+    # redis-py's default pool refused the 101st in flight (MaxConnectionsError), and those queries waited for
+    # the sweeper. The publisher's pool is bounded and queues.
+    queue = f"aiq.burst.{uuid.uuid4().hex[:8]}"
+    # A deadline no busy machine reaches: what is tested is waiting for a connection, not the deadline.
+    settings = Settings(
+        redis_url=server_urls["redis"],  # type: ignore[arg-type]
+        queue_name=queue,
+        jwt_secret_key="k" * 48,
+        publish_timeout_seconds=60,
+    )
+    n = 400
+
+    async def burst() -> list[bool]:
+        publisher = Publisher(settings)
+        try:
+            return await asyncio.gather(*(publisher.publish(uuid.uuid4()) for _ in range(n)))
+        finally:
+            await publisher.aclose()
+
+    client = redis.Redis.from_url(server_urls["redis"])
+    try:
+        sent = asyncio.run(burst())
+        assert sent.count(False) == 0
+        assert client.llen(queue) == n
+    finally:
+        client.delete(queue)
+        client.close()
