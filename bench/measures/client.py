@@ -5,8 +5,9 @@ arrivals at one rate for `client_step_s` seconds (bench/clientgen.py, its own pr
 the overhead each client saw over the upstream's 0.5 s (P50/P99), errors, and the CPU-ms per answer of
 every process involved (API, worker, the PostgreSQL backends of this run's database, Redis, simulator,
 load generator). AIQ is asked four ways: submit then long-poll, submit with `Prefer: wait` (one request), the
-SSE stream, and LiteLLM's own request at `/v1/chat/completions`. The same clients at the same rates then go to
-the LiteLLM proxy (bench/peers/litellm.py).
+SSE stream, and LiteLLM's own request at `/v1/chat/completions`. The same clients at the same rates go to the
+LiteLLM proxy (bench/peers/litellm.py), running beside AIQ on the same simulator: at each rate every series takes
+its step in turn (`run_series`), so AIQ and its peer meet the same machine however its speed drifts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from bench import profiling
 from bench.context import RunContext
 from bench.measures.steps import midpoint
 from bench.peers import litellm
-from bench.plan import CLIENT_P99_MS, MAX_ERROR_RATE, MODEL, PROMPT, say
+from bench.plan import CLIENT_P99_MS, MAX_ERROR_RATE, MODEL, PROMPT, Plan, say
 from bench.stack import PY, CpuMeter, http_json
 from bench.systems import Layout, System, aiq_api_env, start_aiq
 from devkit.paths import ROOT
@@ -34,7 +35,7 @@ CHAT_BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content":
 
 
 def run_client(ctx: RunContext) -> dict[str, Any]:
-    """AIQ with long-polls (and SSE when the API serves it), then LiteLLM, at the same rates."""
+    """AIQ asked four ways and LiteLLM, side by side: at each rate every series takes its step in turn."""
     out: dict[str, Any] = {"upstream_ms": UPSTREAM_MS, "p99_bound_ms": CLIENT_P99_MS}
     layout = Layout(1, "reuseport", 1, ctx.layout.aiq_env, ())
     say("client: starting AIQ with 1 API process and 1 worker process")
@@ -47,45 +48,56 @@ def run_client(ctx: RunContext) -> dict[str, Any]:
     _clients(ctx, {**base, "mode": "longpoll", "rate": 10, "duration_s": 1})  # warm-up
 
     def settle() -> None:
+        # Whichever series stepped last, the next one starts from an idle AIQ and an idle simulator.
         aiq.settle(ctx.sim)
 
-    out["aiq_longpoll"] = _steps(ctx, "AIQ long-poll", {**base, "mode": "longpoll"}, meter, settle)
-    # The same, asked in one request: the submit waits for the answer (`Prefer: wait`).
-    out["aiq_wait"] = _steps(ctx, "AIQ submit with Prefer: wait", {**base, "mode": "wait"}, meter, settle)
-    if ctx.profile:
-        out["aiq_worker_profile"] = _profile_worker(ctx, aiq, {**base, "mode": "longpoll"}, out["aiq_longpoll"])
+    series = {
+        "aiq_longpoll": Series(ctx, "AIQ long-poll", {**base, "mode": "longpoll"}, meter, settle),
+        # The same, asked in one request: the submit waits for the answer (`Prefer: wait`).
+        "aiq_wait": Series(ctx, "AIQ submit with Prefer: wait", {**base, "mode": "wait"}, meter, settle),
+    }
     if _serves_events(aiq):
-        out["aiq_sse"] = _steps(ctx, "AIQ SSE", {**base, "mode": "sse"}, meter, settle)
+        series["aiq_sse"] = Series(ctx, "AIQ SSE", {**base, "mode": "sse"}, meter, settle)
     else:
         out["aiq_sse"] = {"skipped": "the API has no GET /api/v1/query/{id}/events"}
     # The same request, client and rates as LiteLLM's: AIQ's OpenAI-compatible door answers it in one request.
-    chat_spec = {**base, "mode": "chat", "body": CHAT_BODY}
-    out["aiq_chat"] = _steps(ctx, "AIQ /v1 chat", chat_spec, meter, settle)
+    series["aiq_chat"] = Series(ctx, "AIQ /v1 chat", {**base, "mode": "chat", "body": CHAT_BODY}, meter, settle)
+    peer = _start_litellm(ctx)
+    if isinstance(peer, str):
+        out["litellm"] = {"skipped": peer}
+    else:
+        peer_meter = CpuMeter({"litellm": [peer.proc], "simulator": [ctx.sim.proc]}, databases=("-",))
+        spec = {"port": peer.port, "token": peer.key, "body": CHAT_BODY, "mode": "chat"}
+        _clients(ctx, {**spec, "rate": 10, "duration_s": 1})  # warm-up
+        series["litellm"] = Series(ctx, "LiteLLM", spec, peer_meter, settle)
+    try:
+        run_series(ctx.plan, list(series.values()))
+    finally:
+        if not isinstance(peer, str):
+            ctx.launcher.stop_group([peer.proc], timeout=10)
+    for name, one in series.items():
+        out[name] = one.result()
+    if not isinstance(peer, str):
+        out["litellm"] = {"version": litellm.version(), **out["litellm"]}
+    if ctx.profile:
+        out["aiq_worker_profile"] = _profile_worker(ctx, aiq, {**base, "mode": "longpoll"}, out["aiq_longpoll"])
     ctx.launcher.stop_group([*aiq.workers, *aiq.api], timeout=10)
-    out["litellm"] = _litellm(ctx, CHAT_BODY)
     out["summary"] = summary(out)
     return out
 
 
-def _litellm(ctx: RunContext, body: str) -> dict[str, Any]:
+def _start_litellm(ctx: RunContext) -> litellm.LiteLLM | str:
+    """The peer, running beside AIQ on the same simulator; else why not."""
     exe, why = litellm.ensure_venv()
     if exe is None:
         say(f"client: LiteLLM skipped: {why}")
-        return {"skipped": why}
-    ctx.sim.wait_idle()
+        return why
     say("client: starting the LiteLLM proxy (1 worker) on the same simulator")
     try:
-        peer = litellm.start(ctx.launcher, exe, ctx.sim.url, ctx.tmp)
+        return litellm.start(ctx.launcher, exe, ctx.sim.url, ctx.tmp)
     except (RuntimeError, TimeoutError) as exc:
         say(f"client: LiteLLM did not start: {exc}")
-        return {"skipped": f"did not start: {exc}"}
-    meter = CpuMeter({"litellm": [peer.proc], "simulator": [ctx.sim.proc]}, databases=("-",))
-    spec = {"port": peer.port, "token": peer.key, "body": body, "mode": "chat"}
-    _clients(ctx, {**spec, "rate": 10, "duration_s": 1})  # warm-up
-    try:
-        return {"version": litellm.version(), **_steps(ctx, "LiteLLM", spec, meter, ctx.sim.wait_idle)}
-    finally:
-        ctx.launcher.stop_group([peer.proc], timeout=10)
+        return f"did not start: {exc}"
 
 
 def _profile_worker(ctx: RunContext, aiq: System, spec: dict[str, Any], steps: dict[str, Any]) -> dict[str, Any]:
@@ -117,27 +129,33 @@ def _clients(ctx: RunContext, spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _steps(
-    ctx: RunContext, label: str, spec: dict[str, Any], meter: CpuMeter, settle: Callable[[], object]
-) -> dict[str, Any]:
-    """The rate steps, stopping after the first one well past the bound, then (full plan) up to REFINE_STEPS
-    halvings of the gap between the highest step within the bound and the next one above it; each step's figures.
-    """
-    steps: list[dict[str, Any]] = []
+class Series:
+    """One way of asking one system, stepped through rates (`run_series`); each step's figures in `steps`."""
 
-    def step(rate: float, refining: bool = False) -> dict[str, Any]:
-        settle()
+    def __init__(
+        self, ctx: RunContext, label: str, spec: dict[str, Any], meter: CpuMeter, settle: Callable[[], object]
+    ) -> None:
+        self.ctx, self.label, self.spec, self.meter, self.settle = ctx, label, spec, meter, settle
+        self.steps: list[dict[str, Any]] = []
+        # After its first step well past the bound (P99 over 4x it, or over 1 % errors) it takes no more.
+        self.stopped = False
+
+    def step(self, rate: float, refining: bool = False) -> dict[str, Any]:
+        ctx, label = self.ctx, self.label
+        self.settle()
         ctx.gate.wait()
-        before = meter.snapshot()
-        r = _clients(ctx, {**spec, "rate": rate, "duration_s": ctx.plan.client_step_s})
-        cpu = CpuMeter.delta(before, meter.snapshot(), {"loadgen": r["cpu_s"]})
+        before = self.meter.snapshot()
+        r = _clients(ctx, {**self.spec, "rate": rate, "duration_s": ctx.plan.client_step_s})
+        cpu = CpuMeter.delta(before, self.meter.snapshot(), {"loadgen": r["cpu_s"]})
         answered = max(1, r["answered"])
         r["cpu_ms_per_answer"] = {k: round(1000 * v / answered, 2) for k, v in cpu["cpu_s"].items() if k != "other"}
         r["cpu"] = cpu
         r["ok"] = _ok(r)
         r["refining"] = refining
-        steps.append(r)
+        self.steps.append(r)
         o = r["overhead_ms"]
+        if not r["ok"] and ((o["p99"] or 1e9) > 4 * CLIENT_P99_MS or r["errors"] > 0.01 * r["arrivals"]):
+            self.stopped = True
         say(
             f"client {label} {rate}/s{' (refining)' if refining else ''}: {r['answers_per_s']} answers/s, overhead "
             f"p50 {o['p50']} / p99 {o['p99']} ms, {r['errors']} errors, CPU-ms/answer "
@@ -161,17 +179,36 @@ def _steps(
             )
         return r
 
-    for rate in ctx.plan.client_rates:
-        r = step(rate)
-        o = r["overhead_ms"]
-        if not r["ok"] and ((o["p99"] or 1e9) > 4 * CLIENT_P99_MS or r["errors"] > 0.01 * r["arrivals"]):
-            break
-    for _ in range(REFINE_STEPS if ctx.plan.refine else 0):
-        rate = next_refinement(steps)
-        if rate is None:
-            break
-        step(rate, refining=True)
-    return {"steps": steps, **_top(steps)}
+    def result(self) -> dict[str, Any]:
+        return {"steps": self.steps, **_top(self.steps)}
+
+
+def run_series(plan: Plan, series: list[Series]) -> None:
+    """Each of the plan's rates for every series in turn, then (full plan) up to REFINE_STEPS rounds of halving the
+    gap between each series' highest step within the bound and the next one above it.
+
+    Side by side, rate by rate, the series meet the same machine: these VMs' speed drifts by a third within
+    minutes, and a series measured ten minutes after another (LiteLLM after AIQ's four) read 70 in one run and 90
+    in the next, moving the ratio of the two more than either system did.
+    """
+    for rate in plan.client_rates:
+        for one in series:
+            if not one.stopped:
+                one.step(rate)
+    for _ in range(REFINE_STEPS if plan.refine else 0):
+        for one in series:
+            rate = next_refinement(one.steps)
+            if rate is not None:
+                one.step(rate, refining=True)
+
+
+def _steps(
+    ctx: RunContext, label: str, spec: dict[str, Any], meter: CpuMeter, settle: Callable[[], object]
+) -> dict[str, Any]:
+    """One series alone (`bench.steady`)."""
+    one = Series(ctx, label, spec, meter, settle)
+    run_series(ctx.plan, [one])
+    return one.result()
 
 
 def next_refinement(steps: list[dict[str, Any]]) -> int | None:

@@ -33,3 +33,43 @@ def test_nothing_to_narrow_without_both_ends() -> None:
     assert next_refinement(_steps(r10=False, r20=False)) is None  # nothing passed
     assert next_refinement(_steps(r10=True, r20=True)) is None  # nothing failed above
     assert next_refinement(_steps(r20=True, r25=False)) is None  # one grain apart
+
+
+def test_series_take_each_rate_in_turn_then_refine_in_turn() -> None:
+    import dataclasses
+
+    from bench.measures.client import Series, run_series
+    from bench.plan import Plan
+
+    order: list[tuple[str, int, bool]] = []
+
+    class Fake(Series):
+        """Passes below `limit`; a step at twice the limit or more is well past the bound (it stops)."""
+
+        def __init__(self, label: str, limit: int) -> None:
+            self.label, self.limit = label, limit
+            self.steps: list[dict[str, Any]] = []
+            self.stopped = False
+
+        def step(self, rate: float, refining: bool = False) -> dict[str, Any]:
+            order.append((self.label, int(rate), refining))
+            r = {"rate": rate, "ok": rate < self.limit}
+            self.steps.append(r)
+            self.stopped = self.stopped or rate >= 2 * self.limit
+            return r
+
+    plan = dataclasses.replace(Plan.make(True), client_rates=(10, 20, 40, 80), refine=True)
+    run_series(plan, [Fake("aiq", 50), Fake("peer", 15)])
+    assert order == [
+        ("aiq", 10, False),
+        ("peer", 10, False),
+        ("aiq", 20, False),
+        ("peer", 20, False),  # fails, not yet far past
+        ("aiq", 40, False),
+        ("peer", 40, False),  # far past: the peer takes no more plain steps
+        ("aiq", 80, False),
+        # Refining rounds, in turn: the aiq between 40 and 80, the peer between 10 and 20.
+        ("aiq", 60, True),
+        ("peer", 15, True),
+        ("aiq", 50, True),
+    ]
