@@ -62,10 +62,8 @@ def run_client(ctx: RunContext) -> dict[str, Any]:
         out["aiq_sse"] = {"skipped": "the API has no GET /api/v1/query/{id}/events"}
     # The same request, client and rates as LiteLLM's: AIQ's OpenAI-compatible door answers it in one request.
     series["aiq_chat"] = Series(ctx, "AIQ /v1 chat", {**base, "mode": "chat", "body": CHAT_BODY}, meter, settle)
-    peer = _start_litellm(ctx)
-    if isinstance(peer, str):
-        out["litellm"] = {"skipped": peer}
-    else:
+    peer = _start_litellm(ctx, out)
+    if peer is not None:
         peer_meter = CpuMeter({"litellm": [peer.proc], "simulator": [ctx.sim.proc]}, databases=("-",))
         spec = {"port": peer.port, "token": peer.key, "body": CHAT_BODY, "mode": "chat"}
         _clients(ctx, {**spec, "rate": 10, "duration_s": 1})  # warm-up
@@ -73,12 +71,10 @@ def run_client(ctx: RunContext) -> dict[str, Any]:
     try:
         run_series(ctx.plan, list(series.values()))
     finally:
-        if not isinstance(peer, str):
+        if peer is not None:
             ctx.launcher.stop_group([peer.proc], timeout=10)
     for name, one in series.items():
-        out[name] = one.result()
-    if not isinstance(peer, str):
-        out["litellm"] = {"version": litellm.version(), **out["litellm"]}
+        out[name] = {**out.get(name, {}), **one.result()}
     if ctx.profile:
         out["aiq_worker_profile"] = _profile_worker(ctx, aiq, {**base, "mode": "longpoll"}, out["aiq_longpoll"])
     ctx.launcher.stop_group([*aiq.workers, *aiq.api], timeout=10)
@@ -86,18 +82,22 @@ def run_client(ctx: RunContext) -> dict[str, Any]:
     return out
 
 
-def _start_litellm(ctx: RunContext) -> litellm.LiteLLM | str:
-    """The peer, running beside AIQ on the same simulator; else why not."""
+def _start_litellm(ctx: RunContext, out: dict[str, Any]) -> litellm.LiteLLM | None:
+    """The peer, running beside AIQ on the same simulator; `out["litellm"]` says its version, or why there is none."""
     exe, why = litellm.ensure_venv()
     if exe is None:
         say(f"client: LiteLLM skipped: {why}")
-        return why
+        out["litellm"] = {"skipped": why}
+        return None
     say("client: starting the LiteLLM proxy (1 worker) on the same simulator")
     try:
-        return litellm.start(ctx.launcher, exe, ctx.sim.url, ctx.tmp)
+        peer = litellm.start(ctx.launcher, exe, ctx.sim.url, ctx.tmp)
     except (RuntimeError, TimeoutError) as exc:
         say(f"client: LiteLLM did not start: {exc}")
-        return f"did not start: {exc}"
+        out["litellm"] = {"skipped": f"did not start: {exc}"}
+        return None
+    out["litellm"] = {"version": litellm.version()}
+    return peer
 
 
 def _profile_worker(ctx: RunContext, aiq: System, spec: dict[str, Any], steps: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +140,7 @@ class Series:
         # After its first step well past the bound (P99 over 4x it, or over 1 % errors) it takes no more.
         self.stopped = False
 
-    def step(self, rate: float, refining: bool = False) -> dict[str, Any]:
+    def step(self, rate: float, refining: bool = False) -> None:
         ctx, label = self.ctx, self.label
         self.settle()
         ctx.gate.wait()
@@ -177,7 +177,6 @@ class Series:
                 f"client {label} {rate}/s: overhead by phase, p50 / p99 ms: "
                 + ", ".join(f"{k} {v['p50']} / {v['p99']}" for k, v in r["phases_ms"].items())
             )
-        return r
 
     def result(self) -> dict[str, Any]:
         return {"steps": self.steps, **_top(self.steps)}

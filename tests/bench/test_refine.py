@@ -51,12 +51,10 @@ def test_series_take_each_rate_in_turn_then_refine_in_turn() -> None:
             self.steps: list[dict[str, Any]] = []
             self.stopped = False
 
-        def step(self, rate: float, refining: bool = False) -> dict[str, Any]:
+        def step(self, rate: float, refining: bool = False) -> None:
             order.append((self.label, int(rate), refining))
-            r = {"rate": rate, "ok": rate < self.limit}
-            self.steps.append(r)
+            self.steps.append({"rate": rate, "ok": rate < self.limit})
             self.stopped = self.stopped or rate >= 2 * self.limit
-            return r
 
     plan = dataclasses.replace(Plan.make(True), client_rates=(10, 20, 40, 80), refine=True)
     run_series(plan, [Fake("aiq", 50), Fake("peer", 15)])
