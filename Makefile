@@ -51,10 +51,10 @@ fmt: $(STAMP) ## format and auto-fix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP) ## full benchmark, about 12-13 minutes (writes bench/results/)
+bench: $(STAMP) ## full benchmark, 20-25 minutes (writes bench/results/)
 	$(BIN)/python -m bench.run
 
-bench-quick: $(STAMP) ## short benchmark for a smoke check, about 5 minutes
+bench-quick: $(STAMP) ## short benchmark for a smoke check, 5-8 minutes
 	$(BIN)/python -m bench.run --quick
 
 chaos: $(STAMP) ## fault-injection run (kills, restarts, LLM faults) on its own servers, 6-8 minutes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -43,7 +45,8 @@ class QuietGate:
 
 
 class Clock:
-    """The run's time budget: `make bench` must end within 10 minutes, `make bench-quick` within 3."""
+    """The run's time budget for optional measures (the plan's `budget_s`): one that would overrun it is skipped.
+    The phases themselves always run (a full `make bench` takes 20-25 minutes, its client phase 10-11 of them)."""
 
     def __init__(self, budget_s: float) -> None:
         self.started = time.monotonic()
@@ -76,3 +79,17 @@ def wait_quiet(limit_pct: float = 25, max_wait_s: float = 60) -> dict[str, Any]:
             waited += 5
         say(f"machine {busy:.0f}% busy after waiting {waited:.0f} s; starting")
     return {"busy_pct": busy, "waited_s": waited}
+
+
+# A fixed pure-Python loop, timed in CPU seconds (lower is faster): the 2-core VMs this runs on differed by up to
+# 3.5x from one session to the next, and drifted within one, so every run records it beside its figures.
+SPEED_PROBE = "import time; t = time.process_time(); sum(range(3 * 10**7)); print(time.process_time() - t)"
+
+
+def speed_probe(repeats: int = 3) -> list[float]:
+    """The machine's single-core speed now: SPEED_PROBE's CPU seconds, each in a fresh interpreter."""
+    runs = (
+        subprocess.run([sys.executable, "-c", SPEED_PROBE], capture_output=True, text=True, check=True)
+        for _ in range(repeats)
+    )
+    return [round(float(run.stdout), 3) for run in runs]

@@ -161,6 +161,9 @@ def show(j: dict[str, Any], details: dict[str, Any], output: Path) -> None:
     print()
     for k, v in j.get("binding", {}).items():
         print(f"binding at the top ({k}): {v}")
+    if probe := j.get("speed_probe_s"):
+        # Figures from different VMs compare only beside this (bench/pacing.py SPEED_PROBE).
+        print(f"machine speed probe (CPU s of a fixed loop, lower is faster): {speed_line(probe)}")
     foreign = j.get("foreign_load_pct_of_core") or {}
     if any((v or 0) > FOREIGN_RETRY_PCT for v in foreign.values()):
         print(
@@ -168,6 +171,11 @@ def show(j: dict[str, Any], details: dict[str, Any], output: Path) -> None:
             f"(% of one core: {foreign}); the figures above are pessimistic. Re-run on a quiet machine."
         )
     print(f"\nwrote {output.relative_to(ROOT) if output.is_relative_to(ROOT) else output} in {j['elapsed_s']} s")
+
+
+def speed_line(probe: dict[str, list[float]]) -> str:
+    """`before 0.51-0.55, after 0.62-0.70`: each probe's range."""
+    return ", ".join(f"{when} {min(runs):.2f}-{max(runs):.2f}" for when, runs in probe.items() if runs)
 
 
 def machine_info(servers: Servers) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from bench.context import Loadgen, RunContext
 from bench.measures.client import run_client
 from bench.measures.p0 import measure_p0
 from bench.measures.provider import run_provider
-from bench.pacing import Clock, QuietGate, wait_quiet
+from bench.pacing import Clock, QuietGate, speed_probe, wait_quiet
 from bench.phases import run_aiq, run_naive, run_sse
 from bench.plan import KEEP_LOG_RUNS, RESULTS, Plan, say
 from bench.stack import Servers
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         say(f"{plan.mode} run; logs in {logdir.relative_to(ROOT)}")
         j["machine_before_run"] = wait_quiet(max_wait_s=plan.quiet_wait_s)
+        j["speed_probe_s"] = {"before": speed_probe()}
         servers = Servers.start(tmp)
         sim = Simulator(launcher, {**os.environ, "PYTHONUNBUFFERED": "1"})
         j["machine"] = report.machine_info(servers)
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, phase in PHASES.items():
             if name in systems:
                 details[name] = phase(ctx)
+        j["speed_probe_s"]["after"] = speed_probe()
         j.update(report.headline(details))
         j["quiet_gate"] = gate.summary()
         j["elapsed_s"] = round(clock.elapsed(), 1)
