@@ -84,6 +84,9 @@ def wait_quiet(limit_pct: float = 25, max_wait_s: float = 60) -> dict[str, Any]:
 # A fixed pure-Python loop, timed in CPU seconds (lower is faster): the 2-core VMs this runs on differed by up to
 # 3.5x from one session to the next, and drifted within one, so every run records it beside its figures.
 SPEED_PROBE = "import time; t = time.process_time(); sum(range(3 * 10**7)); print(time.process_time() - t)"
+# Set (by `bench.pair`) for a run that shares the machine with another: its probe would load the other's steps,
+# and start it seconds later than the other; the run that drives both probes instead.
+NO_SPEED_PROBE_ENV = "AIQ_BENCH_NO_SPEED_PROBE"
 
 
 def speed_probe(repeats: int = 3) -> list[float]:

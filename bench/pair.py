@@ -32,6 +32,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from bench.pacing import NO_SPEED_PROBE_ENV, speed_probe
+from bench.report import speed_report
 from devkit.paths import ROOT
 
 SIDES = ("before", "after")
@@ -93,6 +95,8 @@ def table(summary: dict[str, Any]) -> str:
 
 def _steady(python: str, tree: Path, args: argparse.Namespace, output: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if k not in ("TEST_DATABASE_URL", "TEST_REDIS_URL", "TEST_AMQP_URL")}
+    # The two runs start together and share the machine: this run probes its speed, before and after them.
+    env[NO_SPEED_PROBE_ENV] = "1"
     argv = [python, "-m", "bench.steady", "--rate", str(args.rate), "--step-s", str(args.step_s)]
     argv += ["--modes", args.modes, "--output", str(output)]
     with output.with_suffix(".log").open("wb") as log:
@@ -113,6 +117,7 @@ def main() -> None:
     trees = {"before": (args.before_python, args.before.resolve()), "after": (sys.executable, ROOT)}
     work = Path(tempfile.mkdtemp(prefix="aiq-pair-", dir="/tmp"))
     rounds: list[dict[str, dict[str, Any]]] = []
+    probe = {"before": speed_probe()}
     for i in range(args.rounds):
         order = SIDES if i % 2 == 0 else SIDES[::-1]
         runs = {side: _steady(*trees[side], args, work / f"{side}-{i}.json") for side in order}
@@ -121,11 +126,13 @@ def main() -> None:
                 sys.exit(f"round {i + 1}: the {side} tree's bench.steady failed: {work / f'{side}-{i}.log'}")
         rounds.append({side: json.loads((work / f"{side}-{i}.json").read_text()) for side in SIDES})
         print(f"round {i + 1} of {args.rounds} done", file=sys.stderr)
+    probe["after"] = speed_probe()
     summary = summarize(rounds, args.modes.split(","))
     print(table(summary))
+    print(speed_report(probe))
     if args.output:
         result = {"before": str(trees["before"][1]), "after": str(ROOT), "rate": args.rate, "step_s": args.step_s}
-        args.output.write_text(json.dumps({**result, "modes": summary}, indent=1))
+        args.output.write_text(json.dumps({**result, "speed_probe_s": probe, "modes": summary}, indent=1))
 
 
 if __name__ == "__main__":

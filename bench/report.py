@@ -162,8 +162,7 @@ def show(j: dict[str, Any], details: dict[str, Any], output: Path) -> None:
     for k, v in j.get("binding", {}).items():
         print(f"binding at the top ({k}): {v}")
     if probe := j.get("speed_probe_s"):
-        # Figures from different VMs compare only beside this (bench/pacing.py SPEED_PROBE).
-        print(f"machine speed probe (CPU s of a fixed loop, lower is faster): {speed_line(probe)}")
+        print(speed_report(probe))
     foreign = j.get("foreign_load_pct_of_core") or {}
     if any((v or 0) > FOREIGN_RETRY_PCT for v in foreign.values()):
         print(
@@ -171,6 +170,12 @@ def show(j: dict[str, Any], details: dict[str, Any], output: Path) -> None:
             f"(% of one core: {foreign}); the figures above are pessimistic. Re-run on a quiet machine."
         )
     print(f"\nwrote {output.relative_to(ROOT) if output.is_relative_to(ROOT) else output} in {j['elapsed_s']} s")
+
+
+def speed_report(probe: dict[str, list[float]]) -> str:
+    """The probe's line under a run's figures: figures from different VMs compare only beside it
+    (bench/pacing.py SPEED_PROBE)."""
+    return f"machine speed probe (CPU s of a fixed loop, lower is faster): {speed_line(probe)}"
 
 
 def speed_line(probe: dict[str, list[float]]) -> str:
