@@ -119,15 +119,18 @@ def rate_search(
         else:
             failed_at = rate
             break
-    if refine and best is not None and failed_at is not None:
-        mid = midpoint(best["offered_rps"], failed_at, 50)
+    # Refining narrows the gap above the best step. When the first step already failed (a slow machine), one
+    # step at half its rate is taken whether or not refining is on: a rate that held, rather than a 0.
+    if failed_at is not None and (best is None or refine):
+        mid = midpoint(best["offered_rps"] if best else 0, failed_at, 50)
         if mid is not None:
             ctx.gate.wait()
             r = run_step(make_spec(mid))
             ok = passes(r, p99_limit)
             steps.append({**step_summary(r), "pass": ok})
             verdict = "PASS" if ok else "fail"
-            say(f"{label}: {mid:>6.0f}/s offered (refine) -> p99 {r['latency_ms']['p99']} ms -> {verdict}")
+            why = "refine" if best else "below the first step"
+            say(f"{label}: {mid:>6.0f}/s offered ({why}) -> p99 {r['latency_ms']['p99']} ms -> {verdict}")
             if between:
                 between()
             if ok:

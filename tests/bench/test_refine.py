@@ -71,3 +71,54 @@ def test_series_take_each_rate_in_turn_then_refine_in_turn() -> None:
         ("peer", 15, True),
         ("aiq", 50, True),
     ]
+
+
+def _search(limit: float, rates: tuple[int, ...], refine: bool) -> tuple[dict[str, Any], list[float]]:
+    """`rate_search` on a fake system that holds below `limit`/s (the machine busy: failures are not retried)."""
+    from types import SimpleNamespace
+
+    from bench.measures.steps import rate_search
+
+    offered: list[float] = []
+
+    def run_step(spec: dict[str, Any]) -> dict[str, Any]:
+        rate = spec["rate"]
+        offered.append(rate)
+        held = rate < limit
+        return {
+            "offered_rps": rate,
+            "achieved_rps": rate if held else limit,
+            "total": 100,
+            "ok": 100,
+            "errors": 0,
+            "latency_ms": {"p50": 5.0, "p99": 10.0 if held else 900.0},
+            "statuses": {"202": 100},
+            "cpu": {"machine_busy_pct": 99.0},
+        }
+
+    ctx = SimpleNamespace(gate=SimpleNamespace(wait=lambda: None), clock=SimpleNamespace(left=lambda: 1e9))
+    result = rate_search(ctx, "fake", rates, lambda r: {"rate": r}, run_step, 50.0, refine)  # type: ignore[arg-type]
+    return result, offered
+
+
+def test_a_failed_first_step_is_followed_by_one_at_half_its_rate() -> None:
+    result, offered = _search(150, (200, 400), refine=False)
+    assert offered == [200, 100]
+    assert result["max_rps"] == 100
+    assert result["first_failing_rps"] == 200
+
+
+def test_below_the_first_step_a_failure_still_reads_zero() -> None:
+    result, offered = _search(30, (200, 400), refine=True)
+    assert offered == [200, 100]
+    assert result["max_rps"] == 0
+    assert result["first_failing_rps"] == 100
+
+
+def test_without_refining_a_search_that_passed_once_stops_at_its_first_failure() -> None:
+    result, offered = _search(300, (200, 400), refine=False)
+    assert offered == [200, 400]
+    assert result["max_rps"] == 200
+    result, offered = _search(350, (200, 400), refine=True)
+    assert offered == [200, 400, 300]
+    assert result["max_rps"] == 300
