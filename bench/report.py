@@ -448,7 +448,19 @@ def _client_rows(j: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool 
             "<=4",
             (j.get("client_aiq_cpu_ms_per_answer_api_worker") or 1e9) <= 4,
         ),
+        (
+            "Client CPU per answer / LiteLLM's, same run (long-poll; wait)",
+            "-",
+            "1",
+            "; ".join(_two(j.get(k)) for k in ("client_aiq_cpu_vs_litellm", "client_aiq_wait_cpu_vs_litellm")),
+            "report",
+            None,
+        ),
     ]
+
+
+def _two(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 def _ok(v: float | None, goal: float) -> bool:
