@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import uuid
 from typing import Any
@@ -29,6 +30,12 @@ from worker import batches, dispatcher, processing, recovery, webhooks
 from worker.broker import guard_dead_channel, reuse_sync_client
 from worker.runtime import BackgroundLoop, StopReason, WorkerRuntime, current_runtime, get_runtime, shutdown_runtime
 
+# Celery's mingle asks the running workers, as a worker starts, for the task ids they revoked, and waits a second
+# for their replies. AIQ never revokes a task (a cancel is the query row's status), so mingle only held every
+# worker start, a scale-out's included, for ~1 s. Off by default: `celery -A worker.celery_app` loads this module
+# before the `worker` command reads its options, so the environment default applies; an explicit
+# CELERY_WORKER_WITHOUT_MINGLE=false turns it back on.
+os.environ.setdefault("CELERY_WORKER_WITHOUT_MINGLE", "true")
 settings = get_settings()
 app = make_celery(settings)
 # Each message's task runs on the runtime's asyncio loop (worker/pool.py), not on a thread of its own. By name, as
