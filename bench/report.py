@@ -267,8 +267,8 @@ def binding(step: dict[str, Any] | None) -> str:
     return f"{head}; CPU by role, % of one core: {parts}"
 
 
-def _ms(v: float | None) -> str:
-    """Sub-millisecond figures need two decimals."""
+def _two_decimals(v: float | None) -> str:
+    """Sub-millisecond figures and ratios below 1 need two decimals."""
     return "-" if v is None else f"{v:.2f}"
 
 
@@ -366,7 +366,7 @@ def table(j: dict[str, Any], details: dict[str, Any]) -> str:
             "-",
             "-",
             " | ".join(
-                f"{_ms(j.get(f'publish_{b}_p50_ms'))} / {_ms(j.get(f'publish_{b}_cpu_ms'))}"
+                f"{_two_decimals(j.get(f'publish_{b}_p50_ms'))} / {_two_decimals(j.get(f'publish_{b}_cpu_ms'))}"
                 for b in ("redis", "rabbitmq")
             ),
             "report",
@@ -452,15 +452,11 @@ def _client_rows(j: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool 
             "Client CPU per answer / LiteLLM's, same run (long-poll; wait)",
             "-",
             "1",
-            "; ".join(_two(j.get(k)) for k in ("client_aiq_cpu_vs_litellm", "client_aiq_wait_cpu_vs_litellm")),
+            "; ".join(_two_decimals(j.get(k)) for k in ("client_aiq_cpu_vs_litellm", "client_aiq_wait_cpu_vs_litellm")),
             "report",
             None,
         ),
     ]
-
-
-def _two(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
 
 
 def _ok(v: float | None, goal: float) -> bool:

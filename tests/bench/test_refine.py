@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from bench.measures.client import next_refinement
-from bench.measures.steps import midpoint
+from bench.measures.steps import midpoint, rate_search
 
 
 def _steps(**verdicts: bool) -> list[dict[str, Any]]:
@@ -75,10 +76,6 @@ def test_series_take_each_rate_in_turn_then_refine_in_turn() -> None:
 
 def _search(limit: float, rates: tuple[int, ...], refine: bool) -> tuple[dict[str, Any], list[float]]:
     """`rate_search` on a fake system that holds below `limit`/s (the machine busy: failures are not retried)."""
-    from types import SimpleNamespace
-
-    from bench.measures.steps import rate_search
-
     offered: list[float] = []
 
     def run_step(spec: dict[str, Any]) -> dict[str, Any]:
